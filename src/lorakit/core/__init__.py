@@ -1,0 +1,1 @@
+"""The adapter protocol, configs, registries, targeting and AdapterState: what every other part imports."""

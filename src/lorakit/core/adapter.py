@@ -1,0 +1,157 @@
+"""The adapter protocol: one module wraps one frozen layer and holds one adapter.
+
+Adapter state is structural: every parameter or buffer of an adapter that is not under ``base_layer``.
+``adapter_tensors()`` returns it keyed as in PEFT files (the file key minus ``base_model.model.<path>.``).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+
+LowRank = tuple[torch.Tensor, torch.Tensor, float]
+
+
+class AdapterShapeError(ValueError):
+    """A tensor does not fit the module it is meant for."""
+
+
+class Adapter(nn.Module):
+    """Base class of every adapter layer: ``base_layer`` stays frozen, the rest is adapter state."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = AdapterConfig
+    layer_types: ClassVar[tuple[type, ...]] = ()
+    # Declared behaviour, checked by lorakit.testing.check_method.
+    identity_at_init: ClassVar[bool] = True  # output equals the base output before training
+    exact_merge: ClassVar[bool] = True  # merging into the weight reproduces forward exactly
+    tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, module_path: str = ""):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.module_path = module_path
+        self.disabled = False
+
+    @classmethod
+    def can_wrap(cls, layer: nn.Module) -> bool:
+        return isinstance(layer, cls.layer_types)
+
+    # -- what every method implements ------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def delta(cls, tensors: dict[str, torch.Tensor], config: AdapterConfig, base_weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """ΔW in the base weight's layout, from the adapter tensors and the per-module config."""
+        raise NotImplementedError
+
+    @classmethod
+    def low_rank(cls, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> Optional[LowRank]:
+        """(A [r, in], B [out, r], scale) with ΔW = scale · B A, for methods whose update is exactly low-rank."""
+        return None
+
+    # -- shared machinery -------------------------------------------------------------------------
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter state keyed as in PEFT files: everything not under ``base_layer``."""
+        out = {k: v for k, v in self.named_parameters() if not k.startswith("base_layer.")}
+        out.update({k: v for k, v in self.named_buffers() if not k.startswith("base_layer.")})
+        return out
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (keyed as ``adapter_tensors``) in, checking names and shapes."""
+        own = self.adapter_tensors()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"module '{self.module_path}': expected tensors {sorted(own)}, found {sorted(tensors)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unexpected {unexpected}" if unexpected else "")
+            )
+        with torch.no_grad():
+            for key, value in tensors.items():
+                target = own[key]
+                if tuple(target.shape) != tuple(value.shape):
+                    raise AdapterShapeError(
+                        f"module '{self.module_path}', tensor '{key}': the model expects shape "
+                        f"{tuple(target.shape)}, the adapter has {tuple(value.shape)}. Was the adapter trained "
+                        "for another base model or with another rank?"
+                    )
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW of this adapter, in the base weight's layout and dtype."""
+        tensors = {k: v.detach() for k, v in self.adapter_tensors().items()}
+        weight = self.base_layer.weight.detach()
+        return type(self).delta(tensors, self.config, weight).to(weight.dtype)
+
+    def merged_layer(self) -> nn.Module:
+        """The base layer with ΔW added to its weight (in place), ready to replace this adapter."""
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"module '{self.module_path}': the adapter's update has NaN or inf; refusing to merge")
+        with torch.no_grad():
+            self.base_layer.weight.add_(delta)
+        return self.base_layer
+
+    def adapter_dtype(self) -> torch.dtype:
+        """fp32 for half-precision base layers (as PEFT's autocast_adapter_dtype), else the base dtype."""
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, r={getattr(self.config, 'r', None)}, path={self.module_path!r}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained and saved in full (PEFT's ``modules_to_save``): a trainable copy beside the original."""
+
+    def __init__(self, base_layer: nn.Module, module_path: str = ""):
+        super().__init__()
+        import copy
+
+        self.base_layer = base_layer
+        self.module = copy.deepcopy(base_layer)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        self.module_path = module_path
+        self.disabled = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.base_layer if self.disabled else self.module)(*args, **kwargs)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        # PEFT files key these as the module's own state dict under its path.
+        return dict(self.module.state_dict(keep_vars=True))
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_tensors()
+        for key, value in tensors.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise AdapterShapeError(
+                    f"module '{self.module_path}', tensor '{key}' (modules_to_save): the model expects shape "
+                    f"{tuple(own[key].shape)}, the file has {tuple(value.shape)}"
+                )
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise KeyError(f"module '{self.module_path}' (modules_to_save): missing tensors {missing}")
+        self.module.load_state_dict(tensors, strict=True)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)

@@ -1,0 +1,162 @@
+"""Entry points that put adapters on a model and take them off again.
+
+``apply`` wraps the targeted layers in place and freezes everything else; ``merge`` folds the updates into
+the base weights; ``unwrap`` removes the adapters without merging; ``disabled`` runs the base model.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Union
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, ModulesToSave
+from .config import AdapterConfig
+from .registry import METHODS
+from .targets import LINEAR_TYPES, expand_all_linear, is_target, matches, no_match_message
+
+Wrapped = Union[Adapter, ModulesToSave]
+CONFIG_ATTR = "lorakit_config"
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def adapters(model: nn.Module) -> dict[str, Adapter]:
+    """The adapter layers of ``model`` by module path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def wrapped_modules(model: nn.Module) -> dict[str, Wrapped]:
+    """Adapters and ``modules_to_save`` wrappers by module path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, (Adapter, ModulesToSave))}
+
+
+def config_of(model: nn.Module) -> AdapterConfig:
+    """The config ``apply`` or ``load_peft`` put on ``model``."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no lorakit adapter: call lorakit.apply(model, config) first")
+    return config
+
+
+def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """The config as it will be saved: ``all-linear`` expanded, ``fan_in_fan_out`` set for Conv1D targets."""
+    if config.task_type == "SEQ_CLS":  # as PEFT: the classification head trains and saves in full
+        heads = [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
+        extra = [h for h in heads if h not in (config.modules_to_save or [])]
+        if extra:
+            config = dataclasses.replace(config, modules_to_save=list(config.modules_to_save or []) + extra)
+    if config.target_modules == "all-linear":
+        config = dataclasses.replace(config, target_modules=expand_all_linear(model, config))
+    if config.target_modules is None:
+        raise ValueError(
+            f"{type(config).__name__}.target_modules is None: name the modules to adapt, e.g. "
+            "target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+        )
+    conv1d = [m for p, m in model.named_modules() if is_target(p, config) and isinstance(m, LINEAR_TYPES[1:])]
+    if conv1d and not config.fan_in_fan_out:
+        config = dataclasses.replace(config, fan_in_fan_out=True)  # Conv1D stores weights as [in, out]
+    return config
+
+
+def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Add the adapter ``config`` describes to ``model`` in place, freeze the rest, and return ``model``."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"expected an adapter config (e.g. lorakit.LoRAConfig), found {type(config).__name__}")
+    if wrapped_modules(model):
+        raise ValueError(f"{type(model).__name__} already has a lorakit adapter: merge(model) or unwrap(model) first")
+    method = METHODS.get(config.method_name)
+    config = resolve(model, config)
+    targets = [(p, m) for p, m in model.named_modules() if p and is_target(p, config)]
+    if not targets:
+        raise ValueError(no_match_message(model, config))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, module in targets:
+        cls = method.adapter_class_for(module)
+        if cls is None:
+            supported = ", ".join(t.__name__ for t in method.layer_types)
+            raise TypeError(
+                f"module '{path}' is a {type(module).__name__}; method '{method.name}' adapts {supported}. "
+                "Narrow target_modules or exclude_modules."
+            )
+        _set_module(model, path, cls(module, config.for_module(path), path))
+    for path, module in list(model.named_modules()):
+        if path and matches(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
+            if not any(path.startswith(q + ".") for q in wrapped_modules(model)):
+                _set_module(model, path, ModulesToSave(module, path))
+    _set_bias_trainable(model, config)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _set_bias_trainable(model: nn.Module, config: AdapterConfig) -> None:
+    if config.bias == "none":
+        return
+    scope = adapters(model).values() if config.bias == "lora_only" else [model]
+    for module in scope:
+        for name, param in module.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that train: the adapters, ``modules_to_save`` and any biases ``config.bias`` frees."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
+    config = getattr(model, CONFIG_ATTR, None)
+    found = wrapped_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no lorakit adapter to {'merge' if merge_weights else 'unwrap'}")
+    # innermost first, so nested wrappers unwind correctly
+    for path in sorted(found, key=lambda p: -p.count(".")):
+        module = found[path]
+        if isinstance(module, ModulesToSave):
+            replacement = module.module if merge_weights else module.base_layer
+        else:
+            replacement = module.merged_layer() if merge_weights else module.base_layer
+        _set_module(model, path, replacement)
+    if config is not None:
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and remove the wrappers; returns the plain model."""
+    return _restore(model, merge_weights=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging; the base model comes back unchanged."""
+    return _restore(model, merge_weights=False)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapters and ``modules_to_save`` are bypassed inside the block."""
+    found = wrapped_modules(model)
+    before = {p: m.disabled for p, m in found.items()}
+    try:
+        for m in found.values():
+            m.disabled = True
+        yield model
+    finally:
+        for p, m in found.items():
+            m.disabled = before[p]
+
+
+@torch.no_grad()
+def set_trainable(model: nn.Module, trainable: bool = True) -> None:
+    """Turn gradients of the adapter tensors on or off (the base stays frozen)."""
+    for m in wrapped_modules(model).values():
+        for t in m.adapter_tensors().values():
+            if isinstance(t, nn.Parameter):
+                t.requires_grad_(trainable)

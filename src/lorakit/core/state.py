@@ -1,0 +1,127 @@
+"""AdapterState: an adapter as data (config + tensors per module), with no modules attached.
+
+It is the currency between training, files, merging, federated aggregation and serving. ``tensors`` maps a
+module path to that module's adapter tensors, keyed as in PEFT files; ``modules_to_save`` likewise holds the
+full tensors of modules trained in full.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .adapter import AdapterShapeError, LowRank
+from .apply import adapters, apply, config_of, wrapped_modules
+from .adapter import ModulesToSave
+from .config import AdapterConfig
+from .registry import METHODS
+
+Tensors = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass
+class AdapterState:
+    """An adapter's config and tensors, keyed by module path."""
+
+    config: AdapterConfig
+    tensors: Tensors
+    modules_to_save: Tensors = field(default_factory=dict)
+    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # base parameters carried by the file, by name
+
+    @property
+    def method(self):
+        return METHODS.get(self.config.method_name)
+
+    def modules(self) -> list[str]:
+        """Paths of the adapted modules."""
+        return list(self.tensors)
+
+    def module_config(self, path: str) -> AdapterConfig:
+        return self.config.for_module(path)
+
+    def _adapter_class(self):
+        return self.method.adapter_classes[0]
+
+    def delta(self, path: str, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ΔW of one module, in the base weight's layout (DoRA-like methods need ``base_weight``)."""
+        if path not in self.tensors:
+            raise KeyError(f"no adapter on module '{path}'; adapted modules: {', '.join(self.modules()[:10])}")
+        return self._adapter_class().delta(self.tensors[path], self.module_config(path), base_weight)
+
+    def low_rank(self, path: str) -> Optional[LowRank]:
+        """(A, B, scale) of one module, or None when the method's update is not exactly low-rank."""
+        return self._adapter_class().low_rank(self.tensors[path], self.module_config(path))
+
+    def num_parameters(self) -> int:
+        """Number of stored scalars (adapter tensors and ``modules_to_save``)."""
+        grouped = sum(t.numel() for g in (self.tensors, self.modules_to_save) for d in g.values() for t in d.values())
+        return grouped + sum(t.numel() for t in self.base_tensors.values())
+
+    def map(self, fn) -> "AdapterState":
+        """A new state with ``fn`` applied to every tensor."""
+        conv = lambda g: {p: {k: fn(t) for k, t in d.items()} for p, d in g.items()}  # noqa: E731
+        base = {k: fn(t) for k, t in self.base_tensors.items()}
+        return AdapterState(self.config, conv(self.tensors), conv(self.modules_to_save), base)
+
+    def to(self, *args, **kwargs) -> "AdapterState":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def clone(self) -> "AdapterState":
+        return self.map(lambda t: t.detach().clone())
+
+    def replace(self, **changes) -> "AdapterState":
+        """A copy with config fields replaced."""
+        return AdapterState(dataclasses.replace(self.config, **changes), self.tensors, self.modules_to_save, self.base_tensors)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "AdapterState":
+        """The adapter state of a model that ``apply``/``load_peft`` prepared (tensors detached, on CPU)."""
+        config = config_of(model)
+        tensors: Tensors = {}
+        saved: Tensors = {}
+        for path, module in wrapped_modules(model).items():
+            group = saved if isinstance(module, ModulesToSave) else tensors
+            group[path] = {k: v.detach().cpu().clone() for k, v in module.adapter_tensors().items()}
+        base_tensors = {}
+        if config.bias != "none":
+            inside = tuple(p + "." for p in saved)
+            base_tensors = {  # trained base biases: saved under their own names, as PEFT does
+                n: p.detach().cpu().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad and n.endswith("bias") and not n.startswith(inside) and ".lora_" not in n
+            }
+        return cls(config, tensors, saved, base_tensors)
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Apply this state's config to a base ``model`` (if not already applied) and copy the tensors in."""
+        if not wrapped_modules(model):
+            apply(model, self.config)
+        found = wrapped_modules(model)
+        expected = set(adapters(model))
+        extra = sorted(set(self.tensors) - expected)
+        missing = sorted(expected - set(self.tensors))
+        if extra or missing:
+            raise AdapterShapeError(
+                "the adapter and the model disagree on which modules are adapted: "
+                + (f"not in the model: {', '.join(extra[:8])}; " if extra else "")
+                + (f"no tensors for: {', '.join(missing[:8])}" if missing else "")
+            )
+        for path, tensors in list(self.tensors.items()) + list(self.modules_to_save.items()):
+            if path not in found:
+                raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")
+            found[path].load_adapter_tensors(tensors)
+        if self.base_tensors:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.base_tensors.items():
+                    if name not in params or params[name].shape != value.shape:
+                        found_shape = tuple(params[name].shape) if name in params else "no such parameter"
+                        raise AdapterShapeError(
+                            f"base tensor '{name}' in the adapter: the model has {found_shape}, the adapter "
+                            f"{tuple(value.shape)}"
+                        )
+                    params[name].copy_(value)
+        return model

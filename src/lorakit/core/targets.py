@@ -1,0 +1,92 @@
+"""Which modules an adapter config targets: PEFT's matching rules, with errors that help.
+
+``target_modules``: a string is a regex fully matched against the module path; a list matches a path that
+equals an entry or ends with ``"." + entry``; ``"all-linear"`` means every Linear/Conv1D except the output
+head. ``exclude_modules`` likewise. ``layers_to_transform`` keeps modules whose layer index (the number after
+``layers_pattern``, or after any segment when it is unset) is listed.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Optional, Union
+
+from torch import nn
+
+from .config import AdapterConfig
+
+try:
+    from transformers.pytorch_utils import Conv1D
+
+    LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+except ImportError:  # pragma: no cover
+    LINEAR_TYPES = (nn.Linear,)
+
+
+def matches(path: str, spec: Union[str, list, None]) -> bool:
+    """PEFT's rule for one module path against a ``target_modules``/``exclude_modules`` value."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == t or path.endswith("." + t) for t in spec)
+
+
+def layer_index(path: str, layers_pattern: Union[str, list, None]) -> Optional[int]:
+    """The transformer block index in ``path``, as PEFT finds it for ``layers_to_transform``."""
+    if not layers_pattern:
+        found = re.match(r".*\.[^.]*\.(\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = None
+        for pattern in patterns:
+            found = re.match(rf".*\.{pattern}\.(\d+)\.", path)
+            if found:
+                break
+    return int(found.group(1)) if found else None
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output projection(s), which ``all-linear`` leaves alone (as PEFT does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    paths = {p for p, m in model.named_modules() if head is not None and m is head}
+    return paths | {p for p in ("lm_head", "classifier", "score") if isinstance(getattr(model, p, None), nn.Module)}
+
+
+def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list:
+    """``all-linear`` as the sorted leaf names of every Linear/Conv1D outside the output head."""
+    skip = output_head_paths(model)
+    names = {
+        p.rsplit(".", 1)[-1]
+        for p, m in model.named_modules()
+        if isinstance(m, LINEAR_TYPES) and not any(p == s or p.startswith(s + ".") for s in skip)
+        and not matches(p, config.modules_to_save or [])
+    }
+    return sorted(names)
+
+
+def is_target(path: str, config: AdapterConfig) -> bool:
+    """Whether ``config`` puts an adapter on the module at ``path``."""
+    if not matches(path, config.target_modules) or matches(path, config.exclude_modules):
+        return False
+    if config.layers_to_transform is None:
+        return True
+    index = layer_index(path, config.layers_pattern)
+    if index is None:
+        return False
+    wanted = config.layers_to_transform
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def no_match_message(model: nn.Module, config: AdapterConfig) -> str:
+    """The error text when nothing matches: the nearest module names, and what to pass."""
+    paths = [p for p, _ in model.named_modules() if p]
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    asked = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules or [])
+    near = sorted({n for t in asked for n in difflib.get_close_matches(str(t), leaves, n=4, cutoff=0.3)})
+    layers = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, LINEAR_TYPES + (nn.Embedding, nn.Conv2d))})
+    return (
+        f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}"
+        + (f" (with layers_to_transform={config.layers_to_transform!r})" if config.layers_to_transform is not None else "")
+        + f". Nearest names: {', '.join(near) or '(none)'}. Adaptable layers in this model: {', '.join(layers[:30])}"
+    )

@@ -1,0 +1,210 @@
+"""PEFT's checkpoint format: the only module that knows its key strings and ``adapter_config.json``.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a pickled
+``adapter_model.bin``, read only with ``allow_pickle=True``: unpickling can run code). Keys are
+``base_model.model.<module path>.<tensor name>``; adapters other than the default live in sub-folders.
+Writes go to a temporary directory that is renamed into place, so no half-written adapter is left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.apply import config_of, set_trainable
+from ..core.config import AdapterConfig
+from ..core.registry import METHODS
+from ..core.state import AdapterState
+from ..core.targets import matches
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PathLike = Union[str, os.PathLike]
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be read as asked."""
+
+
+def config_class_for(data: dict, source: str) -> type:
+    """The registered config class that claims a PEFT config dict."""
+    for name in METHODS.names():
+        cls = METHODS.get(name).config_class
+        if cls.claims(data):
+            return cls
+    known = sorted({METHODS.get(n).config_class.peft_type for n in METHODS.names()})
+    raise AdapterFileError(
+        f"{source}: peft_type={data.get('peft_type')!r} is not a method lorakit knows "
+        f"(known peft_type values: {', '.join(known)}; methods: {', '.join(METHODS.names())})"
+    )
+
+
+def read_config(path: Path) -> AdapterConfig:
+    """Parse ``adapter_config.json`` into the config class of the method it names."""
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        subs = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file()) if path.is_dir() else []
+        hint = f" It has adapters in sub-folders: {', '.join(subs)}; pass adapter_name=" if subs else ""
+        raise AdapterFileError(f"{file}: not found.{hint}" if path.is_dir() else f"{path}: no such adapter directory")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return config_class_for(data, str(file)).from_dict(_drop_peft_defaults(data, file), source=str(file))
+
+
+# PEFT LoraConfig fields lorakit does not model, with the value that makes them a no-op.
+PEFT_NOOP_FIELDS = {
+    "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_ga_config": None,
+    "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+    "velora_config": None, "lora_bias": False,
+}
+# Settings that only describe how the adapter was initialised or trained: safe to ignore when loading.
+PEFT_INIT_ONLY = {"eva_config", "corda_config", "loftq_config", "lora_ga_config", "megatron_config", "megatron_core",
+                  "qalora_group_size", "ensure_weight_tying", "kasa_config", "monteclora_config"}
+
+
+def _drop_peft_defaults(data: dict, file: Path) -> dict:
+    """Remove PEFT fields that are at their no-op value; refuse ones that change the forward pass."""
+    out = dict(data)
+    for name, noop in PEFT_NOOP_FIELDS.items():
+        if name not in out:
+            continue
+        value = out.pop(name)
+        if value not in (noop, None) and name not in PEFT_INIT_ONLY:
+            raise AdapterFileError(
+                f"{file}: {name}={value!r} changes how the adapter computes, and lorakit does not support it yet"
+            )
+    return out
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of an adapter directory."""
+    safe, pickled = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if safe.is_file():
+        try:
+            return load_file(str(safe))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFileError(f"{safe}: unreadable or truncated safetensors file ({e}); save the adapter again") from None
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{pickled}: a pickle file, and unpickling can run arbitrary code. If you trust its source, pass "
+                "allow_pickle=True (CLI: --allow-pickle), or convert it to safetensors"
+            )
+        return torch.load(str(pickled), map_location="cpu", weights_only=True)
+    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME}) in the adapter directory")
+
+
+def split_keys(flat: dict[str, torch.Tensor], config: AdapterConfig, source: str) -> AdapterState:
+    """Group a flat PEFT tensor dict by module path into an AdapterState."""
+    method = METHODS.get(config.method_name)
+    names = sorted({n for c in method.adapter_classes for n in c.tensor_names}, key=len, reverse=True)
+    state = AdapterState(config, {}, {}, {})
+    for key, value in flat.items():
+        rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = next((n for n in names if rel.endswith("." + n)), None)
+        if name is not None:
+            state.tensors.setdefault(rel[: -len(name) - 1], {})[name] = value
+            continue
+        parts = rel.split(".")
+        owner = next((i for i in range(1, len(parts)) if matches(".".join(parts[:i]), config.modules_to_save)), None)
+        if owner is not None:
+            state.modules_to_save.setdefault(".".join(parts[:owner]), {})[".".join(parts[owner:])] = value
+        elif (config.bias != "none" and rel.endswith("bias")) or ".base_layer." in rel:
+            # trained biases, and embedding layers PEFT saves in full (save_embedding_layers)
+            state.base_tensors[rel] = value
+        else:
+            raise AdapterFileError(f"{source}: tensor '{key}' belongs to no adapted module of method '{method.name}'")
+    return state
+
+
+def load_state(path: PathLike, adapter_name: Optional[str] = None, allow_pickle: bool = False) -> AdapterState:
+    """Read a PEFT adapter directory into an AdapterState (no model needed)."""
+    path = Path(path) / adapter_name if adapter_name else Path(path)
+    config = read_config(path)
+    return split_keys(read_tensors(path, allow_pickle), config, str(path))
+
+
+def _flat(state: AdapterState) -> dict[str, torch.Tensor]:
+    flat = {}
+    for group in (state.tensors, state.modules_to_save):
+        for path, tensors in group.items():
+            flat.update({f"{PREFIX}{path}.{k}": v for k, v in tensors.items()})
+    flat.update({f"{PREFIX}{k}": v for k, v in state.base_tensors.items()})
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
+
+
+def _json_ready(value):
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return value
+
+
+def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] = None) -> Path:
+    """Write ``state`` as a PEFT directory (atomically) and return its path."""
+    target = Path(path) / adapter_name if adapter_name else Path(path)
+    data = {k: _json_ready(v) for k, v in state.config.to_dict().items()}
+    data["inference_mode"] = True
+    data.setdefault("peft_version", "0.21.2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(_flat(state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing target is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        # keep sub-folder adapters that live inside the old directory
+        for child in target.iterdir():
+            if child.is_dir() and (child / CONFIG_NAME).is_file():
+                shutil.move(str(child), str(tmp / child.name))
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> Path:
+    """Save the adapter of ``model`` as a PEFT directory that ``peft.PeftModel.from_pretrained`` loads."""
+    state = AdapterState.from_model(model)
+    if state.config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if name:
+            state = state.replace(base_model_name_or_path=str(name))
+    return save_state(state, path, adapter_name)
+
+
+def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None, *, is_trainable: bool = False,
+              allow_pickle: bool = False) -> nn.Module:
+    """Apply the adapter saved at ``path`` (PEFT or lorakit) to the base ``model`` in place and return it."""
+    state = load_state(path, adapter_name, allow_pickle)
+    state.load_into(model)
+    set_trainable(model, is_trainable)
+    return model
+
+
+__all__ = ["AdapterFileError", "load_peft", "load_state", "save_peft", "save_state", "config_of"]
