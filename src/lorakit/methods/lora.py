@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.adapter import Adapter, LowRank
 from ..core.config import LoRAConfig
-from ..core.registry import METHODS
+from ..core.registry import INITIALIZERS, METHODS, initializer_for
 
 try:  # GPT-2 style layers; transformers is optional for the core
     from transformers.pytorch_utils import Conv1D
@@ -82,12 +82,13 @@ class LoRALayer(Adapter):
             return
         if isinstance(init, str) and init.lower() == "gaussian":
             nn.init.normal_(a, std=1 / self.r)
-        elif init is True:
+        elif init is True or initializer_for(init) is not None:
+            # a registered initialiser (lorakit.init) overwrites A and B after apply; start as the identity
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         else:
             raise ValueError(
-                f"module '{self.module_path}': init_lora_weights={init!r} needs an initialiser; "
-                "use True, False or 'gaussian', or a registered data-driven initialiser"
+                f"module '{self.module_path}': init_lora_weights={init!r} is not an initialisation lorakit knows; "
+                f"use True, False, 'gaussian' or a registered initialiser ({', '.join(INITIALIZERS.names())})"
             )
         nn.init.zeros_(b)
 

@@ -1,0 +1,125 @@
+"""Calibration passes for data-driven initialisers: full weight gradients and layer inputs over a few batches.
+
+Both passes run the base model (adapters disabled), as LoRA-GA's and EVA's official code do before the
+adapters exist. Gradients accumulate in fp32 and leave no ``.grad`` and no changed ``requires_grad`` behind.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..core.apply import disabled
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    loss = getattr(default_forward(model, batch), "loss", None)
+    if loss is None:
+        raise ValueError(
+            "the model's output has no .loss for this batch: include labels in the batch dicts, or pass "
+            "loss_fn=lambda model, batch: ... returning a scalar"
+        )
+    return loss
+
+
+@dataclass
+class Calibration:
+    """Calibration batches and how to run the model on them."""
+
+    batches: list
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] = default_loss
+
+    @classmethod
+    def of(cls, batches: Iterable, forward_fn: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> "Calibration":
+        batches = list(batches)  # EVA cycles over them, so a one-shot iterator is materialised once
+        if not batches:
+            raise ValueError("no calibration batches: pass a non-empty list or DataLoader")
+        return cls(batches, forward_fn or default_forward, loss_fn or default_loss)
+
+
+def token_mask(batch: Any, label_mask_value: Optional[int]) -> Optional[torch.Tensor]:
+    """Token positions [batch, seq] that count: attention mask, and labels != ``label_mask_value`` when given."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return None
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    if label_mask_value is not None and "labels" in batch:
+        mask = mask & (batch["labels"] != label_mask_value)
+    return mask
+
+
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Any, calibration: Calibration,
+                 label_mask_value: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The inputs each of ``layers`` receives on ``batch`` as fp32 rows [tokens, in] (masked positions dropped)."""
+    device = next(model.parameters()).device
+    batch = to_device(batch, device)
+    mask = token_mask(batch, label_mask_value)
+    rows: dict[str, torch.Tensor] = {}
+
+    def hook(path):
+        def capture(module, args, output):
+            x = args[0].detach()
+            x = x[mask] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+            rows[path] = torch.cat([rows[path], x.float()]) if path in rows else x.float()  # layer called twice
+        return capture
+
+    handles = [m.register_forward_hook(hook(p)) for p, m in layers.items()]
+    try:
+        with torch.no_grad(), disabled(model):
+            calibration.forward_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """dL/dW of each layer's ``weight`` (its own layout), averaged over the calibration batches, in fp32."""
+    device = next(model.parameters()).device
+    params = {p: m.weight for p, m in layers.items()}
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in params.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in params.values():
+            w.grad = None
+            w.requires_grad_(True)
+        model.train()
+        with torch.enable_grad(), disabled(model):
+            for batch in calibration.batches:
+                calibration.loss_fn(model, to_device(batch, device)).backward()
+                for path, w in params.items():
+                    if w.grad is not None:
+                        sums[path] += w.grad.float()
+                        w.grad = None
+    finally:
+        for w in params.values():
+            w.grad = None
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
+        model.train(was_training)
+    return {p: g / len(calibration.batches) for p, g in sums.items()}
