@@ -68,7 +68,7 @@ class BlockLoRALinear(Adapter):
     def __init__(self, base_layer: nn.Module, config: BlockLoRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
         w = base_layer.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if config.fan_in_fan_out else w.shape
+        out_f, in_f = self.features()
         if in_f % config.block_num:
             raise ValueError(
                 f"module '{module_path}': in_features={in_f} does not split into block_num={config.block_num} "

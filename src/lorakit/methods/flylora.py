@@ -78,7 +78,7 @@ class FlyLoRALinear(Adapter):
     def __init__(self, base_layer: nn.Module, config: FlyLoRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
         w = base_layer.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if config.fan_in_fan_out else w.shape
+        self.out_features, self.in_features = self.features()
         self.k = config.k
         kw = dict(device=w.device, dtype=self.adapter_dtype())
         self.lora_A = nn.Module()  # a buffer, not a parameter: no optimiser or set_trainable can unfreeze it

@@ -97,7 +97,7 @@ class NOLALinear(Adapter):
     def __init__(self, base_layer: nn.Module, config: NOLAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
         w = base_layer.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if config.fan_in_fan_out else (w.shape[0], w.shape[1])
+        out_f, in_f = self.features()
         seed = (config.nola_seed * 1_000_003 + zlib.crc32(module_path.encode())) % 2**40
         kw = dict(device=w.device, dtype=self.adapter_dtype())
         self.nola_alpha = nn.Parameter(torch.zeros(config.num_basis_A, **kw))

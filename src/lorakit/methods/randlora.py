@@ -132,7 +132,7 @@ class RandLoRALinear(Adapter):
         if config.largest_shape is None:
             config = config.for_targets({module_path: base_layer})
             self.config = config
-        self.out_features, self.in_features = _out_in(base_layer)
+        self.out_features, self.in_features = self.features()
         small = min(self.out_features, self.in_features)
         kw = dict(device=base_layer.weight.device, dtype=self.adapter_dtype())
         self.randlora_lambda = nn.Parameter(torch.zeros(config.r, math.ceil(small / config.r), **kw))

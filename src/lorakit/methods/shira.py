@@ -80,8 +80,8 @@ class SHiRALinear(Adapter):
 
     def __init__(self, base_layer: nn.Module, config: SHiRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
-        w = self.oriented_weight()
-        self.out_features, self.in_features = w.shape
+        w = base_layer.weight
+        self.out_features, self.in_features = self.features()
         self.nnz = config.r * (self.in_features + self.out_features)
         if not 0 < self.nnz <= w.numel():
             raise ValueError(
