@@ -101,6 +101,9 @@ def test_errors(cls_data):
         fit(tiny_classifier()[0], [], config=FAST)
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, [])
+    for option in ({"save_every": 2}, {"resume": True}):
+        with pytest.raises(ValueError, match="output_dir"):
+            fit(tiny_classifier()[0], cls_data[0], config=FAST, **option)
 
 
 def test_default_collate_for_plain_sequences():

@@ -29,7 +29,7 @@ def test_warmup_count():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"schedule": "step"}, {"batch_size": 0}, {"max_steps": 0}, {"warmup_ratio": 1.5}, {"save_every": 5}, {"resume": True}],
+    [{"schedule": "step"}, {"batch_size": 0}, {"max_steps": 0}, {"warmup_ratio": 1.5}],
 )
 def test_config_rejects(bad):
     with pytest.raises(ValueError):

@@ -42,8 +42,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be None or >= 1, got {value}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if (self.save_every or self.resume is True) and not self.output_dir:
-            raise ValueError("save_every and resume=True need output_dir (where checkpoints live)")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -40,6 +40,8 @@ class _Run:
     """The state of one `fit` call."""
 
     def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks):
+        if (cfg.save_every or cfg.resume is True) and not cfg.output_dir:
+            raise ValueError("save_every and resume=True need output_dir (where checkpoints live)")
         if len(train_data) == 0:
             raise ValueError("fit got an empty training set")
         self.model, self.train_data, self.eval_data, self.cfg, self.procs = model, train_data, eval_data, cfg, procs
