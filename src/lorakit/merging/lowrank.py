@@ -14,7 +14,7 @@ from .combine import Factors, Part
 
 def stack(parts: Sequence[Part], weights: Sequence[float]) -> Factors:
     """Σ w_i s_i B_i A_i exactly, at rank Σ r_i: A = [w_1 s_1 A_1; …], B = [B_1 … B_n] (PEFT's ``cat``)."""
-    a = torch.cat([p.a * (w * p.scale) for p, w in zip(parts, weights)], dim=0)
+    a = torch.cat([p.a * w * p.scale for p, w in zip(parts, weights)], dim=0)  # PEFT's order: bit-equal tensors
     b = torch.cat([p.b for p in parts], dim=1)
     return a, b
 
