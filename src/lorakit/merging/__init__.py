@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import linear, task_vectors, knots, lego  # noqa: F401,I001  (register the mergers, in this order)
 from .cli import cli_main
-from .combine import MERGERS, MergeError, Merger, Part, combine
+from .combine import combine
+from .protocol import MERGERS, MergeError, Merger, Part
 
 __all__ = ["MERGERS", "MergeError", "Merger", "Part", "cli_main", "combine"]

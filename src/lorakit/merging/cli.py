@@ -10,7 +10,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..formats.peft import AdapterFileError, load_state, save_state
-from .combine import MERGERS, MergeError, combine
+from .combine import combine
+from .protocol import MERGERS, MergeError
 
 USER_ERRORS = (MergeError, AdapterFileError, FileNotFoundError, KeyError, ValueError, TypeError)
 

@@ -1,9 +1,7 @@
 """``combine(states, method, weights)``: validate the inputs, run a merger on every module, build the new state.
 
-A merger is a pure per-module function ``fn(parts, weights, **knobs) -> (A [k, in], B [out, k])`` with the merged
-update ``ΔW = B A`` (scaling 1). ``parts`` holds one ``Part`` per input, in input order; an input that does not
-adapt the module contributes a rank-0 part (a zero update), so inputs with different but overlapping targets
-merge. The result is an ordinary LoRA state: ``r = lora_alpha`` (scaling 1, the inputs' scalings folded into
+Every module is merged by the method's per-module function (see ``protocol``); an input that does not adapt a
+module contributes a zero update there, so inputs with different but overlapping targets merge. The result is an ordinary LoRA state: ``r = lora_alpha`` (scaling 1, the inputs' scalings folded into
 the factors, as PEFT does) and ``rank_pattern``/``alpha_pattern`` for modules whose merged rank differs.
 
 One input with weight 1 and no ``rank`` is returned unchanged (a copy) by every method: there is nothing to
@@ -13,76 +11,22 @@ adapter, but rebuilds the config and so rescales rsLoRA adapters: its issue #376
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import re
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..core.config import LoRAConfig
-from ..core.registry import Registry
 from ..core.state import AdapterState
+from .carry import carry_full_modules
+from .protocol import MERGERS, MergeError, Merger, Part
 
-Factors = tuple[torch.Tensor, torch.Tensor]
-MERGERS = Registry("merge method")
 # tensor keys of a LoRA module, by layer kind: (A, B)
 LORA_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
-
-
-class MergeError(ValueError):
-    """Adapters that cannot be merged as asked."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """One input's update of one module: ΔW = scale · B A, with A [r, in] and B [out, r] (2-D, float32)."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-    def dense(self) -> torch.Tensor:
-        """ΔW as [out, in]; computed as PEFT does, (B A) · scale."""
-        return (self.b @ self.a) * self.scale
-
-
-@dataclass(frozen=True)
-class Merger:
-    """A registered merge method and the behaviour it declares (checked by tests/merging)."""
-
-    name: str
-    fn: Callable[..., Factors]
-    averages: bool = False  # n identical inputs (weight 1) merge to the input itself, not n times it
-    exact: dict = field(default_factory=dict)  # knobs under which a lone input's update is reproduced exactly
-    order_invariant: bool = True  # permuting the inputs (with their weights) leaves the result unchanged
-    random: bool = False  # takes a torch.Generator, seeded from ``seed`` and the module path
-
-    def knobs(self) -> list[str]:
-        params = inspect.signature(self.fn).parameters
-        return [n for n in params if n not in ("parts", "weights", "generator")]
-
-
-def merger(name: str, **declared) -> Callable[[Callable], Callable]:
-    """Decorator: register a per-module merge function under ``name``."""
-
-    def deco(fn: Callable) -> Callable:
-        MERGERS.register(name)(Merger(name, fn, **declared))
-        return fn
-
-    return deco
-
-
-def max_rank(parts: Sequence[Part]) -> int:
-    """The largest input rank at a module: the default rank of methods that re-factor."""
-    return max(p.rank for p in parts)
 
 
 def combine(states: Sequence[AdapterState], method: str, weights: Optional[Sequence[float]] = None, *,
@@ -111,7 +55,7 @@ def combine(states: Sequence[AdapterState], method: str, weights: Optional[Seque
         extra = {"generator": _generator(seed or 0, path)} if m.random else {}
         a, b = m.fn(parts, weights, **knobs, **extra)
         tensors[path] = layout.tensors(a, b)
-    full, config_changes = _full_modules(states, weights, modules_to_save)
+    full, config_changes = carry_full_modules(states, weights, modules_to_save)
     return AdapterState(_merged_config(states, tensors, config_changes), tensors, *full)
 
 
@@ -205,47 +149,3 @@ def _merged_config(states: list[AdapterState], tensors: dict, changes: dict) -> 
         base_model_name_or_path=next((s.config.base_model_name_or_path for s in states if s.config.base_model_name_or_path), None),
         **changes,
     )
-
-
-def _full_modules(states: list[AdapterState], weights: list[float], policy: Union[None, str, int]):
-    """``modules_to_save`` and trained biases, by ``policy``: None (must agree), "drop", "mean", or an input index."""
-    groups = []
-    for attr in ("modules_to_save", "base_tensors"):
-        nested = attr == "modules_to_save"
-        # base tensors are flat {name: tensor}: nest them under one key to share the per-module logic
-        items = [getattr(s, attr) if nested else {"": s.base_tensors} for s in states]
-        merged = _merge_full(items, weights, policy, attr)
-        groups.append(merged if nested else merged.get("", {}))
-    mts, base = groups
-    names = sorted({n for s in states for n in (s.config.modules_to_save or [])}) if mts else None
-    bias = next((s.config.bias for s in states if s.config.bias != "none"), "none") if base else "none"
-    return (mts, base), {"modules_to_save": names, "bias": bias}
-
-
-def _merge_full(items: list[dict], weights: list[float], policy, what: str) -> dict:
-    if policy == "drop" or not any(items):
-        return {}
-    if isinstance(policy, int) and not isinstance(policy, bool):
-        if not 0 <= policy < len(items):
-            raise MergeError(f"modules_to_save={policy}: there are {len(items)} adapters (0 to {len(items) - 1})")
-        return {p: dict(d) for p, d in items[policy].items()}
-    out = {}
-    for path in dict.fromkeys(p for d in items for p in d):
-        holders = [(w, d[path]) for w, d in zip(weights, items) if path in d]
-        keys = {k for _, t in holders for k in t}
-        if policy == "mean":
-            total = sum(w for w, _ in holders)
-            if total == 0:
-                raise MergeError(f"{what} '{path}': the weights of the adapters holding it sum to zero")
-            out[path] = {k: sum(w * t[k].float() for w, t in holders).div(total).to(holders[0][1][k].dtype) for k in keys}
-        elif policy is None:
-            ref = holders[0][1]
-            if any(set(t) != set(ref) or not all(torch.equal(t[k], ref[k]) for k in ref) for _, t in holders[1:]):
-                raise MergeError(
-                    f"{what} '{path}' differs between the adapters; pass modules_to_save='mean', 'drop' or the "
-                    "index of the adapter to take it from"
-                )
-            out[path] = dict(ref)
-        else:
-            raise MergeError(f"modules_to_save={policy!r}: expected None, 'drop', 'mean' or an adapter index")
-    return out

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .combine import MergeError, merger
+from .protocol import MergeError, merger
 from .lowrank import truncate
 from .task_vectors import VARIANTS, combine_task_vectors
 

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .combine import max_rank, merger
+from .protocol import max_rank, merger
 
 
 def units(parts, weights) -> tuple[torch.Tensor, int, float]:

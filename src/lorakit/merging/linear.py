@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .combine import MergeError, max_rank, merger
+from .protocol import MergeError, max_rank, merger
 from .lowrank import stack, truncate
 
 

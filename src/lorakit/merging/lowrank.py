@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .combine import Factors, Part
+from .protocol import Factors, Part
 
 
 def stack(parts: Sequence[Part], weights: Sequence[float]) -> Factors:

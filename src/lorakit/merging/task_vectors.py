@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .combine import MergeError, max_rank, merger
+from .protocol import MergeError, max_rank, merger
 from .lowrank import factorize
 
 # name: (sparsification, sign consensus) — also the ``inner`` choices of knots
