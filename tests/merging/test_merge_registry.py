@@ -128,6 +128,8 @@ def test_user_errors_name_the_problem():
         combine(states, "linear", [1.0, 2.0])
     with pytest.raises(MergeError, match="no setting densty; its settings: density, majority, rank"):
         combine(states, "ties", densty=0.3)
+    with pytest.raises(MergeError, match="rank must be a positive integer, found 0"):
+        combine(states, "svd", rank=0)
     with pytest.raises(MergeError, match="deterministic"):
         combine(states, "svd", seed=1)
     with pytest.raises(MergeError, match="sum to zero"):

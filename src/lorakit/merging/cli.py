@@ -71,7 +71,7 @@ class _Parser(argparse.ArgumentParser):
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``lorakit merge`` as a function: ``argv`` are the arguments after ``merge``; returns the exit status."""
-    parser = _Parser(prog="lorakit merge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lorakit merge", description="Merge adapter directories into one LoRA adapter (see docs/merging.md).")
     add_arguments(parser)
     try:
         args = parser.parse_args(argv)

@@ -42,9 +42,12 @@ def combine(states: Sequence[AdapterState], method: str, weights: Optional[Seque
     unknown = sorted(set(knobs) - set(m.knobs()))
     if unknown:
         raise MergeError(f"method '{method}' has no setting {', '.join(unknown)}; its settings: {', '.join(m.knobs()) or '(none)'}")
+    rank = knobs.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise MergeError(f"rank must be a positive integer, found {rank!r}")
     if seed is not None and not m.random:
         raise MergeError(f"method '{method}' is deterministic: a seed does not apply")
-    if len(states) == 1 and weights == [1.0] and knobs.get("rank") is None:
+    if len(states) == 1 and weights == [1.0] and rank is None:
         return states[0].clone()
     _check_inputs(states)
     paths = list(dict.fromkeys(p for s in states for p in s.tensors))
