@@ -114,3 +114,18 @@ def test_default_collate_for_plain_sequences():
     model, _ = tiny_classifier()
     result = fit(model, data, config=FAST, batch_size=2)
     assert result.steps == 4 and all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_trains_a_lorakit_adapter(cls_data):
+    import lorakit
+
+    model, _ = zoo.load("tiny-llama", "seq_cls", num_labels=3)
+    config = lorakit.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+    lorakit.apply(model, config)
+    before = _params(model)
+    result = fit(model, cls_data[0], cls_data[1], config=FAST)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in changed) and any("score" in n for n in changed)
+    assert not any("base_layer" in n for n in changed)
+    assert result.trainable_params == sum(p.numel() for p in lorakit.trainable_parameters(model).values())

@@ -51,7 +51,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """History of logged / evaluated steps, final eval metrics, wall time and what was trained."""
+    """History of logged / evaluated steps, final eval metrics, this call's wall time and what was trained."""
 
     history: list[dict] = field(default_factory=list)
     eval_metrics: dict[str, float] = field(default_factory=dict)

@@ -4,6 +4,12 @@ periodic evaluation, JSON-lines metrics, atomic checkpoints with exact resume, a
 Data order: each epoch is a permutation drawn from (seed, epoch) by `DistributedSampler`, which also shards it
 over processes (process r takes every world_size-th index from r). With world_size processes and batch_size b
 per process, an optimiser step sees the same examples as one process with batch size world_size * b.
+Every process evaluates the whole eval set (no communication; all return the same metrics); rank 0 alone writes
+files and draws the progress bar.
+
+The loss of a micro-batch is the model's own mean. Accumulation and data parallelism average micro-batches with
+equal weight, which equals the big-batch mean for classification; for causal LM with uneven completion lengths
+it weights micro-batches, not tokens.
 """
 
 from __future__ import annotations
