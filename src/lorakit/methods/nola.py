@@ -92,7 +92,7 @@ class NOLALinear(Adapter):
     config_class = NOLAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("nola_alpha", "nola_beta", "nola_key")
-    param_formula = "num_basis_A + num_basis_B (independent of r and of the layer's width)"
+    param_formula = "num_basis_A + num_basis_B (any r, any width)"
 
     def __init__(self, base_layer: nn.Module, config: NOLAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)

@@ -76,7 +76,7 @@ class SHiRALinear(Adapter):
     config_class = SHiRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("shira_weight", "shira_indices")
-    param_formula = "r·(in+out) values (+ their int32 indices, stored)"
+    param_formula = "r·(in+out) (+ their int32 indices)"
 
     def __init__(self, base_layer: nn.Module, config: SHiRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
