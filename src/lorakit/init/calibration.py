@@ -14,6 +14,8 @@ from torch import nn
 
 from ..core.apply import disabled
 
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it moved to ``device``."""
@@ -95,31 +97,40 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Any, cal
     return rows
 
 
-def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """dL/dW of each layer's ``weight`` (its own layout), averaged over the calibration batches, in fp32."""
-    device = next(model.parameters()).device
-    params = {p: m.weight for p, m in layers.items()}
-    before = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in params.items()}
+def weight_gradients(model: nn.Module, paths: list[str], batches: Iterable, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """Σ dL/dW over ``batches`` for the weight of each module in ``paths`` (fp32, weight layout; no ``.grad`` left)."""
+    weights = {p: model.get_submodule(p).weight for p in paths}
+    before = {p: w.requires_grad for p, w in weights.items()}
+    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in weights.items()}
+    seen = 0
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in params.values():
-            w.grad = None
+        for w in weights.values():
             w.requires_grad_(True)
-        model.train()
-        with torch.enable_grad(), disabled(model):
-            for batch in calibration.batches:
-                calibration.loss_fn(model, to_device(batch, device)).backward()
-                for path, w in params.items():
-                    if w.grad is not None:
-                        sums[path] += w.grad.float()
-                        w.grad = None
+        for batch in batches:
+            grads = torch.autograd.grad(loss_fn(model, batch), list(weights.values()), allow_unused=True)
+            for p, g in zip(weights, grads):
+                if g is not None:
+                    sums[p] += g.float()
+            seen += 1
     finally:
-        for w in params.values():
-            w.grad = None
-        for p in model.parameters():
-            p.requires_grad_(before[id(p)])
+        for p, w in weights.items():
+            w.requires_grad_(before[p])
+    if not seen:
+        raise ValueError("no calibration batches: pass an iterable with at least one batch")
+    return sums
+
+
+def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """dL/dW of each layer's ``weight``, averaged over the calibration batches, on the base model in train mode."""
+    device = next(model.parameters()).device
+    names = {id(m): p for p, m in model.named_modules()}
+    paths = {names[id(m)]: key for key, m in layers.items()}
+    was_training = model.training
+    model.train()  # as LoRA-GA's official code and PEFT estimate the gradient
+    try:
+        with torch.enable_grad(), disabled(model):
+            sums = weight_gradients(model, list(paths), [to_device(b, device) for b in calibration.batches],
+                                    calibration.loss_fn)
+    finally:
         model.train(was_training)
-    return {p: g / len(calibration.batches) for p, g in sums.items()}
+    return {paths[p]: g / len(calibration.batches) for p, g in sums.items()}
