@@ -101,3 +101,17 @@ def test_errors_name_the_problem(base):
     plain = lorakit_model(base, True)
     with pytest.raises(ValueError, match="names no initialiser"):
         lorakit.initialize(plain, BATCHES)
+
+
+def test_methods_with_other_forwards_are_refused():
+    from lorakit.testing import ToyLinear, default_config
+
+    checked = []
+    for name in lorakit.METHODS.names():
+        if name in ("lora", "dora") or torch.nn.Linear not in lorakit.METHODS.get(name).layer_types:
+            continue
+        model = ToyLinear()
+        with pytest.raises(ValueError, match="initialises LoRA/DoRA factors"):
+            lorakit.apply(model, default_config(name, model.targets, init_lora_weights="pissa"))
+        checked.append(name)
+    assert checked, "no other Linear method registered to check against"

@@ -121,7 +121,8 @@ def weight_gradients(model: nn.Module, paths: list[str], batches: Iterable, loss
 
 
 def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """dL/dW of each layer's ``weight``, averaged over the calibration batches, on the base model in train mode."""
+    """dL/dW of each layer's ``weight`` averaged over the calibration batches: the model as it stands with its
+    adapters disabled (so at the moved weight after a base-mutating init), in train mode."""
     device = next(model.parameters()).device
     names = {id(m): p for p, m in model.named_modules()}
     paths = {names[id(m)]: key for key, m in layers.items()}

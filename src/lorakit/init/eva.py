@@ -80,12 +80,15 @@ def eva_components(model, layers: dict[str, torch.nn.Module], ranks: dict[str, i
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // max(ranks.values()))
     mask_value = settings.label_mask_value if settings.use_label_mask else None
     first = layer_inputs(model, layers, calibration.batches[0], calibration, mask_value)
+    silent = [p for p in layers if p not in first]
+    if silent:
+        raise ValueError(f"EVA: the first calibration batch never reaches {', '.join(silent[:6])}; "
+                         "check forward_fn, or leave these modules out of target_modules")
     rep = group_equal_inputs(first)
-    max_components = {p: round(r * rho) for p, r in ranks.items()}
-    for p in rep:  # layers sharing an SVD share its size
-        max_components[rep[p]] = max(max_components[rep[p]], max_components[p])
+    size: dict[str, int] = {}  # layers sharing an SVD share its size: the largest they ask for
     for p in rep:
-        max_components[p] = max_components[rep[p]]
+        size[rep[p]] = max(size.get(rep[p], 0), round(ranks[p] * rho))
+    max_components = {p: size[rep[p]] for p in rep}
     reps = [p for p in rep if rep[p] == p]
     pca = {p: IncrementalPCA(max_components[p]) for p in reps}
     converged = {p: torch.zeros(max_components[p], dtype=torch.bool) for p in reps}
@@ -104,7 +107,7 @@ def eva_components(model, layers: dict[str, torch.nn.Module], ranks: dict[str, i
         batch = calibration.batches[step % len(calibration.batches)]
         rows = first if step == 0 else layer_inputs(model, {p: layers[p] for p in needed}, batch, calibration, mask_value)
         for p in needed:
-            if rows[p].shape[0] < max_components[p]:
+            if p not in rows or rows[p].shape[0] < max_components[p]:
                 continue  # fewer tokens than components: skip this batch for this layer, as PEFT
             previous = pca[p].components
             pca[p].partial_fit(rows[p])

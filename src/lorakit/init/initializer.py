@@ -20,6 +20,7 @@ from torch import nn
 from ..core.adapter import Adapter
 from ..core.apply import adapters, config_of
 from ..core.registry import INITIALIZERS, initializer_for
+from ..methods.lora import LoRALinear
 from .calibration import Calibration
 
 INIT_ATTR = "lorakit_init"  # set on each adapter an initialiser has written
@@ -66,25 +67,25 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def lora_pairs(model: nn.Module, init_name: str) -> dict[str, Adapter]:
-    """The LoRA-shaped Linear/Conv1D adapters of ``model`` by path; warns about the adapters left as they are."""
-    found, skipped = {}, []
-    for path, adapter in adapters(model).items():
-        tensors = adapter.adapter_tensors()
-        a, b = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
-        if a is not None and b is not None and a.dim() == 2 and b.dim() == 2:
-            found[path] = adapter
-        else:
-            skipped.append(path)
+    """The LoRA-shaped Linear/Conv1D adapters of ``model`` by path; warns about the adapters left as they are.
+
+    LoRA-shaped means built on ``LoRALinear`` (LoRA, DoRA and their subclasses): the forward holds W + s·B A, so
+    moving s·B A out of W keeps the output. Methods with other forwards (routed or shared factors) are refused.
+    """
+    every = adapters(model)
+    found = {p: a for p, a in every.items() if isinstance(a, LoRALinear)}
+    skipped = [p for p in every if p not in found]
+    if not found:
+        kinds = sorted({type(a).__name__ for a in every.values()})
+        raise ValueError(
+            f"init_lora_weights={init_name!r} initialises LoRA/DoRA factors on Linear/Conv1D layers; this model's "
+            f"adapters are {', '.join(kinds) or 'none'}. Use init_lora_weights=True for this method"
+        )
     if skipped:
         warnings.warn(
             f"init_lora_weights={init_name!r} initialises LoRA factors on Linear/Conv1D layers only; "
             f"{len(skipped)} adapter(s) keep the default initialisation: {', '.join(skipped[:6])}",
             stacklevel=3,
-        )
-    if not found:
-        raise ValueError(
-            f"init_lora_weights={init_name!r}: the model has no LoRA-shaped adapter on a Linear/Conv1D layer "
-            f"(adapters: {', '.join(adapters(model)) or 'none'})"
         )
     return found
 
@@ -176,7 +177,7 @@ def initialize(
     settings = resolve_settings(initializer, settings)
     if not initializer.needs_data:
         return model
-    if all(hasattr(a, INIT_ATTR) for a in lora_pairs(model, initializer.name).values()):
+    if any(hasattr(a, INIT_ATTR) for a in adapters(model).values()):
         raise ValueError(
             f"the adapters were already initialised with '{initializer.name}'; running it again would move the "
             "base weight twice. Apply the adapter to a fresh base model instead."
