@@ -6,6 +6,7 @@ identity (PEFT's default; ``init_lora_weights="gaussian"`` draws A from N(0, 1/r
 Layers: ``nn.Linear``, transformers' ``Conv1D`` (weight stored [in, out], ``fan_in_fan_out``),
 ``nn.Embedding`` (A [r, vocab], B [dim, r], A zero and B normal, as PEFT), ``nn.Conv2d`` (A a conv with the
 base kernel, B a 1x1 conv). Tensor names are PEFT's, so the state dict is the PEFT file minus its prefix.
+Other ``init_lora_weights`` values ("pissa", "olora", "lora_ga", "eva") are initialisers in ``lorakit.init``.
 """
 from __future__ import annotations
 
