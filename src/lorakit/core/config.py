@@ -49,6 +49,7 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    param_formula: ClassVar[str] = ""  # trainable parameters per adapted module, shown by `lorakit methods`
 
     r: int = 8
     target_modules: Targets = None
@@ -131,6 +132,7 @@ class LoRAConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     method: ClassVar[str] = "lora"
+    param_formula: ClassVar[str] = "r·(in+out)"
 
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -143,10 +145,12 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.lora_bias:
             raise NotImplementedError("lora_bias=True is not supported yet; use lora_bias=False")
+        if self.use_dora and self.method not in ("lora", "dora"):
+            raise ValueError(f"{type(self).__name__}: use_dora=True applies to LoRA only; use DoRAConfig")
 
     @property
     def method_name(self) -> str:
-        return "dora" if self.use_dora else "lora"
+        return "dora" if self.use_dora else self.method  # subclasses (LoRA variants) build their own method
 
     @classmethod
     def claims(cls, data: dict) -> bool:
@@ -169,6 +173,7 @@ class DoRAConfig(LoRAConfig):
     """DoRA (Liu et al., arXiv:2402.09353): PEFT's LoRA with ``use_dora=True``."""
 
     method: ClassVar[str] = "dora"
+    param_formula: ClassVar[str] = "r·(in+out) + out"
     use_dora: bool = True
 
     @classmethod
