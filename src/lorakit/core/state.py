@@ -7,6 +7,8 @@ full tensors of modules trained in full.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,7 +18,7 @@ from torch import nn
 from .adapter import AdapterShapeError, LowRank
 from .apply import adapters, apply, config_of, wrapped_modules
 from .adapter import ModulesToSave
-from .config import AdapterConfig
+from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
 
 Tensors = dict[str, dict[str, torch.Tensor]]
@@ -75,6 +77,32 @@ class AdapterState:
     def replace(self, **changes) -> "AdapterState":
         """A copy with config fields replaced."""
         return AdapterState(dataclasses.replace(self.config, **changes), self.tensors, self.modules_to_save, self.base_tensors)
+
+    def to_lora(self) -> "AdapterState":
+        """This adapter as a plain LoRA state (PEFT- and vLLM-loadable), for methods whose update is low-rank.
+
+        Each module's ``low_rank`` (A, B, scale) becomes ``lora_A = A``, ``lora_B = scale · B`` with scaling 1
+        (``lora_alpha = r``; modules of another rank get ``rank_pattern``/``alpha_pattern`` entries). Linear and
+        Conv1D modules only.
+        """
+        if type(self.config) is LoRAConfig and not self.config.use_dora:
+            return self
+        tensors, ranks = {}, {}
+        for path in self.tensors:
+            factors = self.low_rank(path)
+            if factors is None or factors[0].dim() != 2:
+                raise ValueError(f"module '{path}': method '{self.config.method_name}' has no exact low-rank form to "
+                                 "export as LoRA; merge it into the base weights instead")
+            a, b, scale = factors
+            tensors[path] = {"lora_A.weight": a.detach().clone(), "lora_B.weight": (b * scale).detach().clone()}
+            ranks[path] = a.shape[0]
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else self.config.r
+        pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(AdapterConfig)}
+        fields.update(r=r, rank_pattern=pattern, init_lora_weights=True)
+        config = LoRAConfig(**fields, lora_alpha=r, alpha_pattern=dict(pattern),
+                            lora_dropout=getattr(self.config, "lora_dropout", 0.0))
+        return AdapterState(config, tensors, self.modules_to_save, self.base_tensors)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "AdapterState":
