@@ -96,19 +96,27 @@ class LoRAXSLinear(Adapter):
                 module.weight.copy_(value)
 
     @classmethod
+    def factors(cls, tensors, config):
+        """(M A [r, in], B [out, r], s): the update as a LoRA pair."""
+        return tensors[f"{cls.middle}.weight"] @ tensors["lora_A.weight"], tensors["lora_B.weight"], config.scaling
+
+    @classmethod
     def delta(cls, tensors, config, base_weight):
-        a, b, s = cls.low_rank(tensors, config)
+        a, b, s = cls.factors(tensors, config)
         delta = b @ a * s
         return delta.T if config.fan_in_fan_out else delta
 
     @classmethod
     def low_rank(cls, tensors, config):
-        return tensors[f"{cls.middle}.weight"] @ tensors["lora_A.weight"], tensors["lora_B.weight"], config.scaling
+        return cls.factors(tensors, config)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled update B M A x for an input already in the adapter's dtype (after dropout)."""
+        return self.lora_B(getattr(self, self.middle)(self.lora_A(x)))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.r == 0:
             return result
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(getattr(self, self.middle)(self.lora_A(x)))
-        return result + (update * self.scaling).to(result.dtype)
+        return result + (self.update(x) * self.scaling).to(result.dtype)
