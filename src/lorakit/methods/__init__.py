@@ -1,2 +1,3 @@
 """Adapter methods, one module each; importing this package registers them in ``lorakit.METHODS``."""
-from . import bone, dora, dylora, ffa_lora, loldu, lora, lora_sb, lora_xs, nlora  # noqa: F401
+from . import dora, lora  # noqa: F401  (first: the registry lists methods in the order they register)
+from . import bone, dylora, ffa_lora, loldu, lora_sb, lora_xs, nlora  # noqa: F401
