@@ -49,7 +49,6 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
-    param_formula: ClassVar[str] = ""  # trainable parameters per adapted module, shown by `lorakit methods`
 
     r: int = 8
     target_modules: Targets = None
@@ -132,7 +131,6 @@ class LoRAConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     method: ClassVar[str] = "lora"
-    param_formula: ClassVar[str] = "r·(in+out)"
 
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -173,7 +171,6 @@ class DoRAConfig(LoRAConfig):
     """DoRA (Liu et al., arXiv:2402.09353): PEFT's LoRA with ``use_dora=True``."""
 
     method: ClassVar[str] = "dora"
-    param_formula: ClassVar[str] = "r·(in+out) + out"
     use_dora: bool = True
 
     @classmethod

@@ -37,7 +37,6 @@ class BoneConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "MISS"
     method: ClassVar[str] = "bone"
-    param_formula: ClassVar[str] = "r·out (init_weights='mini': r·mini_r)"
 
     r: int = 64
     miss_dropout: float = 0.0
@@ -80,6 +79,7 @@ class BoneLinear(Adapter):
     config_class = BoneConfig
     layer_types = (nn.Linear,)
     tensor_names = ("miss_block",)
+    param_formula = "r·out (init_weights='mini': r·mini_r)"
 
     def __init__(self, base_layer: nn.Linear, config: BoneConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)

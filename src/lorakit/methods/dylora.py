@@ -42,7 +42,6 @@ class DyLoRAConfig(LoRAConfig):
 
     peft_type: ClassVar[str] = "LORAKIT_DYLORA"
     method: ClassVar[str] = "dylora"
-    param_formula: ClassVar[str] = "r·(in+out)"
 
     active_rank: Optional[int] = None
     train_last_only: bool = True
@@ -80,6 +79,7 @@ class DyLoRALinear(LoRALinear):
     name = "dylora"
     config_class = DyLoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight")
+    param_formula = "r·(in+out)"
 
     def __init__(self, base_layer: nn.Module, config: DyLoRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)

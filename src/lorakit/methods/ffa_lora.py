@@ -41,7 +41,6 @@ class FFALoRAConfig(LoRAConfig):
 
     peft_type: ClassVar[str] = "LORA"
     method: ClassVar[str] = "ffa_lora"
-    param_formula: ClassVar[str] = "r·out"
 
     ffa_seed: int = 0
 
@@ -78,6 +77,7 @@ class FFALoRALinear(LoRALinear):
     name = "ffa_lora"
     config_class = FFALoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight")
+    param_formula = "r·out"
 
     def reset_parameters(self) -> None:
         init = self.config.init_lora_weights

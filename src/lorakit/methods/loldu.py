@@ -43,7 +43,6 @@ class LoLDUConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORAKIT_LOLDU"
     method: ClassVar[str] = "loldu"
-    param_formula: ClassVar[str] = "r (r + 1 with train_scale)"
 
     lora_alpha: float = 1.0
     train_scale: bool = False
@@ -72,6 +71,7 @@ class LoLDULinear(Adapter):
     config_class = LoLDUConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("loldu_L", "loldu_U", "loldu_offset", "loldu_z", "loldu_scale")
+    param_formula = "r (r + 1 with train_scale)"
 
     def __init__(self, base_layer: nn.Module, config: LoLDUConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)

@@ -34,7 +34,6 @@ class LoRASBConfig(LoRAConfig):
 
     peft_type: ClassVar[str] = "LORAKIT_LORA_SB"
     method: ClassVar[str] = "lora_sb"
-    param_formula: ClassVar[str] = "r²"
 
     first_step_lr: float = 1e-4  # η₁; the official scripts use lr / warmup steps
 
@@ -46,6 +45,7 @@ class LoRASBLinear(LoRAXSLinear):
     name = "lora_sb"
     config_class = LoRASBConfig
     calibration: ClassVar[str] = "gradient"
+    param_formula = "r²"
 
     def __init__(self, base_layer, config, module_path=""):
         super().__init__(base_layer, config, module_path)

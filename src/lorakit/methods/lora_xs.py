@@ -33,7 +33,6 @@ class LoRAXSConfig(LoRAConfig):
 
     peft_type: ClassVar[str] = "LORAKIT_LORA_XS"
     method: ClassVar[str] = "lora_xs"
-    param_formula: ClassVar[str] = "r²"
 
 
 def oriented(weight: torch.Tensor, config: LoRAConfig) -> torch.Tensor:
@@ -59,6 +58,7 @@ class LoRAXSLinear(Adapter):
     identity_at_init = False
     middle: ClassVar[str] = "lora_R"
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_R.weight")
+    param_formula = "r²"
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)

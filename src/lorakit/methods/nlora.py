@@ -38,7 +38,6 @@ class NLoRAConfig(LoRAConfig):
 
     peft_type: ClassVar[str] = "LORAKIT_NLORA"
     method: ClassVar[str] = "nlora"
-    param_formula: ClassVar[str] = "r·(in+out) + r² (mode='inttune': r²)"
 
     mode: str = "nlora"
     nystrom_core: str = "W11"
@@ -72,6 +71,7 @@ class NLoRALinear(LoRAXSLinear):
     config_class = NLoRAConfig
     middle: ClassVar[str] = "lora_N"
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_N.weight")
+    param_formula = "r·(in+out) + r² (mode='inttune': r²)"
 
     def factors_trainable(self) -> bool:
         return self.config.mode != "inttune"
