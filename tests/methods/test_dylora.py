@@ -117,3 +117,21 @@ def test_one_run_serves_every_rank():
         assert dylora[b - 1] < 0.5 * lora[b - 1], (b, dylora, lora)
     assert dylora[0] < 2 * best[0], (dylora, best)
     assert lora[-1] < 1e-3 and dylora[-1] < 0.01  # both fit at full rank; DyLoRA pays a little there
+
+
+def test_fit_with_rank_sampler_trains_the_sampled_components(tiny):
+    from lorakit.methods.dylora import rank_sampler
+    from lorakit.train import fit
+
+    model = lorakit.apply(tiny.make(), DyLoRAConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
+    layer = lorakit.adapters(model)["model.layers.0.self_attn.q_proj"]
+    sampler = rank_sampler(model, seed=3)
+    used = [layer.sampled_rank]
+    data = [{"input_ids": ids, "labels": ids} for ids in tiny.batch(5, size=12)]
+    before = layer.lora_B.weight.detach().clone()
+    fit(model, data, max_steps=6, batch_size=2, lr=1e-2, warmup_ratio=0.0, progress=False,
+        callbacks=[sampler, lambda step, record: used.append(layer.sampled_rank)])
+    used = used[:6]  # the draw after the last step is never trained on
+    assert len(set(used)) > 1
+    moved = (layer.lora_B.weight.detach() - before).abs().sum(0) > 0
+    assert moved.tolist() == [b in used for b in range(1, 9)]  # Adam keeps moving a column once it has trained

@@ -2,7 +2,8 @@
 (Valipour et al., arXiv:2210.07558).
 
 Update rule at rank b (1 <= b <= r): h = W x + (lora_alpha / b) · B[:, :b] A[:b] x. Training draws one b per
-optimiser step for every layer (``sample_rank(model)``, the official ``on_step_begin`` callback); by default
+optimiser step for every layer (``sample_rank(model)``, as the official ``on_step_begin`` callback; with
+``lorakit.train.fit`` pass ``callbacks=[rank_sampler(model)]``); by default
 only row b of A and column b of B receive gradients (the rows and columns below b are detached, as in the
 official recipe, ``frozen=True``; ``train_last_only=False`` trains all of A[:b] and B[:, :b]). Afterwards the
 adapter runs at any b without retraining: ``truncate(state, rank=b)`` gives a plain LoRA state of rank b
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,13 @@ def sample_rank(model: nn.Module, generator: Optional[torch.Generator] = None) -
     for layer in layers:
         layer.sampled_rank = b
     return b
+
+
+def rank_sampler(model: nn.Module, seed: int = 0) -> Callable[[int, dict], None]:
+    """A ``lorakit.train.fit`` callback: draws the first step's rank now, then a new one after every step."""
+    generator = torch.Generator().manual_seed(seed)
+    sample_rank(model, generator)
+    return lambda step, record: sample_rank(model, generator)
 
 
 def set_rank(model: nn.Module, rank: Optional[int]) -> nn.Module:
