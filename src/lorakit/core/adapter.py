@@ -94,6 +94,11 @@ class Adapter(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)
 
+    def features(self) -> tuple[int, int]:
+        """(out_features, in_features) of a Linear-like base layer, in either weight layout (fan_in_fan_out)."""
+        w = self.base_layer.weight
+        return (w.shape[1], w.shape[0]) if self.config.fan_in_fan_out else (w.shape[0], w.shape[1])
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW of this adapter, in the base weight's layout and dtype."""
         tensors = {k: v.detach() for k, v in self.adapter_tensors().items()}

@@ -1,4 +1,4 @@
-"""Data-driven initialisation: calibration passes over a few batches that feed the adapters' initialisers."""
+"""Data-driven initialisers: calibration hooks and the factor maths they feed."""
 from .calibrate import calibrate, weight_gradients
 
 __all__ = ["calibrate", "weight_gradients"]

@@ -26,35 +26,30 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def weight_gradients(model: nn.Module, paths: list[str], batches: Iterable, loss_fn: Optional[LossFn] = None) -> dict[str, torch.Tensor]:
-    """Σ over ``batches`` of dL/dW (fp32, CPU) for the weight of each module in ``paths``; leaves no gradients behind.
+    """Σ over ``batches`` of dL/dW (fp32, on the weight's device, in its layout) for each module in ``paths``.
 
-    Only those weights require gradients during the pass; every ``requires_grad`` flag and ``.grad`` is restored.
-    The model's train/eval mode is left as the caller set it.
+    Uses ``torch.autograd.grad``, so no ``.grad`` is written; ``requires_grad`` flags are restored. The model's
+    train/eval mode is left as the caller set it.
     """
     loss_fn = loss_fn or default_loss
     weights = {p: model.get_submodule(p).weight for p in paths}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    old_grads = {p: w.grad for p, w in weights.items()}
-    sums: dict[str, torch.Tensor] = {}
+    before = {p: w.requires_grad for p, w in weights.items()}
+    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in weights.items()}
+    seen = 0
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
         for w in weights.values():
-            w.grad = None
             w.requires_grad_(True)
         for batch in batches:
-            loss_fn(model, batch).backward()
-            for path, w in weights.items():
-                g = w.grad.detach().float().cpu()
-                sums[path] = sums[path] + g if path in sums else g
-                w.grad = None
+            grads = torch.autograd.grad(loss_fn(model, batch), list(weights.values()), allow_unused=True)
+            for p, g in zip(weights, grads):
+                if g is not None:
+                    sums[p] += g.float()
+            seen += 1
     finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        for path, w in weights.items():
-            w.grad = old_grads[path]
-    if not sums and paths:
-        raise ValueError("calibration needs at least one batch; got an empty iterable")
+        for p, w in weights.items():
+            w.requires_grad_(before[p])
+    if not seen:
+        raise ValueError("no calibration batches: pass an iterable with at least one batch")
     return sums
 
 
