@@ -73,7 +73,8 @@ class AdapterConfig:
                 value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
                 object.__setattr__(self, f.name, value)
             if not _type_ok(value, hints[f.name]):
-                expected = str(hints[f.name]).replace("typing.", "")
+                hint = hints[f.name]
+                expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
                 raise TypeError(
                     f"{type(self).__name__}.{f.name}: expected {expected}, found {type(value).__name__} "
                     f"({value!r})"

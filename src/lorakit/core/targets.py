@@ -2,8 +2,9 @@
 
 ``target_modules``: a string is a regex fully matched against the module path; a list matches a path that
 equals an entry or ends with ``"." + entry``; ``"all-linear"`` means every Linear/Conv1D except the output
-head. ``exclude_modules`` likewise. ``layers_to_transform`` keeps modules whose layer index (the number after
-``layers_pattern``, or after any segment when it is unset) is listed.
+head. ``exclude_modules`` likewise; ``modules_to_save`` (and what lies inside them) are never targets.
+``layers_to_transform`` keeps modules whose layer index (the first number after ``layers_pattern``, or after
+any segment when it is unset) is listed; a full path named in a list is kept whatever its layer.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def is_target(path: str, config: AdapterConfig) -> bool:
         return False  # as PEFT: a module trained in full (or inside one) never also gets an adapter
     if config.layers_to_transform is None or config.layers_to_transform == []:
         return True
+    if not isinstance(config.target_modules, str) and path in config.target_modules:
+        return True  # as PEFT: a full path named in the list is taken whatever its layer
     index = layer_index(path, config.layers_pattern)
     if index is None:
         return False

@@ -8,6 +8,7 @@ behind; other files in an existing directory (sub-folder adapters, a README) are
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +169,7 @@ def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] 
     data = {k: _json_ready(v) for k, v in state.config.to_dict().items()}
     data["inference_mode"] = True
     data.setdefault("peft_version", "0.21.2")
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the final files (same filesystem, so the renames below cannot half-happen).
     tmp = Path(tempfile.mkdtemp(prefix=".lorakit-save-", dir=target if target.is_dir() else target.parent))
@@ -177,6 +179,9 @@ def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] 
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the folders made for this save, so that a failed save leaves no trace
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return target
 
