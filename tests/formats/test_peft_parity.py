@@ -238,3 +238,23 @@ def test_peft_adapter_with_other_initialiser(llama, perturb, tmp_path):
 
 def test_peft_version_is_the_installed_one():
     assert peft.__version__ == "0.21.2", "these parity tests pin peft 0.21.2 (pyproject's dev extra)"
+
+
+def test_distilbert_pre_classifier_saved_in_full(perturb, tmp_path):
+    """PEFT's modules_to_save matches by plain suffix: SEQ_CLS's 'classifier' also takes 'pre_classifier'."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=3)).eval()
+    x = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = perturb(get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", target_modules=["q_lin"],
+                                                                    r=2, init_lora_weights=False)))
+    model.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert sorted(lorakit.AdapterState.from_model(ours).modules_to_save) == ["classifier", "pre_classifier"]
+    with torch.no_grad():
+        assert_close(ours(x).logits, model(x).logits, "DistilBERT, peft -> lorakit")
+        lorakit.save_peft(ours, tmp_path / "lorakit")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lorakit")
+        assert_close(back(x).logits, model(x).logits, "DistilBERT, lorakit -> peft")
