@@ -29,6 +29,7 @@ class Adapter(nn.Module):
     identity_at_init: ClassVar[bool] = True  # output equals the base output before training
     exact_merge: ClassVar[bool] = True  # merging into the weight reproduces forward exactly
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
+    param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, module_path: str = ""):
         super().__init__()
