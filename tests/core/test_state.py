@@ -115,3 +115,19 @@ def test_load_into_model_with_other_modules(state, llama):
         state.load_into(other)
     message = str(err.value)
     assert "not in the model" in message and "no tensors for" in message and "k_proj" in message
+
+
+def test_load_into_adapted_model(llama, perturb):
+    config = lorakit.LoRAConfig(r=4, lora_alpha=32, target_modules=["q_proj"])
+    trained = perturb(lorakit.apply(llama.make(), config))
+    state = lorakit.AdapterState.from_model(trained)
+    same = state.load_into(lorakit.apply(llama.make(), config))  # e.g. resuming: tensors are copied in
+    assert torch.allclose(llama.run(same), llama.run(trained), atol=1e-6)
+    other = lorakit.apply(llama.make(), lorakit.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError) as err:  # copying the tensors alone would keep the other scaling
+        state.load_into(other)
+    assert "model.layers.0.self_attn.q_proj" in str(err.value) and "lora_alpha" in str(err.value)
+    with pytest.raises(ValueError, match="a 'dora' adapter that differs from the 'lora' adapter"):
+        state.load_into(lorakit.apply(llama.make(), lorakit.DoRAConfig(r=4, lora_alpha=32, target_modules=["q_proj"])))
+    dora = lorakit.AdapterState.from_model(lorakit.apply(llama.make(), lorakit.DoRAConfig(target_modules=["q_proj"])))
+    dora.load_into(lorakit.apply(llama.make(), lorakit.LoRAConfig(target_modules=["q_proj"], use_dora=True)))
