@@ -22,6 +22,10 @@ from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
 
 Tensors = dict[str, dict[str, torch.Tensor]]
+# Config fields that choose modules or describe provenance: the per-module computation does not depend on them.
+_NOT_COMPUTED = dict(target_modules=None, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                     modules_to_save=None, init_lora_weights=True, task_type=None, base_model_name_or_path=None,
+                     revision=None, inference_mode=False)
 
 
 @dataclass
@@ -123,9 +127,23 @@ class AdapterState:
             }
         return cls(config, tensors, saved, base_tensors)
 
+    def _check_computes_like(self, current: AdapterConfig, paths) -> None:
+        """Refuse to copy tensors into adapters whose config computes differently (the layers keep their own)."""
+        for path in paths:
+            ours, theirs = (dataclasses.asdict(dataclasses.replace(c.for_module(path), **_NOT_COMPUTED))
+                            for c in (self.config, current))
+            if self.config.method_name != current.method_name or ours != theirs:
+                fields = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+                raise ValueError(
+                    f"module '{path}': the model already has a '{current.method_name}' adapter that differs from the "
+                    f"'{self.config.method_name}' adapter being loaded in {', '.join(fields) or 'its method'}; load "
+                    "into the base model, or unwrap(model) first"
+                )
+
     def load_into(self, model: nn.Module) -> nn.Module:
         """Apply this state's config to a base ``model`` (if not already applied) and copy the tensors in."""
-        if not wrapped_modules(model):
+        fresh = not wrapped_modules(model)
+        if fresh:
             apply(model, self.config)
         found = wrapped_modules(model)
         expected = set(adapters(model))
@@ -137,6 +155,8 @@ class AdapterState:
                 + (f"not in the model: {', '.join(extra[:8])}; " if extra else "")
                 + (f"no tensors for: {', '.join(missing[:8])}" if missing else "")
             )
+        if not fresh:
+            self._check_computes_like(config_of(model), sorted(expected))
         for path, tensors in list(self.tensors.items()) + list(self.modules_to_save.items()):
             if path not in found:
                 raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")
