@@ -8,6 +8,7 @@ from .core.config import AdapterConfig, DoRAConfig, LoRAConfig
 from .core.registry import INITIALIZERS, METHODS, Registry
 from .core.state import AdapterState
 from .formats.peft import AdapterFileError, load_peft, load_state, save_peft, save_state
+from .methods.dylora import truncate
 from . import init  # noqa: F401  (registers the initialisers)
 from .init import convert_to_plain_lora, initialize
 
@@ -17,5 +18,5 @@ __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
     "INITIALIZERS", "LoRAConfig", "METHODS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
     "convert_to_plain_lora", "disabled", "initialize", "load_peft", "load_state", "merge", "save_peft", "save_state",
-    "trainable_parameters", "unwrap",
+    "trainable_parameters", "truncate", "unwrap",
 ]

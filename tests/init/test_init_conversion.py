@@ -103,15 +103,33 @@ def test_errors_name_the_problem(base):
         lorakit.initialize(plain, BATCHES)
 
 
-def test_methods_with_other_forwards_are_refused():
+def test_lora_based_methods_take_initialisers_and_the_others_are_refused():
+    from lorakit.methods.lora import LoRALinear
     from lorakit.testing import ToyLinear, default_config
 
-    checked = []
+    taken, refused = [], []
     for name in lorakit.METHODS.names():
-        if name in ("lora", "dora") or torch.nn.Linear not in lorakit.METHODS.get(name).layer_types:
+        method = lorakit.METHODS.get(name)
+        cls = method.adapter_class_for(torch.nn.Linear(2, 2))
+        if cls is None:
             continue
-        model = ToyLinear()
-        with pytest.raises(ValueError, match="initialises LoRA/DoRA factors"):
-            lorakit.apply(model, default_config(name, model.targets, init_lora_weights="pissa"))
-        checked.append(name)
-    assert checked, "no other Linear method registered to check against"
+        torch.manual_seed(0)
+        model = ToyLinear().eval()
+        x = model.example()
+        with torch.no_grad():
+            before = model(x)
+        config = default_config(name, model.targets, init_lora_weights="pissa")
+        if issubclass(cls, LoRALinear):  # forward W + s·B A: PiSSA keeps the output, unless the method says no
+            try:
+                lorakit.apply(model, config)
+            except ValueError as e:
+                assert "pissa" in str(e), (name, e)  # the method's own refusal, naming the init
+                continue
+            with torch.no_grad():
+                assert torch.allclose(model(x), before, atol=1e-5), name
+            taken.append(name)
+        else:
+            with pytest.raises(ValueError, match="initialises LoRA/DoRA factors"):
+                lorakit.apply(model, config)
+            refused.append(name)
+    assert "lora" in taken and "dora" in taken and refused, (taken, refused)

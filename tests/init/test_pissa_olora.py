@@ -1,5 +1,6 @@
 """Claim tests for the weight-only initialisers: PiSSA's adapter is the principal part of W and the residual the
 rest; OLoRA's B is orthonormal with A = Bᵀ W; both match PEFT's initial factors."""
+import pytest
 import torch
 
 import lorakit
@@ -48,3 +49,13 @@ def test_pissa_and_olora_initial_factors_equal_peft(base):
         for path in ours:
             for key in ("A", "B", "W"):
                 assert torch.allclose(ours[path][key], theirs[path][key], atol=1e-6), (init, path, key)
+
+
+def test_orthogonal_factors_are_nonzero_with_a_zero_product(base):
+    model = lorakit_model(base, "orthogonal", targets=TARGETS)
+    for path, f in lorakit_factors(model).items():
+        assert f["A"].norm() > 0.1 and f["B"].norm() > 0.1, path
+        assert torch.allclose(f["B"] @ f["A"], torch.zeros_like(f["W"]), atol=1e-6), path
+        assert torch.equal(f["W"], base.get_submodule(path).weight), path
+    with pytest.raises(ValueError, match="even r"):
+        lorakit_model(base, "orthogonal", r=3, targets=TARGETS)

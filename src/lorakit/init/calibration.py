@@ -1,7 +1,8 @@
-"""Calibration passes for data-driven initialisers: full weight gradients and layer inputs over a few batches.
+"""Calibration passes for the ``init_lora_weights`` initialisers: weight gradients and layer inputs over batches.
 
-Both passes run the base model (adapters disabled), as LoRA-GA's and EVA's official code do before the
-adapters exist. Gradients accumulate in fp32 and leave no ``.grad`` and no changed ``requires_grad`` behind.
+Both passes run the base model (adapters disabled), as LoRA-GA's and EVA's official code do before the adapters
+exist. Gradients come from ``calibrate.weight_gradients``, the one gradient pass every data-driven start uses
+(fp32, no ``.grad`` and no changed ``requires_grad`` left behind).
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch
 from torch import nn
 
 from ..core.apply import disabled
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+from .calibrate import default_loss, weight_gradients
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -34,16 +34,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
-
-
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    loss = getattr(default_forward(model, batch), "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model's output has no .loss for this batch: include labels in the batch dicts, or pass "
-            "loss_fn=lambda model, batch: ... returning a scalar"
-        )
-    return loss
 
 
 @dataclass
@@ -95,29 +85,6 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Any, cal
         for h in handles:
             h.remove()
     return rows
-
-
-def weight_gradients(model: nn.Module, paths: list[str], batches: Iterable, loss_fn: LossFn) -> dict[str, torch.Tensor]:
-    """Σ dL/dW over ``batches`` for the weight of each module in ``paths`` (fp32, weight layout; no ``.grad`` left)."""
-    weights = {p: model.get_submodule(p).weight for p in paths}
-    before = {p: w.requires_grad for p, w in weights.items()}
-    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in weights.items()}
-    seen = 0
-    try:
-        for w in weights.values():
-            w.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), list(weights.values()), allow_unused=True)
-            for p, g in zip(weights, grads):
-                if g is not None:
-                    sums[p] += g.float()
-            seen += 1
-    finally:
-        for p, w in weights.items():
-            w.requires_grad_(before[p])
-    if not seen:
-        raise ValueError("no calibration batches: pass an iterable with at least one batch")
-    return sums
 
 
 def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, torch.Tensor]:

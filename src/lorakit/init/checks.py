@@ -45,6 +45,7 @@ def toy_loss(model: nn.Module, batch) -> torch.Tensor:
 
 def _initialised(base: nn.Module, config: LoRAConfig, batches: list) -> nn.Module:
     model = copy.deepcopy(base)
+    torch.manual_seed(0)  # initialisers that draw random numbers (orthogonal) repeat under the same seed
     apply(model, config)
     return initialize(model, batches, forward_fn=toy_forward, loss_fn=toy_loss)
 
@@ -80,7 +81,7 @@ def check_initializer(name: str, value: Optional[str] = None, use_dora: bool = F
             assert (not torch.equal(w, weight0)) == entry.mutates_base, f"{label} {path}: base moved={not torch.equal(w, weight0)}"
             if not use_dora:
                 _close(w + a.delta_weight(), weight0, f"{label} {path}: W_res + s·B A vs W")
-        # 3. deterministic given the same batches
+        # 3. deterministic given the same batches and seed
         again = _initialised(base, config, batches)
         for (p, t1), t2 in zip(AdapterState.from_model(model).tensors.items(), AdapterState.from_model(again).tensors.values()):
             assert all(torch.equal(t1[k], t2[k]) for k in t1), f"{label} {p}: a second run gave other factors"

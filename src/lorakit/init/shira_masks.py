@@ -14,7 +14,7 @@ from torch import nn
 from ..core.apply import adapters, apply, resolve
 from ..core.targets import is_target
 from ..methods.shira import SHiRAConfig, top_support
-from .calibration import LossFn, weight_gradients
+from .calibrate import LossFn, weight_gradients
 
 
 def calibrate(model: nn.Module, config: SHiRAConfig, batches: Iterable, loss_fn: LossFn) -> nn.Module:
