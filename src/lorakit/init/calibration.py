@@ -29,6 +29,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples and lists, else ``model(batch)``."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -97,7 +98,7 @@ def accumulate_gradients(model: nn.Module, layers: dict[str, nn.Module], calibra
     model.train()  # as LoRA-GA's official code and PEFT estimate the gradient
     try:
         with torch.enable_grad(), disabled(model):
-            sums = weight_gradients(model, list(paths), [to_device(b, device) for b in calibration.batches],
+            sums = weight_gradients(model, list(paths), (to_device(b, device) for b in calibration.batches),
                                     calibration.loss_fn)
     finally:
         model.train(was_training)
