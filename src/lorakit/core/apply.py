@@ -96,7 +96,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     setattr(model, CONFIG_ATTR, config)
     initializer = initializer_for(config.init_lora_weights)
     if initializer is not None and not initializer.needs_data:
-        initializer.run(model)  # weight-only inits (pissa, olora); data-driven ones wait for lorakit.initialize
+        initializer.run(model)  # pissa, olora, orthogonal; data-driven ones wait for lorakit.initialize
     return model
 
 
