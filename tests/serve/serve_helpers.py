@@ -9,12 +9,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lorakit import zoo  # noqa: E402
 
-TARGETS = {"tiny-llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "tiny-gpt2": ["c_attn", "c_proj"],
+TARGETS = {"tiny-llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "byte-llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "tiny-gpt2": ["c_attn", "c_proj"],
            "tiny-gemma": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def load_model(name: str):
-    """(model, tokenizer): a zoo name, or `tiny-gemma` (Gemma 3 text, mixed sliding/full attention)."""
+    """(model, tokenizer): a zoo name; `byte-llama` (tiny Llama whose 260 ids are all bytes, so every token is
+    text); `tiny-gemma` (Gemma 3 text, mixed sliding/full attention)."""
+    if name == "byte-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lorakit.data import byte_tokenizer
+
+        config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return LlamaForCausalLM(config).eval(), byte_tokenizer()
     if name != "tiny-gemma":
         return zoo.load(name, "causal_lm")
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

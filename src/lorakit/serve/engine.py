@@ -102,6 +102,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._inbox: deque[Request] = deque()
+        self._retired: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -166,6 +167,26 @@ class Engine:
                     req.done.wait(0.1)
         return requests
 
+    def add_adapter(self, name: str, path, check: bool = True):
+        """Serve the adapter directory ``path`` as ``name`` (replacing a previous one of that name)."""
+        old = self.store.entry(name)
+        entry = self.store.register(name, path, check=check)
+        if old is not None:
+            self._retire(old.aid)
+        return entry
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving ``name``; requests already queued for it still finish."""
+        entry = self.store.unregister(name)
+        if entry is not None:
+            self._retire(entry.aid)
+        return entry is not None
+
+    def _retire(self, aid: str) -> None:
+        with self._lock:
+            self._retired.append(aid)  # the pool belongs to the step loop: it drops them there
+        self._wake.set()
+
     @property
     def queue_length(self) -> int:
         return len(self.waiting) + len(self._inbox)
@@ -227,6 +248,10 @@ class Engine:
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
+            retired, self._retired = self._retired, []
+        for aid in retired:
+            if not any(r.aid == aid for r in self.waiting):
+                self.pool.drop(aid)
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
             self._finish(req, "cancelled")

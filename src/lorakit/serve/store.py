@@ -115,13 +115,18 @@ class AdapterStore:
             self._thread.start()
 
     # -- registry -----------------------------------------------------------------------------------
-    def register(self, name: str, path) -> AdapterEntry:
+    def register(self, name: str, path, check: bool = False) -> AdapterEntry:
+        """Serve the adapter at ``path`` as ``name``; with ``check`` it is loaded first, and a failure (raised)
+        leaves the name as it was."""
         with self._lock:
             self._version += 1
             entry = AdapterEntry(name, Path(path), self._version)
-            self.entries[name] = entry
             self.by_aid[entry.aid] = entry
-            return entry
+        if check:
+            self.load(entry.aid)
+        with self._lock:
+            self.entries[name] = entry
+        return entry
 
     def unregister(self, name: str) -> Optional[AdapterEntry]:
         with self._lock:
