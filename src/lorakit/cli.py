@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, info, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, eval, info, merge, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit) print one line to stderr and exit with
 status 2; anything else is a bug and keeps its traceback.
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-name", default=None, help="sub-folder of a multi-adapter directory")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
     p.set_defaults(func=cmd_info)
+
+    from .merging import cli as merge_cli
+
+    p = sub.add_parser("merge", help="merge adapters into one LoRA adapter (PEFT format)")
+    merge_cli.add_arguments(p)
+    p.set_defaults(func=merge_cli.run)
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)

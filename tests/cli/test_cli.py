@@ -49,13 +49,19 @@ def test_info_describes_the_adapter(adapter_dir, capsys):
     "argv, needle",
     [
         (["info", "/nonexistent/adapter"], "no such adapter directory"),
-        (["eval", "/nonexistent/adapter", "--model", "no-such-model"], "no-such-model"),
+        (["eval", "/nonexistent/adapter"], "no such adapter directory"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_unknown_model_is_a_one_line_error(adapter_dir, capsys):
+    assert main(["eval", str(adapter_dir), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and err.count("\n") == 1
 
 
 def test_corrupt_adapter_is_a_one_line_error(adapter_dir, capsys):
