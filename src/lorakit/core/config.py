@@ -109,6 +109,8 @@ class AdapterConfig:
 
     def for_module(self, path: str) -> "AdapterConfig":
         """This config resolved for one module: patterns applied, then cleared."""
+        if not self.rank_pattern:  # nothing to resolve (and a copy would re-run the field checks)
+            return self
         return dataclasses.replace(self, r=self.rank_for(path), rank_pattern={})
 
     def for_targets(self, layers: dict) -> "AdapterConfig":
@@ -178,6 +180,8 @@ class LoRAConfig(AdapterConfig):
         return super().claims(data) and not data.get("use_dora", False)
 
     def for_module(self, path: str) -> "LoRAConfig":
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
         alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return dataclasses.replace(self, r=self.rank_for(path), lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
 
