@@ -25,7 +25,7 @@ def assert_tables_hold(pool, adapters):
     """Every resident adapter's slot holds its own weights; the in-use ones are the prefix."""
     for aid, cls in pool.home.items():
         slot = cls.ids.index(aid)
-        for path, (at, bt) in adapters[aid].modules.items():
+        for path, (at, bt) in adapters[aid].modules().items():
             assert torch.equal(cls.tables[path][0][slot], at) and torch.equal(cls.tables[path][1][slot], bt)
         assert (slot < cls.active) == (pool.refs[aid] > 0)
 

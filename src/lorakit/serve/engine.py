@@ -237,9 +237,9 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
+        ran = bool(admitted or self.running)
         if self.running:
             self._decode()
-        ran = bool(admitted or self.running)
         if ran:
             self.stats["step_seconds"] += time.perf_counter() - start
         return ran

@@ -1,21 +1,21 @@
 """The active pool: the adapters the batched operator reads, in per-shape tables under a byte budget.
 
-A shape class is an adapter's tuple of (module path, in, out, padded rank). Its tables hold, per module,
-``A^T [cap, in, r]`` and ``B^T [cap, r, out]``; an adapter occupies one slot, the same index in every table of
-its class, so adapters of different ranks never pad to each other (S-LoRA's goal, reached with one table per
-shape instead of unified pages). Slots ``[0, active)`` hold adapters that running requests use (reference count
-above zero): the operator reads only that prefix, so a step gathers no weights. ``[active, n)`` are resident but
-idle (eviction candidates, least recently used first); ``[n, cap)`` are free.
+A shape class is an adapter's tuple of (module path, in, out, padded rank). Its storage is one tensor
+``[cap, slot_elems]``: a slot holds a whole adapter as one flat blob (every module's ``A^T [in, r]`` then
+``B^T [r, out]``), and the per-module tables the operator reads are strided views of it. Adapters of different
+ranks never pad to each other (S-LoRA's goal, reached with one storage per shape instead of unified pages); moving
+an adapter host -> pool, or between two slots, is one copy. Slots ``[0, active)`` hold adapters that running
+requests use (reference count above zero): the operator reads only that prefix, so a step gathers no weights.
+``[active, n)`` are resident but idle (eviction candidates, least recently used first); ``[n, cap)`` are free.
 
-The budget counts the tables' capacity in bytes. Growing a class reallocates its tables (for a moment both the
-old and the new table exist). When the budget is spent, an idle adapter of the same class is evicted first (its
-slot is reused without reallocating), then idle adapters of other classes, whose tables shrink. An adapter in use
-is never evicted; ``PoolFull`` says so when nothing idle is left.
+The budget counts the storages' capacity in bytes. Growing a class reallocates its storage (for a moment both the
+old and the new one exist). When the budget is spent, an idle adapter of the same class is evicted first (its
+slot is reused without reallocating), then idle adapters of other classes, whose storage shrinks. An adapter in
+use is never evicted; ``PoolFull`` says so when nothing idle is left.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
 import torch
@@ -27,30 +27,47 @@ class PoolFull(RuntimeError):
     """No room for an adapter without evicting one that running requests use."""
 
 
-@dataclass
+def slot_layout(key: tuple[ModuleShape, ...]) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """Elements per slot, and per module the offsets of A^T and B^T and the end, in a slot's flat blob."""
+    offsets, at = {}, 0
+    for path, i, o, r in key:
+        offsets[path] = (at, at + i * r, at + i * r + r * o)
+        at += i * r + r * o
+    return at, offsets
+
+
 class PackedAdapter:
-    """An adapter in table layout (host copy): per module ``A^T [in, r]`` and ``(scale · B)^T [r, out]``."""
+    """An adapter in table layout (the host copy): one flat blob, per module ``A^T [in, r]`` then
+    ``(scale · B)^T [r, out]``."""
 
-    aid: str
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    key: tuple[ModuleShape, ...] = field(init=False)
-    nbytes: int = field(init=False)
+    def __init__(self, aid: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.aid = aid
+        self.key = tuple((p, at.shape[0], bt.shape[1], at.shape[1]) for p, (at, bt) in sorted(modules.items()))
+        self.blob = torch.cat([t.reshape(-1) for p in sorted(modules) for t in modules[p]])
+        self.nbytes = self.blob.nbytes
 
-    def __post_init__(self):
-        self.key = tuple((p, at.shape[0], bt.shape[1], at.shape[1]) for p, (at, bt) in sorted(self.modules.items()))
-        self.nbytes = sum(at.nbytes + bt.nbytes for at, bt in self.modules.values())
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module (A^T, B^T), as views of the blob."""
+        _, offsets = slot_layout(self.key)
+        return {p: (self.blob[a:b].view(i, r), self.blob[b:e].view(r, o))
+                for (p, i, o, r), (a, b, e) in zip(self.key, offsets.values())}
 
 
 class ShapeClass:
-    """The tables of one adapter shape."""
+    """The storage of one adapter shape, and the per-module tables viewing it."""
 
     def __init__(self, key: tuple[ModuleShape, ...], dtype: torch.dtype):
         self.key, self.dtype = key, dtype
-        self.slot_bytes = sum(i * r + r * o for _, i, o, r in key) * torch.empty(0, dtype=dtype).element_size()
+        self.slot_elems, self.offsets = slot_layout(key)
+        self.slot_bytes = self.slot_elems * torch.empty(0, dtype=dtype).element_size()
         self.ids: list[str] = []  # occupied slots, in slot order
         self.active = 0
-        self.cap = 0
+        self.storage = torch.empty(0, self.slot_elems, dtype=dtype)
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def cap(self) -> int:
+        return self.storage.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -59,28 +76,21 @@ class ShapeClass:
     def resize(self, cap: int) -> None:
         n = len(self.ids)
         assert cap >= n
-        new = {}
-        for path, i, o, r in self.key:
-            at, bt = torch.empty(cap, i, r, dtype=self.dtype), torch.empty(cap, r, o, dtype=self.dtype)
-            if n:
-                at[:n], bt[:n] = self.tables[path][0][:n], self.tables[path][1][:n]
-            new[path] = (at, bt)
-        self.tables, self.cap = new, cap
+        storage = torch.empty(cap, self.slot_elems, dtype=self.dtype)
+        storage[:n] = self.storage[:n]
+        self.storage = storage
+        # A^T [cap, in, r] and B^T [cap, r, out]: strided views, the slot stride being a whole blob
+        self.tables = {p: (storage[:, a:b].unflatten(1, (i, r)), storage[:, b:e].unflatten(1, (r, o)))
+                       for (p, i, o, r), (a, b, e) in zip(self.key, self.offsets.values())}
 
     def put(self, packed: PackedAdapter) -> None:
-        slot = len(self.ids)
-        for path, (at, bt) in packed.modules.items():
-            self.tables[path][0][slot].copy_(at)
-            self.tables[path][1][slot].copy_(bt)
+        self.storage[len(self.ids)].copy_(packed.blob)
         self.ids.append(packed.aid)
 
     def swap(self, i: int, j: int) -> None:
         if i == j:
             return
-        idx = torch.tensor([i, j])
-        for at, bt in self.tables.values():
-            at[idx] = at[idx.flip(0)]
-            bt[idx] = bt[idx.flip(0)]
+        self.storage[[i, j]] = self.storage[[j, i]]
         self.ids[i], self.ids[j] = self.ids[j], self.ids[i]
 
     def remove(self, slot: int) -> None:
@@ -196,7 +206,7 @@ class AdapterPool:
         while len(cls.ids) >= cls.cap:
             free = self.budget - self.used_bytes
             if free >= cls.slot_bytes:
-                extra = max(1, min(int(cls.cap * self.growth), free // cls.slot_bytes))
+                extra = max(1, min(max(4, int(cls.cap * self.growth)), free // cls.slot_bytes))
                 cls.resize(cls.cap + extra)
                 self.stats["resizes"] += 1
                 continue

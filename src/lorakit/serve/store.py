@@ -188,10 +188,10 @@ class AdapterStore:
         with self._lock:
             self.stats["loads"] += 1
             self.stats["load_seconds"] += time.perf_counter() - start
-            self.host[aid] = packed
-            while self.host_bytes > self.host_budget and len(self.host) > 1:
-                self.host.popitem(last=False)
+            while self.host and self.host_bytes + packed.nbytes > self.host_budget:
+                self.host.popitem(last=False)  # least recently used first
                 self.stats["host_evictions"] += 1
+            self.host[aid] = packed
             self.loaded.notify_all()
         return packed
 
