@@ -88,11 +88,12 @@ class Request:
 class Engine:
     """Continuous batching of requests, each with its own adapter, on one base model."""
 
-    def __init__(self, model, tokenizer, config: Optional[EngineConfig] = None, store: Optional[AdapterStore] = None):
+    def __init__(self, model, tokenizer, config: Optional[EngineConfig] = None, store: Optional[AdapterStore] = None,
+                 runner: Optional[ModelRunner] = None):
         self.config = c = config or EngineConfig()
         self.tokenizer = tokenizer
         self.pool = AdapterPool(c.pool_bytes, c.lora_dtype)
-        self.runner = ModelRunner(model, self.pool, c.max_batch, c.max_len, c.backend)
+        self.runner = runner or ModelRunner(model, self.pool, c.max_batch, c.max_len, c.backend)
         self.store = store or AdapterStore(self.runner.shapes, c.lora_dtype, c.host_bytes, c.prefetch)
         self.max_prompt = c.max_prompt_tokens or c.max_len - 1
         self.max_new = c.max_tokens or c.max_len - 1
@@ -281,6 +282,8 @@ class Engine:
     def _make_resident(self, req: Request) -> bool:
         """Pin the request's adapter in the pool; False leaves it queued (still loading, or no room)."""
         aid = req.aid
+        if not self.runner.needs_pool:  # a baseline runner that holds its adapters itself
+            return True
         if aid in self.pool:
             self.stats["pool_hits"] += 1
             self.pool.acquire(aid)

@@ -118,14 +118,14 @@ class AdapterPool:
 
     @property
     def used_bytes(self) -> int:
-        return sum(c.nbytes for c in self.classes.values())
+        return sum(c.nbytes for c in list(self.classes.values()))  # list(): read from other threads (metrics)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(len(c.ids) * c.slot_bytes for c in self.classes.values())
+        return sum(len(c.ids) * c.slot_bytes for c in list(self.classes.values()))
 
     def in_use_bytes(self) -> int:
-        return sum(c.active * c.slot_bytes for c in self.classes.values())
+        return sum(c.active * c.slot_bytes for c in list(self.classes.values()))
 
     def slot_of(self, aid: str) -> tuple[ShapeClass, int]:
         cls = self.home[aid]

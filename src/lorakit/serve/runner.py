@@ -23,6 +23,8 @@ from .store import linear_shapes
 class ModelRunner:
     """Prefill and decode forwards over slots, with per-request adapters from ``pool``."""
 
+    needs_pool = True  # the engine makes each request's adapter resident in the pool before admitting it
+
     def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
         self.model = model.eval()
         self.pool, self.backend = pool, backend
@@ -55,26 +57,26 @@ class ModelRunner:
 
         return add_lora
 
-    def _set_adapters(self, per_token: Sequence[Optional[str]]) -> None:
-        """Build the step's plan from each token's adapter id (None: the base model)."""
-        used = {a for a in per_token if a is not None}
-        if not used:
+    def _set_adapters(self, rows: Sequence[Optional[str]], real: Optional[torch.Tensor] = None) -> None:
+        """Build the step's plan from each row's adapter id (None: the base model); ``real`` [n, width] marks
+        the tokens that are not padding (all of them in a decode step)."""
+        if all(a is None for a in rows):
             self._plan, self._tables = None, {}
             return
-        keys, index = [], {}
-        cls_of, slot_of = [], []
-        for aid in per_token:
-            if aid is None:
-                cls_of.append(-1)
-                slot_of.append(0)
-                continue
-            cls, slot = self.pool.slot_of(aid)
-            if cls.key not in index:
+        keys, index, cls_row, slot_row = [], {}, [], []
+        for aid in rows:
+            cls, slot = (None, 0) if aid is None else self.pool.slot_of(aid)
+            if cls is not None and cls.key not in index:
                 index[cls.key] = len(keys)
                 keys.append(cls.key)
-            cls_of.append(index[cls.key])
-            slot_of.append(slot)
-        self._plan = plan_step(torch.tensor(cls_of), torch.tensor(slot_of), keys)
+            cls_row.append(-1 if cls is None else index[cls.key])
+            slot_row.append(slot)
+        width = 1 if real is None else real.shape[1]
+        token_cls = torch.tensor(cls_row)[:, None].expand(-1, width)
+        if real is not None:
+            token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
+        token_slot = torch.tensor(slot_row)[:, None].expand(-1, width)
+        self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
         paths = {p for k in keys for p, *_ in k}
         self.ensure_hooks(paths)
         self._tables = {p: self.pool.tables_for(p) for p in paths}
@@ -109,10 +111,10 @@ class ModelRunner:
         real_k = k >= off[:, :, None]
         allowed = ((k <= q) & real_k) | (k == q)  # pad queries see themselves only (no empty rows)
         masks = self._masks(allowed[:, None], q[:, None], k[:, None])
-        self._set_adapters([a if j >= o else None for a, o in zip(adapters, offsets) for j in range(width)])
+        self._set_adapters(adapters, real_k[:, 0, :])
         self.cache.prefill(start, offsets, [len(p) for p in prompts])
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self._forward(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
@@ -123,12 +125,15 @@ class ModelRunner:
         k = torch.arange(width)[None, None, None, :]
         q = lens[:, None, None, None]
         masks = self._masks(k <= q, q, k)
-        self._set_adapters(list(adapters))
+        self._set_adapters(adapters)
         self.cache.decode(lens)
         ids = torch.tensor(tokens, dtype=torch.long)[:, None]
-        out = self.model(input_ids=ids, position_ids=lens[:, None], attention_mask=masks, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self._forward(input_ids=ids, position_ids=lens[:, None], attention_mask=masks, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    def _forward(self, **inputs):
+        return self.model(**inputs)
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:

@@ -154,7 +154,7 @@ class AdapterStore:
     # -- host tier ----------------------------------------------------------------------------------
     @property
     def host_bytes(self) -> int:
-        return sum(p.nbytes for p in self.host.values())
+        return sum(p.nbytes for p in list(self.host.values()))  # list(): read from other threads (metrics)
 
     def cached(self, aid: str) -> Optional[PackedAdapter]:
         with self._lock:
