@@ -7,6 +7,7 @@ config is all a layer's pure functions (``delta``, ``low_rank``) need.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -43,6 +44,12 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict:
+    """``typing.get_type_hints`` per config class, once: it re-evaluates every annotation string (~10 ms)."""
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Fields every adapter method shares (PEFT's names and defaults)."""
@@ -66,7 +73,7 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _field_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (tuple, set, frozenset)):
@@ -102,6 +109,8 @@ class AdapterConfig:
 
     def for_module(self, path: str) -> "AdapterConfig":
         """This config resolved for one module: patterns applied, then cleared."""
+        if not self.rank_pattern:  # nothing to resolve (and a copy would re-run the field checks)
+            return self
         return dataclasses.replace(self, r=self.rank_for(path), rank_pattern={})
 
     def for_targets(self, layers: dict) -> "AdapterConfig":
@@ -171,6 +180,8 @@ class LoRAConfig(AdapterConfig):
         return super().claims(data) and not data.get("use_dora", False)
 
     def for_module(self, path: str) -> "LoRAConfig":
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
         alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return dataclasses.replace(self, r=self.rank_for(path), lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
 

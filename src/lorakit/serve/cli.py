@@ -1,0 +1,84 @@
+"""``lorakit serve``: an OpenAI-compatible server for a base model and a directory of PEFT adapters.
+
+Hook into the main parser with ``lorakit.serve.cli.add_parser(subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand (its arguments and ``func``) to an argparse subparsers object."""
+    p = subparsers.add_parser("serve", help="serve a base model and many PEFT adapters over the OpenAI API",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="zoo name (e.g. gemma-270m, llama-25m) or a local HF model directory")
+    p.add_argument("--adapters", default=None,
+                   help="directory holding one PEFT adapter directory per adapter; the folder name is the adapter's name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the base model's id in `model` (default: --model)")
+    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; unset: no auth)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="base model dtype (adapters compute in float32)")
+    p.add_argument("--max-batch", type=int, default=32, help="running requests per step (KV slots)")
+    p.add_argument("--max-model-len", type=int, default=1024, help="prompt plus generated tokens per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-model-len - 1)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens accepted (default: max-model-len - 1)")
+    p.add_argument("--max-queue", type=int, default=1024, help="queued requests before 429")
+    p.add_argument("--pool-mb", type=float, default=64, help="active adapter pool budget, MiB")
+    p.add_argument("--host-cache-mb", type=float, default=4096, help="host cache of loaded adapters, MiB")
+    p.add_argument("--no-prefetch", action="store_true", help="read adapter files inside the step loop")
+    p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin files (unpickling can run code)")
+    p.add_argument("--seed", type=int, default=0, help="weights of zoo models built from a config")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float32", seed: int = 0,
+                 allow_pickle: bool = False, **config):
+    """An Engine for a zoo name or model directory, with every adapter under ``adapters`` registered."""
+    import torch
+
+    from .. import zoo
+    from .engine import Engine, EngineConfig
+    from .store import AdapterStore, linear_shapes
+
+    base, tokenizer = zoo.load(model, "causal_lm", dtype=getattr(torch, dtype), seed=seed)
+    cfg = EngineConfig(**config)
+    store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle)
+    if adapters:
+        store.scan(adapters)
+    return Engine(base, tokenizer, cfg, store)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the engine, start its step loop and serve until interrupted."""
+    import uvicorn
+
+    from .server import build_app
+
+    if args.adapters and not Path(args.adapters).is_dir():
+        raise FileNotFoundError(f"--adapters {args.adapters}: no such directory")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    engine = build_engine(
+        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, max_batch=args.max_batch,
+        max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+        max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20), host_bytes=int(args.host_cache_mb * 2**20),
+        prefetch=not args.no_prefetch,
+    )
+    name = args.served_model_name or args.model
+    logging.getLogger("lorakit.serve").info("serving %s with %d adapters on http://%s:%d/v1", name,
+                                            len(engine.store.names()), args.host, args.port)
+    engine.start()
+    try:
+        uvicorn.run(build_app(engine, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,136 @@
+"""The heterogeneous batched LoRA operator: one step's tokens, many adapters, each at its own rank.
+
+Semantics (Punica's SGMV/BGMV, S-LoRA's MBGMM/MBGMV): every token ``t`` carries an adapter (a slot ``s`` in the
+table of a shape class ``c``) or none, and ``y[t] += (x[t] @ A_s^T) @ B_s^T`` where the table keeps
+``A_s^T [in, r]`` and ``B_s^T [r, out]`` with the adapter's scale already folded into B. Adapters of different
+ranks live in different classes, so nothing is padded to the largest rank in the batch.
+
+``plan_step`` sorts the step's tokens by (class, slot) once; every adapted module of every layer reuses that plan.
+Backends, chosen per call:
+- ``grouped``: ``torch.nn.functional.grouped_mm`` on the slot-sorted tokens, one shrink and one expand call per
+  class (a grouped GEMM: segments for prefill, tiny groups for decode);
+- ``segments``: a loop of ``torch.mm`` over each slot's contiguous run of tokens (for torch builds without
+  grouped_mm, or strides grouped_mm cannot take: it needs rows aligned to 16 bytes);
+- ``reference_delta``: token by token in plain torch, the ground truth the tests compare with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tables = Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]  # class key -> (A^T [k, in, r], B^T [k, r, out])
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class ClassPlan:
+    """The tokens of one shape class, sorted by slot."""
+
+    key: Hashable
+    index: Optional[torch.Tensor]  # token rows in slot order; None when they are all rows, already in order
+    offs: torch.Tensor  # int32 [k]: end of each slot's run of tokens (grouped_mm's offsets)
+    counts: list[int]  # tokens per slot
+    lo: int  # first slot with tokens; slots below it are left out of the calls
+    hi: int  # one past the last slot with tokens
+
+
+@dataclass
+class StepPlan:
+    """Token-to-adapter metadata for one forward pass, built once and shared by every adapted module."""
+
+    num_tokens: int
+    classes: list[ClassPlan]
+
+
+def plan_step(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequence[Hashable]) -> StepPlan:
+    """Group tokens by (class, slot); ``token_class`` is -1 for tokens that take no adapter."""
+    n = int(token_class.numel())
+    plans = []
+    for c, key in enumerate(keys):
+        rows = (token_class == c).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        slots = token_slot.index_select(0, rows)
+        slots, order = torch.sort(slots, stable=True)
+        rows = rows.index_select(0, order)
+        lo, hi = int(slots[0]), int(slots[-1]) + 1
+        counts = torch.bincount(slots - lo, minlength=hi - lo)
+        identity = rows.numel() == n and bool((rows == torch.arange(n)).all())
+        plans.append(ClassPlan(key, None if identity else rows, counts.cumsum(0).to(torch.int32), counts.tolist(), lo, hi))
+    return StepPlan(n, plans)
+
+
+def padded_rank(r: int, dtype: torch.dtype) -> int:
+    """``r`` rounded up so a row of ``r`` elements is a multiple of 16 bytes (zero columns: exact)."""
+    unit = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    return -(-r // unit) * unit
+
+
+def pack_low_rank(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table layout of one module's update: ``A^T [in, r']`` and ``(scale · B)^T [r', out]``, zero-padded to r'."""
+    r, rp = a.shape[0], padded_rank(a.shape[0], dtype)
+    at = torch.zeros(a.shape[1], rp, dtype=dtype)
+    bt = torch.zeros(rp, b.shape[0], dtype=dtype)
+    at[:, :r] = a.detach().T.to(dtype)
+    bt[:r] = (b.detach().float() * scale).T.to(dtype)
+    return at, bt
+
+
+def grouped_mm_available() -> bool:
+    return _GROUPED_MM is not None
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """grouped_mm needs every row stride (and the base pointer) to be a multiple of 16 bytes."""
+    return all(t.stride(-2) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, tables: Tables, backend: str = "auto") -> torch.Tensor:
+    """Add every token's LoRA update to ``y [T, out]`` in place, from ``x [T, in]``; returns ``y``."""
+    for cp in plan.classes:
+        pair = tables.get(cp.key)
+        if pair is None:  # this class does not adapt the module
+            continue
+        at, bt = pair[0][cp.lo:cp.hi], pair[1][cp.lo:cp.hi]
+        xs = x if cp.index is None else x.index_select(0, cp.index)
+        xs = xs.to(at.dtype).contiguous()
+        use_grouped = backend == "grouped" or (backend == "auto" and _GROUPED_MM is not None)
+        if use_grouped and _aligned(xs, at, bt):
+            delta = _GROUPED_MM(_GROUPED_MM(xs, at, offs=cp.offs), bt, offs=cp.offs)
+        elif backend in ("auto", "segments"):
+            delta = _segments(xs, at, bt, cp.counts)
+        else:
+            raise ValueError(f"backend {backend!r} cannot run these shapes (grouped_mm available: {grouped_mm_available()})")
+        delta = delta.to(y.dtype)
+        if cp.index is None:
+            y.add_(delta)
+        else:
+            y.index_add_(0, cp.index, delta)
+    return y
+
+
+def _segments(xs: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    out = xs.new_empty(xs.shape[0], bt.shape[-1])
+    start = 0
+    for slot, count in enumerate(counts):
+        if count:
+            torch.mm(xs[start:start + count] @ at[slot], bt[slot], out=out[start:start + count])
+            start += count
+    return out
+
+
+def reference_delta(x: torch.Tensor, per_token: Sequence[Optional[tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
+    """``scale · B (A x_t)`` token by token, from unpacked ``(A [r, in], B [out, r], scale)`` (None: no adapter)."""
+    rows = []
+    for t, low_rank in enumerate(per_token):
+        if low_rank is None:
+            rows.append(None)
+            continue
+        a, b, scale = low_rank
+        rows.append((b.to(x.dtype) @ (a.to(x.dtype) @ x[t])) * scale)
+    out_features = next((r.shape[0] for r in rows if r is not None), 0)
+    return torch.stack([r if r is not None else x.new_zeros(out_features) for r in rows]) if rows else x.new_zeros(0, 0)

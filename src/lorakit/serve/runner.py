@@ -1,0 +1,145 @@
+"""A Hugging Face causal LM run for many requests at once, with each request's adapter injected per token.
+
+The base weights are never modified: a forward hook on every adapted Linear / Conv1D layer adds the batched
+LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables.
+One base GEMM serves all requests. Attention runs on ``SlotKVCache`` with explicit positions and masks, built
+here: prefill takes left-padded prompts (the last column is every row's last prompt token, so only it reaches
+the LM head), decode one token per running slot. Models whose layers mix full and sliding-window attention
+(Gemma 3) get one mask per layer type.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .kvcache import SlotKVCache
+from .ops import StepPlan, lora_add_, plan_step
+from .pool import AdapterPool
+from .store import linear_shapes
+
+
+class ModelRunner:
+    """Prefill and decode forwards over slots, with per-request adapters from ``pool``."""
+
+    needs_pool = True  # the engine makes each request's adapter resident in the pool before admitting it
+
+    def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
+        self.model = model.eval()
+        self.pool, self.backend = pool, backend
+        self.config = model.config
+        self.shapes = linear_shapes(model)
+        self.modules = dict(model.named_modules())
+        layers = getattr(self.config, "num_hidden_layers", None) or self.config.n_layer
+        self.cache = SlotKVCache(layers, max_slots, max_len)
+        self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._plan: Optional[StepPlan] = None
+        self._tables: dict = {}
+        types = set(getattr(self.config, "layer_types", None) or [])
+        self.window = getattr(self.config, "sliding_window", None) if "sliding_attention" in types else None
+        self.layer_types = types if self.window else None
+        self.eager = self.config._attn_implementation == "eager"
+        self.dtype = next(model.parameters()).dtype
+
+    # -- adapter injection --------------------------------------------------------------------------
+    def ensure_hooks(self, paths) -> None:
+        for path in paths:
+            if path not in self.hooks:
+                self.hooks[path] = self.modules[path].register_forward_hook(self._hook(path))
+
+    def _hook(self, path: str):
+        def add_lora(module, args, output):
+            tables = self._tables.get(path)
+            if tables:
+                x = args[0]
+                lora_add_(output.view(-1, output.shape[-1]), x.reshape(-1, x.shape[-1]), self._plan, tables, self.backend)
+
+        return add_lora
+
+    def _set_adapters(self, rows: Sequence[Optional[str]], real: Optional[torch.Tensor] = None) -> None:
+        """Build the step's plan from each row's adapter id (None: the base model); ``real`` [n, width] marks
+        the tokens that are not padding (all of them in a decode step)."""
+        if all(a is None for a in rows):
+            self._plan, self._tables = None, {}
+            return
+        keys, index, cls_row, slot_row = [], {}, [], []
+        for aid in rows:
+            cls, slot = (None, 0) if aid is None else self.pool.slot_of(aid)
+            if cls is not None and cls.key not in index:
+                index[cls.key] = len(keys)
+                keys.append(cls.key)
+            cls_row.append(-1 if cls is None else index[cls.key])
+            slot_row.append(slot)
+        width = 1 if real is None else real.shape[1]
+        token_cls = torch.tensor(cls_row)[:, None].expand(-1, width)
+        if real is not None:
+            token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
+        token_slot = torch.tensor(slot_row)[:, None].expand(-1, width)
+        self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
+        paths = {p for k in keys for p, *_ in k}
+        self.ensure_hooks(paths)
+        self._tables = {p: self.pool.tables_for(p) for p in paths}
+
+    # -- masks --------------------------------------------------------------------------------------
+    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        """``allowed`` [n, 1, q, k] (causal and padding) -> the model's mask argument (a dict per layer type)."""
+        def finish(m):
+            if not self.eager:
+                return m
+            return torch.zeros(m.shape, dtype=self.dtype).masked_fill_(~m, torch.finfo(self.dtype).min)
+
+        if self.layer_types is None:
+            return finish(allowed)
+        sliding = allowed & (k_pos > q_pos - self.window)
+        return {t: finish(sliding if t == "sliding_attention" else allowed) for t in self.layer_types}
+
+    # -- forwards -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], start: int, adapters: Sequence[Optional[str]]) -> torch.Tensor:
+        """Run prompts into slots ``start...``; returns the logits after each prompt's last token [n, vocab]."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        offsets = [width - len(p) for p in prompts]
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, offsets[b]:] = torch.tensor(p, dtype=torch.long)
+        off = torch.tensor(offsets)[:, None]
+        cols = torch.arange(width)[None, :]
+        positions = (cols - off).clamp(min=0)
+        q = cols[:, :, None]
+        k = cols[:, None, :]
+        real_k = k >= off[:, :, None]
+        allowed = ((k <= q) & real_k) | (k == q)  # pad queries see themselves only (no empty rows)
+        masks = self._masks(allowed[:, None], q[:, None], k[:, None])
+        self._set_adapters(adapters, real_k[:, 0, :])
+        self.cache.prefill(start, offsets, [len(p) for p in prompts])
+        out = self._forward(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[Optional[str]]) -> torch.Tensor:
+        """One token for each of slots ``[0, n)``, at positions ``lengths``; returns next-token logits [n, vocab]."""
+        lens = torch.tensor(lengths, dtype=torch.long)
+        width = int(lens.max()) + 1
+        k = torch.arange(width)[None, None, None, :]
+        q = lens[:, None, None, None]
+        masks = self._masks(k <= q, q, k)
+        self._set_adapters(adapters)
+        self.cache.decode(lens)
+        ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+        out = self._forward(input_ids=ids, position_ids=lens[:, None], attention_mask=masks, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _forward(self, **inputs):
+        return self.model(**inputs)
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move(src, dst, length)
+
+    def close(self) -> None:
+        for h in self.hooks.values():
+            h.remove()
+        self.hooks.clear()

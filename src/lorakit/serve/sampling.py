@@ -1,0 +1,93 @@
+"""Per-request decoding: greedy or sampled next tokens, and text streamed without crossing a stop string."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes (OpenAI's names; ``temperature=0`` is greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, found {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
+        self.stop = [s for s in self.stop if s]
+
+    def generator(self) -> Optional[torch.Generator]:
+        if self.temperature == 0:
+            return None
+        g = torch.Generator()
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+
+def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]) -> list[int]:
+    """One token per row of ``logits [n, vocab]``: argmax for greedy rows, a seeded draw for the others."""
+    out = logits.argmax(dim=-1).tolist()
+    for row, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature == 0:
+            continue
+        scores = logits[row] / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if p.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        out[row] = int(torch.multinomial(probs, 1, generator=g))
+    return out
+
+
+class TextStream:
+    """Detokenize a growing list of ids; emit only text that cannot turn out to be part of a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (new text safe to show, whether a stop string was reached)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return "", False
+        self.text = text
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at >= 0:
+                self.text = text[:at]
+                return self._emit(len(self.text)), True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(len(text) - hold), False
+
+    def flush(self) -> str:
+        """The text held back, once generation ends for another reason than a stop string."""
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta

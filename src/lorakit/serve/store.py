@@ -1,0 +1,232 @@
+"""Adapter residency below the active pool: names on disk, a host cache of packed adapters, a prefetch thread.
+
+Tiers (S-LoRA's host/device swapping, on one machine): PEFT directories on disk -> the host cache (read with
+``lorakit.load_state``, checked against the base model and packed into table layout; LRU under ``host_bytes``) ->
+the active pool (``pool.py``). Reading and packing is the slow part, so a background thread does it for the
+adapters that queued requests will need, and the step loop only copies packed tensors into the pool.
+
+Every (re)registration of a name gets a new id ``name#version``, so a reloaded adapter never reuses the
+previous version's cached tensors.
+"""
+from __future__ import annotations
+
+import difflib
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..core.state import AdapterState
+from ..core.targets import LINEAR_TYPES
+from ..formats.peft import CONFIG_NAME, load_state
+from .ops import pack_low_rank
+from .pool import PackedAdapter
+
+
+class AdapterFitError(ValueError):
+    """An adapter that cannot be served on this base model."""
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every Linear / Conv1D layer, by module path."""
+    shapes = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LINEAR_TYPES):
+            w = m.weight
+            shapes[path] = (w.shape[1], w.shape[0]) if isinstance(m, nn.Linear) else (w.shape[0], w.shape[1])
+    return shapes
+
+
+def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: torch.dtype, aid: str, source: str) -> PackedAdapter:
+    """Check ``state`` against the base model's layers and pack it; errors name the file, module and shapes."""
+    if state.modules_to_save:
+        raise AdapterFitError(
+            f"{source}: the adapter saves whole modules ({', '.join(list(state.modules_to_save)[:4])}); the server "
+            "applies low-rank updates only. Merge it into the base model (lorakit.merge) and serve that instead"
+        )
+    if state.base_tensors:
+        raise AdapterFitError(f"{source}: the adapter trains base-model biases (bias={state.config.bias!r}); merge it instead")
+    modules = {}
+    for path in sorted(state.modules()):
+        if any(k.startswith("lora_embedding") for k in state.tensors[path]):
+            raise AdapterFitError(f"{source}: module '{path}' is an embedding; the server adapts linear layers only")
+        low_rank = state.low_rank(path)
+        if low_rank is None:
+            raise AdapterFitError(
+                f"{source}: method '{state.config.method_name}' is not exactly low-rank on module '{path}'; merge it "
+                "into the base model (lorakit.merge) and serve that instead"
+            )
+        a, b, scale = low_rank
+        if path not in shapes:
+            near = difflib.get_close_matches(path, list(shapes), n=1)
+            hint = f" (closest: '{near[0]}')" if near else ""
+            raise AdapterFitError(f"{source}: module '{path}' is not a linear layer of the base model{hint}. Was the adapter trained for another model?")
+        d_in, d_out = shapes[path]
+        if a.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out:
+            raise AdapterFitError(
+                f"{source}: module '{path}': the adapter maps {a.shape[-1]} -> {b.shape[0]} features, the base layer "
+                f"{d_in} -> {d_out}. Was the adapter trained for another base model?"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterFitError(f"{source}: module '{path}': the adapter's weights contain NaN or inf")
+        modules[path] = pack_low_rank(a, b, scale, dtype)
+    if not modules:
+        raise AdapterFitError(f"{source}: the adapter adapts no module")
+    return PackedAdapter(aid, modules)
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    path: Path
+    version: int
+
+    @property
+    def aid(self) -> str:
+        return f"{self.name}#{self.version}"
+
+
+class AdapterStore:
+    """Registered adapters, the host cache and the prefetch thread (thread-safe)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
+                 host_bytes: int = 4 << 30, prefetch: bool = True, allow_pickle: bool = False):
+        self.shapes, self.dtype, self.host_budget = shapes, dtype, int(host_bytes)
+        self.allow_pickle = allow_pickle
+        self.entries: dict[str, AdapterEntry] = {}
+        self.by_aid: dict[str, AdapterEntry] = {}
+        self.host: OrderedDict[str, PackedAdapter] = OrderedDict()
+        self.failures: dict[str, str] = {}
+        self.stats = {"loads": 0, "load_seconds": 0.0, "failures": 0, "host_hits": 0, "host_evictions": 0}
+        self._version = 0
+        self._lock = threading.Lock()
+        self.loaded = threading.Condition(self._lock)  # notified when a load finishes
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._closed = False
+        self._thread = None
+        if prefetch:
+            self._thread = threading.Thread(target=self._prefetch_loop, name="lorakit-adapter-prefetch", daemon=True)
+            self._thread.start()
+
+    # -- registry -----------------------------------------------------------------------------------
+    def register(self, name: str, path, check: bool = False) -> AdapterEntry:
+        """Serve the adapter at ``path`` as ``name``; with ``check`` it is loaded first, and a failure (raised)
+        leaves the name as it was."""
+        with self._lock:
+            self._version += 1
+            entry = AdapterEntry(name, Path(path), self._version)
+            self.by_aid[entry.aid] = entry
+        if check:
+            self.load(entry.aid)
+        with self._lock:
+            self.entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> Optional[AdapterEntry]:
+        with self._lock:
+            entry = self.entries.pop(name, None)
+            if entry is not None:
+                self.host.pop(entry.aid, None)
+            return entry
+
+    def scan(self, directory) -> list[str]:
+        """Register every sub-directory of ``directory`` that holds an adapter, under its folder name."""
+        root = Path(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such adapter directory")
+        found = sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+        for p in found:
+            self.register(p.name, p)
+        return [p.name for p in found]
+
+    def entry(self, name: str) -> Optional[AdapterEntry]:
+        return self.entries.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    # -- host tier ----------------------------------------------------------------------------------
+    @property
+    def host_bytes(self) -> int:
+        return sum(p.nbytes for p in list(self.host.values()))  # list(): read from other threads (metrics)
+
+    def cached(self, aid: str) -> Optional[PackedAdapter]:
+        with self._lock:
+            packed = self.host.get(aid)
+            if packed is not None:
+                self.host.move_to_end(aid)
+                self.stats["host_hits"] += 1
+            return packed
+
+    def failure(self, aid: str) -> Optional[str]:
+        return self.failures.get(aid)
+
+    def load(self, aid: str) -> PackedAdapter:
+        """Read, check and pack ``aid`` into the host cache now (raises with a clear message on failure)."""
+        entry = self.by_aid.get(aid)
+        if entry is None:
+            raise KeyError(f"unknown adapter id '{aid}'")
+        cached = self.cached(aid)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        try:
+            state = load_state(entry.path, allow_pickle=self.allow_pickle)
+            packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path))
+        except Exception as e:
+            with self._lock:
+                self.failures[aid] = f"adapter '{entry.name}' cannot be loaded: {e}"
+                self.stats["failures"] += 1
+                self.loaded.notify_all()
+            raise AdapterFitError(self.failures[aid]) from None
+        with self._lock:
+            self.stats["loads"] += 1
+            self.stats["load_seconds"] += time.perf_counter() - start
+            while self.host and self.host_bytes + packed.nbytes > self.host_budget:
+                self.host.popitem(last=False)  # least recently used first
+                self.stats["host_evictions"] += 1
+            self.host[aid] = packed
+            self.loaded.notify_all()
+        return packed
+
+    def want(self, aids: Iterable[str]) -> None:
+        """Queue ``aids`` for the prefetch thread (those not cached, failed or queued already)."""
+        with self._lock:
+            for aid in aids:
+                if aid not in self.host and aid not in self.failures and aid not in self._queued and aid in self.by_aid:
+                    self._queue.append(aid)
+                    self._queued.add(aid)
+            if self._queue:
+                self.loaded.notify_all()
+
+    def pending(self, aid: str) -> bool:
+        return aid in self._queued
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self.loaded.wait()
+                if self._closed:
+                    return
+                aid = self._queue.popleft()
+            try:
+                self.load(aid)
+            except Exception:  # recorded in self.failures; the requests waiting for it fail with that message
+                pass
+            finally:
+                with self._lock:
+                    self._queued.discard(aid)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.loaded.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
