@@ -183,3 +183,4 @@ def padded(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]):
     a_pad = [torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _, _ in parts]
     b_pad = [(s / scale) * torch.nn.functional.pad(b, (0, r_max - b.shape[1])) for _, b, s in parts]
     return a_pad, b_pad, scale
+

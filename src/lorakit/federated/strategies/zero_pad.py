@@ -2,7 +2,7 @@
 
 Rule: pad every client's A_k with zero rows and B_k with zero columns up to r_max, fold s_k / s into B_k, and
 average A and B separately (FedIT on the padded factors, so not exact). A client of rank r_k < r_max then
-continues from the leading r_k components of the global adapter (``lorakit.federated.fit_to``).
+continues from the leading r_k components of the global adapter (``client_app.receive``).
 Deviation: the FLoRA repository pads and averages but scales the global adapter by alpha * r_max; we keep the
 clients' common scaling s (or scaling 1 when they differ), so a client's truncated start is consistent.
 """
