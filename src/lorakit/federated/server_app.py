@@ -43,7 +43,7 @@ class LoRAStrategy(FedAvg):
         fresh = experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed)
         self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
         self.state = checkpoint.ServerState(0, self.reference.clone())
-        self.sent: dict[int, int] = {}
+        self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
 
     def outgoing(self, node_id: int, server_round: int) -> RecordDict:
         """The message body for one node: the global adapter and the round updates it lacks."""
@@ -65,7 +65,8 @@ class LoRAStrategy(FedAvg):
         for node_id in sorted(node_ids):
             content = self.outgoing(node_id, server_round)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        self.sent[server_round] = sum(payload(r)["wire"] for m in messages for r in m.content.array_records.values())
+        sizes = [payload(r) for m in messages for r in m.content.array_records.values()]
+        self.sent[server_round] = {k: sum(x[k] for x in sizes) for k in ("wire", "tensors")}
         return messages
 
     def parse(self, msg: Message) -> tuple[AdapterState, float, float, int, int]:
@@ -87,7 +88,7 @@ class LoRAStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies):
         """Check each reply, aggregate the accepted ones (if enough), update the global adapter."""
-        accepted, rejected, failed, uplink = [], [], 0, 0
+        accepted, rejected, failed, uplink, uplink_tensors = [], [], 0, 0, 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -95,7 +96,9 @@ class LoRAStrategy(FedAvg):
                 self.state.synced.pop(str(node), None)  # it may have lost its state: send it everything again
                 LOG.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
                 continue
-            uplink += payload(msg.content["arrays"])["wire"] if "arrays" in msg.content else 0
+            if "arrays" in msg.content:
+                size = payload(msg.content["arrays"])
+                uplink, uplink_tensors = uplink + size["wire"], uplink_tensors + size["tensors"]
             try:
                 state, n, loss, partition, base_round = self.parse(msg)
                 issues = problems(state, self.reference, self.rule.mixed_ranks, n)
@@ -107,8 +110,10 @@ class LoRAStrategy(FedAvg):
                 continue
             self.state.synced[str(node)] = base_round
             accepted.append((partition, state, n, loss))
+        sent = self.sent.get(server_round, {"wire": 0, "tensors": 0})
         metrics = {"accepted": len(accepted), "rejected": len(rejected), "failed": failed, "uplink-bytes": uplink,
-                   "downlink-bytes": self.sent.get(server_round, 0)}
+                   "uplink-tensor-bytes": uplink_tensors, "downlink-bytes": sent["wire"],
+                   "downlink-tensor-bytes": sent["tensors"]}
         self.last_rejections = rejected
         if len(accepted) < self.exp.settings.min_replies:
             LOG.warning("round %d: %d accepted update(s), fewer than min-replies=%d; the global adapter stays",
