@@ -29,3 +29,18 @@ def client_app(fault=None, sent=None) -> ClientApp:
         return reply
 
     return app
+
+
+def around_rounds(strategy, before=None, after=None) -> None:
+    """Call ``before(round)`` / ``after(round)`` around the strategy's node sampling of each round."""
+    original = strategy.configure_train
+
+    def configure(rnd, arrays, config, grid):
+        if before:
+            before(rnd)
+        messages = original(rnd, arrays, config, grid)
+        if after:
+            after(rnd)
+        return messages
+
+    strategy.configure_train = configure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedutil import client_app, toy
+from fedutil import around_rounds, client_app, toy
 
 from lorakit.federated import STRATEGIES, aggregate, update_of
 from lorakit.federated.experiment import Experiment
@@ -71,13 +71,7 @@ def test_a_flora_node_that_missed_rounds_catches_up_exactly():
     grid = InProcessGrid(client_app(), 4, settings.to_config())
 
     strategy = LoRAStrategy(Experiment(settings))
-    original = strategy.configure_train
-
-    def configure(rnd, arrays, config, g):
-        grid.offline = {4} if rnd == 2 else set()
-        return original(rnd, arrays, config, g)
-
-    strategy.configure_train = configure
+    around_rounds(strategy, before=lambda rnd: setattr(grid, "offline", {4} if rnd == 2 else set()))
     strategy.start(grid)
     assert [r["accepted"] for r in strategy.state.log[1:]] == [4, 3, 4]
     model, deltas = strategy.exp.base_model(), {}

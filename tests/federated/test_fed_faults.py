@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from fedutil import client_app, toy
+from fedutil import around_rounds, client_app, toy
 from flwr.app import Array
 
 from lorakit.federated import aggregate, update_of
@@ -67,14 +67,8 @@ def test_a_node_that_stops_answering_is_left_out():
     settings = toy(num_rounds=2)
     grid = InProcessGrid(client_app(), 4, settings.to_config())
     strategy = LoRAStrategy(Experiment(settings))
-    original = strategy.configure_train
-
-    def configure(rnd, arrays, config, g):
-        messages = original(rnd, arrays, config, g)
-        grid.offline = {2} if rnd == 2 else set()  # the node vanishes after it was sampled
-        return messages
-
-    strategy.configure_train = configure
+    # the node vanishes after it was sampled
+    around_rounds(strategy, after=lambda rnd: setattr(grid, "offline", {2} if rnd == 2 else set()))
     strategy.start(grid)
     assert (strategy.state.log[2]["accepted"], strategy.state.log[2]["failed"]) == (3, 0)
 
@@ -167,15 +161,13 @@ def test_a_flora_node_that_lost_its_state_catches_up_next_round():
     settings = toy(strategy="flora", num_rounds=4)
     grid = InProcessGrid(client_app(), 4, settings.to_config())
     strategy = LoRAStrategy(Experiment(settings))
-    original = strategy.configure_train
 
-    def configure(rnd, arrays, config, g):
-        if rnd == 3:
-            for key in list(grid.contexts[2].state.keys()):  # node 2 restarts and forgets what it merged
+    def forget(rnd):
+        if rnd == 3:  # node 2 restarts and forgets what it merged
+            for key in list(grid.contexts[2].state.keys()):
                 del grid.contexts[2].state[key]
-        return original(rnd, arrays, config, g)
 
-    strategy.configure_train = configure
+    around_rounds(strategy, before=forget)
     strategy.start(grid)
     failed = [r["failed"] for r in strategy.state.log[1:]]
     assert failed == [0, 0, 1, 0]  # refused in round 3 (out of sync), back in round 4 with every update resent
