@@ -29,6 +29,7 @@ class Adapter(nn.Module):
     identity_at_init: ClassVar[bool] = True  # output equals the base output before training
     exact_merge: ClassVar[bool] = True  # merging into the weight reproduces forward exactly
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
+    param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, module_path: str = ""):
         super().__init__()
@@ -91,6 +92,11 @@ class Adapter(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)
+
+    def features(self) -> tuple[int, int]:
+        """(out_features, in_features) of a Linear-like base layer, in either weight layout (fan_in_fan_out)."""
+        w = self.base_layer.weight
+        return (w.shape[1], w.shape[0]) if self.config.fan_in_fan_out else (w.shape[0], w.shape[1])
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of this adapter, in the base weight's layout and dtype."""

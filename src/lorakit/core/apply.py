@@ -76,6 +76,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     targets = [(p, m) for p, m in model.named_modules() if p and is_target(p, config)]
     if not targets:
         raise ValueError(no_match_message(model, config))
+    config = config.for_targets(dict(targets))
     for p in model.parameters():
         p.requires_grad_(False)
     for path, module in targets:

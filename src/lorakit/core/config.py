@@ -95,6 +95,13 @@ class AdapterConfig:
         """This config resolved for one module: patterns applied, then cleared."""
         return dataclasses.replace(self, r=self.rank_for(path), rank_pattern={})
 
+    def for_targets(self, layers: dict) -> "AdapterConfig":
+        """This config completed from the layers it targets, by path (default: unchanged).
+
+        For methods whose layers share model-level state (RandLoRA's random bases): ``apply`` calls it once.
+        """
+        return self
+
     @classmethod
     def claims(cls, data: dict) -> bool:
         """Whether a PEFT ``adapter_config.json`` dict describes this config class."""

@@ -116,6 +116,8 @@ def split_keys(flat: dict[str, torch.Tensor], config: AdapterConfig, source: str
     names = sorted({n for c in method.adapter_classes for n in c.tensor_names}, key=len, reverse=True)
     state = AdapterState(config, {}, {}, {})
     for key, value in flat.items():
+        if key.startswith("base_model.") and not key.startswith(PREFIX) and key.count(".") == 1:
+            continue  # PEFT's model-level copy of buffers its layers share (RandLoRA, VeRA); each layer has its own
         rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = next((n for n in names if rel.endswith("." + n)), None)
         if name is not None:

@@ -1,2 +1,2 @@
 """Adapter methods, one module each; importing this package registers them in ``lorakit.METHODS``."""
-from . import dora, lora  # noqa: F401
+from . import block_lora, dora, flylora, lora, nola, randlora, shira  # noqa: F401

@@ -43,6 +43,7 @@ class DoRALinear(LoRALinear):
     name = "dora"
     config_class = DoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    param_formula = "r·(in+out) + out"
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

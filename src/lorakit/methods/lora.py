@@ -59,6 +59,7 @@ class LoRALayer(Adapter):
     name = "lora"
     config_class = LoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    param_formula = "r·(in+out)"
 
     @classmethod
     def delta(cls, tensors, config, base_weight):

@@ -1,0 +1,1 @@
+"""Data-driven initialisers: calibration hooks and the factor maths they feed."""
