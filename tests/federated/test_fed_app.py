@@ -37,6 +37,8 @@ def test_the_global_adapter_is_the_registered_aggregate_of_what_clients_sent(nam
     log = strategy.state.log
     assert [r["round"] for r in log] == [0, 1, 2] and all(r["accepted"] == 4 for r in log[1:])
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in log)
+    exact = name in ("flora", "ffa_lora", "fedavg_dense")
+    assert all((r["aggregation-error"] < 1e-5) == exact for r in log[1:]), [r["aggregation-error"] for r in log[1:]]
     states, counts = _last_round(strategy, sent)
     want = aggregate(name, states, counts)
     got = strategy.state.history[2] if STRATEGIES.get(name).restart else strategy.state.adapter

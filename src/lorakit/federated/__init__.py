@@ -7,6 +7,8 @@ maths needs no Flower install); ``python -m lorakit.federated`` runs the bundled
 from __future__ import annotations
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
-from .aggregation import STRATEGIES, Strategy, aggregate, exact_update, normalised, relative_error, strategy, update_of
+from .aggregation import (
+    STRATEGIES, Strategy, aggregate, aggregation_error, exact_update, normalised, relative_error, strategy, update_of,
+)
 
-__all__ = ["STRATEGIES", "Strategy", "aggregate", "exact_update", "normalised", "relative_error", "strategy", "update_of"]
+__all__ = ["STRATEGIES", "Strategy", "aggregate", "aggregation_error", "exact_update", "normalised", "relative_error", "strategy", "update_of"]

@@ -184,3 +184,10 @@ def padded(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]):
     b_pad = [(s / scale) * torch.nn.functional.pad(b, (0, r_max - b.shape[1])) for _, b, s in parts]
     return a_pad, b_pad, scale
 
+
+
+def aggregation_error(result: AdapterState, states: Sequence[AdapterState], num_examples: Sequence[float]) -> float:
+    """Mean over modules of ||update of ``result`` - sum_k p_k s_k B_k A_k||_F / ||sum_k p_k s_k B_k A_k||_F."""
+    weights = normalised(num_examples, len(states))
+    errors = [relative_error(update_of(result, p), exact_update(states, weights, p)) for p in result.tensors]
+    return sum(errors) / max(1, len(errors))

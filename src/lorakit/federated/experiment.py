@@ -2,8 +2,9 @@
 
 ``Settings`` is the run config (Flower's ``[tool.flwr.app.config]``, kebab-case keys); ``Experiment`` turns it
 into a base model, adapter configs, client shards (Dirichlet label skew), local training and evaluation.
-Tasks: ``tweets`` (a packaged MiniLM on the bundled three-class tweet sentiment; needs ``lorakit.zoo`` and
-``lorakit.data``) and ``toy`` (a tiny seeded classifier on synthetic token sequences, for tests).
+Tasks: ``tweets`` (the packaged MiniLM on the bundled three-class tweet sentiment, ``lorakit.zoo`` and
+``lorakit.data``) and ``toy`` (a tiny seeded classifier on synthetic token sequences, for tests). Local training
+is ``lorakit.train.fit`` and evaluation ``lorakit.train.evaluate``.
 Every party derives the same model, adapter init and split from the seed, so only adapter tensors travel.
 """
 from __future__ import annotations
@@ -18,9 +19,12 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..core.apply import adapters, apply
 from ..core.config import LoRAConfig
+from ..data.encode import collate
+from ..train import evaluate, fit
 from .aggregation import STRATEGIES
 from .partition import dirichlet_split
 
@@ -93,9 +97,11 @@ class ToyClassifier(nn.Module):
         self.query, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.classifier = nn.Linear(dim, classes)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, labels=None):
         h = self.embed(input_ids).mean(dim=1)
-        return self.classifier(torch.tanh(self.value(torch.tanh(self.query(h)))))
+        logits = self.classifier(torch.tanh(self.value(torch.tanh(self.query(h)))))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def toy_examples(n: int, seed: int, vocab: int = 64, length: int = 12, classes: int = 3) -> list[dict]:
@@ -116,32 +122,13 @@ def _task(task: str, model: str, seed: int, max_train: int, max_eval: int, max_l
         return ToyClassifier(), toy_examples(max_train, seed), toy_examples(max_eval, seed + 1), 3, 0
     if task != "tweets":
         raise ValueError(f"unknown task {task!r}; the federated experiment knows 'tweets' and 'toy'")
-    try:
-        from .. import zoo
-        from ..data import load_task
-    except ImportError as e:  # pragma: no cover - depends on the installed lorakit
-        raise ImportError(f"the tweets experiment needs lorakit.zoo and lorakit.data ({e})") from None
+    from .. import zoo
+    from ..data import load_task
+
     data = load_task("tweets", max_train=max_train, max_eval=max_eval, seed=seed)
     net, tokenizer = zoo.load(model, task="seq_cls", num_labels=data.num_labels, seed=seed)
     encoded = data.encode(tokenizer, max_length=max_length)
-    pad_id = encoded["train"].pad_token_id
-    return net, list(encoded["train"]), list(encoded["test"]), data.num_labels, pad_id
-
-
-def collate(features: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids``/``attention_mask`` of a batch and stack ``labels``."""
-    width = max(len(f["input_ids"]) for f in features)
-    pad = lambda seq, v: seq + [v] * (width - len(seq))  # noqa: E731
-    return {
-        "input_ids": torch.tensor([pad(f["input_ids"], pad_id) for f in features]),
-        "attention_mask": torch.tensor([pad(f["attention_mask"], 0) for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-    }
-
-
-def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits if hasattr(out, "logits") else out
+    return net, list(encoded["train"]), list(encoded["test"]), data.num_labels, encoded["train"].pad_token_id
 
 
 class Experiment:
@@ -173,36 +160,22 @@ class Experiment:
         return model
 
     def train_local(self, model: nn.Module, partition: int, server_round: int) -> tuple[int, float]:
-        """``local_steps`` AdamW steps on the client's shard; returns (examples in the shard, mean loss)."""
+        """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``;
+        returns (examples in the shard, mean training loss)."""
         s, shard = self.settings, self.shards[partition]
-        g = torch.Generator().manual_seed(stable_seed(s.seed, "batches", server_round, partition))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-        model.train()
-        losses = []
-        for _ in range(s.local_steps):
-            pick = torch.randint(0, len(shard), (min(s.batch_size, len(shard)),), generator=g)
-            batch = collate([self.train[shard[i]] for i in pick.tolist()], self.pad_id)
-            loss = F.cross_entropy(logits_of(model, batch), batch["labels"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        result = fit(model, [self.train[i] for i in shard], lr=s.lr, batch_size=s.batch_size, max_steps=s.local_steps,
+                     schedule="constant", warmup_steps=0, seed=stable_seed(s.seed, "batches", server_round, partition) % 2**31,
+                     log_every=1, progress=False, collate_fn=self.collate)
+        losses = [h["loss"] for h in result.history if "loss" in h]
         model.eval()
         return len(shard), sum(losses) / max(1, len(losses))
 
-    @torch.no_grad()
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return collate(features, self.pad_id)
+
     def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
         """Accuracy and mean loss on the test examples."""
-        model.eval()
-        correct, total, loss = 0, 0, 0.0
-        for i in range(0, len(self.test), batch_size):
-            batch = collate(self.test[i : i + batch_size], self.pad_id)
-            logits = logits_of(model, batch)
-            loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
-        return {"accuracy": correct / total, "loss": loss / total}
+        return evaluate(model, self.test, batch_size=batch_size, collate_fn=self.collate)
 
 
 def share_a(model: nn.Module, seed: int, max_rank: int) -> None:

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.state import AdapterState
 from . import checkpoint
-from .aggregation import B_KEYS, aggregate
+from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import problems
 from .experiment import Experiment, Settings
 from .protocol import add_to_base, fold_deltas, pack_updates
@@ -120,7 +120,9 @@ class LoRAStrategy(FedAvg):
                         server_round, len(accepted), self.exp.settings.min_replies)
             return None, MetricRecord({**metrics, "skipped": 1})
         accepted.sort(key=lambda item: item[0])  # a fixed order makes the sums reproducible
-        new = aggregate(self.rule.name, [a[1] for a in accepted], [a[2] for a in accepted])
+        states, counts = [a[1] for a in accepted], [a[2] for a in accepted]
+        new = aggregate(self.rule.name, states, counts)
+        metrics["aggregation-error"] = aggregation_error(new, states, counts)  # vs the exact weighted sum
         if self.rule.restart:
             self.state.history[server_round] = AdapterState(new.config, new.tensors)
             ref = self.reference
