@@ -121,6 +121,7 @@ BAD = {
     "shape": lambda r: _replace(r, "t/value/lora_A.weight", lambda a: a[:, :-1].copy()),
     "rank": lambda r: _replace(r, "t/query/lora_B.weight", lambda a: a[:, :2].copy()),
     "head": lambda r: _replace(r, "m/classifier/weight", lambda a: np.ones((5, 32), np.float32)),
+    "dtype": lambda r: _replace(r, "t/value/lora_B.weight", lambda a: a.astype(np.float64)),
     "target": lambda r: _add(r, "t/embed/lora_A.weight", np.ones((4, 64), np.float32)),  # a module not agreed on
     "key": lambda r: _add(r, "weights.bin", np.ones(3, np.float32)),
     "examples": lambda r: _examples(r, -3),

@@ -2,7 +2,7 @@
 
 ``problems(update, reference, mixed_ranks)`` lists what is wrong with an update compared with the global
 adapter: modules or tensors outside the agreed targets, missing ones, wrong shapes (the rank may differ only
-where the strategy allows mixed ranks) and non-finite values. An empty list means the update is accepted.
+where the strategy allows mixed ranks) or dtypes, and non-finite values. An empty list means the update is accepted.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def _group_problems(what: str, got: Tensors, want: Tensors, mixed_ranks: bool) -
                 shape[dim] = expected[dim] = -1  # any rank, checked for agreement between A and B below
             if shape != expected:
                 out.append(f"'{path}.{key}': shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            elif t.dtype != ref.dtype:
+                out.append(f"'{path}.{key}': dtype {t.dtype}, expected {ref.dtype}")
             elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 out.append(f"'{path}.{key}': {bad} NaN/inf value(s)")
