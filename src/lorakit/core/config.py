@@ -7,6 +7,7 @@ config is all a layer's pure functions (``delta``, ``low_rank``) need.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -43,6 +44,12 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict:
+    # Resolving string annotations compiles them; once per class, not once per config (for_module makes many).
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Fields every adapter method shares (PEFT's names and defaults)."""
@@ -66,7 +73,7 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (tuple, set, frozenset)):
