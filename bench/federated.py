@@ -34,10 +34,8 @@ from lorakit.federated.experiment import Settings  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
 STRATEGY_ORDER = ["fedit", "ffa_lora", "flora", "lora_fair", "fedavg_dense", "zero_pad"]
-# The accuracy runs: small enough for two shared CPU cores (see the "Scale" section of the report).
-TWEETS = dict(task="tweets", num_rounds=20, num_clients=10, local_steps=3, batch_size=8, lr=3e-3, rank=8,
-              lora_alpha=16.0, targets="query,value", max_train=2000, max_eval=200, max_length=32, eval_every=2,
-              min_replies=2)
+# The accuracy runs are the bundled experiment (Settings' defaults: sized for two shared CPU cores).
+TWEETS: dict = {}
 QUICK = dict(task="toy", num_rounds=6, num_clients=10, local_steps=3, batch_size=16, lr=1e-2, rank=4,
              lora_alpha=8.0, max_train=600, max_eval=200, eval_every=2, min_replies=2)
 
