@@ -11,7 +11,7 @@ from lorakit.federated.experiment import Settings
 def toy(**changes) -> Settings:
     """A toy run small enough for unit tests (4 clients, 2 rounds, a few local steps)."""
     base = dict(task="toy", strategy="fedit", num_rounds=2, num_clients=4, local_steps=4, batch_size=16, lr=1e-2,
-                rank=4, lora_alpha=8.0, max_train=240, max_eval=120, min_replies=2, dirichlet_alpha=1.0)
+                rank=4, lora_alpha=8.0, max_train=240, max_eval=120, min_replies=2, dirichlet_alpha=1.0, eval_every=1)
     return Settings(**{**base, **changes})
 
 
