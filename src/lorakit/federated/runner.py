@@ -93,22 +93,20 @@ class Processes:
             family = [c for p in self.started if psutil.pid_exists(p.pid) for c in psutil.Process(p.pid).children(recursive=True)]
         except Exception:  # noqa: BLE001 - psutil missing or a process already gone
             family = []
-        for proc in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for child in family:
-            with contextlib.suppress(Exception):
-                child.terminate()
+        self._signal(family, signal.SIGTERM)
         deadline = time.time() + 10
         for proc in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.time()))
+        self._signal(family, signal.SIGKILL)
+
+    def _signal(self, family: list, sig: int) -> None:
         for proc in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
         for child in family:
             with contextlib.suppress(Exception):
-                child.kill()
+                child.send_signal(sig)
 
     def tail(self, lines: int = 40) -> str:
         out = []
