@@ -102,9 +102,10 @@ class Processes:
 
     def _signal(self, family: list, sig: int) -> None:
         for proc in self.started:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-        for child in family:
+            if proc.poll() is None:  # only while it runs: a reaped leader's id may belong to someone else by now
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+        for child in family:  # psutil refuses to signal a process whose id was reused
             with contextlib.suppress(Exception):
                 child.send_signal(sig)
 
