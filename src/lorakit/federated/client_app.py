@@ -1,0 +1,76 @@
+"""The Flower ClientApp: fine-tune a lorakit adapter on this node's shard and send the adapter back.
+
+Only adapter tensors (and ``modules_to_save``) leave the node. For restarting strategies (FLoRA) the node keeps
+the sum of the merged round updates in ``context.state`` and folds it into its base weights every round.
+Node config: ``partition-id`` (which shard), optionally ``rank`` (overrides the run config's client ranks).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..core.state import AdapterState
+from .experiment import Experiment, Settings, stable_seed
+from .protocol import add_to_base, fold_deltas, receive, unpack_updates
+from .records import config_from_record, config_record, from_arrays, to_arrays
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def experiment_for(settings: Settings) -> Experiment:
+    """One Experiment per run config and process (the model and data load once)."""
+    return Experiment(settings)
+
+
+def merged_base(exp: Experiment, content: RecordDict, store: RecordDict):
+    """The base model with every round update received so far folded in; returns (model, last round folded)."""
+    model = exp.base_model()
+    sync = store.get("sync", ConfigRecord({"base-round": 0}))
+    done = int(sync["base-round"])
+    deltas = {k: torch.from_numpy(v.numpy().copy()) for k, v in store.get("merged", ArrayRecord()).items()}
+    if "updates" in content:
+        updates = unpack_updates(content["updates"], content["update-configs"], type(exp.adapter_config()))
+        pending = [r for r in updates if r > done]
+        if pending and pending[0] != done + 1:
+            raise RuntimeError(f"this node folded rounds up to {done} but the server sent rounds from {pending[0]}")
+        for rnd in pending:
+            fold_deltas(deltas, model, updates[rnd])
+            done = rnd
+    store["merged"] = ArrayRecord({k: v for k, v in deltas.items()})
+    store["sync"] = ConfigRecord({"base-round": done})
+    return add_to_base(model, deltas), done
+
+
+def local_round(exp: Experiment, msg: Message, context: Context) -> tuple[AdapterState, int, float, int]:
+    """Build this node's model, take in the global adapter, train; returns (adapter, examples, loss, base round)."""
+    s, rule = exp.settings, exp.rule
+    server_round = int(msg.content["config"]["server-round"])
+    partition = int(context.node_config["partition-id"])
+    rank = int(context.node_config.get("rank", s.client_rank(partition)))
+    model, base_round = merged_base(exp, msg.content, context.state)
+    # restarting strategies draw a fresh adapter every round; the others start from the global adapter
+    seed = stable_seed(s.seed, "init", server_round, partition) if rule.restart else s.seed
+    exp.add_adapter(model, rank, seed)
+    own = AdapterState.from_model(model)
+    incoming = from_arrays(msg.content["global"], config_from_record(msg.content["config"]))
+    receive(own, incoming).load_into(model)
+    num_examples, loss = exp.train_local(model, partition, server_round)
+    return AdapterState.from_model(model), num_examples, loss, base_round
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local fine-tuning."""
+    exp = experiment_for(Settings.from_config(context.run_config))
+    state, num_examples, loss, base_round = local_round(exp, msg, context)
+    partition = int(context.node_config["partition-id"])
+    content = RecordDict({
+        "arrays": to_arrays(state, skip=exp.rule.shared),
+        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
+        "adapter": config_record(state.config, **{"base-round": base_round, "partition-id": partition}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,193 @@
+"""The federated experiment both Flower apps (and the benchmark) build from one run config.
+
+``Settings`` is the run config (Flower's ``[tool.flwr.app.config]``, kebab-case keys); ``Experiment`` turns it
+into a base model, adapter configs, client shards (Dirichlet label skew), local training and evaluation.
+Tasks: ``tweets`` (the packaged MiniLM on the bundled three-class tweet sentiment, ``lorakit.zoo`` and
+``lorakit.data``) and ``toy`` (a tiny seeded classifier on synthetic token sequences, for tests). Local training
+is ``lorakit.train.fit`` and evaluation ``lorakit.train.evaluate``.
+Every party derives the same model, adapter init and split from the seed, so only adapter tensors travel.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from ..core.apply import adapters, apply
+from ..core.config import LoRAConfig
+from ..data.encode import collate
+from ..train import evaluate, fit
+from .aggregation import STRATEGIES
+from .partition import dirichlet_split
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run config with its defaults: the bundled experiment (tweets over 10 clients, sized for a CPU)."""
+
+    task: str = "tweets"
+    model: str = "minilm"
+    strategy: str = "fedit"
+    num_rounds: int = 20
+    num_clients: int = 10
+    dirichlet_alpha: float = 1.0
+    local_steps: int = 3
+    batch_size: int = 8
+    lr: float = 3e-3
+    rank: int = 8
+    lora_alpha: float = 16.0
+    client_ranks: str = ""  # e.g. "4,8,16": client k trains rank client_ranks[k % 3]; empty: all use `rank`
+    targets: str = "query,value"
+    max_train: int = 2000
+    max_eval: int = 200
+    max_length: int = 32
+    seed: int = 0
+    min_replies: int = 2  # a round with fewer accepted updates keeps the previous global adapter
+    fraction_train: float = 1.0
+    eval_every: int = 2
+    reply_timeout: float = 600.0
+    out_dir: str = ""  # the server writes history.json here
+    checkpoint_dir: str = ""  # the server checkpoints here after each round and resumes from it
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "Settings":
+        """Parse a Flower run config (kebab-case keys); unknown keys are an error that lists the known ones."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+                raise ValueError(f"unknown run config key {key!r}; known keys: {known}")
+            values[name] = type(getattr(cls, name))(value)
+        return cls(**values)
+
+    def to_config(self) -> dict:
+        """The kebab-case run config that ``from_config`` reads."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def client_rank(self, partition: int) -> int:
+        ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
+        return ranks[partition % len(ranks)] if ranks else self.rank
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.client_rank(k) for k in range(self.num_clients))
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any values, the same on every machine (no Python hash randomisation)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class ToyClassifier(nn.Module):
+    """Frozen random embeddings, mean-pooled, two Linear layers (``query``, ``value``) and a ``classifier``."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.query, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        h = self.embed(input_ids).mean(dim=1)
+        logits = self.classifier(torch.tanh(self.value(torch.tanh(self.query(h)))))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def toy_examples(n: int, seed: int, vocab: int = 64, length: int = 12, classes: int = 3) -> list[dict]:
+    """Token sequences whose label is the class whose marker tokens occur most (markers: ids < 3 * classes)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    ids = torch.randint(3 * classes, vocab, (n, length), generator=g)
+    markers = labels[:, None] * 3 + torch.randint(0, 3, (n, 4), generator=g)
+    ids[:, :4] = markers
+    return [{"input_ids": ids[i].tolist(), "attention_mask": [1] * length, "labels": int(labels[i])} for i in range(n)]
+
+
+@functools.lru_cache(maxsize=2)
+def _task(task: str, model: str, seed: int, max_train: int, max_eval: int, max_length: int):
+    """(base model, train features, test features, number of classes, padding id), built once per process."""
+    if task == "toy":
+        torch.manual_seed(seed)
+        return ToyClassifier(), toy_examples(max_train, seed), toy_examples(max_eval, seed + 1), 3, 0
+    if task != "tweets":
+        raise ValueError(f"unknown task {task!r}; the federated experiment knows 'tweets' and 'toy'")
+    from .. import zoo
+    from ..data import load_task
+
+    data = load_task("tweets", max_train=max_train, max_eval=max_eval, seed=seed)
+    net, tokenizer = zoo.load(model, task="seq_cls", num_labels=data.num_labels, seed=seed)
+    encoded = data.encode(tokenizer, max_length=max_length)
+    return net, list(encoded["train"]), list(encoded["test"]), data.num_labels, encoded["train"].pad_token_id
+
+
+class Experiment:
+    """Model, data, adapters, local training and evaluation for one ``Settings``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = s = settings
+        self.rule = STRATEGIES.get(s.strategy)
+        self._base, self.train, self.test, self.num_classes, self.pad_id = _task(s.task, s.model, s.seed, s.max_train, s.max_eval, s.max_length)
+        self.shards = dirichlet_split([f["labels"] for f in self.train], s.num_clients, s.dirichlet_alpha, s.seed, min_size=2)
+
+    def base_model(self) -> nn.Module:
+        """A fresh copy of the frozen base model."""
+        return copy.deepcopy(self._base)
+
+    def adapter_config(self, rank: int | None = None) -> LoRAConfig:
+        s = self.settings
+        r = rank or s.rank
+        return LoRAConfig(r=r, lora_alpha=s.lora_alpha * r / s.rank, target_modules=s.targets.split(","),
+                          modules_to_save=["classifier"])
+
+    def add_adapter(self, model: nn.Module, rank: int, init_seed: int) -> nn.Module:
+        """Apply a fresh adapter of ``rank``; with a shared-A strategy A is the shared seeded init, frozen."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            apply(model, self.adapter_config(rank))
+        if "lora_A.weight" in self.rule.shared:
+            share_a(model, self.settings.seed, self.settings.max_rank)
+        return model
+
+    def train_local(self, model: nn.Module, partition: int, server_round: int) -> tuple[int, float]:
+        """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``;
+        returns (examples in the shard, mean training loss)."""
+        s, shard = self.settings, self.shards[partition]
+        result = fit(model, [self.train[i] for i in shard], lr=s.lr, batch_size=s.batch_size, max_steps=s.local_steps,
+                     schedule="constant", warmup_steps=0, seed=stable_seed(s.seed, "batches", server_round, partition) % 2**31,
+                     log_every=1, progress=False, collate_fn=self.collate)
+        losses = [h["loss"] for h in result.history if "loss" in h]
+        model.eval()
+        return len(shard), sum(losses) / max(1, len(losses))
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return collate(features, self.pad_id)
+
+    def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and mean loss on the test examples."""
+        return evaluate(model, self.test, batch_size=batch_size, collate_fn=self.collate)
+
+
+def share_a(model: nn.Module, seed: int, max_rank: int) -> None:
+    """Set every lora_A to the leading rows of one seeded [max_rank, in] init per module, and freeze it.
+
+    Drawn per module path (not from the global RNG), so clients of any rank hold prefixes of the same A.
+    """
+    for path, layer in adapters(model).items():
+        a = layer.lora_A.weight
+        g = torch.Generator().manual_seed(stable_seed(seed, "shared-A", path))
+        bound = 1 / a.shape[1] ** 0.5  # LoRA's kaiming_uniform(a=sqrt(5)) bound for fan_in = in_features
+        full = (torch.rand(max_rank, a.shape[1], generator=g, dtype=torch.float64) * 2 - 1) * bound
+        with torch.no_grad():
+            a.copy_(full[: a.shape[0]].to(a.dtype))
+        a.requires_grad_(False)

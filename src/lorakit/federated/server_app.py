@@ -1,0 +1,194 @@
+"""The Flower ServerApp: sample nodes, aggregate their adapters with a registered lorakit strategy, evaluate.
+
+``LoRAStrategy`` keeps FedAvg's node sampling and replaces its two training hooks: ``configure_train`` sends
+each node the global adapter (and, for restarting strategies, the round updates it has not merged yet) and
+``aggregate_train`` checks every reply (``checks.problems``: NaN/inf, shapes, keys outside the targets),
+rejects and logs bad ones, and aggregates the rest when at least ``min-replies`` are left; otherwise the round
+keeps the previous global adapter. ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from ..core.state import AdapterState
+from . import checkpoint
+from .aggregation import B_KEYS, aggregate, aggregation_error
+from .checks import problems
+from .experiment import Experiment, Settings
+from .protocol import add_to_base, fold_deltas, pack_updates
+from .records import config_record, from_arrays, payload, to_arrays
+
+LOG = logging.getLogger("flwr")
+
+
+class LoRAStrategy(FedAvg):
+    """FedAvg's sampling; aggregation, checks, checkpoints and evaluation by lorakit."""
+
+    def __init__(self, experiment: Experiment):
+        s = experiment.settings
+        ranks = {s.client_rank(k) for k in range(s.num_clients)}
+        if len(ranks) > 1 and not experiment.rule.mixed_ranks:
+            raise ValueError(f"strategy {s.strategy!r} needs one rank for all clients; client-ranks gives {sorted(ranks)}")
+        super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_replies,
+                         min_available_nodes=s.min_replies)
+        self.exp, self.rule = experiment, experiment.rule
+        fresh = experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed)
+        self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
+        self.state = checkpoint.ServerState(0, self.reference.clone())
+        self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
+
+    def outgoing(self, node_id: int, server_round: int) -> RecordDict:
+        """The message body for one node: the global adapter and the round updates it lacks."""
+        g = self.state.adapter
+        body = AdapterState(g.config, {}, g.modules_to_save, g.base_tensors) if self.rule.restart else g
+        content = RecordDict({"global": to_arrays(body, skip=self.rule.shared),
+                              "config": config_record(g.config, **{"server-round": server_round})})
+        if self.rule.restart:
+            arrays, configs = pack_updates(self.state.history, self.state.synced.get(str(node_id), 0))
+            if len(configs):
+                content["updates"], content["update-configs"] = arrays, configs
+        return content
+
+    def configure_train(self, server_round, arrays, config, grid: Grid):
+        """One message per sampled node (restarting strategies send each node a different catch-up)."""
+        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        messages = []
+        for node_id in sorted(node_ids):
+            content = self.outgoing(node_id, server_round)
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        sizes = [payload(r) for m in messages for r in m.content.array_records.values()]
+        self.sent[server_round] = {k: sum(x[k] for x in sizes) for k in ("wire", "tensors")}
+        return messages
+
+    def parse(self, msg: Message) -> tuple[AdapterState, float, float, int, int]:
+        """A reply as (adapter, examples, loss, partition, base round); the config is rebuilt from the shapes."""
+        content = msg.content
+        raw = from_arrays(content["arrays"], self.reference.config)
+        ranks = {d[k].shape[1] for d in raw.tensors.values() for k in d if k in B_KEYS}
+        if len(ranks) != 1:
+            raise ValueError(f"expected one rank across modules, found {sorted(ranks) or 'none'}")
+        config = self.exp.adapter_config(ranks.pop())
+        for path, tensors in raw.tensors.items():  # tensors every party holds were not sent
+            for key in self.rule.shared:
+                if path in self.reference.tensors and key in self.reference.tensors[path] and key not in tensors:
+                    tensors[key] = self.reference.tensors[path][key][: config.r].clone()
+        state = AdapterState(config, raw.tensors, raw.modules_to_save, raw.base_tensors)
+        metrics, info = content["metrics"], content["adapter"]
+        return (state, float(metrics["num-examples"]), float(metrics["train-loss"]), int(info["partition-id"]),
+                int(info["base-round"]))
+
+    def aggregate_train(self, server_round: int, replies):
+        """Check each reply, aggregate the accepted ones (if enough), update the global adapter."""
+        accepted, rejected, failed, uplink, uplink_tensors = [], [], 0, 0, 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed += 1
+                self.state.synced.pop(str(node), None)  # it may have lost its state: send it everything again
+                LOG.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
+                continue
+            if "arrays" in msg.content:
+                size = payload(msg.content["arrays"])
+                uplink, uplink_tensors = uplink + size["wire"], uplink_tensors + size["tensors"]
+            try:
+                state, n, loss, partition, base_round = self.parse(msg)
+                issues = problems(state, self.reference, self.rule.mixed_ranks, n)
+            except (KeyError, ValueError, TypeError) as e:
+                issues = [f"unreadable reply: {e}"]
+            if issues:
+                rejected.append({"node": str(node), "reasons": issues})
+                LOG.warning("round %d: rejected the update of node %s: %s", server_round, node, "; ".join(issues))
+                continue
+            self.state.synced[str(node)] = base_round
+            accepted.append((partition, state, n, loss))
+        sent = self.sent.get(server_round, {"wire": 0, "tensors": 0})
+        metrics = {"accepted": len(accepted), "rejected": len(rejected), "failed": failed, "uplink-bytes": uplink,
+                   "uplink-tensor-bytes": uplink_tensors, "downlink-bytes": sent["wire"],
+                   "downlink-tensor-bytes": sent["tensors"]}
+        self.last_rejections = rejected
+        if len(accepted) < self.exp.settings.min_replies:
+            LOG.warning("round %d: %d accepted update(s), fewer than min-replies=%d; the global adapter stays",
+                        server_round, len(accepted), self.exp.settings.min_replies)
+            return None, MetricRecord({**metrics, "skipped": 1})
+        accepted.sort(key=lambda item: item[0])  # a fixed order makes the sums reproducible
+        states, counts = [a[1] for a in accepted], [a[2] for a in accepted]
+        new = aggregate(self.rule.name, states, counts)
+        metrics["aggregation-error"] = aggregation_error(new, states, counts)  # vs the exact weighted sum
+        if self.rule.restart:
+            self.state.history[server_round] = AdapterState(new.config, new.tensors)
+            ref = self.reference
+            new = AdapterState(ref.config, ref.clone().tensors, new.modules_to_save, new.base_tensors)
+        self.state.adapter = new
+        loss = sum(a[2] * a[3] for a in accepted) / max(sum(a[2] for a in accepted), 1e-12)
+        return to_arrays(new), MetricRecord({**metrics, "skipped": 0, "train-loss": loss})
+
+    def global_model(self):
+        """The base model with the merged round updates and the global adapter on it."""
+        model = self.exp.base_model()
+        deltas: dict = {}
+        for update in self.state.history.values():
+            fold_deltas(deltas, model, update)
+        return self.state.adapter.load_into(add_to_base(model, deltas))
+
+    def start(self, grid: Grid, initial_arrays=None, num_rounds=None, timeout=None, train_config=None,
+              evaluate_config=None, evaluate_fn=None) -> Result:
+        """Run the rounds the checkpoint has not done yet; checkpoint and log each one."""
+        s = self.exp.settings
+        saved = checkpoint.load(s.checkpoint_dir) if s.checkpoint_dir else None
+        if saved is not None:
+            self.state = saved
+            LOG.info("resuming from %s after round %d", s.checkpoint_dir, saved.round)
+        elif not self.state.log:
+            self.state.log.append({"round": 0, **self.exp.evaluate(self.global_model())})
+        wait_for_nodes(grid, s.num_clients, timeout=60.0)
+        for rnd in range(self.state.round + 1, s.num_rounds + 1):
+            began = time.time()
+            messages = self.configure_train(rnd, None, ConfigRecord(), grid)
+            self.last_rejections = []
+            _, metrics = self.aggregate_train(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+            record = {"round": rnd, **dict(metrics), "rejections": self.last_rejections}
+            if rnd % s.eval_every == 0 or rnd == s.num_rounds:
+                record.update(self.exp.evaluate(self.global_model()))
+            record["seconds"] = round(time.time() - began, 3)
+            self.state.round = rnd
+            self.state.log.append(record)
+            LOG.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "rejections"})
+            if s.checkpoint_dir:
+                checkpoint.save(self.state, s.checkpoint_dir)
+            self.write_history()
+        result = Result()
+        result.arrays = to_arrays(self.state.adapter)
+        return result
+
+    def write_history(self) -> None:
+        if self.exp.settings.out_dir:
+            out = Path(self.exp.settings.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            data = {"settings": self.exp.settings.to_config(), "rounds": self.state.log}
+            (out / "history.json").write_text(json.dumps(data, indent=1))
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> int:
+    """Wait (at most ``timeout`` s) until ``count`` nodes are connected; returns how many are."""
+    deadline = time.time() + timeout
+    while len(list(grid.get_node_ids())) < count and time.time() < deadline:
+        time.sleep(0.5)
+    return len(list(grid.get_node_ids()))
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated experiment the run config describes."""
+    LoRAStrategy(Experiment(Settings.from_config(context.run_config))).start(grid)

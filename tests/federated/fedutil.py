@@ -1,0 +1,46 @@
+"""Helpers for the federated app tests: a small toy run and a ClientApp with injected faults."""
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from lorakit.federated.client_app import train as lorakit_train
+from lorakit.federated.experiment import Settings
+
+
+def toy(**changes) -> Settings:
+    """A toy run small enough for unit tests (4 clients, 2 rounds, a few local steps)."""
+    base = dict(task="toy", strategy="fedit", num_rounds=2, num_clients=4, local_steps=4, batch_size=16, lr=1e-2,
+                rank=4, lora_alpha=8.0, max_train=240, max_eval=120, min_replies=2, dirichlet_alpha=1.0, eval_every=1)
+    return Settings(**{**base, **changes})
+
+
+def client_app(fault=None, sent=None) -> ClientApp:
+    """lorakit's ClientApp, with ``fault(msg, context, reply) -> reply`` applied and replies kept in ``sent``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = lorakit_train(msg, context)
+        if fault is not None:
+            reply = fault(msg, context, reply)
+        if sent is not None:
+            sent.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]), reply))
+        return reply
+
+    return app
+
+
+def around_rounds(strategy, before=None, after=None) -> None:
+    """Call ``before(round)`` / ``after(round)`` around the strategy's node sampling of each round."""
+    original = strategy.configure_train
+
+    def configure(rnd, arrays, config, grid):
+        if before:
+            before(rnd)
+        messages = original(rnd, arrays, config, grid)
+        if after:
+            after(rnd)
+        return messages
+
+    strategy.configure_train = configure
