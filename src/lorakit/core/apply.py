@@ -14,8 +14,8 @@ from torch import nn
 
 from .adapter import Adapter, ModulesToSave
 from .config import AdapterConfig
-from .registry import METHODS
-from .targets import LINEAR_TYPES, expand_all_linear, is_target, matches, no_match_message
+from .registry import METHODS, initializer_for
+from .targets import LINEAR_TYPES, expand_all_linear, is_module_to_save, is_target, no_match_message
 
 Wrapped = Union[Adapter, ModulesToSave]
 CONFIG_ATTR = "lorakit_config"
@@ -76,6 +76,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     targets = [(p, m) for p, m in model.named_modules() if p and is_target(p, config)]
     if not targets:
         raise ValueError(no_match_message(model, config))
+    config = config.for_targets(dict(targets))
     for p in model.parameters():
         p.requires_grad_(False)
     for path, module in targets:
@@ -88,11 +89,14 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
             )
         _set_module(model, path, cls(module, config.for_module(path), path))
     for path, module in list(model.named_modules()):
-        if path and matches(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
+        if is_module_to_save(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
             if not any(path.startswith(q + ".") for q in wrapped_modules(model)):
                 _set_module(model, path, ModulesToSave(module, path))
     _set_bias_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
+    initializer = initializer_for(config.init_lora_weights)
+    if initializer is not None and not initializer.needs_data:
+        initializer.run(model)  # pissa, olora, orthogonal; data-driven ones wait for lorakit.initialize
     return model
 
 
@@ -100,9 +104,11 @@ def _set_bias_trainable(model: nn.Module, config: AdapterConfig) -> None:
     if config.bias == "none":
         return
     scope = adapters(model).values() if config.bias == "lora_only" else [model]
+    # the originals beside a modules_to_save copy stay frozen (as PEFT): only the copy trains
+    originals = tuple(p + ".base_layer." for p, m in wrapped_modules(model).items() if isinstance(m, ModulesToSave))
     for module in scope:
         for name, param in module.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            if (name == "bias" or name.endswith(".bias")) and not name.startswith(originals):
                 param.requires_grad_(True)
 
 
