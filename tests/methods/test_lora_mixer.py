@@ -9,13 +9,15 @@ import torch
 
 import lorakit
 from lorakit.methods import lora_mixer, routing
-from lorakit.testing import check_method, perturb_
+from lorakit.testing import ToyLinear, check_method, perturb_
 
 from routing_tasks import TokenModel, base_model, batch, mse, stream, teachers, train
 
 
 def test_conformance():
     assert any(c.endswith("merge refused") for c in check_method("lora_mixer"))
+    config = lora_mixer.LoRAMixerConfig(r=2, num_experts=3, top_k=1, straight_through=False, target_modules=ToyLinear.targets)
+    assert check_method("lora_mixer", config=config, toys=[ToyLinear])
 
 
 def mixer_layer(**fields) -> lora_mixer.LoRAMixerLinear:

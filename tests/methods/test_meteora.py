@@ -9,13 +9,15 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.core.adapter import NotMergeableError
 from lorakit.methods import meteora, routing
-from lorakit.testing import check_method
+from lorakit.testing import ToyLinear, check_method
 
 from routing_tasks import TokenModel, base_model, batch, mse, stream, teachers, train
 
 
 def test_conformance():
     assert any(c.endswith("merge refused") for c in check_method("meteora"))
+    config = meteora.MeteoRAConfig(r=3, num_experts=3, top_k=1, temperature=0.5, target_modules=ToyLinear.targets)
+    assert check_method("meteora", config=config, toys=[ToyLinear])
 
 
 def routing_accuracy(model, examples) -> dict[str, float]:
@@ -55,12 +57,14 @@ def test_one_expert_reproduces_its_adapter(tmp_path):
     torch.testing.assert_close(embedded, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_only_the_gate_trains_after_loading():
+def test_only_the_gate_trains_after_loading(tmp_path):
     experts = teachers(3)
     model = meteora.from_adapters(base_model(), experts)
     trainable = lorakit.trainable_parameters(model)
     assert sorted(trainable) == ["out.moe_gate.weight", "proj.moe_gate.weight"]
     assert sum(p.numel() for p in trainable.values()) == 3 * 16 + 3 * 16  # E·in per layer
+    reloaded = lorakit.load_peft(base_model(), lorakit.save_peft(model, tmp_path / "m"), is_trainable=True)
+    assert sorted(lorakit.trainable_parameters(reloaded)) == sorted(trainable)  # the experts stay fixed
     before = {k: v.clone() for k, v in lorakit.AdapterState.from_model(model).tensors["proj"].items()}
     train(model, stream(64, 4, 3, experts, seed=1), steps=5, supervise=True)
     after = lorakit.AdapterState.from_model(model).tensors["proj"]

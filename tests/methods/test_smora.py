@@ -6,13 +6,14 @@ import torch
 
 import lorakit
 from lorakit.methods import lora_mixer, routing, smora
-from lorakit.testing import check_method, perturb_
+from lorakit.testing import ToyLinear, check_method, perturb_
 
 from routing_tasks import TokenModel, base_model, mse, stream, teachers, train
 
 
 def test_conformance():
     assert any(c.endswith("merge refused") for c in check_method("smora"))
+    assert check_method("smora", config=smora.SMoRAConfig(r=8, top_k=3, target_modules=ToyLinear.targets), toys=[ToyLinear])
 
 
 def smora_layer(r=16, k=4, **fields) -> smora.SMoRALinear:

@@ -60,8 +60,8 @@ def stacked_factors(states: Sequence[AdapterState], layer: RoutedLoRA) -> tuple[
 
 
 @torch.no_grad()
-def load_experts(model: nn.Module, experts: Sequence[Expert], freeze: bool = True) -> nn.Module:
-    """Write LoRA adapters into the routed layers of ``model`` as experts 0..E-1; ``freeze`` stops their training."""
+def load_experts(model: nn.Module, experts: Sequence[Expert]) -> nn.Module:
+    """Write LoRA adapters into the routed layers of ``model`` as experts 0..E-1 (trainable or not, per config)."""
     states = expert_states(experts)
     layers = routed_layers(model)
     if not layers:
@@ -75,30 +75,22 @@ def load_experts(model: nn.Module, experts: Sequence[Expert], freeze: bool = Tru
         a, b = stacked_factors(states, layer)
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.copy_(b)
-    return freeze_experts(model, freeze)
-
-
-def freeze_experts(model: nn.Module, freeze: bool = True) -> nn.Module:
-    """Stop (or resume) training the experts of every routed layer; the routers keep training.
-
-    ``load_peft(..., is_trainable=True)`` makes every adapter tensor trainable: call this after it to train the
-    router alone again.
-    """
-    for layer in routed_layers(model).values():
-        for t in (layer.lora_A.weight, layer.lora_B.weight):
-            t.requires_grad_(not freeze)
     return model
 
 
 def from_adapters(model: nn.Module, config_class: type, experts: Sequence[Expert], *, freeze: bool = True, **fields) -> nn.Module:
-    """Apply a routed config to ``model`` whose experts are the given LoRA adapters (targets: the modules they adapt)."""
+    """Apply a routed config to ``model`` whose experts are the given LoRA adapters (targets: the modules they adapt).
+
+    ``freeze`` (default) stores the experts as fixed buffers (``train_experts=False``): only the router trains, also
+    after ``load_peft(..., is_trainable=True)``; ``freeze=False`` starts trainable experts from the adapters.
+    """
     states = expert_states(experts)
     r = max_rank(states)
     bases = {s.config.base_model_name_or_path for s in states} - {None}
     fields.setdefault("base_model_name_or_path", bases.pop() if len(bases) == 1 else None)
     config = config_class(
         r=r, lora_alpha=float(r), num_experts=len(states), fan_in_fan_out=states[0].config.fan_in_fan_out,
-        target_modules=sorted({p for s in states for p in s.modules()}), **fields,
+        target_modules=sorted({p for s in states for p in s.modules()}), train_experts=not freeze, **fields,
     )
     apply(model, config)
-    return load_experts(model, states, freeze=freeze)
+    return load_experts(model, states)

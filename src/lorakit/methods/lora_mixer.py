@@ -7,7 +7,7 @@ Router loss (the paper's Specialization Balance / Routing Specialization Loss), 
 f_e the fraction of routing slots given to e, P_e its mean probability, H the entropy.
 Two regimes: (i) experts and router trained jointly (``lorakit.apply`` with this config; target the attention
 projections, e.g. q/k/v/o); (ii) frozen LoRAs loaded from adapter directories, only the router trained
-(``from_adapters``).
+(``from_adapters``, experts stored as fixed buffers; ``freeze=False`` starts trainable experts from them).
 
 No code is public (the authors' repository holds a README only) and the method section was not readable here;
 the form above is reconstructed from the abstract and reviews. Decisions, each [UNVERIFIED]:

@@ -15,8 +15,9 @@ Read against the official code (NJUDeepEngine/meteora, ``MoELoRA/layer.py::MoELi
   (every token of an example gets its task) or per token.
 - Trainable set: the official ``meteora_train.py`` unfreezes the LoRAs as well as the gates, with a gate-only line
   commented out; the paper embeds off-the-shelf LoRAs. ``from_adapters`` (the paper's use: experts loaded from PEFT
-  adapter directories) freezes the experts and trains the gate alone; a MeteoRA applied from scratch with
-  ``lorakit.apply`` trains both (experts start as PEFT LoRAs, B = 0), as the released script does.
+  adapter directories) stores the experts as fixed buffers (``train_experts=False``) and trains the gate alone; a
+  MeteoRA applied from scratch with ``lorakit.apply`` trains both (experts start as PEFT LoRAs, B = 0), as the
+  released script does.
 - Experts with different ranks or scalings share one block size (the largest rank); each expert's scaling is
   folded into its B (``experts.py``), which is exact. The official code stacks 28 adapters of rank 8 and keeps a
   per-adapter scaling.

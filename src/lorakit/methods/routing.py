@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import Adapter, NotMergeableError
+from ..core.adapter import Adapter, NotMergeableError, linear_factor
 from ..core.apply import adapters
 from ..core.config import AdapterConfig
 from ..core.state import AdapterState
@@ -53,6 +53,7 @@ class ExpertsConfig(RoutedLoRAConfig):
     """Routed configs over ``num_experts`` LoRA experts of rank ``r`` each (MeteoRA, LoRA-Mixer)."""
 
     num_experts: int = 2
+    train_experts: bool = True  # False: the experts are fixed buffers (``from_adapters``) and only the router trains
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,12 +73,12 @@ class RoutedLoRA(Adapter):
 
     def __init__(self, base_layer: nn.Module, config: RoutedLoRAConfig, module_path: str, experts: int, block: int):
         super().__init__(base_layer, config, module_path)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if config.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.out_features, self.in_features = self.features()
         self.num_experts, self.block, self.r, self.scaling = experts, block, block, config.scaling
-        kw = dict(device=w.device, dtype=self.adapter_dtype())
-        self.lora_A = nn.Linear(self.in_features, experts * block, bias=False, **kw)
-        self.lora_B = nn.Linear(experts * block, self.out_features, bias=False, **kw)
+        kw = dict(device=base_layer.weight.device, dtype=self.adapter_dtype())
+        trainable = getattr(config, "train_experts", True)
+        self.lora_A = linear_factor(torch.zeros(experts * block, self.in_features, **kw), trainable)
+        self.lora_B = linear_factor(torch.zeros(self.out_features, experts * block, **kw), trainable)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.aux_loss: Optional[torch.Tensor] = None
         self.token_mask: Optional[torch.Tensor] = None  # [batch, seq] True for real tokens (route_context)
