@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .core.adapter import Adapter
+from .core.adapter import Adapter, NotMergeableError
 from .core.apply import adapters, apply, disabled, merge, trainable_parameters, unwrap
 from .core.config import AdapterConfig
 from .core.registry import METHODS
@@ -150,6 +150,22 @@ def _with_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     return clone
 
 
+def _check_merge_refused(model: nn.Module, x: torch.Tensor, out: torch.Tensor, label: str) -> None:
+    """``merge`` raises NotMergeableError and leaves the adapters and the output as they were."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    try:
+        merge(twin)
+    except NotMergeableError:
+        pass
+    else:
+        raise AssertionError(f"{label}: declares mergeable = False, but merge(model) did not refuse")
+    assert sorted(adapters(twin)) == sorted(adapters(model)), f"{label}: a refused merge removed adapter layers"
+    with torch.no_grad():
+        _close(twin(x), out, f"{label}: output after a refused merge")
+
+
 def default_config(name: str, targets: list[str], **overrides) -> AdapterConfig:
     """A small config of method ``name`` that targets ``targets``."""
     cls = METHODS.get(name).config_class
@@ -213,9 +229,10 @@ def _check_on(name: str, toy: Callable[[], nn.Module], config: Optional[AdapterC
     perturb_(model)
     with torch.no_grad():
         out = model(x)
-    # 5. delta matches forward; low_rank matches delta
-    for a in adapters(model).values():
-        _layer_delta_check(a, label)
+    # 5. delta matches forward; low_rank matches delta (methods with a ΔW)
+    if method_cls.mergeable:
+        for a in adapters(model).values():
+            _layer_delta_check(a, label)
     # 6. disabled restores the base output
     with disabled(model), torch.no_grad():
         _close(model(x), base_out, f"{label}: disabled output")
@@ -240,15 +257,21 @@ def _check_on(name: str, toy: Callable[[], nn.Module], config: Optional[AdapterC
     moved = copy.deepcopy(model).to(torch.float64)
     for a in adapters(moved).values():
         assert all(t.dtype == torch.float64 for t in a.adapter_tensors().values() if t.is_floating_point()), f"{label}: .to() left adapter tensors behind"
-    # 9. merged output equals adapter output (methods that merge exactly)
-    merged = merge(copy.deepcopy(model))
-    assert not adapters(merged), f"{label}: merge left adapter layers"
-    if method_cls.exact_merge:
-        with torch.no_grad():
-            _close(merged(x), out, f"{label}: merged output", atol=1e-4)
+    # 9. merged output equals adapter output (methods that merge exactly); the others refuse, model intact
+    if not method_cls.mergeable:
+        _check_merge_refused(model, x, out, label)
+    else:
+        merged = merge(copy.deepcopy(model))
+        assert not adapters(merged), f"{label}: merge left adapter layers"
+        if method_cls.exact_merge:
+            with torch.no_grad():
+                _close(merged(x), out, f"{label}: merged output", atol=1e-4)
     # 10. unwrap gives back the base model
     plain = unwrap(model)
     with torch.no_grad():
         _close(plain(x), base_out, f"{label}: output after unwrap")
     assert sum(p.numel() for p in plain.parameters()) == sum(v.numel() for v in base_params.values())
-    return [f"{label}: {p}" for p in ("targets", "init", "grads", "step", "delta", "disabled", "save/load", "bf16", "to", "merge", "unwrap")]
+    merge_check = "merge" if method_cls.mergeable else "merge refused"
+    delta_check = ["delta"] if method_cls.mergeable else []
+    checks = ["targets", "init", "grads", "step", *delta_check, "disabled", "save/load", "bf16", "to", merge_check, "unwrap"]
+    return [f"{label}: {p}" for p in checks]

@@ -129,3 +129,17 @@ def test_trains_a_lorakit_adapter(cls_data):
     assert any("lora_A" in n for n in changed) and any("score" in n for n in changed)
     assert not any("base_layer" in n for n in changed)
     assert result.trainable_params == sum(p.numel() for p in lorakit.trainable_parameters(model).values())
+
+
+def test_loss_fn_replaces_the_training_loss(cls_data):
+    model, _ = tiny_classifier()
+    seen = []
+
+    def doubled(m, batch):
+        seen.append(sorted(batch))
+        return 2 * m(**batch).loss
+
+    plain = fit(tiny_classifier()[0], cls_data[0], config=FAST, max_steps=3, max_grad_norm=None).history
+    hooked = fit(model, cls_data[0], config=FAST, max_steps=3, max_grad_norm=None, loss_fn=doubled).history
+    assert seen and seen[0] == ["attention_mask", "input_ids", "labels"]
+    assert math.isclose(hooked[0]["loss"], 2 * plain[0]["loss"], rel_tol=1e-5)

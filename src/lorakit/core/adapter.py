@@ -20,6 +20,10 @@ class AdapterShapeError(ValueError):
     """A tensor does not fit the module it is meant for."""
 
 
+class NotMergeableError(TypeError):
+    """The adapter's update depends on the input (e.g. token routing), so no weight can hold it."""
+
+
 class Adapter(nn.Module):
     """Base class of every adapter layer: ``base_layer`` stays frozen, the rest is adapter state."""
 
@@ -29,6 +33,7 @@ class Adapter(nn.Module):
     # Declared behaviour, checked by lorakit.testing.check_method.
     identity_at_init: ClassVar[bool] = True  # output equals the base output before training
     exact_merge: ClassVar[bool] = True  # merging into the weight reproduces forward exactly
+    mergeable: ClassVar[bool] = True  # False: merge refuses (no ΔW exists), and ``delta`` is not defined
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
     param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
 
@@ -105,8 +110,17 @@ class Adapter(nn.Module):
         weight = self.base_layer.weight.detach()
         return type(self).delta(tensors, self.config, weight).to(weight.dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise NotMergeableError for methods that declare ``mergeable = False``."""
+        if not self.mergeable:
+            raise NotMergeableError(
+                f"module '{self.module_path}': a '{self.name}' adapter computes an input-dependent update, which "
+                "no merged weight can reproduce; keep the adapter on the model, or unwrap(model) to remove it"
+            )
+
     def merged_layer(self) -> nn.Module:
         """The base layer with ΔW added to its weight (in place), ready to replace this adapter."""
+        self.check_mergeable()
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise ValueError(f"module '{self.module_path}': the adapter's update has NaN or inf; refusing to merge")

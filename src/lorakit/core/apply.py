@@ -122,6 +122,10 @@ def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
     found = wrapped_modules(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no lorakit adapter to {'merge' if merge_weights else 'unwrap'}")
+    if merge_weights:  # refuse before touching anything, so a refused merge leaves the model intact
+        for module in found.values():
+            if isinstance(module, Adapter):
+                module.check_mergeable()
     # innermost first, so nested wrappers unwind correctly
     for path in sorted(found, key=lambda p: -p.count(".")):
         module = found[path]

@@ -133,16 +133,17 @@ def load_task(
     seed: int = 0,
     **columns,
 ) -> Task:
-    """A bundled task by name (`tweets`) or local data (file or directory); see `from_records` for options."""
-    from .tweets import TWEETS_NAME, tweets
+    """A bundled task by name (`tweets`, `fortunes`, `wordnet-category`, `wordnet-pos`) or local data (file or
+    directory); see `from_records` for options."""
+    from .bundled import BUNDLED
 
-    if str(name_or_path) == TWEETS_NAME:
+    if str(name_or_path) in BUNDLED:
         if kind != "classification":
-            raise ValueError(f"{TWEETS_NAME!r} is a classification task; kind={kind!r} does not apply")
-        task = tweets()
+            raise ValueError(f"{str(name_or_path)!r} is a classification task; kind={kind!r} does not apply")
+        task = BUNDLED[str(name_or_path)]()
     elif not Path(name_or_path).exists():
         raise FileNotFoundError(
-            f"{name_or_path}: no such file or directory, and not a bundled task (bundled: {TWEETS_NAME!r})"
+            f"{name_or_path}: no such file or directory, and not a bundled task (bundled: {', '.join(BUNDLED)})"
         )
     else:
         task = from_records(read_splits(name_or_path), kind, seed=seed, source=str(name_or_path), **columns)

@@ -31,6 +31,12 @@ from .metrics_log import MetricsLog
 from .schedule import lr_multiplier, warmup_count
 
 Callback = Callable[[int, dict], None]
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The default training loss: the model's own ``.loss`` on the batch."""
+    return model(**batch).loss
 
 
 def param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -45,13 +51,13 @@ def param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> l
 class _Run:
     """The state of one `fit` call."""
 
-    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks):
+    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks, loss_fn):
         if (cfg.save_every or cfg.resume is True) and not cfg.output_dir:
             raise ValueError("save_every and resume=True need output_dir (where checkpoints live)")
         if len(train_data) == 0:
             raise ValueError("fit got an empty training set")
         self.model, self.train_data, self.eval_data, self.cfg, self.procs = model, train_data, eval_data, cfg, procs
-        self.metric_fn, self.callbacks = metric_fn, callbacks
+        self.metric_fn, self.callbacks, self.loss_fn = metric_fn, callbacks, loss_fn or model_loss
         self.collate, self.eval_collate = collate_for(train_data, collate_fn), collate_fn
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.named:
@@ -115,7 +121,7 @@ class _Run:
             # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch syncs.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.procs.world_size > 1 and not last else nullcontext():
-                loss = self.ddp(**batch).loss
+                loss = self.loss_fn(self.ddp, batch)
                 (loss / len(group)).backward()
             losses.append(loss.detach().float().item())
         if self.cfg.max_grad_norm:
@@ -191,12 +197,14 @@ def fit(
     metric_fn: MetricFn | None = None,
     collate_fn: Callable | None = None,
     callbacks: Sequence[Callback] = (),
+    loss_fn: LossFn | None = None,
     **overrides,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; `overrides` replace fields of `config`.
 
     The model must return an output with `.loss` when called with a collated batch (Hugging Face style);
-    `callbacks` are called as cb(step, record) after every optimiser step.
+    `callbacks` are called as cb(step, record) after every optimiser step. `loss_fn(model, batch)` replaces the
+    training loss (default: `model(**batch).loss`), e.g. to add a router's auxiliary loss; evaluation is unchanged.
     """
     unknown = sorted(set(overrides) - set(TrainConfig.field_names()))
     if unknown:
@@ -204,6 +212,6 @@ def fit(
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     procs = distributed.setup(next(model.parameters()).device)
     try:
-        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks).run()
+        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn).run()
     finally:
         distributed.teardown(procs)
