@@ -20,8 +20,8 @@ import torch
 from . import METHODS, apply, load_peft, save_peft, trainable_parameters
 from .core.config import AdapterConfig
 
-DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1500, max_length=64, batch_size=16, epochs=1,
-            r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=75)
+DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1000, max_length=64, batch_size=16, epochs=1,
+            r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=125)
 
 
 def _quiet_transformers() -> None:

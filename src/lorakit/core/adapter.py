@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import AdapterConfig
@@ -120,6 +121,31 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, r={getattr(self.config, 'r', None)}, path={self.module_path!r}"
+
+
+class FrozenLinear(nn.Module):
+    """A fixed bias-free linear map whose ``weight`` [out, in] is a buffer: saved with the adapter, never trained."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def linear_factor(weight: torch.Tensor, trainable: bool) -> nn.Module:
+    """A bias-free linear factor holding ``weight`` [out, in]: ``nn.Linear`` if trainable, else ``FrozenLinear``.
+
+    Frozen factors are buffers rather than parameters with ``requires_grad=False``: no optimiser, weight decay or
+    ``set_trainable`` can move them, and their file key (``<name>.weight``) is the same either way.
+    """
+    if not trainable:
+        return FrozenLinear(weight)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
 
 
 class ModulesToSave(nn.Module):

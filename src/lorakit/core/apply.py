@@ -15,7 +15,7 @@ from torch import nn
 from .adapter import Adapter, ModulesToSave
 from .config import AdapterConfig
 from .registry import METHODS
-from .targets import LINEAR_TYPES, expand_all_linear, is_target, matches, no_match_message
+from .targets import LINEAR_TYPES, expand_all_linear, is_module_to_save, is_target, no_match_message
 
 Wrapped = Union[Adapter, ModulesToSave]
 CONFIG_ATTR = "lorakit_config"
@@ -89,7 +89,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
             )
         _set_module(model, path, cls(module, config.for_module(path), path))
     for path, module in list(model.named_modules()):
-        if path and matches(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
+        if is_module_to_save(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
             if not any(path.startswith(q + ".") for q in wrapped_modules(model)):
                 _set_module(model, path, ModulesToSave(module, path))
     _set_bias_trainable(model, config)
@@ -101,9 +101,11 @@ def _set_bias_trainable(model: nn.Module, config: AdapterConfig) -> None:
     if config.bias == "none":
         return
     scope = adapters(model).values() if config.bias == "lora_only" else [model]
+    # the originals beside a modules_to_save copy stay frozen (as PEFT): only the copy trains
+    originals = tuple(p + ".base_layer." for p, m in wrapped_modules(model).items() if isinstance(m, ModulesToSave))
     for module in scope:
         for name, param in module.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            if (name == "bias" or name.endswith(".bias")) and not name.startswith(originals):
                 param.requires_grad_(True)
 
 

@@ -73,7 +73,8 @@ class AdapterConfig:
                 value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
                 object.__setattr__(self, f.name, value)
             if not _type_ok(value, hints[f.name]):
-                expected = str(hints[f.name]).replace("typing.", "")
+                hint = hints[f.name]
+                expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
                 raise TypeError(
                     f"{type(self).__name__}.{f.name}: expected {expected}, found {type(value).__name__} "
                     f"({value!r})"
@@ -82,6 +83,14 @@ class AdapterConfig:
             raise ValueError(f"{type(self).__name__}.r must be >= 0, found {self.r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', found {self.bias!r}")
+        # PEFT refuses these combinations when it reads the config, so a file written with them would not load.
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                f"{type(self).__name__}: layers_to_transform/layers_pattern need target_modules as a list of names; "
+                f"with a regex (target_modules={self.target_modules!r}) put the layer indices in the regex"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{type(self).__name__}: layers_pattern={self.layers_pattern!r} needs layers_to_transform")
 
     @property
     def method_name(self) -> str:
@@ -150,10 +159,12 @@ class LoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.lora_bias:
             raise NotImplementedError("lora_bias=True is not supported yet; use lora_bias=False")
+        if self.use_dora and self.method not in ("lora", "dora"):
+            raise ValueError(f"{type(self).__name__}: use_dora=True applies to LoRA only; use DoRAConfig")
 
     @property
     def method_name(self) -> str:
-        return "dora" if self.use_dora else "lora"
+        return "dora" if self.use_dora else self.method  # subclasses (LoRA variants) build their own method
 
     @classmethod
     def claims(cls, data: dict) -> bool:

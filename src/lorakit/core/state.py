@@ -7,6 +7,8 @@ full tensors of modules trained in full.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,10 +18,14 @@ from torch import nn
 from .adapter import AdapterShapeError, LowRank
 from .apply import adapters, apply, config_of, wrapped_modules
 from .adapter import ModulesToSave
-from .config import AdapterConfig
+from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
 
 Tensors = dict[str, dict[str, torch.Tensor]]
+# Config fields that choose modules or describe provenance: the per-module computation does not depend on them.
+_NOT_COMPUTED = dict(target_modules=None, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                     modules_to_save=None, init_lora_weights=True, task_type=None, base_model_name_or_path=None,
+                     revision=None, inference_mode=False)
 
 
 @dataclass
@@ -76,6 +82,32 @@ class AdapterState:
         """A copy with config fields replaced."""
         return AdapterState(dataclasses.replace(self.config, **changes), self.tensors, self.modules_to_save, self.base_tensors)
 
+    def to_lora(self) -> "AdapterState":
+        """This adapter as a plain LoRA state (PEFT- and vLLM-loadable), for methods whose update is low-rank.
+
+        Each module's ``low_rank`` (A, B, scale) becomes ``lora_A = A``, ``lora_B = scale · B`` with scaling 1
+        (``lora_alpha = r``; modules of another rank get ``rank_pattern``/``alpha_pattern`` entries). Linear and
+        Conv1D modules only.
+        """
+        if type(self.config) is LoRAConfig and not self.config.use_dora:
+            return self
+        tensors, ranks = {}, {}
+        for path in self.tensors:
+            factors = self.low_rank(path)
+            if factors is None or factors[0].dim() != 2:
+                raise ValueError(f"module '{path}': method '{self.config.method_name}' has no exact low-rank form to "
+                                 "export as LoRA; merge it into the base weights instead")
+            a, b, scale = factors
+            tensors[path] = {"lora_A.weight": a.detach().clone(), "lora_B.weight": (b * scale).detach().clone()}
+            ranks[path] = a.shape[0]
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else self.config.r
+        pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(AdapterConfig)}
+        fields.update(r=r, rank_pattern=pattern, init_lora_weights=True)
+        config = LoRAConfig(**fields, lora_alpha=r, alpha_pattern=dict(pattern),
+                            lora_dropout=getattr(self.config, "lora_dropout", 0.0))
+        return AdapterState(config, tensors, self.modules_to_save, self.base_tensors)
+
     @classmethod
     def from_model(cls, model: nn.Module) -> "AdapterState":
         """The adapter state of a model that ``apply``/``load_peft`` prepared (tensors detached, on CPU)."""
@@ -95,9 +127,23 @@ class AdapterState:
             }
         return cls(config, tensors, saved, base_tensors)
 
+    def _check_computes_like(self, current: AdapterConfig, paths) -> None:
+        """Refuse to copy tensors into adapters whose config computes differently (the layers keep their own)."""
+        for path in paths:
+            ours, theirs = (dataclasses.asdict(dataclasses.replace(c.for_module(path), **_NOT_COMPUTED))
+                            for c in (self.config, current))
+            if self.config.method_name != current.method_name or ours != theirs:
+                fields = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+                raise ValueError(
+                    f"module '{path}': the model already has a '{current.method_name}' adapter that differs from the "
+                    f"'{self.config.method_name}' adapter being loaded in {', '.join(fields) or 'its method'}; load "
+                    "into the base model, or unwrap(model) first"
+                )
+
     def load_into(self, model: nn.Module) -> nn.Module:
         """Apply this state's config to a base ``model`` (if not already applied) and copy the tensors in."""
-        if not wrapped_modules(model):
+        fresh = not wrapped_modules(model)
+        if fresh:
             apply(model, self.config)
         found = wrapped_modules(model)
         expected = set(adapters(model))
@@ -109,6 +155,8 @@ class AdapterState:
                 + (f"not in the model: {', '.join(extra[:8])}; " if extra else "")
                 + (f"no tensors for: {', '.join(missing[:8])}" if missing else "")
             )
+        if not fresh:
+            self._check_computes_like(config_of(model), sorted(expected))
         for path, tensors in list(self.tensors.items()) + list(self.modules_to_save.items()):
             if path not in found:
                 raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")

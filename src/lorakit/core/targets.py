@@ -2,8 +2,9 @@
 
 ``target_modules``: a string is a regex fully matched against the module path; a list matches a path that
 equals an entry or ends with ``"." + entry``; ``"all-linear"`` means every Linear/Conv1D except the output
-head. ``exclude_modules`` likewise. ``layers_to_transform`` keeps modules whose layer index (the number after
-``layers_pattern``, or after any segment when it is unset) is listed.
+head. ``exclude_modules`` likewise; ``modules_to_save`` (and what lies inside them) are never targets.
+``layers_to_transform`` keeps modules whose layer index (the first number after ``layers_pattern``, or after
+any segment when it is unset) is listed; a full path named in a list is kept whatever its layer.
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def matches(path: str, spec: Union[str, list, None]) -> bool:
 
 def layer_index(path: str, layers_pattern: Union[str, list, None]) -> Optional[int]:
     """The transformer block index in ``path``, as PEFT finds it for ``layers_to_transform``."""
+    # Lazy ``.*?``: the first numbered segment is the block; later ones are nested (e.g. MoE experts).
     if not layers_pattern:
-        found = re.match(r".*\.[^.]*\.(\d+)\.", path)
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         found = None
         for pattern in patterns:
-            found = re.match(rf".*\.{pattern}\.(\d+)\.", path)
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
             if found:
                 break
     return int(found.group(1)) if found else None
@@ -65,12 +67,26 @@ def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list:
     return sorted(names)
 
 
+def is_module_to_save(path: str, names: Optional[list]) -> bool:
+    """PEFT's rule for wrapping a module in full: a plain suffix (``classifier`` also takes ``pre_classifier``)."""
+    return bool(path) and any(path.endswith(n) for n in names or [])
+
+
+def is_saved_in_full(path: str, modules_to_save: Optional[list]) -> bool:
+    """Whether ``path`` is, or lies inside, a ``modules_to_save`` entry (PEFT's regex rule)."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save or [])
+
+
 def is_target(path: str, config: AdapterConfig) -> bool:
     """Whether ``config`` puts an adapter on the module at ``path``."""
     if not matches(path, config.target_modules) or matches(path, config.exclude_modules):
         return False
-    if config.layers_to_transform is None:
+    if is_saved_in_full(path, config.modules_to_save):
+        return False  # as PEFT: a module trained in full (or inside one) never also gets an adapter
+    if config.layers_to_transform is None or config.layers_to_transform == []:
         return True
+    if not isinstance(config.target_modules, str) and path in config.target_modules:
+        return True  # as PEFT: a full path named in the list is taken whatever its layer
     index = layer_index(path, config.layers_pattern)
     if index is None:
         return False

@@ -3,10 +3,12 @@
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a pickled
 ``adapter_model.bin``, read only with ``allow_pickle=True``: unpickling can run code). Keys are
 ``base_model.model.<module path>.<tensor name>``; adapters other than the default live in sub-folders.
-Writes go to a temporary directory that is renamed into place, so no half-written adapter is left behind.
+Writes go to a temporary directory whose files are renamed into place, so no half-written adapter is left
+behind; other files in an existing directory (sub-folder adapters, a README) are kept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,13 +25,14 @@ from ..core.apply import config_of, set_trainable
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
-from ..core.targets import matches
+from ..core.targets import is_module_to_save
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PathLike = Union[str, os.PathLike]
+PEFT_WRAPPER_COPIES = ("modules_to_save.", "original_module.")  # inside peft's ModulesToSaveWrapper
 
 
 class AdapterFileError(ValueError):
@@ -124,9 +127,12 @@ def split_keys(flat: dict[str, torch.Tensor], config: AdapterConfig, source: str
             state.tensors.setdefault(rel[: -len(name) - 1], {})[name] = value
             continue
         parts = rel.split(".")
-        owner = next((i for i in range(1, len(parts)) if matches(".".join(parts[:i]), config.modules_to_save)), None)
+        owner = next((i for i in range(1, len(parts)) if is_module_to_save(".".join(parts[:i]), config.modules_to_save)), None)
         if owner is not None:
-            state.modules_to_save.setdefault(".".join(parts[:owner]), {})[".".join(parts[owner:])] = value
+            inner = ".".join(parts[owner:])
+            if inner.startswith(PEFT_WRAPPER_COPIES):
+                continue  # peft's bias="all" also writes its wrapper's copies; the plain key holds the same tensor
+            state.modules_to_save.setdefault(".".join(parts[:owner]), {})[inner] = value
         elif (config.bias != "none" and rel.endswith("bias")) or ".base_layer." in rel:
             # trained biases, and embedding layers PEFT saves in full (save_embedding_layers)
             state.base_tensors[rel] = value
@@ -159,35 +165,41 @@ def _json_ready(value):
 
 def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] = None) -> Path:
     """Write ``state`` as a PEFT directory (atomically) and return its path."""
-    target = Path(path) / adapter_name if adapter_name else Path(path)
+    target = (Path(path) / adapter_name if adapter_name else Path(path)).resolve()
+    if target.exists() and not target.is_dir():
+        raise AdapterFileError(f"{target}: exists and is not a directory; choose another path for the adapter")
     data = {k: _json_ready(v) for k, v in state.config.to_dict().items()}
     data["inference_mode"] = True
     data.setdefault("peft_version", "0.21.2")
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Write beside the final files (same filesystem, so the renames below cannot half-happen).
+    tmp = Path(tempfile.mkdtemp(prefix=".lorakit-save-", dir=target if target.is_dir() else target.parent))
     try:
         save_file(_flat(state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, target)
+        _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the folders made for this save, so that a failed save leaves no trace
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return target
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        # keep sub-folder adapters that live inside the old directory
-        for child in target.iterdir():
-            if child.is_dir() and (child / CONFIG_NAME).is_file():
-                shutil.move(str(child), str(tmp / child.name))
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the written files to ``target``, keeping whatever else an existing directory holds."""
+    if not target.exists():
+        os.replace(tmp, target)  # a new directory appears whole or not at all
+        return
+    # An existing directory may hold other adapters in sub-folders, a README or the user's own files: only the
+    # adapter's files are replaced, each by an atomic rename (weights first, so the old config never describes
+    # new weights for longer than one rename).
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        os.replace(tmp / name, target / name)
+    (target / PICKLE_NAME).unlink(missing_ok=True)  # an older pickled copy of the weights is now stale
+    tmp.rmdir()
 
 
 def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> Path:

@@ -7,39 +7,14 @@ The paper accumulates over a calibration subset whose size it leaves open: pass 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
-import torch
 from torch import nn
 
 from ..core.apply import adapters, apply, resolve
 from ..core.targets import is_target
 from ..methods.shira import SHiRAConfig, top_support
-
-LossFn = Callable[[nn.Module, object], torch.Tensor]
-
-
-def weight_gradients(model: nn.Module, paths: list[str], batches: Iterable, loss_fn: LossFn) -> dict[str, torch.Tensor]:
-    """Σ dL/dW over ``batches`` for the weight of each module in ``paths`` (fp32, weight layout)."""
-    weights = {p: model.get_submodule(p).weight for p in paths}
-    before = {p: w.requires_grad for p, w in weights.items()}
-    sums = {p: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for p, w in weights.items()}
-    seen = 0
-    try:
-        for w in weights.values():
-            w.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), list(weights.values()), allow_unused=True)
-            for p, g in zip(weights, grads):
-                if g is not None:
-                    sums[p] += g.float()
-            seen += 1
-    finally:
-        for p, w in weights.items():
-            w.requires_grad_(before[p])
-    if not seen:
-        raise ValueError("no calibration batches: pass an iterable with at least one batch")
-    return sums
+from .calibrate import LossFn, weight_gradients
 
 
 def calibrate(model: nn.Module, config: SHiRAConfig, batches: Iterable, loss_fn: LossFn) -> nn.Module:

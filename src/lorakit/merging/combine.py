@@ -71,7 +71,13 @@ def _check_inputs(states: list[AdapterState]) -> None:
     for i, s in enumerate(states):
         cfg = s.config
         if not isinstance(cfg, LoRAConfig):
-            raise MergeError(f"adapter {i}: method '{cfg.method_name}' cannot be merged yet; lorakit merges LoRA adapters")
+            not_low_rank = [p for p in s.modules() if s.low_rank(p) is None]
+            if not_low_rank:
+                raise MergeError(
+                    f"adapter {i}: method '{cfg.method_name}' has no exact low-rank form on module "
+                    f"'{not_low_rank[0]}', so it cannot be merged; fold it into the model with lorakit.merge"
+                )
+            continue
         if cfg.use_dora:
             raise MergeError(
                 f"adapter {i} is DoRA: its update m·(W+sBA)/‖W+sBA‖ − W depends on the base weight and is not low-rank, "
@@ -111,6 +117,11 @@ def _layout(path: str, states: list[AdapterState]) -> _Layout:
         if path not in s.tensors:
             continue
         t = s.tensors[path]
+        low = s.low_rank(path) if s.config.method_name != "lora" else None
+        if low is not None:  # another exactly low-rank method: its factors define the layout, stored as LoRA
+            a, b, _ = low
+            found[i] = _Layout(LORA_KEYS[0], b.shape[0], a.shape[1], (a.shape[1],), (), a.dtype)
+            continue
         keys = next((k for k in LORA_KEYS if set(k) <= set(t)), None)
         if keys is None or len(t) != 2:
             raise MergeError(f"adapter {i}, module '{path}': expected LoRA tensors {LORA_KEYS[0]}, found {sorted(t)}")
@@ -147,7 +158,7 @@ def _merged_config(states: list[AdapterState], tensors: dict, changes: dict) -> 
     task_types = {s.config.task_type for s in states}
     return LoRAConfig(
         r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=list(tensors),
-        fan_in_fan_out=first.fan_in_fan_out, lora_dropout=first.lora_dropout,
+        fan_in_fan_out=first.fan_in_fan_out, lora_dropout=getattr(first, "lora_dropout", 0.0),
         task_type=first.task_type if len(task_types) == 1 else None,
         base_model_name_or_path=next((s.config.base_model_name_or_path for s in states if s.config.base_model_name_or_path), None),
         **changes,
