@@ -50,15 +50,15 @@ TRAINING = ("steps", "batch_size", "max_train", "max_eval", "max_length", "log_e
 class Budget:
     """What every row of a task gets: the same steps, batch, data and evaluation set."""
 
-    steps: int = 100
-    batch_size: int = 16
-    max_train: int = 1600
-    max_eval: int = 600
-    max_length: int = 64
+    steps: int = 60
+    batch_size: int = 8
+    max_train: int = 480
+    max_eval: int = 300
+    max_length: int = 32
     log_every: int = 5
-    timing_steps: int = 10
+    timing_steps: int = 8
     timing_warmup: int = 2
-    memory_steps: int = 3
+    memory_steps: int = 2
 
     def key(self) -> str:
         """A folder name for the cache of this budget's training runs."""
@@ -229,12 +229,11 @@ def main(argv=None) -> int:
     info["reduced"] = reduced(budget, seeds, args)
     print(f"# {info['machine']}\n# rows: {', '.join(r.name for r in selected)}; skipped: {skipped or 'none'}", flush=True)
 
-    results = {}
-    for task_name in args.tasks.split(","):
-        task = TASKS[task_name](budget.max_train, budget.max_eval, budget.max_length, args.cache)
-        results[task_name] = run_task(task, selected, seeds, budget, cache, args)
-        del task
-        gc.collect()
+    tasks = {name: TASKS[name](budget.max_train, budget.max_eval, budget.max_length, args.cache)
+             for name in args.tasks.split(",")}
+    results = run_all(tasks, selected, seeds, budget, cache, args)
+    info["missing"] = [f"{t}/{r}: {len(e['runs'])} of {len(seeds)} seeds" for t, task in results.items()
+                       for r, e in task["rows"].items() if len(e["runs"]) < len(seeds)]
     extra = {} if args.no_claims else claims.measure(cache.root, args.report_only)
     info.update(load_end=load_average(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     page = report.write(out, info, results, skipped, claims.table(results, skipped, extra), extra)
@@ -242,30 +241,46 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_task(task, selected: list[rows.Row], seeds: list[int], budget: Budget, cache: Cache, args) -> dict:
-    """Cached or fresh runs, timings and memory probes of every selected row on one task."""
-    out = {"title": task.title, "description": task.description, "notes": task.notes, "rows": {}, "lora_r1": rows.rank_one_counts(task)}
-    for row in selected:
-        entry = out["rows"][row.name] = {"row": dataclasses.asdict(row), "runs": []}
-        jobs = [(f"seed{s}", lambda s=s: train_run(task, row, s, budget)) for s in seeds]
-        if row.kind != "claim":
-            jobs.append(("timing", lambda: timing(task, row, budget)))
-            if not args.no_memory:
-                jobs.append(("memory", lambda: memory(task.name, row, budget, args.cache)))
-        for what, job in jobs:
-            data = cache.get(task.name, row, what)
-            if data is None and not args.report_only:
-                t0 = time.perf_counter()
-                print(f"{task.name}/{row.name}/{what} ...", end=" ", flush=True)
-                data = cache.put(task.name, row, what, job())
-                print(f"{time.perf_counter() - t0:.0f} s" + (f", test accuracy {data['test']['accuracy']:.3f}"
-                                                              if "test" in data else ""), flush=True)
-                gc.collect()
-            if data is not None and what.startswith("seed"):
-                entry["runs"].append(data)
-            elif data is not None:
-                entry[what] = data
-    return out
+def phases(seeds: list[int], with_memory: bool) -> list[str]:
+    """The order of the work: every row once, then the timings, the other seeds and the memory probes, so an
+    interrupted run has whole tables for fewer seeds rather than a few rows with everything."""
+    return [f"seed{seeds[0]}", "timing", *[f"seed{s}" for s in seeds[1:]], *(["memory"] if with_memory else [])]
+
+
+def job(task, row: rows.Row, what: str, budget: Budget, cache_dir: Path):
+    """The computation behind one cache entry."""
+    if what == "timing":
+        return lambda: timing(task, row, budget)
+    if what == "memory":
+        return lambda: memory(task.name, row, budget, cache_dir)
+    return lambda: train_run(task, row, int(what[4:]), budget)
+
+
+def run_all(tasks: dict, selected: list[rows.Row], seeds: list[int], budget: Budget, cache: Cache, args) -> dict:
+    """Cached or fresh runs, timings and memory probes of every selected row on every task."""
+    results = {name: {"title": t.title, "description": t.description, "notes": t.notes,
+                      "lora_r1": rows.rank_one_counts(t),
+                      "rows": {r.name: {"row": dataclasses.asdict(r), "runs": []} for r in selected}}
+               for name, t in tasks.items()}
+    for what in phases(seeds, not args.no_memory):
+        for name, task in tasks.items():
+            for row in selected:
+                if row.kind == "claim" and not what.startswith("seed"):
+                    continue
+                data = cache.get(name, row, what)
+                if data is None and not args.report_only:
+                    t0 = time.perf_counter()
+                    print(f"{name}/{row.name}/{what} ...", end=" ", flush=True)
+                    data = cache.put(name, row, what, job(task, row, what, budget, args.cache)())
+                    print(f"{time.perf_counter() - t0:.0f} s" + (f", test accuracy {data['test']['accuracy']:.3f}"
+                                                                  if "test" in data else ""), flush=True)
+                    gc.collect()
+                entry = results[name]["rows"][row.name]
+                if data is not None and what.startswith("seed"):
+                    entry["runs"].append(data)
+                elif data is not None:
+                    entry[what] = data
+    return results
 
 
 if __name__ == "__main__":

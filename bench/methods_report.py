@@ -111,6 +111,8 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
         "records the load when it was taken (methods.json).",
         "",
     ]
+    if info.get("missing"):
+        lines += [f"**Incomplete**: the page was written before these finished: {'; '.join(info['missing'])}.", ""]
     if info.get("reduced"):
         lines += [f"**Reduced configuration**: {'; '.join(info['reduced'])}. The numbers below are from this "
                   "configuration, not the full one (`python bench/methods.py` with no options).", ""]
@@ -146,7 +148,10 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
     lines += [f"| {c['paper']} | {c['claim']} | {c['task']} | {c['measured']} | {c['verdict']} |" for c in claims]
     lines += ["", "## Rows and settings", "",
               "Rows come from `lorakit.METHODS` and `lorakit.INITIALIZERS` at run time (a method added later becomes "
-              "a row). Configs are built as the CLI builds them (`lorakit.jobs.method_config`).", "",
+              "a row). Configs are built as the CLI builds them (`lorakit.jobs.method_config`). There is no "
+              "per-method learning-rate search: a row without a method-specific lr trains at LoRA's, so methods "
+              "with very few trainable parameters may be under-trained within this budget, and their accuracy "
+              "reads as \"at LoRA's lr and this budget\", not as the method's best.", "",
               *_settings_table(results), ""]
     if skipped:
         lines += ["Skipped on this checkout:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()] + [""]

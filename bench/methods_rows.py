@@ -41,8 +41,8 @@ OPTIONS = {
     "randlora": ({"r": 32}, "r is the rank of the shared random bases (default 32, s = 640/32 = 20); trainable "
                             "parameters fall as it grows, and r = 8 would train about 3x LoRA's count"),
 }
-# per-step and evaluation hooks a method's module defines
-STEP_HOOKS = {"dylora": "sample_rank"}
+# per-step and evaluation hooks a method's module defines: a fit-callback factory (model, seed) and a rank setter
+STEP_HOOKS = {"dylora": "rank_sampler"}
 RANK_SWEEPS = {"dylora": "set_rank"}
 
 
@@ -174,12 +174,8 @@ def prepare(row: Row, model: torch.nn.Module, task, steps: int, batch_size: int,
         build(model, config, task.batches(CALIBRATION_BATCHES, batch_size))
     else:
         lorakit.apply(model, config)
-    hook = _module_hook(row.method, STEP_HOOKS)
-    if hook is None:
-        return []
-    gen = torch.Generator().manual_seed(seed)
-    hook(model, gen)  # the first step's draw; each callback draws the next step's
-    return [lambda step, record: hook(model, gen)]
+    factory = _module_hook(row.method, STEP_HOOKS)
+    return [] if factory is None else [factory(model, seed)]
 
 
 def rank_sweep(row: Row, model: torch.nn.Module, evaluate: Callable) -> dict:
