@@ -139,7 +139,7 @@ def timing(task, row: rows.Row, budget: Budget) -> dict:
             continue
         models[key] = task.model(0)
         fns[key] = step_fn(models[key], batch, rows.prepare(r, models[key], task, budget.steps, budget.batch_size, 0))
-    twin, peft_note = rows.peft_twin(row, models["row"], task.model(0))
+    twin, peft_note = rows.peft_twin(row, models["row"])
     if twin is not None:
         with torch.no_grad():  # same adapter, same base: the losses should agree before any step
             loss = {"lorakit": models["row"].eval()(**batch).loss.item(), "peft": twin.eval()(**batch).loss.item()}

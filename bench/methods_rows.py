@@ -9,6 +9,7 @@ interface is missing is skipped with that reason, so the table fills in as metho
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -208,11 +209,13 @@ def rank_one_counts(task) -> dict:
     return parameter_counts(model)
 
 
-def peft_twin(row: Row, model: torch.nn.Module, fresh: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:
-    """``fresh`` with PEFT's implementation of ``row``'s adapter, loaded from lorakit's file (the same weights),
-    or (None, why not). Data-driven initialisations are not re-run in PEFT: the step is what is timed."""
+def peft_twin(row: Row, model: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:
+    """A copy of ``model``'s base with PEFT's implementation of its adapter, loaded from lorakit's file (the same
+    weights; the same base, also where an initialiser moved part of it into the adapter), or (None, why not).
+    Initialisations are not re-run in PEFT: the step is what is timed."""
     if row.kind not in ("method", "initialiser"):
         return None, "as its method's row"
+    fresh = lorakit.unwrap(copy.deepcopy(model))
     with tempfile.TemporaryDirectory() as d:
         lorakit.save_peft(model, d)
         path = Path(d) / "adapter_config.json"
