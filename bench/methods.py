@@ -141,8 +141,9 @@ def timing(task, row: rows.Row, budget: Budget) -> dict:
         fns[key] = step_fn(models[key], batch, rows.prepare(r, models[key], task, budget.steps, budget.batch_size, 0))
     twin, peft_note = rows.peft_twin(row, models["row"])
     if twin is not None:
-        with torch.no_grad():  # same adapter, same base: the losses should agree before any step
+        with torch.no_grad():  # same adapter, same base: the losses should agree before any step (no dropout)
             loss = {"lorakit": models["row"].eval()(**batch).loss.item(), "peft": twin.eval()(**batch).loss.item()}
+        models["row"].train()
         fns["peft"] = step_fn(twin, batch)
     times = interleaved(fns, budget.timing_warmup, budget.timing_steps)
     stats = {k: summary(v) for k, v in times.items()}
