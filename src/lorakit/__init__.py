@@ -9,12 +9,14 @@ from .core.registry import INITIALIZERS, METHODS, Registry
 from .core.state import AdapterState
 from .formats.peft import AdapterFileError, load_peft, load_state, save_peft, save_state
 from .methods.dylora import truncate
+from . import init  # noqa: F401  (registers the initialisers)
+from .init import convert_to_plain_lora, initialize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
     "INITIALIZERS", "LoRAConfig", "METHODS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
-    "disabled", "load_peft", "load_state", "merge", "save_peft", "save_state", "trainable_parameters", "truncate",
-    "unwrap",
+    "convert_to_plain_lora", "disabled", "initialize", "load_peft", "load_state", "merge", "save_peft", "save_state",
+    "trainable_parameters", "truncate", "unwrap",
 ]

@@ -228,8 +228,6 @@ def test_peft_config_file_reads_in_lorakit(llama, tmp_path):
     assert state.modules_to_save and list(state.modules_to_save) == ["lm_head"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="load_peft builds the layers with the file's "
-                   "init_lora_weights and lorakit has no 'orthogonal' initialiser, though loading overwrites A and B")
 def test_peft_adapter_with_other_initialiser(llama, perturb, tmp_path):
     model = perturb(get_peft_model(llama.make(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal")))
     model.save_pretrained(tmp_path)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .adapter import Adapter, ModulesToSave
 from .config import AdapterConfig
-from .registry import METHODS
+from .registry import METHODS, initializer_for
 from .targets import LINEAR_TYPES, expand_all_linear, is_module_to_save, is_target, no_match_message
 
 Wrapped = Union[Adapter, ModulesToSave]
@@ -94,6 +94,9 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 _set_module(model, path, ModulesToSave(module, path))
     _set_bias_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
+    initializer = initializer_for(config.init_lora_weights)
+    if initializer is not None and not initializer.needs_data:
+        initializer.run(model)  # pissa, olora, orthogonal; data-driven ones wait for lorakit.initialize
     return model
 
 

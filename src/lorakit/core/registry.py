@@ -104,3 +104,14 @@ class MethodRegistry(Registry):
 
 METHODS = MethodRegistry("method")
 INITIALIZERS = Registry("initialiser")
+
+
+def initializer_for(init_lora_weights: Any) -> Any:
+    """The registered initialiser that handles an ``init_lora_weights`` value, or None (True, False, "gaussian")."""
+    if not isinstance(init_lora_weights, str):
+        return None
+    for name in INITIALIZERS:
+        entry = INITIALIZERS.get(name)
+        if entry.accepts(init_lora_weights):
+            return entry
+    return None

@@ -6,6 +6,7 @@ identity (PEFT's default; ``init_lora_weights="gaussian"`` draws A from N(0, 1/r
 Layers: ``nn.Linear``, transformers' ``Conv1D`` (weight stored [in, out], ``fan_in_fan_out``),
 ``nn.Embedding`` (A [r, vocab], B [dim, r], A zero and B normal, as PEFT), ``nn.Conv2d`` (A a conv with the
 base kernel, B a 1x1 conv). Tensor names are PEFT's, so the state dict is the PEFT file minus its prefix.
+Other ``init_lora_weights`` values ("pissa", "olora", "lora_ga", "eva") are initialisers in ``lorakit.init``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..core.adapter import Adapter, LowRank
 from ..core.config import LoRAConfig
-from ..core.registry import METHODS
+from ..core.registry import INITIALIZERS, METHODS, initializer_for
 
 try:  # GPT-2 style layers; transformers is optional for the core
     from transformers.pytorch_utils import Conv1D
@@ -82,12 +83,13 @@ class LoRALayer(Adapter):
             return
         if isinstance(init, str) and init.lower() == "gaussian":
             nn.init.normal_(a, std=1 / self.r)
-        elif init is True:
+        elif init is True or initializer_for(init) is not None:
+            # a registered initialiser (lorakit.init) overwrites A and B after apply; start as the identity
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         else:
             raise ValueError(
-                f"module '{self.module_path}': init_lora_weights={init!r} needs an initialiser; "
-                "use True, False or 'gaussian', or a registered data-driven initialiser"
+                f"module '{self.module_path}': init_lora_weights={init!r} is not an initialisation lorakit knows; "
+                f"use True, False, 'gaussian' or a registered initialiser ({', '.join(INITIALIZERS.names())})"
             )
         nn.init.zeros_(b)
 
