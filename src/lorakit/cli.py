@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, info, merge, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, eval, info, merge, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit) print one line to stderr and exit with
 status 2; anything else is a bug and keeps its traceback.
@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge adapters into one LoRA adapter (PEFT format)")
     merge_cli.add_arguments(p)
     p.set_defaults(func=merge_cli.run)
+
+    from .federated import cli as fed_cli
+    from .serve import cli as serve_cli
+
+    p = sub.add_parser("fed", help="federated LoRA on Flower: the bundled experiment or your own settings")
+    fed_cli.add_arguments(p)
+    p.set_defaults(func=fed_cli.run)
+
+    serve_cli.add_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
