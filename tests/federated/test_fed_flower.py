@@ -31,7 +31,6 @@ def test_simulation_engine_runs_the_apps_and_matches_the_in_process_run(tmp_path
     assert _accuracies(rounds) == _accuracies(reference)
 
 
-@pytest.mark.slow
 def test_loopback_deployment_runs_the_apps_and_survives_a_node_that_leaves(tmp_path):
     settings = toy(strategy="flora", num_clients=3, num_rounds=3, min_replies=2, reply_timeout=300.0,
                    out_dir=str(tmp_path / "out"))
