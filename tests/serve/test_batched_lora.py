@@ -1,4 +1,4 @@
-"""The batched LoRA operator against the token-by-token reference: mixed ranks, no-adapter tokens, both backends."""
+"""The batched LoRA operator against the token-by-token reference: mixed ranks, no-adapter tokens, every backend."""
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ def _case(num_tokens, ranks, d_in=32, d_out=48, none_share=0.2, seed=0):
     return x, ops.plan_step(cls, slot, keys), tables, expected
 
 
-@pytest.mark.parametrize("backend", ["grouped", "segments"])
+@pytest.mark.parametrize("backend", ["grouped", "segments", "bmm", "auto"])
 @pytest.mark.parametrize("num_tokens,ranks", [(7, [8]), (32, [8, 16, 32, 64]), (300, [4, 8, 8, 64, 16]), (1, [64])])
 def test_batched_update_matches_reference(backend, num_tokens, ranks):
     if backend == "grouped" and not ops.grouped_mm_available():
@@ -87,3 +87,17 @@ def test_classes_absent_from_a_module_are_skipped():
     mask[rank8_rows] = True
     torch.testing.assert_close(y[mask], expected[mask], atol=1e-4, rtol=1e-4)
     assert (y[~mask] == 0).all()
+
+
+def test_bmm_blocks_pad_uneven_and_empty_slots():
+    adapters = _adapters([8, 8, 8, 8], 16, 24)
+    tables, where, keys = _tables(adapters)
+    choice = [3, 0, 0, None, 3, 0, 3, 3]  # slots 1 and 2 hold no token, slot 3 four, slot 0 three
+    cls = torch.tensor([-1 if c is None else 0 for c in choice])
+    slot = torch.tensor([0 if c is None else where[c][1] for c in choice])
+    x = torch.randn(len(choice), 16)
+    plan = ops.plan_step(cls, slot, keys)
+    assert plan.classes[0].width == 4 and plan.classes[0].pick is not None
+    expected = ops.reference_delta(x, [None if c is None else adapters[c] for c in choice])
+    y = ops.lora_add_(torch.zeros_like(expected), x, plan, tables, backend="bmm")
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)

@@ -57,7 +57,7 @@ class EngineConfig:
     prefetch: bool = True  # load adapter files on a background thread (else inside the step loop)
     lookahead: int = 64  # queued requests whose adapters are prefetched
     lora_dtype: torch.dtype = torch.float32
-    backend: str = "auto"  # batched LoRA operator: auto, grouped, segments
+    backend: str = "auto"  # batched LoRA operator: auto, bmm, grouped, segments
 
 
 @dataclass(eq=False)

@@ -6,7 +6,12 @@ table of a shape class ``c``) or none, and ``y[t] += (x[t] @ A_s^T) @ B_s^T`` wh
 ranks live in different classes, so nothing is padded to the largest rank in the batch.
 
 ``plan_step`` sorts the step's tokens by (class, slot) once; every adapted module of every layer reuses that plan.
-Backends, chosen per call:
+Backends, chosen per call (``auto``: ``bmm`` while padding at most doubles the rows or keeps them under 256, as
+in decode steps, else ``grouped``, else ``segments``):
+- ``bmm``: S-LoRA's padded batched GEMM: each slot's tokens gathered into a ``[slots, width, in]`` block (padding rows
+  repeat a real row and their results are dropped), one ``torch.bmm`` to shrink and one to expand per class. On CPU,
+  ``grouped_mm`` runs one small GEMM per slot, and with one token per slot (decode) that per-slot cost is most of
+  the LoRA time; two bmm calls have none of it;
 - ``grouped``: ``torch.nn.functional.grouped_mm`` on the slot-sorted tokens, one shrink and one expand call per
   class (a grouped GEMM: segments for prefill, tiny groups for decode);
 - ``segments``: a loop of ``torch.mm`` over each slot's contiguous run of tokens (for torch builds without
@@ -36,6 +41,9 @@ class ClassPlan:
     counts: list[int]  # tokens per slot
     lo: int  # first slot with tokens; slots below it are left out of the calls
     hi: int  # one past the last slot with tokens
+    width: int  # most tokens of one slot: the bmm backend's block is [hi - lo, width, in]
+    src: Optional[torch.Tensor]  # [(hi - lo) * width] token row of each block row (padding repeats a real row)
+    pick: Optional[torch.Tensor]  # block row of each token in slot order; None when the block has no padding
 
 
 @dataclass
@@ -60,7 +68,14 @@ def plan_step(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequenc
         lo, hi = int(slots[0]), int(slots[-1]) + 1
         counts = torch.bincount(slots - lo, minlength=hi - lo)
         identity = rows.numel() == n and bool((rows == torch.arange(n)).all())
-        plans.append(ClassPlan(key, None if identity else rows, counts.cumsum(0).to(torch.int32), counts.tolist(), lo, hi))
+        ends = counts.cumsum(0)
+        width = int(counts.max())
+        src, pick = None if identity else rows, None
+        if width * (hi - lo) != rows.numel():  # padded: token j of slot s sits at block row s * width + j
+            pick = (slots - lo) * width + torch.arange(rows.numel()) - (ends - counts).index_select(0, slots - lo)
+            src = rows.index_select(0, (ends - counts).clamp(max=rows.numel() - 1)).repeat_interleave(width)
+            src[pick] = rows
+        plans.append(ClassPlan(key, None if identity else rows, ends.to(torch.int32), counts.tolist(), lo, hi, width, src, pick))
     return StepPlan(n, plans)
 
 
@@ -96,6 +111,13 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, tables: Tables, 
         if pair is None:  # this class does not adapt the module
             continue
         at, bt = pair[0][cp.lo:cp.hi], pair[1][cp.lo:cp.hi]
+        if backend == "bmm" or (backend == "auto" and bmm_suits(cp)):
+            xp = x if cp.src is None else x.index_select(0, cp.src)
+            delta = torch.bmm(torch.bmm(xp.to(at.dtype).reshape(cp.hi - cp.lo, cp.width, -1), at), bt).flatten(0, 1)
+            if cp.pick is not None:
+                delta = delta.index_select(0, cp.pick)
+            _scatter_add(y, delta, cp.index)
+            continue
         xs = x if cp.index is None else x.index_select(0, cp.index)
         xs = xs.to(at.dtype).contiguous()
         use_grouped = backend == "grouped" or (backend == "auto" and _GROUPED_MM is not None)
@@ -105,12 +127,22 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: StepPlan, tables: Tables, 
             delta = _segments(xs, at, bt, cp.counts)
         else:
             raise ValueError(f"backend {backend!r} cannot run these shapes (grouped_mm available: {grouped_mm_available()})")
-        delta = delta.to(y.dtype)
-        if cp.index is None:
-            y.add_(delta)
-        else:
-            y.index_add_(0, cp.index, delta)
+        _scatter_add(y, delta, cp.index)
     return y
+
+
+def bmm_suits(cp: ClassPlan) -> bool:
+    """Whether padding each slot to ``cp.width`` tokens costs little: at most double the rows, or under 256."""
+    padded = (cp.hi - cp.lo) * cp.width
+    return padded <= max(2 * int(cp.offs[-1]), 256)
+
+
+def _scatter_add(y: torch.Tensor, delta: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+    delta = delta.to(y.dtype)
+    if index is None:
+        y.add_(delta)
+    else:
+        y.index_add_(0, index, delta)
 
 
 def _segments(xs: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, counts: list[int]) -> torch.Tensor:
