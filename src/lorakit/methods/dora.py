@@ -73,11 +73,14 @@ class DoRALinear(LoRALinear):
             return result
         x = x.to(self.lora_A.weight.dtype)
         bias = self.base_layer.bias
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base_result = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
-        else:
-            x = self.lora_dropout(x)
-            base_result = F.linear(x, _oriented(self.base_layer.weight, self.config).to(x.dtype))
         mag_scale = self.lora_magnitude_vector / self._weight_norm().detach()
-        lora_out = self.lora_B(self.lora_A(x)) * self.scaling
-        return result + ((mag_scale - 1) * base_result + mag_scale * lora_out).to(result.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            # with result = W x + b, the output m/|W + sBA| (W x + s B A x) + b is g (result + s B A x) + (1 - g) b
+            # for g = m/|.|: no second base product, and one [.., out] tensor kept for backward (PEFT's form keeps two)
+            out = mag_scale * (result.to(x.dtype) + self.lora_B(self.lora_A(x) * self.scaling))
+            return (out + (1 - mag_scale) * bias.to(x.dtype) if bias is not None else out).to(result.dtype)
+        # dropout: the update sees the dropped-out input, the base output the full one (as PEFT)
+        x = self.lora_dropout(x)
+        base_result = F.linear(x, _oriented(self.base_layer.weight, self.config).to(x.dtype))
+        lora_out = self.lora_B(self.lora_A(x) * self.scaling)
+        return result + (mag_scale * (base_result + lora_out) - base_result).to(result.dtype)

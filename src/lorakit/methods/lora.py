@@ -118,7 +118,8 @@ class LoRALinear(LoRALayer):
         if self.disabled or self.r == 0:
             return result
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return result + (self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
+        # the scale multiplies the r-wide activations, not the out-wide update (r << out: less work both ways)
+        return result + self.lora_B(self.lora_A(x) * self.scaling).to(result.dtype)
 
 
 @METHODS.register()
