@@ -27,7 +27,7 @@ def test_parser_defaults_and_flags():
     assert args.func.__name__ == "run"
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch and transformers: about a minute on a busy machine
+# a fresh interpreter importing torch and transformers: 20-60 s on a busy machine
 def test_serve_process_answers_over_loopback(tmp_path):
     make_adapter(tmp_path / "adapters" / "mine", "tiny-llama", r=8)
     port = free_port()
