@@ -183,7 +183,7 @@ def plot(table: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.36 * len(table) + 1.4))
+    fig, ax = plt.subplots(figsize=(9, 0.36 * len(table) + 1.4))
     y = np.arange(len(table))[::-1]
     means = [100 * r["mean"].mean() for r in table]
     errs = [100 * r["mean"].std() for r in table]
@@ -191,9 +191,11 @@ def plot(table: list[dict], path: Path) -> Path:
     ax.scatter([100 * r["worst"].mean() for r in table], y, marker="|", s=120, color="black", zorder=3, label="worst task")
     ax.set_yticks(y, [r["label"] for r in table], fontsize=8)
     ax.axvline(100, color="black", lw=0.6, ls=":")
-    ax.set_xlabel("test accuracy / individual adapter's (%), mean over tasks; bar: ±1 sd over seeds")
+    ax.set_xlabel("test accuracy / individual adapter's (%), mean over tasks")
+    ax.set_title("bars: mean over tasks (±1 sd over seeds); ticks: worst task", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in GROUPS.values()]
-    ax.legend(handles + [ax.collections[-1]], list(GROUPS) + ["worst task"], fontsize=7, loc="lower left")
+    ax.legend(handles + [ax.collections[-1]], list(GROUPS) + ["worst task"], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1))
     ax.set_xlim(left=max(0, min(100 * r["worst"].mean() for r in table) - 10))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -246,8 +248,10 @@ def write(out: Path, info: dict, results: dict) -> Path:
         "seed changes every head and adapter initialisation and the data order, not the examples.",
         "",
         f"- **Individual adapters.** all-MiniLM-L6-v2 (`BertForSequenceClassification`, the checkpoint's pooler frozen) with "
-        f"a LoRA of rank {b['rank']} (α = {2 * b['rank']}) on query/key/value of all 6 layers and a new classifier head, "
-        f"trained jointly: {b['steps']} AdamW steps, batch {b['batch_size']}, lr {b['lr']:g}. Saved as PEFT directories.",
+        f"a LoRA of rank {b['rank']} (α = {2 * b['rank']}) on query/key/value of all 6 layers and the task's classifier head, "
+        f"trained jointly: {b['steps']} AdamW steps, batch {b['batch_size']}, lr {b['lr']:g}. The head starts from the "
+        "task's linear probe (LP-FT; the probe is described below): from a random head, that budget left the adapters "
+        "below the probe. Saved as PEFT directories.",
         "- **Merges.** Every method of `lorakit.merging.MERGERS` merges the four LoRAs (heads left out, every adapter "
         "weighted λ). The merged LoRA goes on the bare encoder and task t is read through task t's own head from "
         "its individual run. λ and the method's knobs are chosen from the grid below on the first seed's adapters, by the "
@@ -259,14 +263,15 @@ def write(out: Path, info: dict, results: dict) -> Path:
         f"{b['batch_size']} mixed across tasks, lr {b['router_lr']:g}) with the task loss through the individual runs' "
         "frozen heads; MeteoRA adds its supervised gate loss (50 × CE against the task id of every token), LoRA-Mixer "
         "its balance/specialisation loss. At test time the router sees only the tokens; the head is the task's.",
-        f"- **Trained on all tasks at once** (shared adapter, new per-task heads, batches mixed across tasks, "
+        f"- **Trained on all tasks at once** (shared adapter, per-task heads starting from the probes, batches mixed "
+        "across tasks, "
         f"{b['joint_steps']} steps of batch {b['batch_size']}, lr {b['lr']:g}: the compute of {b['joint_steps'] / b['steps']:g} "
         f"individual adapters, so each task sees {b['joint_steps'] / b['steps'] / len(TASKS):.2g} times the examples its "
         f"own adapter saw): a rank-{b['rank']} LoRA (the multi-task reference) and SMoRA (r = {b['smora_rank']} rank-1 experts, "
         f"{b['smora_top_k']} active per token, α = {2 * b['smora_rank']}).",
         "- **Base references.** The bare encoder read through the individual runs' heads (what any merge gives with λ = 0, "
         "the floor of merging), and the bare encoder with a head trained alone on its frozen features (linear probe: "
-        "300 full-batch AdamW steps, lr 1e-2).",
+        "300 full-batch AdamW steps, lr 1e-2, on the training subset; the starting point of every trained head).",
         "- **Output ensemble.** For an example of task t: task t's head applied to the pooled output of each of the four "
         "adapted encoders (base + LoRA i, i = 1..4), the four softmax distributions averaged; 4 forward passes per "
         "example, no task routing (the head is the task's, as for merges).", "",

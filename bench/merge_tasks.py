@@ -131,9 +131,13 @@ class MultiHead(nn.Module):
 
 
 # -- training --------------------------------------------------------------------------------------------
-def train_single(task: dict, seed: int, rank: int, steps: int, batch_size: int, lr: float):
-    """A task LoRA (q/k/v) and its head, trained jointly; returns (model, seconds, final loss)."""
+def train_single(task: dict, head: nn.Linear, seed: int, rank: int, steps: int, batch_size: int, lr: float):
+    """A task LoRA (q/k/v) and its head (starting from ``head``, the linear probe), trained jointly; returns
+    (model, seconds, final loss)."""
     model = base_model(task["num_labels"], seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(head.weight)
+        model.classifier.bias.copy_(head.bias)
     lorakit.apply(model, lora_config(rank, modules_to_save=["classifier"]))
     start = time.perf_counter()
     result = fit(model, task["train"], lr=lr, batch_size=batch_size, max_steps=steps, seed=seed, progress=False,
