@@ -295,6 +295,16 @@ def check_outputs(systems: Systems, samples: list[dict]) -> list[dict]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
+def compact(res: dict) -> dict:
+    """Keep generated tokens for the first repeat only (the checks read them), one string per request."""
+    for key, run in res["runs"].items():
+        if "outputs" in run and not key.endswith("/0"):
+            del run["outputs"]
+        elif "outputs" in run:
+            run["outputs"] = [o if isinstance(o, str) else " ".join(map(str, o)) for o in run["outputs"]]
+    return res
+
+
 def workloads(cfg: dict, names: dict[str, list[str]], ranks: dict[str, int], bytes_r8: int) -> dict[str, dict]:
     """name -> trace, adapter folder, pool budget, systems; every trace has the same arrivals and lengths."""
     kw = dict(n=cfg["requests"], rate=cfg["rate"], in_len=cfg["in_len"], out_len=cfg["out_len"], seed=0)
@@ -363,7 +373,7 @@ def main(argv=None) -> int:
             r = res["runs"][key]
             print(f"[{time.strftime('%H:%M:%S')}] {key}: {r['tok_s']:.1f} tok/s, {r['tok_cpu_s']:.1f} tok/CPU-s, {r['seconds']:.1f}s trace, "
                   f"{time.time() - t:.1f}s wall, distinct/step {r['distinct_mean']:.1f}, load {load_average()}", flush=True)
-            write_json(result_path, res)
+            write_json(result_path, compact(res))
 
     if "micro" not in res:
         uniform = works["uniform-1000"]["trace"]
@@ -379,7 +389,7 @@ def main(argv=None) -> int:
             for item, toks in zip(works[work]["trace"], outputs):
                 if item["adapter"] not in seen and len(seen) < count:
                     seen.add(item["adapter"])
-                    samples.append(dict(item, lorakit=toks, rank=ranks[item["adapter"]]))
+                    samples.append(dict(item, lorakit=[int(t) for t in toks.split()], rank=ranks[item["adapter"]]))
         res["check"] = check_outputs(systems, samples)
         write_json(result_path, res)
     res["peft_load"] = systems.peft_load
