@@ -7,8 +7,8 @@ Zipf or uniform adapter popularity, prompt and output lengths uniform in ranges,
 and replayed open-loop, request by request at their timestamps, against every system in one process; each system
 has its own copy of the same weights and runs in the same engine loop, KV cache and scheduler
 (``lorakit.serve.baselines``), so only the way adapters are applied differs. The active pool holds about 64
-adapters (a byte budget), so the 1,000-adapter traces swap. Systems take turns round by round (the order rotates),
-and every number is the median over repeats. Also measured: decode steps alone (interleaved), a torch.profiler
+adapters (a byte budget), so the 1,000-adapter traces swap. Systems take turns round by round (the order reverses
+every round: ABBA), and every number is the median over repeats. Also measured: decode steps alone (interleaved), a torch.profiler
 table of one decode step, and greedy outputs compared with ``peft`` running each adapter alone.
 
     HF_HUB_OFFLINE=1 python bench/serve.py [--quick] [--report-only] [--threads 1]
@@ -49,8 +49,8 @@ WORK = ROOT / "runs" / "bench-serve"
 MODEL, TARGETS, SLOTS, MAX_LEN = "llama-25m", ["q_proj", "k_proj", "v_proj", "o_proj"], 32, 256
 RANKS = (8, 16, 32, 64)
 FULL = dict(requests=96, rate=16.0, in_len=(8, 128), out_len=(8, 64), repeats=3, adapters=1000, mixed=128,
-            pool_adapters=64, scale=(5, 100, 1000), merge_repeats=2, check=24, micro=30)
-QUICK = dict(FULL, requests=32, repeats=1, scale=(5, 1000), merge_repeats=1, check=6, micro=5)
+            pool_adapters=64, scale=(5, 100, 1000), merge_repeats=2, scale_repeats=5, check=24, micro=30)
+QUICK = dict(FULL, requests=32, repeats=1, scale=(5, 1000), merge_repeats=1, scale_repeats=1, check=6, micro=5)
 
 
 # -- adapters and traces ---------------------------------------------------------------------------------
@@ -205,6 +205,8 @@ def measure(reqs: list[Request], t0: float, log: dict, engine: Engine, rss: tupl
         slo={str(th): float(sum(ttft <= th)) / len(reqs) for th in SLO},  # unfinished requests count as misses
         decode_steps=len(dec), decode_seconds=float(dec[:, 2].sum()), prefill_seconds=sum(t for _, t in log["prefill"]),
         batch_mean=float(dec[:, 0].mean()) if len(dec) else 0.0, distinct_mean=float(dec[:, 1].mean()) if len(dec) else 0.0,
+        full_steps=int((dec[:, 0] == SLOTS).sum()),
+        distinct_full=float(dec[dec[:, 0] == SLOTS, 1].mean()) if (dec[:, 0] == SLOTS).any() else None,
         pool_hit_rate=hits / (hits + misses) if hits + misses else None, pool_evictions=engine.pool.stats["evictions"],
         disk_loads=engine.store.stats["loads"], load_stall_seconds=s["load_stall_seconds"],
         rss_peak=rss[1], rss_rise=rss[1] - rss[0], cpu_seconds=cpu, tok_cpu_s=sum(len(r.output) for r in ok) / cpu,
@@ -362,11 +364,12 @@ def main(argv=None) -> int:
     for system in ("lorakit", "base", "peft", "merge"):  # first calls allocate and warm up: not measured
         run_once(systems, system, warm)
     plan = [(k, s) for k, w in works.items() for s in w["systems"]]
-    for rep in range(cfg["repeats"]):
-        order = plan[rep % len(plan):] + plan[:rep % len(plan)]  # rotate who goes first
-        for work, system in order:
+    scaling = {(f"zipf-{k}", "lorakit") for k in cfg["scale"]}
+    for rep in range(max(cfg["repeats"], cfg["scale_repeats"])):
+        for work, system in plan if rep % 2 == 0 else plan[::-1]:  # ABBA: load drifts hit every system alike
             key = f"{work}/{system}/{rep}"
-            if key in res["runs"] or (system == "merge" and rep >= cfg["merge_repeats"]):
+            last = cfg["merge_repeats"] if system == "merge" else cfg["scale_repeats"] if (work, system) in scaling else cfg["repeats"]
+            if key in res["runs"] or rep >= last:
                 continue
             t = time.time()
             res["runs"][key] = run_once(systems, system, works[work])
