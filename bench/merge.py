@@ -48,7 +48,8 @@ from lorakit.methods.smora import SMoRAConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTERS = ("meteora", "lora_mixer")  # over the four frozen task LoRAs, with the individual heads
-JOINT = ("multitask_lora", "smora")  # trained on all tasks at once, new heads
+JOINT = ("multitask_lora", "smora")  # trained on all tasks at once, heads from the probes
+ROUTER_FIELDS = ("router_steps", "router_lr", "meteora_lr")
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,15 @@ class Budget:
     lr: float = 2e-3  # LoRA and head; heads start from the linear probe (LP-FT), as a head from N(0, 0.02) lags far
     # behind the probe after 60 steps at 1e-3 (measured: wordnet-category 14% vs the probe's 50%)
     joint_steps: int = 120  # multi-task LoRA / SMoRA, batch ``batch_size`` mixed across tasks (2 adapters' compute)
-    router_steps: int = 40  # gate / router training over the frozen LoRAs, batch ``batch_size`` mixed across tasks
-    router_lr: float = 1e-2  # the gates start at N(0, 1) (MeteoRA), so they need a larger lr than LoRA
+    router_steps: int = 100  # gate / router training over the frozen LoRAs, batch ``batch_size`` mixed across tasks
+    router_lr: float = 1e-2  # LoRA-Mixer's router (starts as nn.Linear's default, small)
+    meteora_lr: float = 5e-2  # MeteoRA's gate starts at N(0, 1): at 1e-2 for 40 steps its CE was still 8.4
     smora_rank: int = 32  # 32 rank-1 experts, 8 active per token: as many active ranks as a rank-8 LoRA
     smora_top_k: int = 8
 
     def key(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The cache folder: a hash of the fields the task adapters depend on (router settings are checked per file)."""
+        text = json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in ROUTER_FIELDS}, sort_keys=True)
         return f"s{self.steps}-n{self.max_train}-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
@@ -110,13 +113,18 @@ class Run:
         self.base = mt.base_model()
         self.grids = grids(quick)
         self._probes: dict = {}
+        self.computed = 0  # jobs computed by this invocation
 
     # -- cache -----------------------------------------------------------------------------------------
-    def cached(self, rel: str, compute):
-        """The JSON at ``rel`` under the cache, computed (and written) when missing, unless report-only."""
+    def cached(self, rel: str, compute, spec: dict | None = None):
+        """The JSON at ``rel`` under the cache, computed (and written) when missing or made with another ``spec``,
+        unless report-only."""
         path = self.root / rel
         data = read_json(path)
+        if data is not None and spec is not None and data.get("spec") != spec:
+            data = None
         if data is None and not self.report_only:
+            self.computed += 1
             t0 = time.perf_counter()
             print(f"{rel} ...", end=" ", flush=True)
             data = compute()
@@ -218,10 +226,15 @@ class Run:
         heads = self.heads(seed)
         wrapper = mt.MultiHead(model, list(heads.values()))
         trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
-        secs, loss = mt.train_multitask(wrapper, self.tasks, seed, b.router_steps, b.batch_size, b.router_lr, self.pad)
-        return {**self.score(None, mt.pooled(model, self.test, self.pad), heads),
+        spec = self.router_spec(kind)
+        secs, loss = mt.train_multitask(wrapper, self.tasks, seed, spec["steps"], b.batch_size, spec["lr"], self.pad)
+        return {"spec": spec, **self.score(None, mt.pooled(model, self.test, self.pad), heads),
                 "train_s": round(secs, 1), "final_loss": loss, "trainable": trainable, "top_k": 2,
                 "rank": b.rank * len(dirs), "active_rank": 2 * b.rank, "routing": self.routing_accuracy(model)}
+
+    def router_spec(self, kind: str) -> dict:
+        b = self.budget
+        return {"steps": b.router_steps, "lr": b.meteora_lr if kind == "meteora" else b.router_lr}
 
     def routing_accuracy(self, model) -> dict:
         """Per task: the share of real test tokens whose top expert (mean gate over layers) is the task's own."""
@@ -280,7 +293,8 @@ class Run:
                 if test is not None:
                     res["merges"][method] = {**test, "val": best["val"], "grid": best["grid"] if select else None}
             for kind in ROUTERS:
-                res["routers"][kind] = self.cached(f"seed{seed}/{kind}.json", lambda k=kind: self.router(seed, k))
+                res["routers"][kind] = self.cached(f"seed{seed}/{kind}.json", lambda k=kind: self.router(seed, k),
+                                                   self.router_spec(kind))
             for kind in JOINT:
                 res["joint"][kind] = self.cached(f"seed{seed}/{kind}.json", lambda k=kind: self.joint(seed, k))
         return results
@@ -328,10 +342,14 @@ def main(argv=None) -> int:
     info["tasks"] = {n: {k: t[k] for k in ("num_labels", "label_names", "sizes")} for n, t in run.tasks.items()}
     results = run.run_all(seeds)
     info.update(load_end=load_average(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                wall_s=round(time.perf_counter() - start))
-    prior = read_json(out / "merging.json") if args.report_only else None
-    if prior and prior.get("info", {}).get("budget") == info["budget"]:  # keep the wall time of the run that computed
-        info["computed_by"] = {k: prior["info"].get(k) for k in ("command", "wall_s", "started", "finished", "machine")}
+                wall_s=round(time.perf_counter() - start), computed=run.computed)
+    # every invocation that computed something is logged beside the cache, so the page can say what built it
+    log = run.root / "invocations.json"
+    history = read_json(log) or []
+    if run.computed:
+        history.append({k: info[k] for k in ("command", "started", "finished", "wall_s", "computed", "load_start", "load_end")})
+        write_json(log, history)
+    info["invocations"] = history
     page = report.write(out, info, results)
     print(f"wrote {page}", flush=True)
     return 0

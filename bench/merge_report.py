@@ -135,12 +135,41 @@ def grid_table(results: dict) -> list[str]:
     return lines
 
 
+def grid_notes(results: dict) -> list[str]:
+    """Choices on the edge of their grid's λ range, and the check that lego with k = Σr equals a rescaled cat."""
+    first = next((r for r in results.values() if r.get("refs") and "val" in r["refs"]["individual"]), None)
+    if first is None:
+        return []
+    notes, merges = [], first["merges"]
+    edge = []
+    for m, e in merges.items():
+        lams = sorted({v["weight"] for v in e["grid"]})
+        if len(lams) > 2 and e["weight"] in (lams[0], lams[-1]):
+            edge.append(f"`{m}` (λ={e['weight']:g} of {', '.join(f'{x:g}' for x in lams)})")
+    if edge:
+        notes.append("Chosen at the edge of a λ grid of three points, so a wider grid might do better: "
+                     + "; ".join(edge) + ". The two-point λ grids of the other methods pick an edge by construction.")
+    if "lego" in merges and "cat" in merges:
+        cat = {v["weight"]: v["val"] for v in merges["cat"]["grid"]}
+        pairs = [(v, cat[v["weight"] / 2]) for v in merges["lego"]["grid"]
+                 if v["knobs"].get("rank") == 32 and v["weight"] / 2 in cat]
+        if pairs:
+            same = all(abs(v["val"][t] - c[t]) < 1e-6 for v, c in pairs for t in TASKS)
+            lams = ", ".join(f"{v['weight']:g}" for v, _ in pairs)
+            notes.append(f"Check: `lego` with k = 32 = Σr (singleton clusters; output reweighting √(8/32) = 1/2) at λ "
+                         f"{lams} gave {'the same' if same else 'different'} validation accuracies as `cat` at half "
+                         "that λ" + (", as it should." if same else " (it should give the same)."))
+    return notes
+
+
 def router_table(results: dict) -> list[str]:
-    lines = ["| router | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    lines = ["| router | " + " | ".join(TASKS) + " | final training loss (task + router loss) |",
+             "|---|" + "---|" * len(TASKS) + "---|"]
     for k, label in ROUTER_NAMES.items():
-        vals = [r["routers"][k]["routing"] for r in results.values() if r["routers"].get(k)]
-        if vals:
-            lines.append(f"| {label} | " + " | ".join(_pm([v[t] for v in vals]) for t in TASKS) + " |")
+        done = [r["routers"][k] for r in results.values() if r["routers"].get(k)]
+        if done:
+            lines.append(f"| {label} | " + " | ".join(_pm([d["routing"][t] for d in done]) for t in TASKS)
+                         + f" | {_pm([d['final_loss'] for d in done], pct=False)} |")
     return lines
 
 
@@ -160,7 +189,8 @@ def lego_paragraph(table: list[dict]) -> list[str]:
             f"mean normalised accuracy ({100 * lego['mean'].mean():.1f} vs {100 * knots['mean'].mean():.1f}) and "
             + (f"level on the worst task" if abs(d_worst) < 0.05 else f"{'behind' if d_worst < 0 else 'ahead'} by "
                f"{abs(d_worst):.1f} on the worst task") + f"; it ranks {place} of "
-            f"{len(merges)} merge methods (best: `{merges[0]['key']}`, {100 * merges[0]['mean'].mean():.1f}). "
+            f"{len(merges)} merge methods (best: `{merges[0]['key']}`, {100 * merges[0]['mean'].mean():.1f}), at merged rank "
+            f"{_rank(lego)} against KnOTS's {_rank(knots)}. "
             f"Per task it is behind KnOTS on {', '.join(behind) if behind else 'none of the tasks'}. Published "
             "comparisons put LoRA-LEGO behind KnOTS on vision tasks (ViT merging benchmarks); here the tasks are text "
             "classification on a 22M-parameter encoder with rank-8 LoRAs, so agreement or disagreement with those "
@@ -220,19 +250,32 @@ def missing(info: dict, results: dict) -> list[str]:
     return out
 
 
+def invocations(info: dict) -> list[str]:
+    """The commands that filled the cache this page reads, with their wall times."""
+    runs = info.get("invocations") or []
+    if not runs:
+        return []
+    total = sum(r["wall_s"] for r in runs)
+    lines = [f"The cache was filled by these commands (each resumes from the previous; {total / 60:.1f} min of wall time "
+             "in all):", "", "| command | started | wall time | jobs computed | load average at start / end |",
+             "|---|---|---|---|---|"]
+    lines += [f"| `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") + f" | {r['started']} | "
+              f"{r['wall_s'] / 60:.1f} min | {r['computed']} | {r['load_start']} / {r['load_end']} |" for r in runs]
+    return lines + [""]
+
+
 def write(out: Path, info: dict, results: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "merging.json", {"info": info, "results": results})
     table = rows(results)
     b, m = info["budget"], info["machine"]
-    ran = info.get("computed_by") or info
     lines = ["# Merging and routing task LoRAs: four MiniLM classification tasks", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}; torch {m['torch']}, transformers "
              f"{m['transformers']}, Python {m['python']}. Load average at start {info['load_start']}, at end "
              f"{info['load_end']} (a shared machine: other jobs ran at the same time, which stretches the times).", "",
-             f"Command: `{ran['command']}`  ", f"Wall time: {ran['wall_s'] / 60:.1f} min ({ran['started']} to {ran['finished']})"
-             + (" — this page was re-rendered from the cache with `--report-only`" if info.get("computed_by") else "")
-             + ("; the timing is of a report-only pass over the cache" if info["report_only"] and not info.get("computed_by") else ""), ""]
+             f"Command: `{info['command']}`  ", f"Wall time of this command: {info['wall_s'] / 60:.1f} min ({info['started']} "
+             f"to {info['finished']}; it computed {info['computed']} jobs and took the rest from the cache).", "",
+             *invocations(info)]
     if info["quick"]:
         lines += ["**Quick smoke run: tiny data and 4 training steps; the numbers mean nothing.**", ""]
     gone = missing(info, results)
@@ -260,7 +303,8 @@ def write(out: Path, info: dict, results: dict) -> Path:
         "Dense methods (ties, dare_*, magnitude_prune) re-factor at rank 16; `svd` and `lego` search k.",
         f"- **Routers over the frozen task LoRAs** (`meteora`, `lora_mixer` regime ii), loaded from the four PEFT "
         f"directories with `from_adapters(..., top_k=2)`; only the router trains ({b['router_steps']} steps, batch "
-        f"{b['batch_size']} mixed across tasks, lr {b['router_lr']:g}) with the task loss through the individual runs' "
+        f"{b['batch_size']} mixed across tasks, lr {b['meteora_lr']:g} for MeteoRA's gate, which starts at N(0, 1), and "
+        f"{b['router_lr']:g} for LoRA-Mixer's) with the task loss through the individual runs' "
         "frozen heads; MeteoRA adds its supervised gate loss (50 × CE against the task id of every token), LoRA-Mixer "
         "its balance/specialisation loss. At test time the router sees only the tokens; the head is the task's.",
         f"- **Trained on all tasks at once** (shared adapter, per-task heads starting from the probes, batches mixed "
@@ -290,10 +334,14 @@ def write(out: Path, info: dict, results: dict) -> Path:
         "### Router diagnostics", "",
         "Share of a task's real test tokens (64 examples) whose largest mean gate over the 18 routed layers is that "
         "task's own LoRA. MeteoRA is trained for this; LoRA-Mixer's router is not told the task, so low values there "
-        "are not a failure in themselves.", "", *router_table(results), "",
+        "are not a failure in themselves. `wordnet-category` and `wordnet-pos` share their inputs (WordNet glosses; "
+        "every `wordnet-category` text is a noun gloss, and a quarter of `wordnet-pos` texts are too), so no router "
+        "that reads the tokens can separate those two tasks fully, and merging them asks one encoder for two labellings "
+        "of the same texts.", "", *router_table(results), "",
         "### Hyperparameter grids (validation)", "",
         f"Normalised validation accuracy (%, {b['max_val']} examples per task) of every grid point on seed "
-        f"{info['seeds'][0]}'s adapters; ✓ marks the choice used for every seed.", "", *grid_table(results), ""]
+        f"{info['seeds'][0]}'s adapters; ✓ marks the choice used for every seed.", "", *grid_table(results), "",
+        *[x for n in grid_notes(results) for x in (n, "")]]
     (out / "merging.md").write_text("\n".join(lines) + "\n")
     if table:
         plot(table, out / "merging.png")
