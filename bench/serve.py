@@ -341,8 +341,9 @@ def main(argv=None) -> int:
     start = time.time()
     old = read_json(result_path) or {}
     res = old if old.get("config") == json.loads(json.dumps(cfg)) else {}
-    res.update(config=cfg, command=command_line(argv), machine=machine(), load_start=load_average())
-    res.setdefault("runs", {})
+    res["config"], res["sessions"] = cfg, res.get("sessions", 0) + 1  # a resumed run keeps its first session's facts
+    for key, value in dict(command=command_line(argv), machine=machine(), load_start=load_average(), runs={}).items():
+        res.setdefault(key, value)
 
     shapes = linear_shapes(zoo.load(MODEL, "causal_lm")[0])
     dirs = {"a": WORK / "adapters" / "r8", "m": WORK / "adapters" / "mixed"}
@@ -359,24 +360,27 @@ def main(argv=None) -> int:
         distinct=len({t["adapter"] for t in w["trace"]}), span=w["trace"][-1]["t"]) for k, w in works.items()}
     res["adapter_bytes_r8"] = bytes_r8
     systems = Systems(dirs)
+    res["base_bytes"] = sum(t.numel() * t.element_size() for t in systems.models["base"].parameters())
 
-    warm = dict(works[f"zipf-{cfg['adapters']}"], trace=works[f"zipf-{cfg['adapters']}"]["trace"][:8])
-    for system in ("lorakit", "base", "peft", "merge"):  # first calls allocate and warm up: not measured
-        run_once(systems, system, warm)
     plan = [(k, s) for k, w in works.items() for s in w["systems"]]
     scaling = {(f"zipf-{k}", "lorakit") for k in cfg["scale"]}
-    for rep in range(max(cfg["repeats"], cfg["scale_repeats"])):
-        for work, system in plan if rep % 2 == 0 else plan[::-1]:  # ABBA: load drifts hit every system alike
-            key = f"{work}/{system}/{rep}"
-            last = cfg["merge_repeats"] if system == "merge" else cfg["scale_repeats"] if (work, system) in scaling else cfg["repeats"]
-            if key in res["runs"] or rep >= last:
-                continue
-            t = time.time()
-            res["runs"][key] = run_once(systems, system, works[work])
-            r = res["runs"][key]
-            print(f"[{time.strftime('%H:%M:%S')}] {key}: {r['tok_s']:.1f} tok/s, {r['tok_cpu_s']:.1f} tok/CPU-s, {r['seconds']:.1f}s trace, "
-                  f"{time.time() - t:.1f}s wall, distinct/step {r['distinct_mean']:.1f}, load {load_average()}", flush=True)
-            write_json(result_path, compact(res))
+    rounds = [[(w, s, rep) for w, s in (plan if rep % 2 == 0 else plan[::-1])  # ABBA: load drifts hit every system alike
+               if rep < (cfg["merge_repeats"] if s == "merge" else cfg["scale_repeats"] if (w, s) in scaling else cfg["repeats"])]
+              for rep in range(max(cfg["repeats"], cfg["scale_repeats"]))]
+    todo = [(w, s, rep) for r in rounds for w, s, rep in r if f"{w}/{s}/{rep}" not in res["runs"]]
+    if todo:
+        warm = dict(works[f"zipf-{cfg['adapters']}"], trace=works[f"zipf-{cfg['adapters']}"]["trace"][:8])
+        for system in ("lorakit", "base", "peft", "merge"):  # first calls allocate and warm up: not measured
+            run_once(systems, system, warm)
+    for work, system, rep in todo:
+        key = f"{work}/{system}/{rep}"
+        t = time.time()
+        res["runs"][key] = run_once(systems, system, works[work])
+        r = res["runs"][key]
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {r['tok_s']:.1f} tok/s, {r['tok_cpu_s']:.1f} tok/CPU-s, {r['seconds']:.1f}s trace, "
+              f"{time.time() - t:.1f}s wall, distinct/step {r['distinct_mean']:.1f}, load {load_average()}", flush=True)
+        res["peft_load"] = systems.peft_load  # adapters PEFT held during the runs
+        write_json(result_path, compact(res))
 
     if "micro" not in res:
         uniform = works["uniform-1000"]["trace"]
@@ -389,13 +393,15 @@ def main(argv=None) -> int:
         samples = []
         for work, count in ((f"zipf-{cfg['adapters']}", cfg["check"] - cfg["check"] // 3), ("mixed", cfg["check"] // 3)):
             outputs, seen = res["runs"][f"{work}/lorakit/0"]["outputs"], set()
-            for item, toks in zip(works[work]["trace"], outputs):
-                if item["adapter"] not in seen and len(seen) < count:
-                    seen.add(item["adapter"])
-                    samples.append(dict(item, lorakit=[int(t) for t in toks.split()], rank=ranks[item["adapter"]]))
+            quota = {r: count // len({ranks[t["adapter"]] for t in works[work]["trace"]}) or 1 for r in RANKS}
+            for item, toks in zip(works[work]["trace"], outputs):  # first requests of distinct adapters, every rank alike
+                name, r = item["adapter"], ranks[item["adapter"]]
+                if name not in seen and quota[r] and len(seen) < count:
+                    seen.add(name)
+                    quota[r] -= 1
+                    samples.append(dict(item, lorakit=[int(t) for t in toks.split()], rank=r, trace=work))
         res["check"] = check_outputs(systems, samples)
         write_json(result_path, res)
-    res["peft_load"] = systems.peft_load
     res["load_end"], res["wall_seconds"] = load_average(), res.get("wall_seconds", 0.0) + time.time() - start
     write_json(result_path, res)
     render(res, out)
