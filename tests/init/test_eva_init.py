@@ -131,3 +131,25 @@ def test_whitening_divides_by_the_root_singular_values(base):
         assert torch.allclose(F.cosine_similarity(w, u, dim=1), torch.ones(w.shape[0]), atol=1e-5)
         assert torch.all(w.norm(dim=1)[1:] >= w.norm(dim=1)[:-1] - 1e-6)  # smaller singular values: longer rows
         assert not torch.allclose(w.norm(dim=1), torch.ones(w.shape[0]))
+
+
+def test_sequence_labels_do_not_mask_tokens_and_padding_does():
+    """Classification batches carry one label per sequence: EVA must calibrate on every unpadded token."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 100, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:2, 8:] = 0  # two padded rows
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+    path = "bert.encoder.layer.0.attention.self.query"
+    rows = layer_inputs(base, {path: base.get_submodule(path)}, batch, Calibration.of([batch]), label_mask_value=-100)
+    assert rows[path].shape == (int(mask.sum()), 32)
+    model = lorakit.apply(copy.deepcopy(base), lorakit.LoRAConfig(r=2, target_modules=["query", "value"],
+                                                                  init_lora_weights="eva"))
+    lorakit.init.initialize(model, [batch])
+    a = lorakit.adapters(model)[path].lora_A.weight
+    assert torch.isfinite(a).all() and a.abs().sum() > 0

@@ -54,12 +54,16 @@ class Calibration:
 
 
 def token_mask(batch: Any, label_mask_value: Optional[int]) -> Optional[torch.Tensor]:
-    """Token positions [batch, seq] that count: attention mask, and labels != ``label_mask_value`` when given."""
+    """Token positions [batch, seq] that count: attention mask, and labels != ``label_mask_value`` when given.
+
+    Only token-level labels (the shape of ``input_ids``, as in causal LM batches) mask tokens; sequence-level
+    labels ([batch], classification) say nothing about positions and are ignored here."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return None
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-    if label_mask_value is not None and "labels" in batch:
-        mask = mask & (batch["labels"] != label_mask_value)
+    labels = batch.get("labels")
+    if label_mask_value is not None and torch.is_tensor(labels) and labels.shape == mask.shape:
+        mask = mask & (labels != label_mask_value)
     return mask
 
 
