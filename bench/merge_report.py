@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,38 @@ def router_table(results: dict) -> list[str]:
     return lines
 
 
+def summary(table: list[dict]) -> list[str]:
+    """Headline comparisons, computed from the table."""
+    by = {r["key"]: r for r in table}
+    m = lambda r: 100 * r["mean"].mean()  # noqa: E731
+    w = lambda r: 100 * r["worst"].mean()  # noqa: E731
+    merges = sorted((r for r in table if r["group"] == "merge"), key=lambda r: -m(r))
+    others = sorted((r for r in table if r["key"] != "individual"), key=lambda r: -m(r))
+    out = []
+    if merges:
+        b = merges[0]
+        out.append(f"- Best merge on the mean: `{b['key']}` ({m(b):.1f}, worst task {w(b):.1f}); best on the worst task: "
+                   f"`{max(merges, key=w)['key']}` ({w(max(merges, key=w)):.1f}); the plain average `linear` gives "
+                   f"{m(by['linear']):.1f}." if "linear" in by else "")
+        if "ensemble" in by:
+            n = sum(m(r) > m(by["ensemble"]) for r in merges)
+            out.append(f"- {n} of {len(merges)} merges beat the output ensemble of the four adapters ({m(by['ensemble']):.1f}), "
+                       "which runs four encoders per example.")
+    for k in ("meteora", "lora_mixer", "multitask_lora", "smora"):
+        if k in by:
+            out.append(f"- {by[k]['label']}: {m(by[k]):.1f} (worst task {w(by[k]):.1f}).")
+    if "meteora" in by:
+        loss = np.mean([e["final_loss"] for e in by["meteora"]["extra"]])
+        out.append(f"- MeteoRA's final training loss (task loss + 50 × gate cross-entropy) is {loss:.1f} on average: its "
+                   "gate had not converged in this budget (see the router diagnostics), so its row is a lower bound "
+                   "for a longer-trained gate.")
+    if others:
+        out.append(f"- Nothing reaches the individual adapters (100 by definition): the closest is `{others[0]['label']}` "
+                   f"at {m(others[0]):.1f}; the bare encoder with the individual heads (every merge at λ = 0) gives "
+                   f"{m(by['base_heads']):.1f}." if "base_heads" in by else "")
+    return [x for x in out if x]
+
+
 def lego_paragraph(table: list[dict]) -> list[str]:
     by = {r["key"]: r for r in table}
     if "lego" not in by or "knots" not in by:
@@ -195,7 +228,7 @@ def lego_paragraph(table: list[dict]) -> list[str]:
             "comparisons put LoRA-LEGO behind KnOTS on vision tasks (ViT merging benchmarks); here the tasks are text "
             "classification on a 22M-parameter encoder with rank-8 LoRAs, so agreement or disagreement with those "
             "results is only indicative.")
-    why = ("Why LEGO can trail: (1) k-means pools rank-1 units of different tasks into one centroid whenever they are "
+    why = ("Why LEGO can trail (here on the tasks listed above; against KnOTS in the published vision comparisons): (1) k-means pools rank-1 units of different tasks into one centroid whenever they are "
            "close in `[b; a]` space; the centroid averages directions, and the parameter reweighting restores the "
            "norms but not the directions, so each task keeps only part of its update; KnOTS instead aligns the tasks "
            "in a shared SVD basis and merges there without dropping rank (its merged rank is up to Σr). "
@@ -204,6 +237,17 @@ def lego_paragraph(table: list[dict]) -> list[str]:
            "update), so the grid's best k is a trade-off KnOTS does not face. (3) The units' canonical sign and gauge "
            "make the clustering order-invariant but are arbitrary with respect to the tasks, and the two rescalings "
            "are reconstructions of the paper's prose (see docs/merging.md), not its code.")
+    ahead = [r for r in merges if r["mean"].mean() > lego["mean"].mean()]
+    if ahead:
+        close = all(r["mean"].mean() - lego["mean"].mean() < max(r["mean"].std(), lego["mean"].std()) for r in ahead)
+        names = ", ".join(f"`{r['key']}` ({100 * r['mean'].mean():.1f})" for r in ahead)
+        text += (f" Merges ahead of `lego` on the mean: {names}"
+                 + ("; every gap is within one standard deviation over seeds." if close else "."))
+    best_task = [max(merges, key=lambda r, i=i: r["task_mean"][i]) for i in range(len(TASKS))]
+    trail = [f"{t} (`{b['key']}` {100 * b['task_mean'][i]:.1f} vs {100 * lego['task_mean'][i]:.1f})"
+             for i, (t, b) in enumerate(zip(TASKS, best_task)) if b["key"] != "lego"]
+    if trail:
+        text += " Per task, the best merge beats `lego` on " + "; ".join(trail) + "."
     return [text, "", why]
 
 
@@ -256,8 +300,11 @@ def invocations(info: dict) -> list[str]:
     if not runs:
         return []
     total = sum(r["wall_s"] for r in runs)
-    lines = [f"The cache was filled by these commands (each resumes from the previous; {total / 60:.1f} min of wall time "
-             "in all):", "", "| command | started | wall time | jobs computed | load average at start / end |",
+    stamp = "%Y-%m-%d %H:%M:%S %Z"
+    span = (time.mktime(time.strptime(max(r["finished"] for r in runs), stamp))
+            - time.mktime(time.strptime(min(r["started"] for r in runs), stamp)))
+    lines = [f"The cache was filled by these commands (each resumes from the cache of the earlier ones): {total / 60:.1f} "
+             f"min of wall time summed, {span / 60:.1f} min from the first start to the last finish (runs may overlap).", "", "| command | started | wall time | jobs computed | load average at start / end |",
              "|---|---|---|---|---|"]
     lines += [f"| `{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") + f" | {r['started']} | "
               f"{r['wall_s'] / 60:.1f} min | {r['computed']} | {r['load_start']} / {r['load_end']} |" for r in runs]
@@ -324,7 +371,7 @@ def write(out: Path, info: dict, results: dict) -> Path:
         "over seeds. Merged rank: the rank of the merged LoRA (all modules alike unless a minimum is given). Build "
         "time: median over seeds of the `combine` call (merges) or of the training (routers, joint).", "",
         "## Results", "", "![normalised accuracy per method](merging.png)", "",
-        *main_table(table), "",
+        *main_table(table), "", *summary(table), "",
         *lego_paragraph(table), "",
         "### Test accuracy (%, not normalised)", "", *raw_table(table), "",
         "### Interference: each task LoRA read through each task's head", "",
