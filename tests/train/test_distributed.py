@@ -1,4 +1,5 @@
-"""Data parallelism: two torchrun processes with batch b train like one process with batch 2b."""
+"""Data parallelism: two processes with batch b (launched by torchrun or by accelerate) train like one process
+with batch 2b."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_classifier, tiny_task
 from ddp_worker import DDP_RUN
@@ -14,13 +16,23 @@ from lorakit.data import byte_tokenizer
 from lorakit.train import fit
 
 
-def test_two_processes_match_one_with_the_doubled_batch(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's multi-process launcher (torch.distributed underneath; without a GPU the processes train on the
+    # CPU over gloo). Its `--cpu` flag with several processes needs MPI instead.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_match_one_with_the_doubled_batch(tmp_path, launcher):
     out, run_dir = tmp_path / "ddp.pt", tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).with_name("ddp_worker.py")), str(out), str(run_dir)]
+    command = [sys.executable, *LAUNCHERS[launcher], str(Path(__file__).with_name("ddp_worker.py")), str(out),
+               str(run_dir)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
