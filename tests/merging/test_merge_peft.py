@@ -131,3 +131,29 @@ def test_peft_linear_is_not_the_weighted_sum_and_ours_is(adapters):
     average = 0.5 * adapters["a"][0].delta(path) + 0.5 * adapters["d"][0].delta(path)
     assert_close(ours.delta(path), average)
     assert (peft_delta(model, path) - average).abs().max() > 0.1 * average.abs().max()
+
+
+def test_cli_merges_directories_written_by_peft_and_lorakit(adapters, tmp_path, capsys):
+    """`lorakit merge` on two adapters that peft itself saved and one lorakit saved; PEFT loads the result."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.merging import cli_main
+
+    dirs = []
+    for seed, cfg in enumerate([dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                dict(r=2, lora_alpha=4, target_modules=["v_proj"], use_rslora=True)]):
+        torch.manual_seed(10 + seed)
+        made = get_peft_model(base(), LoraConfig(init_lora_weights=False, **cfg))  # B random: a non-zero update
+        made.save_pretrained(tmp_path / f"peft{seed}")
+        dirs.append(str(tmp_path / f"peft{seed}"))
+    dirs.append(str(adapters["a"][1]))
+    out = tmp_path / "merged"
+    assert cli_main([*dirs, "--method", "cat", "--weights", "0.5", "0.3", "0.2", "-o", str(out)]) == 0
+    assert "merged 3 adapters with cat" in capsys.readouterr().out
+
+    states = [lorakit.load_state(d) for d in dirs]
+    merged = PeftModel.from_pretrained(base(), str(out), adapter_name="m")
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        expected = sum(w * s.delta(path) for w, s in zip((0.5, 0.3, 0.2), states) if path in s.tensors)
+        assert expected.abs().max() > 0
+        assert_close(peft_delta(merged, path), expected, path)
