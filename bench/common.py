@@ -59,7 +59,8 @@ def median_time(fn: Callable[[], Any], n: int, warmup: int = 1) -> float:
 
 
 # -- peak memory -----------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
@@ -68,10 +69,10 @@ def _probe(setup: Callable, run: Callable, args: tuple, threads: int, conn) -> N
         torch.set_num_threads(threads)
         state = setup(*args)
         gc.collect()
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
         run(state)
-        conn.send((_status_kib("VmHWM") - before) * 1024)
+        conn.send((status_kib("VmHWM") - before) * 1024)
     except BaseException as e:  # the parent must hear why, not hang on recv
         conn.send(e)
     finally:

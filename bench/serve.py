@@ -41,7 +41,7 @@ from lorakit.serve.baselines import MergedRunner, MergeSwapEngine, PeftMixedRunn
 from lorakit.serve.store import linear_shapes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _status_kib, command_line, interleaved, load_average, machine, read_json, write_json  # noqa: E402
+from common import command_line, interleaved, load_average, machine, read_json, status_kib, write_json  # noqa: E402
 from serve_report import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,11 +224,11 @@ def run_once(systems: Systems, system: str, work: dict) -> dict:
     instrument(engine.runner, log)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
-    before, cpu = _status_kib("VmRSS") * 1024, time.process_time()
+    before, cpu = status_kib("VmRSS") * 1024, time.process_time()
     try:
         reqs, t0 = replay(engine, work["trace"], system == "base")
         cpu = time.process_time() - cpu  # every thread of the process: engine loop, prefetch, client
-        return measure(reqs, t0, log, engine, (before, _status_kib("VmHWM") * 1024), cpu)
+        return measure(reqs, t0, log, engine, (before, status_kib("VmHWM") * 1024), cpu)
     finally:
         systems.close(system, engine)
 

@@ -29,7 +29,6 @@ import importlib.util
 import multiprocessing as mp
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -51,7 +50,8 @@ from safetensors.torch import load_file  # noqa: E402
 import lorakit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_report import machine, profile, ratio_ci, summary, write  # noqa: E402
+from common import machine, ratio_ci, status_kib, summary  # noqa: E402
+from training_report import profile, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("lorakit", "peft")
@@ -193,10 +193,6 @@ def time_steps(steps: dict, warmup: int, n: int) -> dict[str, dict[str, list[flo
 
 
 # -- peak memory ---------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def _probe(model_name: str, method: str, system: str, shrink: int, n_steps: int, fixed: bool, conn) -> None:
     if fixed:  # glibc: large blocks always from mmap and returned on free, so RSS tracks live memory
         libc = ctypes.CDLL("libc.so.6")
@@ -204,13 +200,13 @@ def _probe(model_name: str, method: str, system: str, shrink: int, n_steps: int,
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
     base, batch, targets, task = build(model_name, shrink)
     gc.collect()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     model = attach(system, base, targets, task, method).train()
     step = make_step(model, batch)
     for _ in range(n_steps):
         step()
-    conn.send((_status_kib("VmHWM") - before) * 1024)
+    conn.send((status_kib("VmHWM") - before) * 1024)
     conn.close()
 
 

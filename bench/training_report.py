@@ -2,44 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 TITLES = {"minilm": "all-MiniLM-L6-v2, sequence classification (3 labels)",
           "llama": "tiny Llama built from a config, causal-LM loss"}
 TARGETS = {"minilm": "attention query, key, value and output dense", "llama": "q_proj, k_proj, v_proj, o_proj"}
-
-
-def summary(times: list[float]) -> dict:
-    """Median, p10 and p90 in milliseconds."""
-    t = np.asarray(times) * 1e3
-    return dict(median=float(np.median(t)), p10=float(np.percentile(t, 10)), p90=float(np.percentile(t, 90)))
-
-
-def ratio_ci(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:
-    """Bootstrap 95% interval of median(a) / median(b)."""
-    rng = np.random.default_rng(0)
-    a, b = np.asarray(a), np.asarray(b)
-    r = np.median(rng.choice(a, (draws, len(a))), 1) / np.median(rng.choice(b, (draws, len(b))), 1)
-    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
-
-
-def machine() -> dict:
-    """The facts a timing depends on."""
-    import peft
-    import transformers
-
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                omp=os.environ.get("OMP_NUM_THREADS", "unset"), torch=torch.__version__,
-                transformers=transformers.__version__, peft=peft.__version__, python=platform.python_version(),
-                load=" ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def profile(steps: dict, label: str, n: int = 3) -> str:
