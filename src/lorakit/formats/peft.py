@@ -136,9 +136,21 @@ def split_keys(flat: dict[str, torch.Tensor], config: AdapterConfig, source: str
         elif (config.bias != "none" and rel.endswith("bias")) or ".base_layer." in rel:
             # trained biases, and embedding layers PEFT saves in full (save_embedding_layers)
             state.base_tensors[rel] = value
+        elif (other := _other_kind_tensor(rel)) is not None:
+            kinds = ", ".join(t.__name__ for t in method.layer_types)
+            raise AdapterFileError(
+                f"{source}: tensor '{key}' is a '{other}' tensor, which lorakit's '{method.name}' adapter does not "
+                f"have: lorakit's '{method.name}' adapts {kinds} only, and this adapter was made for another layer kind"
+            )
         else:
             raise AdapterFileError(f"{source}: tensor '{key}' belongs to no adapted module of method '{method.name}'")
     return state
+
+
+def _other_kind_tensor(rel: str) -> Optional[str]:
+    """The adapter tensor name ``rel`` ends with, among every registered method's (e.g. an embedding's DoRA)."""
+    names = {n for m in METHODS.names() for c in METHODS.get(m).adapter_classes for n in c.tensor_names}
+    return next((n for n in sorted(names, key=len, reverse=True) if rel.endswith("." + n)), None)
 
 
 def load_state(path: PathLike, adapter_name: Optional[str] = None, allow_pickle: bool = False) -> AdapterState:
@@ -154,6 +166,12 @@ def _flat(state: AdapterState) -> dict[str, torch.Tensor]:
         for path, tensors in group.items():
             flat.update({f"{PREFIX}{path}.{k}": v for k, v in tensors.items()})
     flat.update({f"{PREFIX}{k}": v for k, v in state.base_tensors.items()})
+    # PEFT also writes one model-level copy of the buffers its layers share (RandLoRA's bases), as base_model.<name>
+    shared = {n for c in METHODS.get(state.config.method_name).adapter_classes for n in getattr(c, "shared_tensor_names", ())}
+    for name in sorted(shared):
+        first = next((t[name] for _, t in sorted(state.tensors.items()) if name in t), None)
+        if first is not None:
+            flat[f"base_model.{name}"] = first
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
 
 

@@ -125,6 +125,7 @@ class RandLoRALinear(Adapter):
     config_class = RandLoRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
+    shared_tensor_names = ("randlora_A", "randlora_B")  # the same bases in every layer (save_projection=True)
     param_formula = "N·(r + min(in,out)), N = ⌈min(in,out)/r⌉"
 
     def __init__(self, base_layer: nn.Module, config: RandLoRAConfig, module_path: str = ""):
