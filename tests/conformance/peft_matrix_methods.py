@@ -36,12 +36,18 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def _rows(layer_input, model_input, layer_name):
+    """Every input row of a layer (peft's default selects token positions, and assumes [batch, tokens, dim])."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    return x.reshape(-1, x.shape[-1]).contiguous()  # peft hashes it with view(-1)
+
+
 def _eva_peft(model, batches):
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-    # classifiers (one label per example): no token positions to select, every input row counts
+    # classifiers (one label per example, e.g. BERT's pooler sees [batch, dim]): every input row counts
     per_example = batches[0]["labels"].dim() == 1
-    extra = dict(prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None) if per_example else {}
+    extra = dict(prepare_model_inputs_fn=None, prepare_layer_inputs_fn=_rows) if per_example else {}
     _quiet(initialize_lora_eva_weights, model, batches, show_progress_bar=False, **extra)
     return model
 
