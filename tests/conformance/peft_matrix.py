@@ -34,9 +34,8 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from conftest import perturb_
 from peft_matrix_methods import METHODS
-from peft_matrix_models import ARCHS, LAYERS
+from peft_matrix_models import ARCHS, LAYERS, perturb_
 
 DIRECTIONS = ("lk2peft", "peft2lk")
 CHECKS = ("forward", "merge", "files")

@@ -6,12 +6,31 @@ Llama, GPT-2 and BERT are the shared fixtures of ``tests/conftest.py``; the othe
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from conftest import TinyModel, _ids, tiny
+
+def _shared_conftest():
+    """tests/conftest.py as loaded by pytest (under the name ``conftest``, which every test folder's conftest
+    takes in turn), or loaded from its path when another folder's conftest holds that name now."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    loaded = sys.modules.get("conftest")
+    if loaded is not None and Path(loaded.__file__).resolve() == path:
+        return loaded
+    if "lorakit_tests_conftest" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("lorakit_tests_conftest", path)
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["lorakit_tests_conftest"]
+
+
+_conftest = _shared_conftest()
+TinyModel, _ids, tiny, perturb_ = _conftest.TinyModel, _conftest._ids, _conftest.tiny, _conftest.perturb_
 
 VOCAB = 200
 
