@@ -2,6 +2,7 @@
 
     python bench/conformance_report.py            # every cell (a few minutes on one core)
     python bench/conformance_report.py --fast     # the subset `make test` runs (the page is not rewritten)
+    python bench/conformance_report.py --page     # the page again from docs/conformance.json
 
 The cells, their expectations and known defects come from tests/conformance/peft_matrix.py; each cell's
 outcome is what pytest reported for it (passed, xfailed, failed, xpassed).
@@ -75,7 +76,7 @@ def symbol(row: dict) -> str:
 
 def page(rows: list[dict], meta: dict) -> str:
     """The markdown page: a summary, the legend, one table per method."""
-    from peft_matrix import DEFECTS
+    from peft_matrix import DEFECTS, NOTES
 
     counts = Counter(r["outcome"] if r["outcome"] != "passed" else r["expected"] for r in rows)
     fast = [r for r in rows if r["fast"]]
@@ -112,6 +113,7 @@ def page(rows: list[dict], meta: dict) -> str:
         "",
     ]
     lines += [f"- **{name}**: {text}." for name, text in DEFECTS.items()]
+    lines += ["", "Notes:", ""] + [f"- {note}." for note in NOTES]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     index = {(r["arch"], r["layer"], r["method"], r["direction"], r["check"]): r for r in rows}
     row_keys = list(dict.fromkeys((r["arch"], r["layer"]) for r in rows))
@@ -133,12 +135,27 @@ def page(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rewrite_page() -> None:
+    """Write docs/conformance.md again from docs/conformance.json (after a wording change; no cell is run)."""
+    data = json.loads((DOCS / "conformance.json").read_text())
+    rows = []
+    for cell in data["cells"]:
+        arch, layer, method, direction, check = cell["id"].split("-")
+        rows.append({"arch": arch, "layer": layer, "method": method, "direction": direction, "check": check,
+                     "defect": None, "error": "", "message": "", **cell})
+    (DOCS / "conformance.md").write_text(page(rows, data["meta"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="only the cells `make test` runs; print, write nothing")
+    parser.add_argument("--page", action="store_true", help="rewrite the page from the JSON without running cells")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path[:0] = [str(ROOT / "tests" / "conformance"), str(ROOT / "tests"), str(ROOT / "src")]
+    if args.page:
+        rewrite_page()
+        return
     import pytest
 
     plugin = Outcomes()

@@ -66,6 +66,17 @@ PEFT_LAYERS = {"bone": ("Linear",), "shira": ("Linear",), "randlora": ("Linear",
 PEFT_SAVES_IN_FULL = {("llama", "Embedding"), ("gemma3", "Embedding"), ("tied", "Embedding"), ("tied", "Linear")}
 TIED = {("tied", "Linear"), ("tied", "Embedding"), ("gpt2", "Embedding"), ("bart", "Embedding")}
 
+# What the page says about cells that are not plain lorakit-vs-peft comparisons.
+NOTES = (
+    "n/a (peft): peft 0.21.2 adapts nn.Linear only with MiSS (lorakit `bone`) and SHiRA; its OLoRA ignores "
+    "fan_in_fan_out, so on GPT-2's Conv1D it builds A with the wrong shape and its own forward fails",
+    "unsupported, peft → lorakit: lorakit refuses peft's file of that adapter (DoRA on embeddings by the tensor it "
+    "does not have; PiSSA/OLoRA/orthogonal files because loading re-runs the initialiser); peft's EVA files on "
+    "embeddings and plain-LoRA files with a frozen lora_A (its users' FFA-LoRA) are plain LoRA, and load",
+    "LoRA-GA moves the base weight and is not re-run on load: both directions load onto the moved base weights",
+    "FFA-LoRA, peft → lorakit: peft's LoRA with lora_A frozen and only lora_B trained, loaded as plain LoRA",
+)
+
 # scenario id -> how peft's own load of its file differs from the peft model that wrote it (peft's business;
 # the page lists them, since the peft -> lorakit cells compare with peft's load of the file)
 PEFT_ROUNDTRIP: dict[str, str] = {}
