@@ -102,22 +102,28 @@ def matching(model: nn.Module, recorded: dict) -> dict:
     return record(model, skip_values=frozenset(n for n, v in recorded.get("values", {}).items() if v is None))
 
 
-def mismatch(a: dict, b: dict) -> Optional[str]:
-    """How two base records differ (architecture, parameter shapes, weights), or None when they agree."""
+def compare(a: dict, b: dict) -> Optional[tuple[str, str]]:
+    """(what differs: "architecture", "shapes" or "weights"; how) for two base records, or None when they agree."""
     if a.get("fingerprint") == b.get("fingerprint"):
         return None
     if a["architecture"] != b["architecture"]:
-        return f"architecture {a['architecture']} vs {b['architecture']}"
+        return "architecture", f"architecture {a['architecture']} vs {b['architecture']}"
     sa, sb = a["shapes"], b["shapes"]
     only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
     if only_a or only_b:
-        return (f"parameters differ: {len(only_a)} only in the first (e.g. {only_a[:1]}), {len(only_b)} only in the "
-                f"second (e.g. {only_b[:1]})")
+        return "shapes", (f"parameters differ: {len(only_a)} only in the first (e.g. {only_a[:1]}), {len(only_b)} "
+                          f"only in the second (e.g. {only_b[:1]})")
     shape = next((n for n in sa if sa[n] != sb[n]), None)
     if shape is not None:
-        return f"shape of '{shape}': {tuple(sa[shape])} vs {tuple(sb[shape])}"
+        return "shapes", f"shape of '{shape}': {tuple(sa[shape])} vs {tuple(sb[shape])}"
     for name, va in a["values"].items():
         vb = b["values"].get(name)
         if va is not None and vb is not None and not torch.allclose(torch.tensor(va), torch.tensor(vb), RTOL, ATOL):
-            return f"same architecture and shapes, different weights (first in '{name}')"
+            return "weights", f"same architecture and shapes, different weights (first in '{name}')"
     return None
+
+
+def mismatch(a: dict, b: dict) -> Optional[str]:
+    """How two base records differ (architecture, parameter shapes, weights), or None when they agree."""
+    found = compare(a, b)
+    return None if found is None else found[1]

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.apply import config_of, set_trainable
+from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
 from ..core import fingerprint
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
@@ -264,24 +264,33 @@ def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
               allow_pickle: bool = False) -> nn.Module:
     """Apply the adapter saved at ``path`` (PEFT or lorakit) to the base ``model`` in place and return it."""
     state = load_state(path, adapter_name, allow_pickle)
-    check_base(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path))
+    fresh = not wrapped_modules(model)
+    problem = base_problem(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path))
+    if problem is not None and problem[0] == "weights":
+        raise AdapterFileError(problem[1])
     fingerprint.remember(model)
-    state.load_into(model)
+    state.load_into(model)  # other architectures or shapes: its errors name the adapted module that does not fit
+    if problem is not None:
+        if fresh:
+            unwrap(model)
+        raise AdapterFileError(problem[1])
     set_trainable(model, is_trainable)
     return model
 
 
-def check_base(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str) -> None:
-    """Refuse to load an adapter onto a model other than the base it records (when it records one)."""
+def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str):
+    """(what differs, message) when ``model`` is not the base the adapter records (``fingerprint.compare``'s
+    kinds), or None (also when the adapter records no base)."""
     if recorded is None:
-        return
+        return None
     ours = fingerprint.matching(model, recorded)
-    diff = fingerprint.mismatch(recorded, ours)
-    if diff:
-        raise AdapterFileError(
-            f"{source}: made for base model {name or recorded['architecture']} (fingerprint {recorded['fingerprint']}), "
-            f"but this model has fingerprint {ours['fingerprint']}: {diff}; load it onto the base model it was trained on"
-        )
+    found = fingerprint.compare(recorded, ours)
+    if found is None:
+        return None
+    kind, diff = found
+    return kind, (f"{source}: made for base model {name or recorded['architecture']} (fingerprint "
+                  f"{recorded['fingerprint']}), but this model has fingerprint {ours['fingerprint']}: {diff}; load it "
+                  "onto the base model it was trained on")
 
 
 __all__ = ["AdapterFileError", "load_peft", "load_state", "save_peft", "save_state", "config_of"]
