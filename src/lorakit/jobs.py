@@ -108,7 +108,7 @@ def train_job(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     saved = _check_run_dir(out, args.resume, args.overwrite)
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
-    base = fingerprint.remember(model).lorakit_base_record  # before an initialiser may change the base weights
+    fingerprint.remember(model)  # before an initialiser may change the base weights
     settings = {"model": args.model, **{k: getattr(args, k) for k in RUN_KEYS}}
     if saved is not None:
         _check_resumable(out, saved, settings, model)
@@ -120,7 +120,7 @@ def train_job(args: argparse.Namespace) -> dict:
     if saved is None:  # everything is checked: from here on the run directory is ours
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        _write_json(out / RUN_FILE, {"settings": settings, "base": base})
+        _write_json(out / RUN_FILE, {"settings": settings, "base": fingerprint.record(model)})  # as the adapter's
     result = fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size,
                  epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                  output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed)

@@ -62,13 +62,23 @@ def test_loading_onto_another_base_names_both_fingerprints_and_what_differs(tmp_
     assert not lorakit.adapters(wider) and isinstance(wider.q, torch.nn.Linear)  # the refused load is undone
 
 
-def test_eval_on_another_base_is_a_one_line_error(tmp_path, capsys):
+def test_eval_or_resume_on_another_base_is_a_one_line_error(tmp_path, capsys):
     data = write_task(tmp_path / "task.csv", n=16)
-    assert _train(data, tmp_path / "run", "tiny-bert") == 0
+    run = tmp_path / "run"
+    assert _train(data, run, "tiny-bert") == 0
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run" / "adapter"), "--task", str(data), "--seed", "1"]) == 2
-    one_line_error(capsys, "made for base model tiny-bert (fingerprint", "but this model has fingerprint",
+    recorded = json.loads((run / "adapter" / BASE_NAME).read_text())["fingerprint"]
+    assert main(["info", str(run / "adapter")]) == 0
+    assert f"{recorded} (BertForSequenceClassification)" in capsys.readouterr().out
+    assert main(["eval", str(run / "adapter"), "--task", str(data), "--seed", "1"]) == 2
+    one_line_error(capsys, "made for base model tiny-bert (fingerprint", recorded, "but this model has fingerprint",
                    "different weights")
+    before = snapshot(run)
+    assert main(["train", "--model", "tiny-gpt2", "--task", str(data), "--targets", "query,value", "-r", "2",
+                 "--max-steps", "1", "--batch-size", "4", "--max-eval", "4", "--max-length", "16", "-o", str(run),
+                 "--resume"]) == 2
+    one_line_error(capsys, "was trained on base model tiny-bert", recorded, "architecture BertForSequenceClassification")
+    assert snapshot(run) == before
 
 
 def test_the_same_base_in_another_precision_or_with_another_head_is_accepted(tmp_path):
