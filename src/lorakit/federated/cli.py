@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..core.outputs import OutputError, check_output, file_above
+from ..core.outputs import OutputError, check_output, file_above, staged
 from .aggregation import STRATEGIES
 from .experiment import Settings
 
@@ -82,8 +82,9 @@ def _check_out(out: Path, settings: Settings, resume: bool, overwrite: bool) -> 
     if not resume:
         check_output(out, overwrite=overwrite)
         return
-    if file_above(out.resolve()) is not None or not (out / "checkpoint" / "server.json").is_file():
-        raise OutputError(f"--resume: {out} holds no federated run checkpoint ({out / 'checkpoint' / 'server.json'})")
+    server = Path(settings.checkpoint_dir) / "server.json"
+    if file_above(out.resolve()) is not None or not server.is_file():
+        raise OutputError(f"--resume: no federated run checkpoint to continue ({server} not found)")
     history = out / "server" / "history.json"
     if not history.is_file():
         raise OutputError(f"--resume: {history} not found, so the run's settings are unknown; use --overwrite")
@@ -131,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.fed_command == "app":
         settings = settings_from(args)
         check_settings(settings)
-        check_output(args.directory, overwrite=args.overwrite, flag="fed app")
-        path = runner.write_app(args.directory, settings)
+        path = check_output(args.directory, overwrite=args.overwrite, flag="fed app")
+        with staged(path) as tmp:
+            runner.write_app(tmp, settings)
         print(f"wrote the Flower app to {path}; submit it with: flwr run {path} <connection>")
         return 0
     out = Path(args.out)

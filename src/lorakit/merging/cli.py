@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the random methods (dare_*, knots, lego) (default: the method's)")
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="any other setting, e.g. inner=dare_ties")
     p.add_argument("--modules-to-save", default=None,
-                   help="when modules_to_save differ: 'drop', 'mean' or an adapter index (default: refuse)")
+                   help="modules_to_save: 'drop', 'mean' or an adapter index (default: kept where the adapters "
+                        "agree, refused where they differ)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin files (unpickling can run code)")
     p.add_argument("-o", "--out", required=True, help="output adapter directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
