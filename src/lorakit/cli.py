@@ -26,7 +26,7 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         help_text = action.help or ""
         if "(default" in help_text or action.default is argparse.SUPPRESS or action.required:
             return help_text
-        return super()._get_help_string(action) if help_text else "(default: %(default)s)"
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,6 +34,11 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, formatter_class=DefaultsFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def _add_action(self, action: argparse.Action) -> argparse.Action:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"  # argparse prints no line at all for an option without help
+        return super()._add_action(action)
 
     def error(self, message: str) -> None:
         """A usage error: one line on stderr (``--help`` shows the usage), exit status 2."""
