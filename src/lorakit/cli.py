@@ -1,7 +1,8 @@
 """The ``lorakit`` command: train, eval, info, merge, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
 
-User errors (a bad path, an unknown name, a file that does not fit) print one line to stderr and exit with
-status 2; anything else is a bug and keeps its traceback.
+User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
+print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
+overwrites an input, or an existing output without ``--overwrite``; ``--help`` shows every option's default.
 """
 from __future__ import annotations
 
@@ -18,6 +19,44 @@ class UserError(Exception):
     """An error the user can fix; printed as one line."""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to each option's help unless the help already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or action.default is argparse.SUPPRESS or action.required:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (and every sub-command's) shows the defaults."""
+
+    def __init__(self, *args, formatter_class=DefaultsFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def _add_action(self, action: argparse.Action) -> argparse.Action:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"  # argparse prints no line at all for an option without help
+        return super()._add_action(action)
+
+    def error(self, message: str) -> None:
+        """A usage error: one line on stderr (``--help`` shows the usage), exit status 2."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 ("0", "-1" and "1.5" are refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {value}")
+    return value
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -30,8 +69,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe an adapter directory."""
     import lorakit
 
+    from .formats.peft import read_base
+
     path = Path(args.adapter_dir)
     state = lorakit.load_state(path, args.adapter_name, allow_pickle=args.allow_pickle)
+    base = read_base(path, args.adapter_name)
     cfg = state.config
     ranks = sorted({state.module_config(p).r for p in state.modules()})
     files = [f for f in (path / (args.adapter_name or "")).iterdir() if f.is_file()]
@@ -39,6 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("method", cfg.method_name),
         ("peft_type", cfg.peft_type),
         ("base model", cfg.base_model_name_or_path or "(not recorded)"),
+        ("base fingerprint", f"{base['fingerprint']} ({base['architecture']})" if base else "(not recorded)"),
         ("rank", str(cfg.r) + (f" (per module: {', '.join(map(str, ranks))})" if ranks != [cfg.r] else "")),
         ("lora_alpha", str(getattr(cfg, "lora_alpha", "-")) + (" (rsLoRA)" if getattr(cfg, "use_rslora", False) else "")),
         ("targets", ", ".join(cfg.target_modules) if isinstance(cfg.target_modules, list) else str(cfg.target_modules)),
@@ -94,48 +137,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm", help="zoo name or local HF model directory (default: minilm)")
-    p.add_argument("--task", default="tweets", help="bundled task name or a local JSONL/CSV/datasets path (default: tweets)")
-    p.add_argument("--kind", choices=["classification", "causal_lm"], default="classification")
-    p.add_argument("--max-train", type=int, default=None, help="subsample the training split to this many examples")
-    p.add_argument("--max-eval", type=int, default=None, help="subsample validation and test splits")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+def _train_args(p: argparse.ArgumentParser, model_help: str = "zoo name or local HF model directory") -> None:
+    p.add_argument("--model", default="minilm", help=model_help)
+    p.add_argument("--task", default="tweets", help="bundled task name or a local JSONL/CSV/datasets path")
+    p.add_argument("--kind", choices=["classification", "causal_lm"], default="classification", help="task kind")
+    p.add_argument("--max-train", type=count, default=None, help="subsample the training split (default: all)")
+    p.add_argument("--max-eval", type=count, default=None, help="subsample validation and test splits (default: all)")
+    p.add_argument("--max-length", type=count, default=64, help="tokens per example")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsampling, the head and the data order")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lorakit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="fine-tune an adapter on a task and save it in PEFT format")
     _train_args(p)
     p.add_argument("--method", default="lora", help="registered method (see `lorakit methods`)")
-    p.add_argument("-r", "--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("-r", "--rank", type=count, default=8, help="adapter rank")
+    p.add_argument("--alpha", type=float, default=16, help="lora_alpha (scaling alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
     p.add_argument("--targets", default="query,key,value", help="comma-separated module names, or a regex")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("-o", "--out", default="runs/train", help="output directory (adapter in OUT/adapter)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--batch-size", type=count, default=16, help="examples per optimiser step")
+    p.add_argument("--epochs", type=count, default=1, help="passes over the training split")
+    p.add_argument("--max-steps", type=count, default=None, help="stop after this many steps (default: --epochs)")
+    p.add_argument("--eval-every", type=count, default=50, help="evaluate and checkpoint every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (its settings must match)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run or files already in --out")
+    p.add_argument("-o", "--out", default="runs/train", help="run directory (adapter in OUT/adapter)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task split")
-    _train_args(p)
+    _train_args(p, model_help="zoo name or local HF model directory (default: the base model the adapter records, "
+                              "else minilm)")
+    p.set_defaults(model=None)
     p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft)")
-    p.add_argument("--split", default="test", choices=["validation", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="split to evaluate")
+    p.add_argument("--batch-size", type=count, default=64, help="examples per forward pass")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe an adapter directory")
-    p.add_argument("adapter_dir")
-    p.add_argument("--adapter-name", default=None, help="sub-folder of a multi-adapter directory")
+    p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft)")
+    p.add_argument("--adapter-name", default=None, help="sub-folder of a multi-adapter directory (default: none)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
     p.set_defaults(func=cmd_info)
 
@@ -158,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("demo", help="fine-tune LoRA on MiniLM for tweet sentiment and compare with a head-only baseline")
-    p.add_argument("-o", "--out", default="runs/demo")
-    p.add_argument("--max-train", type=int, default=None, help="training examples (default: the demo's budget)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", default="runs/demo", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--max-train", type=count, default=None, help="training examples (default: the demo's budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the head")
     p.set_defaults(func=cmd_demo)
     return parser
 

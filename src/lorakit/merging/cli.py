@@ -2,6 +2,9 @@
 
 The ``lorakit`` command hooks it in with ``p = sub.add_parser("merge"); add_arguments(p); p.set_defaults(func=run)``,
 or calls ``cli_main(argv)`` with the arguments after ``merge``. User errors print one line to stderr and return 2.
+``-o`` may not name (or lie inside, or contain) an input, nor an existing path unless ``--overwrite``; the result
+appears whole or not at all. Inputs must record the same base model: compared by their base records
+(architecture, shapes, weight fingerprint) where every input has one, else by the recorded names.
 """
 from __future__ import annotations
 
@@ -9,11 +12,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..formats.peft import AdapterFileError, load_state, save_state
+from ..core import fingerprint
+from ..core.outputs import OutputError, check_output, staged
+from ..formats.peft import AdapterFileError, load_state, read_base, save_state
 from .combine import combine
 from .protocol import MERGERS, MergeError
 
-USER_ERRORS = (MergeError, AdapterFileError, FileNotFoundError, KeyError, ValueError, TypeError)
+USER_ERRORS = (MergeError, AdapterFileError, OutputError, FileNotFoundError, KeyError, ValueError, TypeError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,14 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapters", nargs="+", help="adapter directories (PEFT or lorakit format)")
     p.add_argument("--method", required=True, help=f"merge method: {', '.join(MERGERS.names())}")
     p.add_argument("--weights", nargs="+", help="one weight per adapter, spaces or commas (default: 1 each)")
-    p.add_argument("--rank", type=int, help="rank of the merged adapter (lego: the number of clusters)")
-    p.add_argument("--density", type=float, help="fraction of entries kept (ties, dare_*, magnitude_prune, knots)")
-    p.add_argument("--majority", choices=["total", "frequency"], help="sign election (ties, dare_ties, knots)")
-    p.add_argument("--seed", type=int, help="seed of the random methods (dare_*, knots, lego)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (lego: the number of clusters) "
+                                            "(default: the method's)")
+    p.add_argument("--density", type=float, help="fraction of entries kept (ties, dare_*, magnitude_prune, knots) "
+                                                 "(default: the method's)")
+    p.add_argument("--majority", choices=["total", "frequency"], help="sign election (ties, dare_ties, knots) "
+                                                                      "(default: the method's)")
+    p.add_argument("--seed", type=int, help="seed of the random methods (dare_*, knots, lego) (default: the method's)")
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="any other setting, e.g. inner=dare_ties")
-    p.add_argument("--modules-to-save", default=None, help="when modules_to_save differ: 'drop', 'mean' or an adapter index")
+    p.add_argument("--modules-to-save", default=None,
+                   help="modules_to_save: 'drop', 'mean' or an adapter index (default: kept where the adapters "
+                        "agree, refused where they differ)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin files (unpickling can run code)")
-    p.add_argument("-o", "--out", required=True, help="output adapter directory")
+    p.add_argument("-o", "--out", required=True, help="output adapter directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
 
 
 def _value(text: str):
@@ -54,24 +65,37 @@ def run(args: argparse.Namespace) -> int:
         knobs[key.strip().replace("-", "_")] = _value(text.strip())
     policy = args.modules_to_save
     policy = int(policy) if policy is not None and policy.lstrip("-").isdigit() else policy
+    out = check_output(args.out, inputs=args.adapters, overwrite=args.overwrite)
     states = [load_state(d, allow_pickle=args.allow_pickle) for d in args.adapters]
+    states, base = _same_base(states, [read_base(d) for d in args.adapters], args.adapters)
     merged = combine(states, args.method, weights, modules_to_save=policy, seed=args.seed, **knobs)
-    path = save_state(merged, args.out)
+    with staged(out) as tmp:
+        save_state(merged, tmp, base=base)
+    path = out
     ranks = sorted({merged.module_config(p).r for p in merged.modules()})
     print(f"merged {len(states)} adapters with {args.method} into {path} "
           f"({len(merged.modules())} modules, rank {'/'.join(map(str, ranks))})")
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+def _same_base(states: list, records: list, dirs: Sequence[str]) -> tuple[list, dict | None]:
+    """Refuse inputs made for different base models; returns the states (one base name) and the base record."""
+    if any(r is None for r in records):
+        return states, None  # some inputs record no base: combine compares the recorded names
+    for d, r in zip(dirs[1:], records[1:]):
+        diff = fingerprint.mismatch(records[0], r)
+        if diff:
+            raise MergeError(f"{dirs[0]} and {d} were made for different base models (fingerprints "
+                             f"{records[0]['fingerprint']} and {r['fingerprint']}): {diff}")
+    name = next((s.config.base_model_name_or_path for s in states if s.config.base_model_name_or_path), None)
+    return [s.replace(base_model_name_or_path=name) for s in states], records[0]
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``lorakit merge`` as a function: ``argv`` are the arguments after ``merge``; returns the exit status."""
-    parser = _Parser(prog="lorakit merge", description="Merge adapter directories into one LoRA adapter (see docs/merging.md).")
+    from ..cli import Parser
+
+    parser = Parser(prog="lorakit merge", description="Merge adapter directories into one LoRA adapter (see docs/merging.md).")
     add_arguments(parser)
     try:
         args = parser.parse_args(argv)
