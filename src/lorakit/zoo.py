@@ -187,6 +187,8 @@ def load(
                 f"unknown model {name!r}: not a zoo name and not a directory. "
                 f"Zoo names: {', '.join(names())}; a local Hugging Face model directory also works."
             )
+    # Adapters record the base by the name the user gave (a zoo name or their path), never a resolved venv path.
+    model.config._name_or_path = name
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

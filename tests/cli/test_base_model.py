@@ -167,3 +167,10 @@ def test_a_module_with_one_factor_is_refused_by_info(r4_adapter, capsys):
     save_file({k: v for k, v in load_file(str(file)).items() if not k.endswith("v.lora_B.weight")}, str(file))
     assert main(["info", str(r4_adapter)]) == 2
     one_line_error(capsys, "module 'v'", "not both LoRA factors")
+
+
+def test_save_peft_on_a_zoo_model_records_the_zoo_name_not_the_package_path(tmp_path):
+    model, _ = zoo.load("minilm", task="seq_cls", num_labels=3)
+    lorakit.apply(model, lorakit.LoRAConfig(r=2, target_modules=["query"]))
+    lorakit.save_peft(model, tmp_path / "a")
+    assert lorakit.load_state(tmp_path / "a").config.base_model_name_or_path == "minilm"
