@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterShapeError, LowRank
+from .adapter import AdapterShapeError, LowRank, ModulesToSave
 from .apply import adapters, apply, config_of, wrapped_modules
-from .adapter import ModulesToSave
+from .capabilities import Capabilities, require
 from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
 
@@ -50,6 +50,15 @@ class AdapterState:
 
     def _adapter_class(self):
         return self.method.adapter_classes[0]
+
+    @property
+    def capabilities(self) -> Optional[Capabilities]:
+        """What the method declares its update allows under this config (core/capabilities.py)."""
+        return self.method.capabilities and self._adapter_class().capabilities_for(self.config)
+
+    def require(self, capability: str, doing: str) -> None:
+        """Raise CapabilityError (naming the method and what to do) unless the method declares ``capability``."""
+        require(self.capabilities, capability, self.config.method_name, doing)
 
     def delta(self, path: str, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ΔW of one module, in the base weight's layout (DoRA-like methods need ``base_weight``)."""
@@ -91,6 +100,7 @@ class AdapterState:
         """
         if type(self.config) is LoRAConfig and not self.config.use_dora:
             return self
+        self.require("exportable_to_lora", "export the adapter as a plain LoRA")
         tensors, ranks = {}, {}
         for path in self.tensors:
             factors = self.low_rank(path)

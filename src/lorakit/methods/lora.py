@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter, LowRank
+from ..core.capabilities import LORA_PAIR
 from ..core.config import LoRAConfig
 from ..core.registry import INITIALIZERS, METHODS, initializer_for
 
@@ -58,6 +59,7 @@ class LoRALayer(Adapter):
     """Shared pieces of the LoRA layer kinds."""
 
     name = "lora"
+    capabilities = LORA_PAIR
     config_class = LoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     param_formula = "r·(in+out)"
