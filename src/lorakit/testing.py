@@ -49,6 +49,27 @@ class ToyEmbedding(ToyLinear):
     targets = ["emb"]
 
 
+class ScaledEmbedding(nn.Embedding):
+    """An embedding that multiplies its lookup by ``embed_scale`` (as Gemma 3's and BART's scaled embeddings)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x) * self.embed_scale.to(self.weight.dtype)
+
+
+class ToyScaledEmbedding(ToyLinear):
+    """The Embedding toy with a scaled embedding: an adapter's update must be scaled like the lookup."""
+
+    targets = ["emb"]
+
+    def __init__(self):
+        super().__init__()
+        self.emb = ScaledEmbedding(40, 16, scale=4.0)
+
+
 class ToyConv1D(nn.Module):
     """GPT-2-style ``Conv1D`` layers (weights stored [in, out])."""
 
@@ -85,7 +106,8 @@ class ToyConv2d(nn.Module):
 
 
 LINEAR = (nn.Linear, Conv1D) if Conv1D is not None else (nn.Linear,)
-TOYS: dict[type, Callable[[], nn.Module]] = {nn.Linear: ToyLinear, nn.Embedding: ToyEmbedding, nn.Conv2d: ToyConv2d}
+TOYS: dict[type, Callable[[], nn.Module]] = {nn.Linear: ToyLinear, nn.Embedding: ToyEmbedding, nn.Conv2d: ToyConv2d,
+                                             ScaledEmbedding: ToyScaledEmbedding}
 if Conv1D is not None:
     TOYS[Conv1D] = ToyConv1D
 

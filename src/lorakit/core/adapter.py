@@ -141,6 +141,25 @@ class Adapter(nn.Module):
         return f"name={self.name!r}, r={getattr(self.config, 'r', None)}, path={self.module_path!r}"
 
 
+def embed_scale(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The scalar a scaled embedding multiplies its lookup by (``embed_scale``: Gemma 3, BART...), or None.
+
+    An adapter's update to such a layer must be scaled alike, so that forward, ``delta`` merged into the weight
+    and PEFT's files agree. A non-scalar ``embed_scale`` is refused (PEFT warns and leaves the update unscaled).
+    """
+    scale = getattr(layer, "embed_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)):
+        return torch.tensor(float(scale), device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    raise ValueError(
+        f"{type(layer).__name__}.embed_scale is {type(scale).__name__} of shape {tuple(getattr(scale, 'shape', ()))}; "
+        "an adapter can follow a scalar embedding scale only. Exclude this embedding from target_modules"
+    )
+
+
 class FrozenLinear(nn.Module):
     """A fixed bias-free linear map whose ``weight`` [out, in] is a buffer: saved with the adapter, never trained."""
 
