@@ -58,15 +58,6 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert torch.allclose(a, b, atol=ATOL, rtol=0), f"{what}: max abs difference {err:.3g}"
 
 
-def perturbed(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
 KW = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
 MODELS = ["gemma3", "bart", "mbart", "gemma3-tied", "bart-tied"]
 
@@ -83,8 +74,8 @@ def test_the_models_scale_their_embeddings(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_lorakit_adapter_in_peft(name, tmp_path):
-    model = perturbed(lorakit.apply(base(name), lorakit.LoRAConfig(**KW)))
+def test_lorakit_adapter_in_peft(name, tmp_path, perturb):
+    model = perturb(lorakit.apply(base(name), lorakit.LoRAConfig(**KW)))
     assert any(p.endswith("embed_tokens") for p in lorakit.adapters(model))
     out = run(model)
     assert (out - run(base(name))).abs().max() > 1e-3
@@ -101,8 +92,8 @@ def test_lorakit_adapter_in_peft(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_peft_adapter_in_lorakit(name, tmp_path):
-    model = perturbed(get_peft_model(base(name), LoraConfig(init_lora_weights=False, **copy.deepcopy(KW))))
+def test_peft_adapter_in_lorakit(name, tmp_path, perturb):
+    model = perturb(get_peft_model(base(name), LoraConfig(init_lora_weights=False, **copy.deepcopy(KW))))
     out = run(model)
     model.save_pretrained(tmp_path)
     ours = lorakit.load_peft(base(name), tmp_path)
@@ -135,15 +126,15 @@ def test_a_non_scalar_embed_scale_is_refused():
 
 
 @pytest.mark.parametrize("name", ["gemma3-tied", "bart-tied"])
-def test_merging_into_tied_embeddings_is_refused(name):
+def test_merging_into_tied_embeddings_is_refused(name, perturb):
     """The head shares the embedding's weight: ΔW merged there changes the logits too (peft merges it anyway)."""
-    model = perturbed(lorakit.apply(base(name), lorakit.LoRAConfig(**KW)))
+    model = perturb(lorakit.apply(base(name), lorakit.LoRAConfig(**KW)))
     out = run(model)
     with pytest.raises(ValueError, match="embed_tokens': its weight is shared with .*lm_head.*untie"):
         lorakit.merge(model)
     close(run(model), out, f"{name}: output after a refused merge")
-    peft_model = perturbed(get_peft_model(base(name), LoraConfig(init_lora_weights=False, **copy.deepcopy(KW))))
+    peft_model = perturb(get_peft_model(base(name), LoraConfig(init_lora_weights=False, **copy.deepcopy(KW))))
     peft_out = run(peft_model)
     assert (run(peft_model.merge_and_unload()) - peft_out).abs().max() > 1.0  # what the refusal prevents
-    plain = perturbed(lorakit.apply(base(name), lorakit.LoRAConfig(r=4, target_modules=["q_proj"])))
+    plain = perturb(lorakit.apply(base(name), lorakit.LoRAConfig(r=4, target_modules=["q_proj"])))
     close(run(lorakit.merge(copy.deepcopy(plain))), run(plain), f"{name}: merging untied layers still works")
