@@ -23,7 +23,7 @@ DOCS = ROOT / "docs"
 CHECKS = ("forward", "merge", "files")
 DIRECTIONS = ("lk2peft", "peft2lk")
 DIRECTION_TITLE = {"lk2peft": "lorakit → peft", "peft2lk": "peft → lorakit"}
-REFUSED = {"unsupported": "unsupported", "peft-unsupported": "n/a (peft)"}
+REFUSED = {"unsupported": "unsupported", "peft-unsupported": "n/a (peft)", "tied-refused": "refused (tied)"}
 
 
 class Outcomes:
@@ -99,11 +99,13 @@ def page(rows: list[dict], meta: dict) -> str:
         "",
         "Entries: ✓ matches; **unsupported** lorakit refuses the combination with a clear error (the test checks "
         "its type and message); **n/a (peft)** peft 0.21.2 has no such adapter (the test checks that peft refuses, "
-        "so the cell flips when peft adds it); **xfail** a known lorakit defect (a strict xfail: it flips when fixed); "
+        "so the cell flips when peft adds it); **refused (tied)** merging into an embedding weight the output head "
+        "shares is refused with an error naming the tied weights (peft merges it and changes the head too, so its "
+        "merged model differs from its adapter's); **xfail** a known lorakit defect (a strict xfail: it flips when fixed); "
         "✗ a cell that differs without being known.",
         "",
         f"**{len(rows)} cells**: {counts['match']} ✓, {counts['unsupported']} unsupported, "
-        f"{counts['peft-unsupported']} n/a (peft), {counts['xfailed']} xfail, "
+        f"{counts['peft-unsupported']} n/a (peft), {counts['tied-refused']} refused (tied), {counts['xfailed']} xfail, "
         f"{counts['failed'] + counts['xpassed']} ✗. `make test` runs {len(fast)} of them (one scenario per method "
         f"and per architecture, and three refusals; {meta['fast_seconds']:.0f} s of this run, the first cell paying "
         "for the imports); the rest are marked slow. Full run: "

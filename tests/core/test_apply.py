@@ -51,7 +51,8 @@ def test_apply_freezes_base_and_unwrap_restores_it(llama):
 def test_apply_resolves_and_records_config(gpt2, bert):
     model = lorakit.apply(gpt2.make(), lorakit.LoRAConfig(target_modules="all-linear"))
     config = lorakit.config_of(model)
-    assert config.fan_in_fan_out and sorted(config.target_modules) == ["c_attn", "c_fc", "c_proj"]
+    assert config.fan_in_fan_out and {p.rsplit(".", 1)[-1] for p in config.target_modules} == {"c_attn", "c_fc", "c_proj"}
+    assert sorted(config.target_modules) == sorted(lorakit.adapters(model))  # full paths, as peft saves them
     cls_model = lorakit.apply(bert.make(), lorakit.LoRAConfig(target_modules=["query"], task_type="SEQ_CLS"))
     assert lorakit.config_of(cls_model).modules_to_save == ["classifier"]
     assert isinstance(cls_model.classifier, lorakit.ModulesToSave)

@@ -12,7 +12,7 @@ TARGETS = ["up", "down"]
 
 
 def test_conformance():
-    assert len(check_method("block_lora")) == 22
+    assert len(check_method("block_lora")) == 26
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])

@@ -1,9 +1,11 @@
 """FlyLoRA claim tests: A frozen and sparse at density k/r, top-k ranks per token, stable load balancing."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lorakit
+from lorakit.core.adapter import NotMergeableError
 from lorakit.methods.flylora import FlyLoRAConfig
 from lorakit.testing import check_method, perturb_
 
@@ -14,7 +16,7 @@ def layer(r=16, top_k=4, n=64, out=32, **kw):
 
 
 def test_conformance():
-    assert len(check_method("flylora")) == 22
+    assert len(check_method("flylora")) == 20
 
 
 def test_a_is_frozen_and_sparse_at_density_k_over_r():
@@ -49,13 +51,26 @@ def test_only_top_k_ranks_act_per_token():
     assert sorted(active.tolist()) == sorted(chosen[0].tolist())
 
 
-def test_all_ranks_active_merges_exactly():
+def test_all_ranks_active_is_lora_with_the_same_factors():
     fly = layer(r=8, top_k=8)
     perturb_(fly, scale=0.5)
     fly.eval()
     x = torch.randn(4, 64)
-    w = fly.base_layer.weight + type(fly).delta(dict(fly.adapter_tensors()), fly.config, fly.base_layer.weight)
+    w = fly.base_layer.weight + fly.config.scaling * fly.lora_B.weight @ fly.lora_A.weight
     torch.testing.assert_close(fly(x), F.linear(x, w, fly.base_layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_below_r_is_input_dependent_so_nothing_treats_it_as_a_fixed_update():
+    """The fork's all-ranks merge differs from the forward pass; lorakit declares no capability and refuses."""
+    fly = layer(r=16, top_k=4)
+    perturb_(fly, scale=0.5)
+    fly.eval()
+    x = torch.eye(64)[:8]  # one feature per token: different ranks win per token
+    w = fly.base_layer.weight + fly.config.scaling * fly.lora_B.weight @ fly.lora_A.weight
+    assert (fly(x) - F.linear(x, w, fly.base_layer.bias)).abs().max() > 1e-3
+    assert not fly.capabilities.names()
+    with pytest.raises(NotMergeableError, match="flylora.*top-4 of 16"):
+        type(fly).delta(dict(fly.adapter_tensors()), fly.config, fly.base_layer.weight)
 
 
 def test_bias_moves_by_the_mean_count_rule_in_training_only():

@@ -13,7 +13,7 @@ TARGETS = ["up", "down"]
 
 
 def test_conformance():
-    assert len(check_method("nola")) == 22
+    assert len(check_method("nola")) == 26
 
 
 def stored(config, model=None, tmp_path=None):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capabilities import Capabilities, CapabilityError, require
 from .config import AdapterConfig
 
 LowRank = tuple[torch.Tensor, torch.Tensor, float]
@@ -20,7 +21,7 @@ class AdapterShapeError(ValueError):
     """A tensor does not fit the module it is meant for."""
 
 
-class NotMergeableError(TypeError):
+class NotMergeableError(CapabilityError):
     """The adapter's update depends on the input (e.g. token routing), so no weight can hold it."""
 
 
@@ -32,8 +33,7 @@ class Adapter(nn.Module):
     layer_types: ClassVar[tuple[type, ...]] = ()
     # Declared behaviour, checked by lorakit.testing.check_method.
     identity_at_init: ClassVar[bool] = True  # output equals the base output before training
-    exact_merge: ClassVar[bool] = True  # merging into the weight reproduces forward exactly
-    mergeable: ClassVar[bool] = True  # False: merge refuses (no ΔW exists), and ``delta`` is not defined
+    capabilities: ClassVar[Optional[Capabilities]] = None  # every method declares its own (core/capabilities.py)
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
     param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
 
@@ -43,6 +43,11 @@ class Adapter(nn.Module):
         self.config = config
         self.module_path = module_path
         self.disabled = False
+
+    @classmethod
+    def capabilities_for(cls, config: AdapterConfig) -> Optional[Capabilities]:
+        """The capabilities under ``config``: the class declaration unless a setting takes one away."""
+        return cls.capabilities
 
     @classmethod
     def can_wrap(cls, layer: nn.Module) -> bool:
@@ -111,12 +116,11 @@ class Adapter(nn.Module):
         return type(self).delta(tensors, self.config, weight).to(weight.dtype)
 
     def check_mergeable(self) -> None:
-        """Raise NotMergeableError for methods that declare ``mergeable = False``."""
-        if not self.mergeable:
-            raise NotMergeableError(
-                f"module '{self.module_path}': a '{self.name}' adapter computes an input-dependent update, which "
-                "no merged weight can reproduce; keep the adapter on the model, or unwrap(model) to remove it"
-            )
+        """Raise NotMergeableError unless the method declares ``mergeable``."""
+        try:
+            require(self.capabilities_for(self.config), "mergeable", self.name, f"merge module '{self.module_path}'")
+        except CapabilityError as e:
+            raise NotMergeableError(str(e)) from None
 
     def merged_layer(self) -> nn.Module:
         """The base layer with ΔW added to its weight (in place), ready to replace this adapter."""
@@ -135,6 +139,25 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, r={getattr(self.config, 'r', None)}, path={self.module_path!r}"
+
+
+def embed_scale(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The scalar a scaled embedding multiplies its lookup by (``embed_scale``: Gemma 3, BART...), or None.
+
+    An adapter's update to such a layer must be scaled alike, so that forward, ``delta`` merged into the weight
+    and PEFT's files agree. A non-scalar ``embed_scale`` is refused (PEFT warns and leaves the update unscaled).
+    """
+    scale = getattr(layer, "embed_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)):
+        return torch.tensor(float(scale), device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    raise ValueError(
+        f"{type(layer).__name__}.embed_scale is {type(scale).__name__} of shape {tuple(getattr(scale, 'shape', ()))}; "
+        "an adapter can follow a scalar embedding scale only. Exclude this embedding from target_modules"
+    )
 
 
 class FrozenLinear(nn.Module):

@@ -126,6 +126,7 @@ def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
         for module in found.values():
             if isinstance(module, Adapter):
                 module.check_mergeable()
+        _check_not_tied(model, {p: m for p, m in found.items() if isinstance(m, Adapter)})
     # innermost first, so nested wrappers unwind correctly
     for path in sorted(found, key=lambda p: -p.count(".")):
         module = found[path]
@@ -137,6 +138,22 @@ def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
     if config is not None:
         delattr(model, CONFIG_ATTR)
     return model
+
+
+def _check_not_tied(model: nn.Module, found: dict[str, Adapter]) -> None:
+    """Refuse to merge into a weight that other modules share (tied embeddings): ΔW would change them too."""
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    for path, module in found.items():
+        own = f"{path}.base_layer.weight"
+        others = [n for n in users.get(id(module.base_layer.weight), []) if n != own]
+        if others:
+            raise ValueError(
+                f"module '{path}': its weight is shared with {', '.join(others[:3])} (tied weights), so merging its "
+                "update would change those too; keep the adapter on the model, or untie the weights first (give "
+                "each module its own copy and set config.tie_word_embeddings=False)"
+            )
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -102,6 +102,13 @@ def matching(model: nn.Module, recorded: dict) -> dict:
     return record(model, skip_values=frozenset(n for n, v in recorded.get("values", {}).items() if v is None))
 
 
+def without(rec: dict, names: set) -> dict:
+    """``rec`` with the parameters ``names`` left out (those an adapter file brings in full, e.g. resized embeddings)."""
+    shapes = {n: s for n, s in rec["shapes"].items() if n not in names}
+    values = {n: v for n, v in rec["values"].items() if n not in names}
+    return {**rec, "fingerprint": _digest(rec["architecture"], shapes, values), "shapes": shapes, "values": values}
+
+
 def compare(a: dict, b: dict) -> Optional[tuple[str, str]]:
     """(what differs: "architecture", "shapes" or "weights"; how) for two base records, or None when they agree."""
     if a.get("fingerprint") == b.get("fingerprint"):

@@ -77,6 +77,12 @@ class Method:
         return None
 
     @property
+    def capabilities(self):
+        """The method's declared ``Capabilities`` (None if its adapter classes declare none or disagree)."""
+        found = {cls.capabilities for cls in self.adapter_classes}
+        return found.pop() if len(found) == 1 else None
+
+    @property
     def layer_types(self) -> tuple[type, ...]:
         return tuple(t for cls in self.adapter_classes for t in cls.layer_types)
 

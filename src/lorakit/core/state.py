@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterShapeError, LowRank
+from .adapter import AdapterShapeError, LowRank, ModulesToSave
 from .apply import adapters, apply, config_of, wrapped_modules
-from .adapter import ModulesToSave
+from .capabilities import Capabilities, require
 from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
 
@@ -50,6 +50,15 @@ class AdapterState:
 
     def _adapter_class(self):
         return self.method.adapter_classes[0]
+
+    @property
+    def capabilities(self) -> Optional[Capabilities]:
+        """What the method declares its update allows under this config (core/capabilities.py)."""
+        return self.method.capabilities and self._adapter_class().capabilities_for(self.config)
+
+    def require(self, capability: str, doing: str) -> None:
+        """Raise CapabilityError (naming the method and what to do) unless the method declares ``capability``."""
+        require(self.capabilities, capability, self.config.method_name, doing)
 
     def delta(self, path: str, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ΔW of one module, in the base weight's layout (DoRA-like methods need ``base_weight``)."""
@@ -91,6 +100,7 @@ class AdapterState:
         """
         if type(self.config) is LoRAConfig and not self.config.use_dora:
             return self
+        self.require("exportable_to_lora", "export the adapter as a plain LoRA")
         tensors, ranks = {}, {}
         for path in self.tensors:
             factors = self.low_rank(path)
@@ -140,10 +150,40 @@ class AdapterState:
                     "into the base model, or unwrap(model) first"
                 )
 
+    def _fit_vocabulary(self, model: nn.Module) -> None:
+        """Resize the base model's vocabulary to the adapter's when the file carries the resized embeddings."""
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(emb, nn.Embedding):
+            return
+        path = next(p for p, m in model.named_modules() if m is emb)
+        rows = {t.shape[0] for k, t in self.base_tensors.items() if k in (f"{path}.weight", f"{path}.base_layer.weight")}
+        lora_a = self.tensors.get(path, {}).get("lora_embedding_A")
+        want = next(iter(rows), lora_a.shape[1] if lora_a is not None else emb.num_embeddings)
+        if want == emb.num_embeddings:
+            return
+        fix = f"call model.resize_token_embeddings({want}) before loading"
+        if not rows:
+            raise AdapterShapeError(
+                f"module '{path}': the adapter covers a vocabulary of {want} tokens, the model {emb.num_embeddings}, and "
+                f"the file does not carry the resized embedding weights; {fix} and load the embeddings it was trained with")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_path = next((p for p, m in model.named_modules() if m is head), None)
+        head_saved = any(k in self.base_tensors for k in (f"{head_path}.weight", f"{head_path}.base_layer.weight"))
+        if head is not None and head.weight is not emb.weight and not head_saved:
+            raise AdapterShapeError(
+                f"module '{path}': the adapter was trained with a vocabulary of {want} tokens (the model has "
+                f"{emb.num_embeddings}); its output head '{head_path}' is not tied to the embeddings and its new rows are "
+                f"not in the file, so resizing here would invent them; {fix}, with the head it was trained with")
+        if not hasattr(model, "resize_token_embeddings"):
+            raise AdapterShapeError(f"module '{path}': the adapter has a vocabulary of {want} tokens, the model "
+                                    f"{emb.num_embeddings}; resize the model's embeddings to {want} rows before loading")
+        model.resize_token_embeddings(want, mean_resizing=False)  # every new row is then copied from the file
+
     def load_into(self, model: nn.Module) -> nn.Module:
         """Apply this state's config to a base ``model`` (if not already applied) and copy the tensors in."""
         fresh = not wrapped_modules(model)
         if fresh:
+            self._fit_vocabulary(model)
             apply(model, self.config)
         found = wrapped_modules(model)
         expected = set(adapters(model))
@@ -162,7 +202,7 @@ class AdapterState:
                 raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")
             found[path].load_adapter_tensors(tensors)
         if self.base_tensors:
-            params = dict(model.named_parameters())
+            params = dict(model.named_parameters(remove_duplicate=False))  # tied heads keep their own name
             with torch.no_grad():
                 for name, value in self.base_tensors.items():
                     if name not in params or params[name].shape != value.shape:

@@ -2,7 +2,7 @@
 
 ``target_modules``: a string is a regex fully matched against the module path; a list matches a path that
 equals an entry or ends with ``"." + entry``; ``"all-linear"`` means every Linear/Conv1D except the output
-head. ``exclude_modules`` likewise; ``modules_to_save`` (and what lies inside them) are never targets.
+head, by PEFT's rule (``expand_all_linear``). ``exclude_modules`` likewise; ``modules_to_save`` (and what lies inside them) are never targets.
 ``layers_to_transform`` keeps modules whose layer index (the first number after ``layers_pattern``, or after
 any segment when it is unset) is listed; a full path named in a list is kept whatever its layer.
 """
@@ -17,11 +17,12 @@ from torch import nn
 from .config import AdapterConfig
 
 try:
+    from transformers import PreTrainedModel
     from transformers.pytorch_utils import Conv1D
 
     LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 except ImportError:  # pragma: no cover
-    LINEAR_TYPES = (nn.Linear,)
+    LINEAR_TYPES, PreTrainedModel = (nn.Linear,), None
 
 
 def matches(path: str, spec: Union[str, list, None]) -> bool:
@@ -48,23 +49,42 @@ def layer_index(path: str, layers_pattern: Union[str, list, None]) -> Optional[i
     return int(found.group(1)) if found else None
 
 
-def output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output projection(s), which ``all-linear`` leaves alone (as PEFT does)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    paths = {p for p, m in model.named_modules() if head is not None and m is head}
-    return paths | {p for p in ("lm_head", "classifier", "score") if isinstance(getattr(model, p, None), nn.Module)}
+SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's names for a classification head, in its order
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    return next(p for p, m in model.named_modules() if m is module)
+
+
+def output_head_paths(model: nn.Module, task_type: Optional[str] = None) -> set[str]:
+    """The output head that ``all-linear`` leaves out, by PEFT's rule.
+
+    A transformers model's output embeddings (``get_output_embeddings()``: the LM head); if it has none and
+    ``task_type`` is SEQ_CLS, its ``score`` or else ``classifier`` module. Nothing otherwise: an image or
+    sequence classifier without that task type, and any model that is not a transformers ``PreTrainedModel``,
+    keep their heads among the targets, as in PEFT.
+    """
+    if PreTrainedModel is None or not isinstance(model, PreTrainedModel):
+        return set()
+    head = model.get_output_embeddings()
+    if head is not None:
+        return {_path_of(model, head)}
+    if task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEADS:
+            head = getattr(model, name, None)
+            if head is not None:
+                return {_path_of(model, head)}
+    return set()
 
 
 def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list:
-    """``all-linear`` as the sorted leaf names of every Linear/Conv1D outside the output head."""
-    skip = output_head_paths(model)
-    names = {
-        p.rsplit(".", 1)[-1]
-        for p, m in model.named_modules()
-        if isinstance(m, LINEAR_TYPES) and not any(p == s or p.startswith(s + ".") for s in skip)
-        and not matches(p, config.modules_to_save or [])
-    }
-    return sorted(names)
+    """``all-linear`` as PEFT expands it: the full paths of every Linear/Conv1D except the output head module.
+
+    Only the head module itself is left out (a head that is a container, e.g. RoBERTa's ``classifier``, keeps
+    its inner layers among the targets, as in PEFT); ``modules_to_save`` are skipped later by ``is_target``.
+    """
+    skip = output_head_paths(model, config.task_type)
+    return sorted(p for p, m in model.named_modules() if p and isinstance(m, LINEAR_TYPES) and p not in skip)
 
 
 def is_module_to_save(path: str, names: Optional[list]) -> bool:

@@ -110,6 +110,7 @@ def weighted_sum(groups: Sequence[Tensors], weights: Sequence[float]) -> Tensors
 
 def factors(state: AdapterState, path: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A [r, in], B [out, r], scale) of one module in float64, with an error naming methods that have none."""
+    state.require("aggregatable", f"aggregate module '{path}' factor-wise")
     lr = state.low_rank(path)
     if lr is None:
         raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
 from ..core import fingerprint
+from ..core.adapter import Adapter
+from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
@@ -39,6 +41,7 @@ PICKLE_NAME = "adapter_model.bin"
 BASE_NAME = "lorakit_base.json"
 PathLike = Union[str, os.PathLike]
 PEFT_WRAPPER_COPIES = ("modules_to_save.", "original_module.")  # inside peft's ModulesToSaveWrapper
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what peft's save_embedding_layers="auto" looks for
 
 
 class AdapterFileError(ValueError):
@@ -139,7 +142,7 @@ def split_keys(flat: dict[str, torch.Tensor], config: AdapterConfig, source: str
             if inner.startswith(PEFT_WRAPPER_COPIES):
                 continue  # peft's bias="all" also writes its wrapper's copies; the plain key holds the same tensor
             state.modules_to_save.setdefault(".".join(parts[:owner]), {})[inner] = value
-        elif (config.bias != "none" and rel.endswith("bias")) or ".base_layer." in rel:
+        elif (config.bias != "none" and rel.endswith("bias")) or ".base_layer." in rel or _is_full_weight(rel):
             # trained biases, and embedding layers PEFT saves in full (save_embedding_layers)
             state.base_tensors[rel] = value
         elif (other := _other_kind_tensor(rel)) is not None:
@@ -157,6 +160,56 @@ def _other_kind_tensor(rel: str) -> Optional[str]:
     """The adapter tensor name ``rel`` ends with, among every registered method's (e.g. an embedding's DoRA)."""
     names = {n for m in METHODS.names() for c in METHODS.get(m).adapter_classes for n in c.tensor_names}
     return next((n for n in sorted(names, key=len, reverse=True) if rel.endswith("." + n)), None)
+
+
+def _is_full_weight(rel: str) -> bool:
+    # an untargeted embedding or head saved in full after a vocabulary resize: ``<module path>.weight``
+    return rel.endswith(".weight") and not any(part.startswith("lora_") for part in rel.split("."))
+
+
+def _embedding_targeted(model: nn.Module, config: AdapterConfig) -> bool:
+    """peft's test: an embedding layer name in target_modules (a list), or a module of that name it matches (a regex)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        names = "|".join(EMBEDDING_LAYER_NAMES)
+        return any(re.fullmatch(targets, p) for p, _ in model.named_modules() if re.match(rf"(.*\.)?({names})$", p))
+    return any(n in (targets or []) for n in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model: nn.Module, config: AdapterConfig) -> bool:
+    """Whether the model's vocabulary differs from its base model's config.json (a local directory, as offline)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    base = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    file = Path(base) / "config.json" if base else None
+    if not vocab or file is None or not file.is_file():
+        return False
+    return json.loads(file.read_text()).get("vocab_size", vocab) != vocab
+
+
+def embedding_weights(model: nn.Module, config: AdapterConfig, save_embedding_layers: Union[bool, str] = "auto") -> dict:
+    """The embedding weights that peft's ``save_embedding_layers`` rule writes in full, keyed by parameter name.
+
+    ``"auto"``: when an embedding layer is targeted, the targeted input/output embeddings' base weights; else,
+    when the vocabulary was resized (against the base model's config.json), the input and output embeddings.
+    """
+    if save_embedding_layers is False or not hasattr(model, "get_input_embeddings"):
+        return {}
+    try:
+        layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    except NotImplementedError:  # transformers' vision backbones (ResNet, ...) have no token embeddings
+        return {}
+    targeted = _embedding_targeted(model, config)
+    if save_embedding_layers == "auto" and not targeted and not _vocab_resized(model, config):
+        return {}
+    paths = {id(m): p for p, m in model.named_modules()}
+    out = {}
+    for layer in layers:
+        if layer is None or id(layer) not in paths or (targeted and not isinstance(layer, Adapter)):
+            continue  # as peft: once an embedding is targeted, only the wrapped ones are saved
+        base = layer.base_layer if isinstance(layer, Adapter) else layer
+        key = f"{paths[id(layer)]}.base_layer.weight" if isinstance(layer, Adapter) else f"{paths[id(layer)]}.weight"
+        out[key] = base.weight.detach().cpu().clone()
+    return out
 
 
 def load_state(path: PathLike, adapter_name: Optional[str] = None, allow_pickle: bool = False) -> AdapterState:
@@ -268,13 +321,19 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     tmp.rmdir()
 
 
-def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None) -> Path:
-    """Save the adapter of ``model`` as a PEFT directory that ``peft.PeftModel.from_pretrained`` loads."""
+def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None,
+              save_embedding_layers: Union[bool, str] = "auto") -> Path:
+    """Save the adapter of ``model`` as a PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
+
+    ``save_embedding_layers`` is peft's: embedding weights go into the file when an embedding is targeted or the
+    vocabulary was resized ("auto"), always (True) or never (False).
+    """
     state = AdapterState.from_model(model)
     if state.config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if name:
             state = state.replace(base_model_name_or_path=str(name))
+    state.base_tensors.update(embedding_weights(model, state.config, save_embedding_layers))
     return save_state(state, path, adapter_name, base=fingerprint.record(model))
 
 
@@ -283,7 +342,9 @@ def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     """Apply the adapter saved at ``path`` (PEFT or lorakit) to the base ``model`` in place and return it."""
     state = load_state(path, adapter_name, allow_pickle)
     fresh = not wrapped_modules(model)
-    problem = base_problem(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path))
+    carried = {k.replace(".base_layer.", ".") for k in state.base_tensors}  # weights the file brings in full
+    problem = base_problem(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path),
+                           carried)
     if problem is not None and problem[0] == "weights":
         raise AdapterFileError(problem[1])
     fingerprint.remember(model)
@@ -296,12 +357,15 @@ def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     return model
 
 
-def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str):
+def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str,
+                 carried: frozenset = frozenset()):
     """(what differs, message) when ``model`` is not the base the adapter records (``fingerprint.compare``'s
-    kinds), or None (also when the adapter records no base)."""
+    kinds), or None (also when the adapter records no base); parameters in ``carried`` are not compared."""
     if recorded is None:
         return None
     ours = fingerprint.matching(model, recorded)
+    if carried:
+        recorded, ours = fingerprint.without(recorded, carried), fingerprint.without(ours, carried)
     found = fingerprint.compare(recorded, ours)
     if found is None:
         return None

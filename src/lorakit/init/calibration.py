@@ -68,8 +68,11 @@ def token_mask(batch: Any, label_mask_value: Optional[int]) -> Optional[torch.Te
 
 
 def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Any, calibration: Calibration,
-                 label_mask_value: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """The inputs each of ``layers`` receives on ``batch`` as fp32 rows [tokens, in] (masked positions dropped)."""
+                 label_mask_value: Optional[int] = None, per_call: bool = False) -> dict[str, Any]:
+    """The inputs each of ``layers`` receives on ``batch`` as fp32 rows [tokens, in] (masked positions dropped).
+
+    A layer called several times in one forward gets its calls' rows stacked, or, with ``per_call``, a list with
+    one tensor per call."""
     device = next(model.parameters()).device
     batch = to_device(batch, device)
     mask = token_mask(batch, label_mask_value)
@@ -79,7 +82,10 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Any, cal
         def capture(module, args, output):
             x = args[0].detach()
             x = x[mask] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
-            rows[path] = torch.cat([rows[path], x.float()]) if path in rows else x.float()  # layer called twice
+            if per_call:
+                rows.setdefault(path, []).append(x.float())
+            else:
+                rows[path] = torch.cat([rows[path], x.float()]) if path in rows else x.float()  # layer called twice
         return capture
 
     handles = [m.register_forward_hook(hook(p)) for p, m in layers.items()]

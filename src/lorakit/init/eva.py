@@ -6,15 +6,16 @@ Ranks are redistributed: every layer computes ρ·r candidate components, the bu
 components with the largest explained-variance ratio across all layers, and a layer's rank is its count
 (rank 0: no adapter). With ``adjust_scaling_factors``, α_l = α·r_l/r keeps s = α/r. A layer stops taking
 batches once the cosine similarity of each of its first r_l components to the previous batch's is >= τ;
-calibration cycles over the batches until every layer has converged. Layers that receive identical inputs
-(q/k/v) share one SVD. The redistributed ranks and alphas go into ``rank_pattern``/``alpha_pattern`` under
-full module names (entries that differ from r and lora_alpha), and ``target_modules`` lists the adapted
-modules, as PEFT's ``initialize_lora_eva_weights`` writes them.
+calibration cycles over the batches until every layer has converged. Each call of a layer is one step of its
+SVD (a layer called twice per forward takes two per batch; one a batch skips takes none), as in PEFT. Layers
+that receive identical inputs (q/k/v) share one SVD. The redistributed ranks and alphas go into
+``rank_pattern``/``alpha_pattern`` under full module names (entries that differ from r and lora_alpha), and
+``target_modules`` lists the adapted modules, as PEFT's ``initialize_lora_eva_weights`` writes them.
 
-Follows PEFT's ``peft/tuners/lora/eva.py`` (0.21.2), itself from ml-jku/EVA. Deviations: ties in the
-explained-variance ranking are broken by a stable sort (layers first, in module order), where PEFT's
-argsort is unstable; calibration stops with an error after ``max_passes`` passes over the batches without
-convergence, where PEFT cycles for ever; the token mask is applied to any layer whose input is
+Follows PEFT's ``peft/tuners/lora/eva.py`` (0.21.2), itself from ml-jku/EVA, down to its ranking (the same
+argsort over candidates in its order, then the swap that gives a group's representative the larger count).
+Deviations: the SVD state is fp64 (PEFT's is fp32; components agree to cosine 0.999); calibration stops
+with an error after ``max_passes`` passes over the batches without convergence, where PEFT cycles for ever; the token mask is applied to any layer whose input is
 [batch, seq, features], other inputs use all their rows.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ class EvaConfig:
 
 
 def group_equal_inputs(rows: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Each layer's representative: the first layer (in order) whose input on the first batch is identical."""
+    """Each layer's representative: the first layer (in order) whose first input on the first batch is identical."""
     rep: dict[str, str] = {}
     for path, x in rows.items():
         same = [q for q in rep if rep[q] == q and rows[q].shape == x.shape and torch.equal(rows[q], x)]
@@ -61,14 +62,20 @@ def group_equal_inputs(rows: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def rank_distribution(ratios: dict[str, torch.Tensor], rep: dict[str, str], max_components: dict[str, int], budget: int) -> dict[str, int]:
-    """Ranks per layer: the ``budget`` largest explained-variance ratios over all layers' candidates."""
-    order = [p for p in rep if rep[p] == p] + [p for p in rep if rep[p] != p]  # representatives first (ties)
+    """Ranks per layer: the ``budget`` largest explained-variance ratios over all layers' candidates.
+
+    As peft: candidates listed representatives first, then the other layers group by group; its argsort; then a
+    representative takes the larger count from any layer of its group (its SVD is the one checked)."""
+    groups = list(dict.fromkeys(rep.values()))
+    order = groups + [p for g in groups for p in rep if rep[p] == g and p != g]
     owners = [p for p in order for _ in range(min(max_components[p], len(ratios[rep[p]])))]
     values = torch.cat([ratios[rep[p]][: max_components[p]] for p in order])
-    top = torch.sort(values, descending=True, stable=True).indices[:budget]
     counts = dict.fromkeys(rep, 0)
-    for i in top.tolist():
+    for i in values.argsort(descending=True)[:budget].tolist():
         counts[owners[i]] += 1
+    for p in order[len(groups):]:
+        if counts[rep[p]] < counts[p]:
+            counts[rep[p]], counts[p] = counts[p], counts[rep[p]]
     return counts
 
 
@@ -79,12 +86,12 @@ def eva_components(model, layers: dict[str, torch.nn.Module], ranks: dict[str, i
     if rho > 1000:  # as PEFT: cap absurd rho at what the largest dimension allows
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // max(ranks.values()))
     mask_value = settings.label_mask_value if settings.use_label_mask else None
-    first = layer_inputs(model, layers, calibration.batches[0], calibration, mask_value)
+    first = layer_inputs(model, layers, calibration.batches[0], calibration, mask_value, per_call=True)
     silent = [p for p in layers if p not in first]
     if silent:
         raise ValueError(f"EVA: the first calibration batch never reaches {', '.join(silent[:6])}; "
                          "check forward_fn, or leave these modules out of target_modules")
-    rep = group_equal_inputs(first)
+    rep = group_equal_inputs({p: first[p][0] for p in layers})
     size: dict[str, int] = {}  # layers sharing an SVD share its size: the largest they ask for
     for p in rep:
         size[rep[p]] = max(size.get(rep[p], 0), round(ranks[p] * rho))
@@ -105,15 +112,17 @@ def eva_components(model, layers: dict[str, torch.nn.Module], ranks: dict[str, i
                 "tau, or raise EvaConfig.max_passes"
             )
         batch = calibration.batches[step % len(calibration.batches)]
-        rows = first if step == 0 else layer_inputs(model, {p: layers[p] for p in needed}, batch, calibration, mask_value)
+        calls = first if step == 0 else layer_inputs(model, {p: layers[p] for p in needed}, batch, calibration,
+                                                     mask_value, per_call=True)
         for p in needed:
-            if p not in rows or rows[p].shape[0] < max_components[p]:
-                continue  # fewer tokens than components: skip this batch for this layer, as PEFT
-            previous = pca[p].components
-            pca[p].partial_fit(rows[p])
-            if previous is not None:
-                sim = torch.nn.functional.cosine_similarity(pca[p].components, previous, dim=1)
-                converged[p] = (sim >= settings.tau).cpu()
+            for rows in calls.get(p, []):  # as peft: each call of the layer is one incremental step
+                if rows.shape[0] < max_components[p]:
+                    continue  # fewer tokens than components: skip this call for this layer, as peft
+                previous = pca[p].components
+                pca[p].partial_fit(rows)
+                if previous is not None:
+                    sim = torch.nn.functional.cosine_similarity(pca[p].components, previous, dim=1)
+                    converged[p] = (sim >= settings.tau).cpu()
         if all(pca[p].fitted for p in reps):
             dist = rank_distribution({p: pca[p].explained_variance_ratio for p in reps}, rep, max_components,
                                      sum(ranks.values()))

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..core.capabilities import CapabilityError
 from ..core.config import LoRAConfig
 from ..core.state import AdapterState
 from .carry import carry_full_modules
@@ -70,6 +71,16 @@ def _generator(seed: int, path: str) -> torch.Generator:
 def _check_inputs(states: list[AdapterState]) -> None:
     for i, s in enumerate(states):
         cfg = s.config
+        if getattr(cfg, "use_dora", False):
+            raise MergeError(
+                f"adapter {i} is DoRA: its update m·(W+sBA)/‖W+sBA‖ − W depends on the base weight and is not low-rank, "
+                "so no merge of it is exact except merging it alone with weight 1. Fold it into the model "
+                "(lorakit.merge) or merge LoRA adapters"
+            )
+        try:  # merging (concatenation included) combines s·B·A factors: the method must declare them exact
+            s.require("exportable_to_lora", f"merge adapter {i}")
+        except CapabilityError as e:
+            raise MergeError(str(e)) from None
         if not isinstance(cfg, LoRAConfig):
             not_low_rank = [p for p in s.modules() if s.low_rank(p) is None]
             if not_low_rank:
@@ -77,13 +88,6 @@ def _check_inputs(states: list[AdapterState]) -> None:
                     f"adapter {i}: method '{cfg.method_name}' has no exact low-rank form on module "
                     f"'{not_low_rank[0]}', so it cannot be merged; fold it into the model with lorakit.merge"
                 )
-            continue
-        if cfg.use_dora:
-            raise MergeError(
-                f"adapter {i} is DoRA: its update m·(W+sBA)/‖W+sBA‖ − W depends on the base weight and is not low-rank, "
-                "so no merge of it is exact except merging it alone with weight 1. Fold it into the model "
-                "(lorakit.merge) or merge LoRA adapters"
-            )
     bases = {s.config.base_model_name_or_path for s in states} - {None}
     if len(bases) > 1:
         raise MergeError(f"the adapters were made for different base models: {', '.join(sorted(bases))}")

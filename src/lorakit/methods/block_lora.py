@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import LOW_RANK
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -60,6 +61,7 @@ class BlockLoRALinear(Adapter):
     """Block-LoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "block_lora"
+    capabilities = LOW_RANK
     config_class = BlockLoRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("lora_A.weight", "lora_B.weight")

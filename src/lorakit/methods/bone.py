@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import MERGE_ONLY
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 
@@ -76,6 +77,7 @@ class BoneLinear(Adapter):
     """Bone / MiSS on ``nn.Linear``."""
 
     name = "bone"
+    capabilities = MERGE_ONLY
     config_class = BoneConfig
     layer_types = (nn.Linear,)
     tensor_names = ("miss_block",)

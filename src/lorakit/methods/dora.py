@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import MERGE_ONLY
 from ..core.config import DoRAConfig, LoRAConfig
 from ..core.registry import METHODS
 from .lora import LoRALinear, lora_delta
@@ -41,6 +42,7 @@ class DoRALinear(LoRALinear):
     """DoRA on ``nn.Linear`` and ``Conv1D``: LoRA's direction update plus a learned magnitude per output."""
 
     name = "dora"
+    capabilities = MERGE_ONLY
     config_class = DoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     param_formula = "r·(in+out) + out"

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import LOW_RANK
 from ..core.apply import CONFIG_ATTR, adapters, config_of
 from ..core.config import LoRAConfig
 from ..core.registry import METHODS
@@ -78,6 +79,7 @@ class DyLoRALinear(LoRALinear):
     """DyLoRA on ``nn.Linear`` and ``Conv1D``."""
 
     name = "dylora"
+    capabilities = LOW_RANK
     config_class = DyLoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight")
     param_formula = "r·(in+out)"

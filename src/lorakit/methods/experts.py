@@ -24,11 +24,8 @@ def expert_states(experts: Sequence[Expert]) -> list[AdapterState]:
     states = []
     for i, e in enumerate(experts):
         state = e if isinstance(e, AdapterState) else load_state(Path(e))
-        if state.config.method_name != "lora":
-            source = f"{e}" if isinstance(e, (str, Path)) else "an AdapterState"
-            raise TypeError(
-                f"expert {i} ({source}) is a '{state.config.method_name}' adapter; routed experts must be plain LoRA adapters"
-            )
+        source = f"{e}" if isinstance(e, (str, Path)) else "an AdapterState"
+        state.require("exportable_to_lora", f"use expert {i} ({source}) as a block of routed LoRA ranks")
         states.append(state)
     if not states:
         raise ValueError("no experts given: pass LoRA adapter directories or AdapterStates")

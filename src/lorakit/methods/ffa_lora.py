@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import FrozenLinear
+from ..core.capabilities import LORA_PAIR
 from ..core.config import LoRAConfig
 from ..core.registry import METHODS
 from .lora import LoRALinear
@@ -75,6 +76,7 @@ class FFALoRALinear(LoRALinear):
     """FFA-LoRA on ``nn.Linear`` and ``Conv1D``: ``lora_A`` is a frozen buffer, ``lora_B`` trains."""
 
     name = "ffa_lora"
+    capabilities = LORA_PAIR
     config_class = FFALoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight")
     param_formula = "r·out"

@@ -14,8 +14,9 @@ sign-free key, ``route_by="magnitude"`` ranks |z| + d, which keeps the rule stab
 moves in training mode only (the fork also moves it in eval), by the mean-count rule of ``flylora.py``;
 ``bias_u`` defaults to 1e-3, the authors' MMLU script and reference file (the fork's default is 0.01);
 ``top_k`` defaults to r/4, the paper's 8 of 32. The gradient reaches the layer input through A (the fork
-computes z under ``no_grad``, which cuts that path). Merging cannot keep the input-dependent top-k: ``delta``
-is s·B·A with all ranks on, as the fork's merge; it equals the forward pass only when top_k = r.
+computes z under ``no_grad``, which cuts that path). The fork's merge folds s·B·A with all ranks on into the
+weight, which differs from the forward pass whenever top_k < r; here the update is input-dependent, so FlyLoRA
+declares no capabilities: merging, LoRA export, serving and factor-wise aggregation refuse (``delta`` raises).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import Adapter
+from ..core.adapter import Adapter, NotMergeableError
+from ..core.capabilities import NONE
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -69,9 +71,9 @@ class FlyLoRALinear(Adapter):
     """FlyLoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "flylora"
+    capabilities = NONE
     config_class = FlyLoRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
-    exact_merge = False
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_topk_bias")
     param_formula = "r·out (B; A is frozen and sparse)"
 
@@ -99,13 +101,8 @@ class FlyLoRALinear(Adapter):
             self.lora_topk_bias.zero_()
 
     @classmethod
-    def low_rank(cls, tensors, config):
-        return tensors["lora_A.weight"], tensors["lora_B.weight"], config.scaling
-
-    @classmethod
     def delta(cls, tensors, config, base_weight):
-        delta = tensors["lora_B.weight"] @ tensors["lora_A.weight"] * config.scaling
-        return delta.T if config.fan_in_fan_out else delta
+        raise NotMergeableError(f"'{cls.name}' keeps the top-{config.k} of {config.r} ranks per token: its update has no single ΔW")
 
     def route(self, z: torch.Tensor) -> torch.Tensor:
         """Indices [..., k] of the ranks each token keeps."""

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import LOW_RANK
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -68,6 +69,7 @@ class LoLDULinear(Adapter):
     """LoLDU on ``nn.Linear`` and ``Conv1D``."""
 
     name = "loldu"
+    capabilities = LOW_RANK
     config_class = LoLDUConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("loldu_L", "loldu_U", "loldu_offset", "loldu_z", "loldu_scale")

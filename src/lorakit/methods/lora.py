@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import Adapter, LowRank
+from ..core.adapter import Adapter, LowRank, embed_scale
+from ..core.capabilities import LORA_PAIR
 from ..core.config import LoRAConfig
 from ..core.registry import INITIALIZERS, METHODS, initializer_for
 
@@ -58,6 +59,7 @@ class LoRALayer(Adapter):
     """Shared pieces of the LoRA layer kinds."""
 
     name = "lora"
+    capabilities = LORA_PAIR
     config_class = LoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     param_formula = "r·(in+out)"
@@ -134,7 +136,13 @@ class LoRAEmbedding(LoRALayer):
         kw = dict(device=w.device, dtype=self.adapter_dtype())
         self.lora_embedding_A = nn.Parameter(torch.randn(config.r, base_layer.num_embeddings, **kw))
         self.lora_embedding_B = nn.Parameter(torch.randn(base_layer.embedding_dim, config.r, **kw))
+        embed_scale(base_layer)  # refuse a non-scalar scale now, not at the first forward
         self.reset_parameters()
+
+    @property
+    def embed_scale(self) -> Optional[torch.Tensor]:
+        """The base layer's output scale, read at each forward (it follows the base's device and dtype)."""
+        return embed_scale(self.base_layer)
 
     def reset_parameters(self) -> None:
         init = self.config.init_lora_weights
@@ -149,7 +157,10 @@ class LoRAEmbedding(LoRALayer):
             return result
         e = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
-        return result + (after_a @ self.lora_embedding_B.T * self.scaling).to(result.dtype)
+        update = after_a @ self.lora_embedding_B.T * self.scaling
+        if self.embed_scale is not None:  # the base scales its lookup (Gemma 3, BART): ΔW merged into W is scaled too
+            update = update * self.embed_scale.to(update.dtype)
+        return result + update.to(result.dtype)
 
 
 @METHODS.register()

@@ -29,6 +29,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..core.capabilities import NONE
 from ..core.registry import METHODS
 from .experts import from_adapters as _from_adapters
 from .routing import Expert, ExpertsConfig, RoutedLoRA
@@ -58,6 +59,7 @@ class LoRAMixerLinear(RoutedLoRA):
     """LoRA-Mixer on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "lora_mixer"
+    capabilities = NONE
     config_class = LoRAMixerConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_router.weight")
     param_formula = "E·r·(in+out) + E·in (router); regime (ii) trains E·in"

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from ..core.capabilities import LOW_RANK
 from ..core.config import LoRAConfig
 from ..core.registry import METHODS
 from .lora_xs import LoRAXSLinear, oriented, top_svd
@@ -43,6 +44,7 @@ class LoRASBLinear(LoRAXSLinear):
     """LoRA-SB on ``nn.Linear`` and ``Conv1D``; ``calibrate_(gradient)`` sets the factors from dL/dW."""
 
     name = "lora_sb"
+    capabilities = LOW_RANK
     config_class = LoRASBConfig
     calibration: ClassVar[str] = "gradient"
     param_formula = "r²"

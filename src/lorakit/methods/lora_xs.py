@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter, linear_factor
+from ..core.capabilities import LOW_RANK
 from ..core.config import LoRAConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -53,6 +54,7 @@ class LoRAXSLinear(Adapter):
     """LoRA-XS on ``nn.Linear`` and ``Conv1D``: h = W x + s · B M A x with a trainable r x r middle M."""
 
     name = "lora_xs"
+    capabilities = LOW_RANK
     config_class = LoRAXSConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     identity_at_init = False

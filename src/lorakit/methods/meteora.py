@@ -31,6 +31,7 @@ from typing import ClassVar, Optional, Sequence
 
 from torch import nn
 
+from ..core.capabilities import NONE
 from ..core.registry import METHODS
 from .experts import from_adapters as _from_adapters
 from .routing import Expert, ExpertsConfig, RoutedLoRA, supervised_loss, top_k_gates
@@ -60,6 +61,7 @@ class MeteoRALinear(RoutedLoRA):
     """MeteoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "meteora"
+    capabilities = NONE
     config_class = MeteoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "moe_gate.weight")
     param_formula = "E·in (gate) + E·r·(in+out) (experts; frozen when loaded from adapters)"

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.capabilities import LOW_RANK, MERGE_ONLY
 from ..core.config import LoRAConfig
 from ..core.registry import METHODS
 from .lora_xs import LoRAXSLinear, oriented
@@ -68,6 +69,7 @@ class NLoRALinear(LoRAXSLinear):
     """SLoRA / NLoRA / IntTune on ``nn.Linear`` and ``Conv1D``."""
 
     name = "nlora"
+    capabilities = LOW_RANK
     config_class = NLoRAConfig
     middle: ClassVar[str] = "lora_N"
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_N.weight")
@@ -101,6 +103,10 @@ class NLoRALinear(LoRAXSLinear):
     @classmethod
     def low_rank(cls, tensors, config):
         return None if _subtracts(config) else super().low_rank(tensors, config)
+
+    @classmethod
+    def capabilities_for(cls, config):
+        return MERGE_ONLY if _subtracts(config) else cls.capabilities  # the start C N0 R comes from W
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         out = super().update(x)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import LOW_RANK
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -89,6 +90,7 @@ class NOLALinear(Adapter):
     """NOLA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "nola"
+    capabilities = LOW_RANK
     config_class = NOLAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("nola_alpha", "nola_beta", "nola_key")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import MERGE_ONLY
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from .lora import Conv1D
@@ -122,6 +123,7 @@ class RandLoRALinear(Adapter):
     """RandLoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "randlora"
+    capabilities = MERGE_ONLY
     config_class = RandLoRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")

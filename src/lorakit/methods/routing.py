@@ -7,7 +7,7 @@ a single LoRA with block-wise activation; SMoRA (arXiv:2501.15103) shows that a 
 blocks are computed and the unselected ones zeroed: at these sizes that is cheaper on CPU than gathering, and it
 keeps a gradient path to every gate.
 
-Token routing makes the update depend on the input, so no ΔW exists: these methods declare ``mergeable = False``,
+Token routing makes the update depend on the input, so no ΔW exists: these methods declare no capabilities (``NONE``),
 ``lorakit.merge`` refuses with NotMergeableError and leaves the model untouched, and ``delta`` raises.
 
 Router losses: in training, each layer keeps the (already weighted) auxiliary loss of its last forward pass in
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import Adapter, NotMergeableError, linear_factor
+from ..core.capabilities import NONE
 from ..core.apply import adapters
 from ..core.config import AdapterConfig
 from ..core.state import AdapterState
@@ -66,9 +67,8 @@ class ExpertsConfig(RoutedLoRAConfig):
 
 class RoutedLoRA(Adapter):
     """A stacked LoRA of ``experts`` blocks of ``block`` ranks behind a token router (subclasses give ``route``)."""
+    capabilities = NONE
 
-    exact_merge = False
-    mergeable = False
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 
     def __init__(self, base_layer: nn.Module, config: RoutedLoRAConfig, module_path: str, experts: int, block: int):

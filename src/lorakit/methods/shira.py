@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.capabilities import MERGE_ONLY
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
@@ -73,6 +74,7 @@ class SHiRALinear(Adapter):
     """SHiRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "shira"
+    capabilities = MERGE_ONLY
     config_class = SHiRAConfig
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
     tensor_names = ("shira_weight", "shira_indices")

@@ -27,6 +27,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from ..core.capabilities import NONE
 from ..core.registry import METHODS
 from .routing import RoutedLoRA, RoutedLoRAConfig
 
@@ -57,6 +58,7 @@ class SMoRALinear(RoutedLoRA):
     """SMoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     name = "smora"
+    capabilities = NONE
     config_class = SMoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_router.weight", "lora_router_bias")
     param_formula = "r·(in+out) + r·in (router)"

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..core.capabilities import CapabilityError
 from ..core.state import AdapterState
 from ..core.targets import LINEAR_TYPES
 from ..formats.peft import CONFIG_NAME, load_state
@@ -51,6 +52,10 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         )
     if state.base_tensors:
         raise AdapterFitError(f"{source}: the adapter trains base-model biases (bias={state.config.bias!r}); merge it instead")
+    try:
+        state.require("servable", "serve it")
+    except CapabilityError as e:
+        raise AdapterFitError(f"{source}: {e}") from None
     modules = {}
     for path in sorted(state.modules()):
         if any(k.startswith("lora_embedding") for k in state.tensors[path]):
