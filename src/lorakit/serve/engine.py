@@ -22,7 +22,7 @@ import torch
 
 from .pool import AdapterPool, PoolFull
 from .runner import ModelRunner
-from .sampling import SamplingParams, TextStream, next_tokens
+from .sampling import SamplingParams, TextStream, next_tokens, unusable_rows
 from .store import AdapterFitError, AdapterStore
 
 log = logging.getLogger("lorakit.serve")
@@ -40,6 +40,10 @@ class UnknownAdapter(EngineError):
 
 class QueueFull(EngineError):
     status = 429
+
+
+class Stopped(EngineError):
+    status = 503
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Request:
     text: str = ""
     finish_reason: Optional[str] = None  # stop, length, cancelled, error
     error: Optional[str] = None
+    status: int = 500  # the HTTP status of an error: 400 when the request's adapter is at fault
     arrival: float = 0.0
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
@@ -116,7 +121,9 @@ class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
-        """Queue ``request``; raises UnknownAdapter, QueueFull or EngineError (bad length) at once."""
+        """Queue ``request``; raises UnknownAdapter, QueueFull, Stopped or EngineError (bad prompt) at once."""
+        if self._stop:
+            raise Stopped("the server is shutting down; retry on another replica or later")
         if request.adapter is not None:
             entry = self.store.entry(request.adapter)
             if entry is None:
@@ -125,8 +132,12 @@ class Engine:
             request.aid = entry.aid
         n, m = len(request.prompt), request.params.max_tokens
         problem = None
+        vocab = self.runner.vocab_size
         if n == 0:
             problem = "the prompt is empty"
+        elif any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.prompt):
+            t = next(t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab))
+            problem = f"token id {t!r} is outside the vocabulary [0, {vocab})"
         elif n > self.max_prompt:
             problem = f"the prompt has {n} tokens; this server accepts at most {self.max_prompt}"
         elif m > self.max_new:
@@ -206,6 +217,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
         self.store.close()
+        self.runner.close()  # the model is as it was given: no hooks, modes restored
 
     def _loop(self) -> None:
         while not self._stop:
@@ -292,7 +304,7 @@ class Engine:
         failure = self.store.failure(aid)
         if failure:
             self.waiting.remove(req)
-            self._finish(req, "error", error=failure)
+            self._finish(req, "error", error=failure, status=400)
             return False
         packed = self.store.cached(aid)
         if packed is None:
@@ -304,7 +316,7 @@ class Engine:
                 packed = self.store.load(aid)
             except AdapterFitError as e:
                 self.waiting.remove(req)
-                self._finish(req, "error", error=str(e))
+                self._finish(req, "error", error=str(e), status=400)
                 return False
             finally:
                 self.stats["sync_loads"] += 1
@@ -316,7 +328,7 @@ class Engine:
         except PoolFull as e:
             if not self.pool.in_use_bytes():  # it can never fit
                 self.waiting.remove(req)
-                self._finish(req, "error", error=str(e))
+                self._finish(req, "error", error=str(e), status=400)
             return False
         self.stats["pool_misses"] += 1
         self.pool.acquire(aid)
@@ -339,6 +351,18 @@ class Engine:
         self._sample(reqs, logits)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        bad, reqs = unusable_rows(logits), list(reqs)
+        if bad:  # e.g. an adapter with huge weights: fail those requests alone, and wipe their KV rows
+            for i in bad:
+                self.runner.clear(self.running.index(reqs[i]))
+            message = "the model produced NaN or infinite logits{}; the adapter's weights are unusable (too large?)"
+            for i in reversed(bad):
+                req = reqs.pop(i)
+                self._finish(req, "error", error=message.format(f" with adapter '{req.adapter}'" if req.adapter else ""),
+                             status=400 if req.adapter else 500)
+            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
+            if not reqs:
+                return
         tokens = next_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
         self.stats["generated_tokens"] += len(tokens)
@@ -366,7 +390,7 @@ class Engine:
         elif delta and req.on_update:
             req.on_update(req, delta)
 
-    def _finish(self, req: Request, reason: str, delta: str = "", error: Optional[str] = None) -> None:
+    def _finish(self, req: Request, reason: str, delta: str = "", error: Optional[str] = None, status: int = 500) -> None:
         if req in self.running:
             i = self.running.index(req)
             last = self.running.pop()
@@ -376,7 +400,7 @@ class Engine:
         if req.holds_adapter:
             req.holds_adapter = False
             self.pool.release(req.aid)
-        req.finish_reason, req.error = reason, error
+        req.finish_reason, req.error, req.status = reason, error, status
         req.finished_at = time.perf_counter()
         key = {"error": "failed", "cancelled": "cancelled"}.get(reason, "finished")
         self.stats[key] += 1
