@@ -30,8 +30,8 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn on 127.0.0.1 in a thread, serving an engine whose step loop runs in its own thread."""
 
-    def __init__(self, engine, api_key=KEY, **app_options):
-        self.engine = engine.start()
+    def __init__(self, engine, api_key=KEY, start=True, **app_options):
+        self.engine = engine.start() if start else engine
         self.port = free_port()
         config = uvicorn.Config(build_app(engine, BASE, api_key, **app_options), host="127.0.0.1", port=self.port,
                                 log_level="warning")
