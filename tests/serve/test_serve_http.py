@@ -2,7 +2,6 @@
 the API promises a status for (400, 401, 404, 429), a corrupt adapter, a client that leaves mid-stream."""
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -12,10 +11,10 @@ import openai
 import pytest
 import uvicorn
 
-from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.serve import Engine, EngineConfig, SamplingParams
 from lorakit.serve.server import build_app
 
-from serve_helpers import load_model, make_adapter
+from serve_helpers import load_model, make_adapter, raw_request
 
 KEY = "sekret"
 BASE = "byte-llama"
@@ -229,19 +228,6 @@ def test_queue_full_is_429(adapter_root):
     assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
     assert r.headers["retry-after"] == "1"
     engine.stop()
-
-
-def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are (no client-side path normalisation); the status code and the raw answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1]), data
 
 
 TRICKS = ["/v1/models", "//v1/models", "/v1//models", "/v1/../v1/models", "/v1/./models", "/v1/%2e%2e/v1/models",

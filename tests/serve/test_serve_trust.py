@@ -12,24 +12,14 @@ import httpx
 import pytest
 import torch
 
-from lorakit import load_state, save_state
-from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.serve import Engine, EngineConfig, SamplingParams
 from lorakit.serve.server import build_app
 
-from serve_helpers import load_model, make_adapter
+from serve_helpers import load_model, make_adapter, scaled_adapter
 from test_serve_http import BASE, KEY, LiveServer, make_engine
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
-
-
-def scaled_adapter(source, target, value):
-    """A copy of the adapter at ``source`` whose B factors are all ``value`` (huge, or NaN)."""
-    state = load_state(source)
-    for tensors in state.tensors.values():
-        tensors["lora_B.weight"] = torch.full_like(tensors["lora_B.weight"], value)
-    save_state(state, target)
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ class ModelRunner:
     def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
         self._modes = {m: m.training for m in model.modules()}  # restored by close()
         self.model = model.eval()
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size = embed.num_embeddings if embed is not None else model.config.vocab_size  # ids must be below
         self.pool, self.backend = pool, backend
         self.config = model.config
         self.shapes = linear_shapes(model)
