@@ -139,3 +139,17 @@ def raw_request(port: int, request: bytes, read: bool = True) -> tuple[int, byte
         while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
             data += chunk
     return int(data.split(b" ", 2)[1]), data
+
+
+def hostile_adapters(root, model_name, good, r=4):
+    """Under ``root``: ``good`` (a working adapter), ``huge`` (B = 1e37), ``nan`` (B = NaN) and ``later`` (a
+    config beside a truncated weights file: it loads once the file is replaced)."""
+    import shutil
+
+    make_adapter(root / good, model_name, r=r)
+    scaled_adapter(root / good, root / "huge", 1e37)
+    scaled_adapter(root / good, root / "nan", float("nan"))
+    (root / "later").mkdir()
+    shutil.copy(root / good / "adapter_config.json", root / "later")
+    (root / "later" / "adapter_model.safetensors").write_bytes(b"truncated")
+    return root

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 
-from serve_helpers import ServeProcess, make_adapter, raw_request, scaled_adapter
+from serve_helpers import ServeProcess, hostile_adapters, raw_request
 
 KEY = "probe-key"
 MODEL = "tiny-llama"
@@ -60,12 +60,7 @@ NO_KEY = ["/v1/models", "//v1/models", "/v1/../v1/models", "/v1/%2e%2e/v1/models
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("probe")
     adapters = tmp / "adapters"
-    make_adapter(adapters / "mine", MODEL, r=8)
-    scaled_adapter(adapters / "mine", adapters / "huge", 1e37)
-    scaled_adapter(adapters / "mine", adapters / "nan", float("nan"))
-    (adapters / "later").mkdir()
-    shutil.copy(adapters / "mine" / "adapter_config.json", adapters / "later")
-    (adapters / "later" / "adapter_model.safetensors").write_bytes(b"truncated")
+    hostile_adapters(adapters, MODEL, "mine", r=8)
     shutil.copytree(adapters / "mine", tmp / "outside")
     (adapters / "link-out").symlink_to(tmp / "outside")
     proc = ServeProcess(["--model", MODEL, "--adapters", adapters, "--allow-runtime-lora", "--max-model-len", "128",

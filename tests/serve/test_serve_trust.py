@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import socket
+import threading
 import time
 
 import httpx
@@ -15,7 +16,7 @@ import torch
 from lorakit.serve import Engine, EngineConfig, SamplingParams
 from lorakit.serve.server import build_app
 
-from serve_helpers import load_model, make_adapter, scaled_adapter
+from serve_helpers import hostile_adapters, load_model
 from test_serve_http import BASE, KEY, LiveServer, make_engine
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -24,14 +25,7 @@ GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    make_adapter(root / "a0", BASE, r=4)
-    scaled_adapter(root / "a0", root / "huge", 1e37)
-    scaled_adapter(root / "a0", root / "nan", float("nan"))
-    (root / "later").mkdir()
-    shutil.copy(root / "a0" / "adapter_config.json", root / "later")
-    (root / "later" / "adapter_model.safetensors").write_bytes(b"half a file")
-    return root
+    return hostile_adapters(tmp_path_factory.mktemp("adapters"), BASE, "a0")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +125,32 @@ def test_stop_strings_and_prompt_sizes_are_capped(live):
     assert_openai_error(chat, 413)
     assert post(live, {"model": "a0", "prompt": "hi", **GREEDY}).status_code == 200
     assert time.perf_counter() - start < 60  # refused without tokenising megabytes
+
+
+class ThreadRecorder:
+    """A tokenizer that notes the thread each call to it runs on."""
+
+    def __init__(self, inner):
+        self.inner, self.threads = inner, []
+
+    def __call__(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_prompts_are_tokenised_off_the_event_loop(live):
+    recorder = ThreadRecorder(live.engine.tokenizer)
+    live.engine.tokenizer = recorder
+    try:
+        assert post(live, {"model": "a0", "prompt": "hi", **GREEDY}).status_code == 200
+        assert post(live, {"model": "a0", "messages": [{"role": "user", "content": "hi"}], **GREEDY},
+                    "/v1/chat/completions").status_code == 200
+    finally:
+        live.engine.tokenizer = recorder.inner
+    assert len(recorder.threads) == 2 and all(t.startswith("lorakit-tokenize") for t in recorder.threads), recorder.threads
 
 
 def test_bad_adapters_fail_alone_and_a_fixed_one_loads(live, root):

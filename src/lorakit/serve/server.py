@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -66,6 +67,11 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(require_key)])
     created = int(time.time())
+    # tokenising is CPU work: two threads of its own keep it off the event loop without a thread per request
+    tokenizing = ThreadPoolExecutor(2, thread_name_prefix="lorakit-tokenize")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -140,7 +146,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
                 raise APIError(400, "send one prompt per request", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):  # a tokenizer call can take a while: never on the event loop
-            ids = (await run_in_threadpool(engine.tokenizer, prompt))["input_ids"]
+            ids = (await off_loop(engine.tokenizer, prompt))["input_ids"]
         else:
             ids = list(prompt)
         return await _generate(body, ids, http, chat=False)
@@ -148,7 +154,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
         check(body, chat=True)
-        ids = await run_in_threadpool(chat_prompt, engine.tokenizer, body.messages)
+        ids = await off_loop(chat_prompt, engine.tokenizer, body.messages)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         return await _generate(body, ids, http, chat=True)
