@@ -163,7 +163,12 @@ def test_runtime_loading_stays_under_the_roots(live, adapter_root, tmp_path):
             r = h.post("/v1/load_lora_adapter", json={"lora_name": "sneaky", "lora_path": path})
             assert r.status_code == 400, (path, r.text)
             messages.add(r.json()["error"]["message"].replace(repr(path)[1:-1], "PATH").replace(path, "PATH"))
-        assert "sneaky" not in {m["id"] for m in h.get("/v1/models").json()["data"]}
+        for name in ('"a\\ud800"', '"a\\u0000b"', '""'):  # a lone surrogate, a control character, nothing
+            r = h.post("/v1/load_lora_adapter", content=b'{"lora_name": ' + name.encode() + b', "lora_path": "a0"}',
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", (name, r.text)
+        models = h.get("/v1/models")
+        assert models.status_code == 200 and "sneaky" not in {m["id"] for m in models.json()["data"]}
     assert len(messages) <= 2, messages  # the empty path fails validation; all others share one message
 
 

@@ -100,6 +100,8 @@ def test_token_ids_text_and_content_parts(live):
         assert_openai_error(post(live, None, "/v1/chat/completions", raw=raw), 400, "lone surrogate")
     raw = b'{"model": "a0", "max_tokens": 2, "messages": [{"role": ' + surrogate + b', "content": "x"}]}'
     assert_openai_error(post(live, None, "/v1/chat/completions", raw=raw), 400, "role")
+    assert_openai_error(post(live, None, raw=b'{"model": ' + surrogate + b', "prompt": "x"}'), 400, "model")
+    assert_openai_error(post(live, None, raw=b'{"model": "a\\\\ud800", "prompt": "x"}'), 404)  # an escaped name: ASCII
     chat = {"model": "a0", **GREEDY}
     for content in ([{"type": "text", "text": 5}], [5], ["hi"], [{"type": "image_url", "image_url": {"url": "x"}}],
                     [{"type": "text"}], {"text": "hi"}, 7):

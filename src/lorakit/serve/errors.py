@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from starlette.responses import JSONResponse
+import json
+
+from starlette.responses import Response
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -19,9 +21,9 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def error_response(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
-    """OpenAI's error body; 429 and 503 tell the client when to retry."""
+def error_response(status: int, message: str, param: Optional[str] = None) -> Response:
+    """OpenAI's error body (ASCII JSON, so any text a client sent can be echoed); 429 and 503 say when to retry."""
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
                       "code": status}}
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")

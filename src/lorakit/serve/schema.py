@@ -79,10 +79,13 @@ class ChatBody(_Body):
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
 
 
+NAME = r"^[^\x00-\x1f\x7f]+$"  # adapter names: no control characters (lone surrogates: check_text)
+
+
 class LoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: StrictStr = Field(min_length=1, max_length=200)
+    lora_name: StrictStr = Field(min_length=1, max_length=200, pattern=NAME)
     lora_path: StrictStr = Field(min_length=1, max_length=4096)
     load_inplace: bool = False
 
@@ -126,6 +129,7 @@ def check_body(body: _Body, chat: bool) -> None:
                             "(docs/serving.md lists what it does)", bad[0])
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", "n")
+    check_text(body.model, "model")
     if chat:
         for i, m in enumerate(body.messages):
             check_text(m.role, f"messages[{i}].role")

@@ -31,7 +31,8 @@ from .errors import APIError, error_response
 from .guard import Guard, authorized, key_digest
 from .roots import AdapterRoots, PathRefused
 from .sampling import SamplingParams
-from .schema import ChatBody, ChatMessage, CompletionBody, LoadBody, UnloadBody, _Body, check_body, prompt_bytes
+from .schema import (ChatBody, ChatMessage, CompletionBody, LoadBody, UnloadBody, _Body, check_body, check_text,
+                     prompt_bytes)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -117,6 +118,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadBody):
         runtime_lora()
+        check_text(body.lora_name, "lora_name")
         if body.lora_name == model_name:
             raise APIError(400, f"'{model_name}' names the base model", "lora_name")
         if engine.store.entry(body.lora_name) is not None and not body.load_inplace:
