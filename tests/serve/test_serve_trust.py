@@ -125,6 +125,14 @@ def test_stop_strings_and_prompt_sizes_are_capped(live):
     chat = post(live, {"model": "a0", **GREEDY, "messages": [{"role": "user", "content": "y" * (2 << 20)}]},
                 "/v1/chat/completions")
     assert_openai_error(chat, 413)
+
+    def chunked():  # no Content-Length: the cap is counted while reading
+        yield b'{"model": "a0", "prompt": "'
+        for _ in range(64):
+            yield b"w" * 65536
+        yield b'"}'
+
+    assert_openai_error(httpx.post(live.url + "/v1/completions", content=chunked(), headers=AUTH, timeout=60), 413)
     assert post(live, {"model": "a0", "prompt": "hi", **GREEDY}).status_code == 200
     assert time.perf_counter() - start < 60  # refused without tokenising megabytes
 
