@@ -28,7 +28,8 @@ async def main(url: str, n: int, clients: int, max_seconds: float) -> dict:
             if good:
                 results["ok"] += 1
             else:
-                results["failures"].append(str(getattr(r, "text", r))[:200])
+                what = f"{r.status_code}: {r.text[:200]}" if isinstance(r, httpx.Response) else repr(r)[:200]
+                results["failures"].append(f"request {i} ({'streamed' if stream else 'whole'}): {what}")
             results["served"] += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as h:

@@ -57,6 +57,11 @@ class MergedRunner(ModelRunner):
         if rows[0] != self.current:
             self._switch(rows[0])
 
+    def close(self) -> None:
+        """Unmerge the current adapter too: the base weights are as they were given."""
+        self._switch(None)
+        super().close()
+
     @torch.inference_mode()
     def _switch(self, aid: Optional[str]) -> None:
         start = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the base model's id in `model` (default: --model)")
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY; unset: no auth)")
+                   help="require 'Authorization: Bearer KEY' on every route (default: $LORAKIT_API_KEY; unset: no auth)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
+    p.add_argument("--lora-root", action="append", default=None, metavar="DIR",
+                   help="directory adapters may be loaded from over HTTP (repeatable; default: --adapters)")
+    p.add_argument("--max-prompt-bytes", type=int, default=None,
+                   help="UTF-8 bytes of prompt text accepted (default: 16 per prompt token, at least 64 KiB)")
+    p.add_argument("--drain-timeout", type=float, default=30,
+                   help="seconds SIGTERM waits for running requests before cancelling them")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="base model dtype (adapters compute in float32)")
     p.add_argument("--max-batch", type=int, default=32, help="running requests per step (KV slots)")
     p.add_argument("--max-model-len", type=int, default=1024, help="prompt plus generated tokens per request")
@@ -59,13 +68,19 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the engine, start its step loop and serve until interrupted."""
+    """Build the engine, start its step loop and serve until SIGTERM or Ctrl-C, which drain it (exit 0)."""
     import uvicorn
 
     from .server import build_app
 
     if args.adapters and not Path(args.adapters).is_dir():
         raise FileNotFoundError(f"--adapters {args.adapters}: no such directory")
+    roots = args.lora_root or ([args.adapters] if args.adapters else [])
+    for r in roots:
+        if not Path(r).is_dir():
+            raise FileNotFoundError(f"--lora-root {r}: no such directory")
+    if args.allow_runtime_lora and not roots:
+        raise ValueError("--allow-runtime-lora needs --lora-root DIR (or --adapters DIR): where adapters may be loaded from")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
         args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, max_batch=args.max_batch,
@@ -76,9 +91,20 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     logging.getLogger("lorakit.serve").info("serving %s with %d adapters on http://%s:%d/v1", name,
                                             len(engine.store.names()), args.host, args.port)
+    app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
+    # uvicorn drains on SIGTERM / SIGINT, then raises the signal again with the handlers it found installed:
+    # these record it instead of killing the process, so the engine stops cleanly and the exit status is 0
+    stopped = []
+    previous = {sig: signal.signal(sig, lambda s, _: stopped.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     engine.start()
     try:
-        uvicorn.run(build_app(engine, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(config).run()
     finally:
         engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        logging.getLogger("lorakit.serve").info("drained and stopped on signal %d", stopped[0])
     return 0

@@ -15,74 +15,19 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .pool import AdapterPool, PoolFull
+from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter
 from .runner import ModelRunner
-from .sampling import SamplingParams, TextStream, next_tokens
+from .sampling import SamplingParams, TextStream, next_tokens, unusable_rows
 from .store import AdapterFitError, AdapterStore
 
+__all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "Stopped", "UnknownAdapter"]
+
 log = logging.getLogger("lorakit.serve")
-
-
-class EngineError(Exception):
-    """A request the engine refuses; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-
-class UnknownAdapter(EngineError):
-    status = 404
-
-
-class QueueFull(EngineError):
-    status = 429
-
-
-@dataclass
-class EngineConfig:
-    """Limits and budgets of one engine."""
-
-    max_batch: int = 32  # running requests (KV slots)
-    max_len: int = 1024  # prompt plus generated tokens of one request
-    max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill forward
-    max_queue: int = 1024  # queued requests before submissions get QueueFull
-    max_prompt_tokens: Optional[int] = None  # default: max_len - 1
-    max_tokens: Optional[int] = None  # cap on a request's max_tokens; default: max_len - 1
-    pool_bytes: int = 64 << 20  # active adapter pool
-    host_bytes: int = 4 << 30  # host cache of packed adapters
-    prefetch: bool = True  # load adapter files on a background thread (else inside the step loop)
-    lookahead: int = 64  # queued requests whose adapters are prefetched
-    lora_dtype: torch.dtype = torch.float32
-    backend: str = "auto"  # batched LoRA operator: auto, bmm, grouped, segments
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation request and everything the engine records about it."""
-
-    prompt: list[int]
-    adapter: Optional[str] = None  # adapter name; None = the base model
-    params: SamplingParams = field(default_factory=SamplingParams)
-    on_update: Optional[Callable[["Request", str], None]] = None  # called from the engine thread with new text
-    id: str = ""
-    aid: Optional[str] = None
-    output: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: Optional[str] = None  # stop, length, cancelled, error
-    error: Optional[str] = None
-    arrival: float = 0.0
-    first_token_at: Optional[float] = None
-    finished_at: Optional[float] = None
-    token_times: list[float] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
-    holds_adapter: bool = False  # the request pins its adapter in the pool
-    stream: Optional[TextStream] = None
-    generator: Optional[torch.Generator] = None
 
 
 class Engine:
@@ -116,7 +61,9 @@ class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
-        """Queue ``request``; raises UnknownAdapter, QueueFull or EngineError (bad length) at once."""
+        """Queue ``request``; raises UnknownAdapter, QueueFull, Stopped or EngineError (bad prompt) at once."""
+        if self._stop:
+            raise Stopped("the server is shutting down; retry on another replica or later")
         if request.adapter is not None:
             entry = self.store.entry(request.adapter)
             if entry is None:
@@ -125,8 +72,12 @@ class Engine:
             request.aid = entry.aid
         n, m = len(request.prompt), request.params.max_tokens
         problem = None
+        vocab = self.runner.vocab_size
         if n == 0:
             problem = "the prompt is empty"
+        elif any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.prompt):
+            t = next(t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab))
+            problem = f"token id {t!r} is outside the vocabulary [0, {vocab})"
         elif n > self.max_prompt:
             problem = f"the prompt has {n} tokens; this server accepts at most {self.max_prompt}"
         elif m > self.max_new:
@@ -206,6 +157,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
         self.store.close()
+        self.runner.close()  # the model is as it was given: no hooks, modes restored
 
     def _loop(self) -> None:
         while not self._stop:
@@ -292,7 +244,7 @@ class Engine:
         failure = self.store.failure(aid)
         if failure:
             self.waiting.remove(req)
-            self._finish(req, "error", error=failure)
+            self._finish(req, "error", error=failure, status=400)
             return False
         packed = self.store.cached(aid)
         if packed is None:
@@ -304,7 +256,7 @@ class Engine:
                 packed = self.store.load(aid)
             except AdapterFitError as e:
                 self.waiting.remove(req)
-                self._finish(req, "error", error=str(e))
+                self._finish(req, "error", error=str(e), status=400)
                 return False
             finally:
                 self.stats["sync_loads"] += 1
@@ -316,7 +268,7 @@ class Engine:
         except PoolFull as e:
             if not self.pool.in_use_bytes():  # it can never fit
                 self.waiting.remove(req)
-                self._finish(req, "error", error=str(e))
+                self._finish(req, "error", error=str(e), status=400)
             return False
         self.stats["pool_misses"] += 1
         self.pool.acquire(aid)
@@ -339,6 +291,18 @@ class Engine:
         self._sample(reqs, logits)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        bad, reqs = unusable_rows(logits), list(reqs)
+        if bad:  # e.g. an adapter with huge weights: fail those requests alone, and wipe their KV rows
+            for i in bad:
+                self.runner.clear(self.running.index(reqs[i]))
+            message = "the model produced NaN or infinite logits{}; the adapter's weights are unusable (too large?)"
+            for i in reversed(bad):
+                req = reqs.pop(i)
+                self._finish(req, "error", error=message.format(f" with adapter '{req.adapter}'" if req.adapter else ""),
+                             status=400 if req.adapter else 500)
+            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
+            if not reqs:
+                return
         tokens = next_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
         self.stats["generated_tokens"] += len(tokens)
@@ -366,7 +330,7 @@ class Engine:
         elif delta and req.on_update:
             req.on_update(req, delta)
 
-    def _finish(self, req: Request, reason: str, delta: str = "", error: Optional[str] = None) -> None:
+    def _finish(self, req: Request, reason: str, delta: str = "", error: Optional[str] = None, status: int = 500) -> None:
         if req in self.running:
             i = self.running.index(req)
             last = self.running.pop()
@@ -376,7 +340,7 @@ class Engine:
         if req.holds_adapter:
             req.holds_adapter = False
             self.pool.release(req.aid)
-        req.finish_reason, req.error = reason, error
+        req.finish_reason, req.error, req.status = reason, error, status
         req.finished_at = time.perf_counter()
         key = {"error": "failed", "cancelled": "cancelled"}.get(reason, "finished")
         self.stats[key] += 1

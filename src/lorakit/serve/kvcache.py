@@ -66,6 +66,12 @@ class SlotKVCache:
             if t is not None:
                 t[dst, :, :length] = t[src, :, :length]
 
+    def clear(self, slot: int) -> None:
+        """Zero every column of ``slot`` (every layer)."""
+        for t in self.keys + self.values:
+            if t is not None:
+                t[slot].zero_()
+
     # Transformers may ask these; positions are always passed explicitly, so the cache never decides them.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

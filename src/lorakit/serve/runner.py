@@ -1,6 +1,7 @@
 """A Hugging Face causal LM run for many requests at once, with each request's adapter injected per token.
 
-The base weights are never modified: a forward hook on every adapted Linear / Conv1D layer adds the batched
+The base weights are never modified, and ``close`` leaves the model as it came (hooks removed, each module's
+train/eval mode restored): a forward hook on every adapted Linear / Conv1D layer adds the batched
 LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables.
 One base GEMM serves all requests. Attention runs on ``SlotKVCache`` with explicit positions and masks, built
 here: prefill takes left-padded prompts (the last column is every row's last prompt token, so only it reaches
@@ -26,7 +27,10 @@ class ModelRunner:
     needs_pool = True  # the engine makes each request's adapter resident in the pool before admitting it
 
     def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
+        self._modes = {m: m.training for m in model.modules()}  # restored by close()
         self.model = model.eval()
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size = embed.num_embeddings if embed is not None else model.config.vocab_size  # ids must be below
         self.pool, self.backend = pool, backend
         self.config = model.config
         self.shapes = linear_shapes(model)
@@ -139,7 +143,16 @@ class ModelRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
 
+    @torch.inference_mode()
+    def clear(self, slot: int) -> None:
+        """Zero a slot's cache (it may hold NaN, which masked attention would still multiply by 0)."""
+        self.cache.clear(slot)
+
     def close(self) -> None:
+        """Remove the hooks and restore every module's train/eval mode: the model is as it was given."""
         for h in self.hooks.values():
             h.remove()
         self.hooks.clear()
+        self._plan, self._tables = None, {}
+        for m, training in self._modes.items():
+            m.training = training

@@ -24,8 +24,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, found {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, found {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], found {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, found {self.seed}")
         self.stop = [s for s in self.stop if s]
 
     def generator(self) -> Optional[torch.Generator]:
@@ -40,12 +42,17 @@ class SamplingParams:
 
 
 def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]) -> list[int]:
-    """One token per row of ``logits [n, vocab]``: argmax for greedy rows, a seeded draw for the others."""
+    """One token per row of ``logits [n, vocab]`` (finite rows): argmax for greedy rows, a seeded draw for the others.
+
+    Scores are shifted so the largest is 0 before dividing by the temperature: a tiny temperature then gives
+    zeros for the best tokens and -inf for the rest (the argmax limit, exactly) instead of inf / inf = NaN.
+    ``top_p`` keeps the smallest prefix reaching ``top_p``, and always the most likely token (``top_p=0``)."""
     out = logits.argmax(dim=-1).tolist()
     for row, (p, g) in enumerate(zip(params, generators)):
         if p.temperature == 0:
             continue
-        scores = logits[row] / p.temperature
+        scores = logits[row].double()  # float64: a temperature below float32's range (1e-300) must not round to 0
+        scores = (scores - scores.max()) / p.temperature
         if p.top_k > 0:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -53,9 +60,16 @@ def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generato
         if p.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # the smallest prefix reaching top_p
+            keep[0] = True
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         out[row] = int(torch.multinomial(probs, 1, generator=g))
     return out
+
+
+def unusable_rows(logits: torch.Tensor) -> list[int]:
+    """Rows of ``logits [n, vocab]`` with NaN or +inf, or nothing finite: no token can be chosen from them."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    return bad.nonzero().flatten().tolist()
 
 
 class TextStream:

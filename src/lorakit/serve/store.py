@@ -6,7 +6,8 @@ the active pool (``pool.py``). Reading and packing is the slow part, so a backgr
 adapters that queued requests will need, and the step loop only copies packed tensors into the pool.
 
 Every (re)registration of a name gets a new id ``name#version``, so a reloaded adapter never reuses the
-previous version's cached tensors.
+previous version's cached tensors. A failed load is remembered with the size and modification time of the
+adapter's files: once they change (the file was fixed), the next request loads it again.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import nn
 from ..core.capabilities import CapabilityError
 from ..core.state import AdapterState
 from ..core.targets import LINEAR_TYPES
-from ..formats.peft import CONFIG_NAME, load_state
+from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_state
 from .ops import pack_low_rank
 from .pool import PackedAdapter
 
@@ -80,9 +81,23 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterFitError(f"{source}: module '{path}': the adapter's weights contain NaN or inf")
         modules[path] = pack_low_rank(a, b, scale, dtype)
+        if not all(torch.isfinite(t).all() for t in modules[path]):
+            raise AdapterFitError(f"{source}: module '{path}': the adapter's weights overflow {dtype} once scaled")
     if not modules:
         raise AdapterFitError(f"{source}: the adapter adapts no module")
     return PackedAdapter(aid, modules)
+
+
+def _signature(path: Path) -> tuple:
+    """(name, size, mtime) of the files a load reads: they change when the adapter is fixed or replaced."""
+    out = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
+        try:
+            st = (path / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,7 @@ class AdapterStore:
         self.entries: dict[str, AdapterEntry] = {}
         self.by_aid: dict[str, AdapterEntry] = {}
         self.host: OrderedDict[str, PackedAdapter] = OrderedDict()
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, tuple[str, tuple]] = {}  # aid -> (message, the files' signature then)
         self.stats = {"loads": 0, "load_seconds": 0.0, "failures": 0, "host_hits": 0, "host_evictions": 0}
         self._version = 0
         self._lock = threading.Lock()
@@ -170,7 +185,16 @@ class AdapterStore:
             return packed
 
     def failure(self, aid: str) -> Optional[str]:
-        return self.failures.get(aid)
+        """Why ``aid`` failed to load, unless its files changed since (then it may be loaded again)."""
+        failed = self.failures.get(aid)
+        if failed is None:
+            return None
+        entry = self.by_aid.get(aid)
+        if entry is not None and _signature(entry.path) != failed[1]:
+            with self._lock:
+                self.failures.pop(aid, None)
+            return None
+        return failed[0]
 
     def load(self, aid: str) -> PackedAdapter:
         """Read, check and pack ``aid`` into the host cache now (raises with a clear message on failure)."""
@@ -181,15 +205,17 @@ class AdapterStore:
         if cached is not None:
             return cached
         start = time.perf_counter()
+        signature = _signature(entry.path)
         try:
             state = load_state(entry.path, allow_pickle=self.allow_pickle)
             packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path))
         except Exception as e:
+            message = f"adapter '{entry.name}' cannot be loaded: {e}"
             with self._lock:
-                self.failures[aid] = f"adapter '{entry.name}' cannot be loaded: {e}"
+                self.failures[aid] = (message, signature)
                 self.stats["failures"] += 1
                 self.loaded.notify_all()
-            raise AdapterFitError(self.failures[aid]) from None
+            raise AdapterFitError(message) from None
         with self._lock:
             self.stats["loads"] += 1
             self.stats["load_seconds"] += time.perf_counter() - start
@@ -204,11 +230,18 @@ class AdapterStore:
         """Queue ``aids`` for the prefetch thread (those not cached, failed or queued already)."""
         with self._lock:
             for aid in aids:
-                if aid not in self.host and aid not in self.failures and aid not in self._queued and aid in self.by_aid:
+                if aid not in self.host and aid not in self._queued and aid in self.by_aid and not (
+                        aid in self.failures and self._failed_unchanged(aid)):
                     self._queue.append(aid)
                     self._queued.add(aid)
             if self._queue:
                 self.loaded.notify_all()
+
+    def _failed_unchanged(self, aid: str) -> bool:  # under the lock
+        if _signature(self.by_aid[aid].path) == self.failures[aid][1]:
+            return True
+        del self.failures[aid]
+        return False
 
     def pending(self, aid: str) -> bool:
         return aid in self._queued

@@ -1,0 +1,72 @@
+"""What the engine is given and what it answers: its configuration, one request's record, and its refusals."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .sampling import SamplingParams, TextStream
+
+
+class EngineError(Exception):
+    """A request the engine refuses; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class UnknownAdapter(EngineError):
+    status = 404
+
+
+class QueueFull(EngineError):
+    status = 429
+
+
+class Stopped(EngineError):
+    status = 503
+
+
+@dataclass
+class EngineConfig:
+    """Limits and budgets of one engine."""
+
+    max_batch: int = 32  # running requests (KV slots)
+    max_len: int = 1024  # prompt plus generated tokens of one request
+    max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill forward
+    max_queue: int = 1024  # queued requests before submissions get QueueFull
+    max_prompt_tokens: Optional[int] = None  # default: max_len - 1
+    max_tokens: Optional[int] = None  # cap on a request's max_tokens; default: max_len - 1
+    pool_bytes: int = 64 << 20  # active adapter pool
+    host_bytes: int = 4 << 30  # host cache of packed adapters
+    prefetch: bool = True  # load adapter files on a background thread (else inside the step loop)
+    lookahead: int = 64  # queued requests whose adapters are prefetched
+    lora_dtype: torch.dtype = torch.float32
+    backend: str = "auto"  # batched LoRA operator: auto, bmm, grouped, segments
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and everything the engine records about it."""
+
+    prompt: list[int]
+    adapter: Optional[str] = None  # adapter name; None = the base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_update: Optional[Callable[["Request", str], None]] = None  # called from the engine thread with new text
+    id: str = ""
+    aid: Optional[str] = None
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None  # stop, length, cancelled, error
+    error: Optional[str] = None
+    status: int = 500  # the HTTP status of an error: 400 when the request's adapter is at fault
+    arrival: float = 0.0
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    token_times: list[float] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+    holds_adapter: bool = False  # the request pins its adapter in the pool
+    stream: Optional[TextStream] = None
+    generator: Optional[torch.Generator] = None
