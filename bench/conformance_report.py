@@ -47,7 +47,9 @@ class Outcomes:
     def pytest_collection_modifyitems(self, items):
         self.cells = {}
         for item in items:
-            c = item.callspec.params["cell"]
+            c = getattr(item, "callspec", None) and item.callspec.params.get("cell")
+            if c is None:  # the tests of the checks themselves
+                continue
             self.cells[item.nodeid] = {"id": c.id, "arch": c.arch, "layer": c.layer, "method": c.method,
                                        "direction": c.direction, "check": c.check, "expected": c.expected,
                                        "defect": c.defect, "fast": c.fast}
@@ -114,7 +116,7 @@ def page(rows: list[dict], meta: dict) -> str:
         "Known defects:",
         "",
     ]
-    lines += [f"- **{name}**: {text}." for name, text in DEFECTS.items()]
+    lines += [f"- **{name}**: {text}." for name, text in DEFECTS.items()] or ["- none."]
     lines += ["", "Notes:", ""] + [f"- {note}." for note in NOTES]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     index = {(r["arch"], r["layer"], r["method"], r["direction"], r["check"]): r for r in rows}
@@ -166,6 +168,8 @@ def main() -> None:
                  plugins=[plugin])
     seconds = time.perf_counter() - start
     rows = list(plugin.rows.values())
+    if not rows:
+        sys.exit("no matrix cell ran (see pytest's output above); docs/conformance.* left as they were")
     if args.fast:
         print(f"{len(rows)} fast cells in {seconds:.1f} s")
         return

@@ -61,11 +61,7 @@ LOADS_FROM_PEFT = {("eva", "Embedding"), ("ffa_lora", "Embedding"), ("ffa_lora",
 # The layer kinds peft 0.21.2 adapts with each method (MiSS and SHiRA: nn.Linear only; its OLoRA ignores
 # fan_in_fan_out, so on Conv1D its own model fails).
 PEFT_LAYERS = {"bone": ("Linear",), "shira": ("Linear",), "randlora": ("Linear", "Conv1D"), "olora": ("Linear",)}
-# Rows where peft saves the targeted embedding's base weight in full (save_embedding_layers="auto": the target
-# list names embed_tokens or lm_head and the layer is the model's input or output embedding; BART's embed_tokens
-# are copies tied to model.shared, so peft saves nothing in full there). peft's EVA rewrites target_modules to
-# full paths, so its own check no longer fires for its EVA files.
-PEFT_SAVES_IN_FULL = {("llama", "Embedding"), ("gemma3", "Embedding"), ("tied", "Embedding"), ("tied", "Linear")}
+# Rows whose targeted weight the output head shares: merging into it is refused.
 TIED = {("tied", "Linear"), ("tied", "Embedding"), ("gpt2", "Embedding"), ("bart", "Embedding")}
 
 # What the page says about cells that are not plain lorakit-vs-peft comparisons.
@@ -83,14 +79,9 @@ NOTES = (
 # the page lists them, since the peft -> lorakit cells compare with peft's load of the file)
 PEFT_ROUNDTRIP: dict[str, str] = {}
 
-DEFECTS: dict[str, str] = {
-    "scaled-embedding (a)": "the embedding update is not multiplied by the scale the model applies to the embedding "
-                            "output (Gemma 3 embed_scale, BART scale_embedding), as peft does",
-    "embedding-saved-in-full (c)": "embedding weights peft writes in full when embed_tokens/lm_head are targeted "
-                                   "(save_embedding_layers) are not written by save_peft, and a tied lm_head's copy is "
-                                   "refused by load_peft (load_into looks it up in named_parameters(), which drops "
-                                   "tied duplicates)",
-}
+# Known lorakit defects, by name: the cells that show one are strict xfails (none open today: the scaled
+# embeddings of Gemma 3 and BART and the embeddings peft saves in full were fixed, and flipped their cells).
+DEFECTS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -125,14 +116,8 @@ def expectation(arch: str, layer: str, method: str, direction: str, check: str) 
 
 
 def known_defect(arch: str, layer: str, method: str, direction: str, check: str) -> Optional[str]:
-    """The known lorakit defects that make this cell differ from peft, if any."""
-    found = []
-    in_full = (arch, layer) in PEFT_SAVES_IN_FULL and not (method, direction, layer) == ("eva", "peft2lk", "Embedding")
-    if in_full and (check == "files" or (arch, layer, direction) == ("tied", "Linear", "peft2lk")):
-        found.append("embedding-saved-in-full (c)")
-    if arch in ("gemma3", "bart") and layer == "Embedding" and check != "files":
-        found.append("scaled-embedding (a)")
-    return " + ".join(found) or None
+    """The known lorakit defects (names in ``DEFECTS``) that make this cell differ from peft, if any."""
+    return None
 
 
 FAST = {  # one scenario per method and per architecture (all three checks of each), and three refusals

@@ -20,6 +20,7 @@ from .apply import adapters, apply, config_of, wrapped_modules
 from .capabilities import Capabilities, require
 from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
+from .targets import token_embeddings
 
 Tensors = dict[str, dict[str, torch.Tensor]]
 # Config fields that choose modules or describe provenance: the per-module computation does not depend on them.
@@ -152,7 +153,7 @@ class AdapterState:
 
     def _fit_vocabulary(self, model: nn.Module) -> None:
         """Resize the base model's vocabulary to the adapter's when the file carries the resized embeddings."""
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        emb, head = token_embeddings(model)
         if not isinstance(emb, nn.Embedding):
             return
         path = next(p for p, m in model.named_modules() if m is emb)
@@ -166,7 +167,6 @@ class AdapterState:
             raise AdapterShapeError(
                 f"module '{path}': the adapter covers a vocabulary of {want} tokens, the model {emb.num_embeddings}, and "
                 f"the file does not carry the resized embedding weights; {fix} and load the embeddings it was trained with")
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_path = next((p for p, m in model.named_modules() if m is head), None)
         head_saved = any(k in self.base_tensors for k in (f"{head_path}.weight", f"{head_path}.base_layer.weight"))
         if head is not None and head.weight is not emb.weight and not head_saved:

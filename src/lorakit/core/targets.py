@@ -56,6 +56,16 @@ def _path_of(model: nn.Module, module: nn.Module) -> str:
     return next(p for p, m in model.named_modules() if m is module)
 
 
+def token_embeddings(model: nn.Module) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """(input, output) token embeddings of a transformers model; None for each it lacks (vision backbones raise)."""
+    def get(name):
+        try:
+            return getattr(model, name)() if hasattr(model, name) else None
+        except NotImplementedError:  # transformers' models without token embeddings (ResNet, ...)
+            return None
+    return get("get_input_embeddings"), get("get_output_embeddings")
+
+
 def output_head_paths(model: nn.Module, task_type: Optional[str] = None) -> set[str]:
     """The output head that ``all-linear`` leaves out, by PEFT's rule.
 
@@ -66,7 +76,7 @@ def output_head_paths(model: nn.Module, task_type: Optional[str] = None) -> set[
     """
     if PreTrainedModel is None or not isinstance(model, PreTrainedModel):
         return set()
-    head = model.get_output_embeddings()
+    head = token_embeddings(model)[1]
     if head is not None:
         return {_path_of(model, head)}
     if task_type == "SEQ_CLS":

@@ -32,7 +32,7 @@ from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
-from ..core.targets import is_module_to_save
+from ..core.targets import is_module_to_save, token_embeddings
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -192,12 +192,9 @@ def embedding_weights(model: nn.Module, config: AdapterConfig, save_embedding_la
     ``"auto"``: when an embedding layer is targeted, the targeted input/output embeddings' base weights; else,
     when the vocabulary was resized (against the base model's config.json), the input and output embeddings.
     """
-    if save_embedding_layers is False or not hasattr(model, "get_input_embeddings"):
+    if save_embedding_layers is False:
         return {}
-    try:
-        layers = (model.get_input_embeddings(), model.get_output_embeddings())
-    except NotImplementedError:  # transformers' vision backbones (ResNet, ...) have no token embeddings
-        return {}
+    layers = token_embeddings(model)
     targeted = _embedding_targeted(model, config)
     if save_embedding_layers == "auto" and not targeted and not _vocab_resized(model, config):
         return {}
