@@ -2,6 +2,7 @@
 state. Run in one process through the same ServerApp strategy and ClientApp."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -115,6 +116,18 @@ def _examples(reply, n):
     return reply
 
 
+def _declare(reply, **changes):
+    info = reply.content["adapter"]
+    config = json.loads(str(info["adapter-config"]))
+    for key, value in changes.items():
+        if key == "base-id":
+            info["base-id"] = value
+        else:
+            config[key] = value
+    info["adapter-config"] = json.dumps(config)
+    return reply
+
+
 BAD = {
     "nan": lambda r: _replace(r, "t/query/lora_B.weight", _nan),
     "inf": lambda r: _replace(r, "t/value/lora_A.weight", _inf),
@@ -125,6 +138,9 @@ BAD = {
     "target": lambda r: _add(r, "t/embed/lora_A.weight", np.ones((4, 64), np.float32)),  # a module not agreed on
     "key": lambda r: _add(r, "weights.bin", np.ones(3, np.float32)),
     "examples": lambda r: _examples(r, -3),
+    "method": lambda r: _declare(r, use_dora=True),  # a DoRA adapter of the same shapes
+    "peft-type": lambda r: _declare(r, peft_type="LOHA"),
+    "base": lambda r: _declare(r, **{"base-id": "0123456789abcdef"}),  # trained on another base model
 }
 
 
@@ -140,6 +156,9 @@ def test_a_bad_update_is_rejected_logged_and_the_round_goes_on(kind, caplog):
     record = strategy.state.log[1]
     assert (record["accepted"], record["rejected"]) == (3, 1)
     assert "rejected the update of node" in caplog.text and record["rejections"][0]["reasons"]
+    assert record["rejections"][0]["node"] == "3"  # partition 2 is node 3
+    named = {"method": "use_dora", "peft-type": "peft_type", "base": "another base model"}
+    assert named.get(kind, "") in " ".join(record["rejections"][0]["reasons"])
     assert _same_updates(strategy.state.adapter, _aggregate_of(strategy, sent, 1, {0, 1, 3}))
     assert all(torch.isfinite(t).all() for d in strategy.state.adapter.tensors.values() for t in d.values())
 

@@ -140,6 +140,15 @@ class Experiment:
         self._base, self.train, self.test, self.num_classes, self.pad_id = _task(s.task, s.model, s.seed, s.max_train, s.max_eval, s.max_length)
         self.shards = dirichlet_split([f["labels"] for f in self.train], s.num_clients, s.dirichlet_alpha, s.seed, min_size=2)
 
+    @functools.cached_property
+    def base_id(self) -> str:
+        """A fingerprint of the base model (parameter names, shapes and values): clients must train on this base."""
+        h = hashlib.sha256()
+        for name, t in self._base.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def base_model(self) -> nn.Module:
         """A fresh copy of the frozen base model."""
         return copy.deepcopy(self._base)

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..core.state import AdapterState
 from . import checkpoint
 from .aggregation import B_KEYS, aggregate, aggregation_error
-from .checks import problems
+from .checks import identity_problems, problems
 from .experiment import Experiment, Settings
 from .protocol import add_to_base, fold_deltas, pack_updates
 from .records import config_record, from_arrays, payload, to_arrays
@@ -86,6 +86,13 @@ class LoRAStrategy(FedAvg):
         return (state, float(metrics["num-examples"]), float(metrics["train-loss"]), int(info["partition-id"]),
                 int(info["base-round"]))
 
+    @staticmethod
+    def declared(msg: Message) -> dict:
+        """What a reply says it trained: its adapter config (as a dict) and base-model fingerprint."""
+        info = msg.content["adapter"]
+        raw = info.get("adapter-config")
+        return {"config": json.loads(str(raw)) if raw is not None else None, "base-id": info.get("base-id")}
+
     def aggregate_train(self, server_round: int, replies):
         """Check each reply, aggregate the accepted ones (if enough), update the global adapter."""
         accepted, rejected, failed, uplink, uplink_tensors = [], [], 0, 0, 0
@@ -102,6 +109,7 @@ class LoRAStrategy(FedAvg):
             try:
                 state, n, loss, partition, base_round = self.parse(msg)
                 issues = problems(state, self.reference, self.rule.mixed_ranks, n)
+                issues += identity_problems(self.declared(msg), self.reference.config, self.exp.base_id)
             except (KeyError, ValueError, TypeError) as e:
                 issues = [f"unreadable reply: {e}"]
             if issues:
