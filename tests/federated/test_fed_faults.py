@@ -8,34 +8,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from fedutil import around_rounds, client_app, toy
+from fedutil import aggregate_of as _aggregate_of, around_rounds, client_app, run as _run, toy
 from flwr.app import Array
 
-from lorakit.federated import aggregate, update_of
+from lorakit.federated import update_of
 from lorakit.federated.experiment import Experiment
 from lorakit.federated.local import InProcessGrid
 from lorakit.federated.records import from_arrays
 from lorakit.federated.server_app import LoRAStrategy
-
-
-def _run(settings, fault=None, grid=None, seen=None):
-    sent = []
-
-    def hook(msg, context, reply):
-        if seen is not None:
-            seen[(int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]))] = msg
-        return fault(msg, context, reply) if fault else reply
-
-    grid = grid or InProcessGrid(client_app(hook, sent), settings.num_clients, settings.to_config())
-    strategy = LoRAStrategy(Experiment(settings))
-    strategy.start(grid)
-    return strategy, sent, grid
-
-
-def _aggregate_of(strategy, sent, rnd, partitions):
-    chosen = sorted((p, reply) for r, p, reply in sent if r == rnd and p in partitions)
-    parsed = [strategy.parse(reply) for _, reply in chosen]
-    return aggregate(strategy.rule.name, [x[0] for x in parsed], [x[1] for x in parsed])
 
 
 def _same_updates(a, b):
@@ -163,12 +143,13 @@ def test_a_bad_update_is_rejected_logged_and_the_round_goes_on(kind, caplog):
     assert all(torch.isfinite(t).all() for d in strategy.state.adapter.tensors.values() for t in d.values())
 
 
-@pytest.mark.parametrize("name", ["fedit", "flora"])
-def test_the_server_resumes_from_its_checkpoint(name, tmp_path):
-    straight, _, _ = _run(toy(strategy=name, num_rounds=4))
-    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("name,opt", [("fedit", ""), ("flora", ""), ("fedit", "yogi")])
+def test_the_server_resumes_from_its_checkpoint(name, opt, tmp_path):
+    straight, _, _ = _run(toy(strategy=name, num_rounds=4, server_opt=opt))
+    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"), server_opt=opt)
     first, _, grid = _run(settings)
-    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt")), grid=grid)
+    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt"), server_opt=opt),
+                         grid=grid)
     assert [r["round"] for r in resumed.state.log] == [0, 1, 2, 3, 4]
     assert resumed.state.log[:3] == first.state.log
     for a, b in zip(resumed.state.log[1:], straight.state.log[1:]):  # the same run as one that never stopped

@@ -4,7 +4,8 @@
 each node the global adapter (and, for restarting strategies, the round updates it has not merged yet) and
 ``aggregate_train`` checks every reply (``checks.problems``: NaN/inf, shapes, keys outside the targets),
 rejects and logs bad ones, and aggregates the rest when at least ``min-replies`` are left; otherwise the round
-keeps the previous global adapter. ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
+keeps the previous global adapter; with ``server-opt`` the aggregate is then taken as a pseudo-gradient by
+FedAdam / FedYogi / FedAdagrad (``optimisers``). ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from . import checkpoint
 from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import identity_problems, problems
 from .experiment import Experiment, Settings
+from .optimisers import ServerOptimiser
 from .protocol import add_to_base, fold_deltas, pack_updates
 from .records import config_record, from_arrays, payload, to_arrays
 
@@ -44,6 +46,11 @@ class LoRAStrategy(FedAvg):
         self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
         self.state = checkpoint.ServerState(0, self.reference.clone())
         self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
+        self.optimiser = None
+        if s.server_opt:
+            self.optimiser = ServerOptimiser(s.server_opt, s.server_lr, s.server_beta1, s.server_beta2, s.server_tau,
+                                             frozen=self.rule.shared)
+            self.state.opt = self.optimiser.state  # checkpointed with the rest of the server state
 
     def outgoing(self, node_id: int, server_round: int) -> RecordDict:
         """The message body for one node: the global adapter and the round updates it lacks."""
@@ -131,6 +138,8 @@ class LoRAStrategy(FedAvg):
         states, counts = [a[1] for a in accepted], [a[2] for a in accepted]
         new = aggregate(self.rule.name, states, counts)
         metrics["aggregation-error"] = aggregation_error(new, states, counts)  # vs the exact weighted sum
+        if self.optimiser is not None:  # FedAdam / FedYogi / FedAdagrad on the pseudo-gradient new - global
+            new = self.optimiser.step(self.state.adapter, new)
         if self.rule.restart:
             self.state.history[server_round] = AdapterState(new.config, new.tensors)
             ref = self.reference
@@ -154,6 +163,8 @@ class LoRAStrategy(FedAvg):
         saved = checkpoint.load(s.checkpoint_dir) if s.checkpoint_dir else None
         if saved is not None:
             self.state = saved
+            if self.optimiser is not None:
+                self.optimiser.state = saved.opt
             LOG.info("resuming from %s after round %d", s.checkpoint_dir, saved.round)
         elif not self.state.log:
             self.state.log.append({"round": 0, **self.exp.evaluate(self.global_model())})
