@@ -143,13 +143,13 @@ def test_a_bad_update_is_rejected_logged_and_the_round_goes_on(kind, caplog):
     assert all(torch.isfinite(t).all() for d in strategy.state.adapter.tensors.values() for t in d.values())
 
 
-@pytest.mark.parametrize("name,opt", [("fedit", ""), ("flora", ""), ("fedit", "yogi")])
-def test_the_server_resumes_from_its_checkpoint(name, opt, tmp_path):
-    straight, _, _ = _run(toy(strategy=name, num_rounds=4, server_opt=opt))
-    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"), server_opt=opt)
+@pytest.mark.parametrize("name,extra", [("fedit", {}), ("flora", {}), ("fedit", {"server_opt": "yogi"}),
+                                        ("ffa_lora", {"dp": "server-fixed", "dp_clip": 0.05})])
+def test_the_server_resumes_from_its_checkpoint(name, extra, tmp_path):
+    straight, _, _ = _run(toy(strategy=name, num_rounds=4, **extra))
+    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"), **extra)
     first, _, grid = _run(settings)
-    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt"), server_opt=opt),
-                         grid=grid)
+    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt"), **extra), grid=grid)
     assert [r["round"] for r in resumed.state.log] == [0, 1, 2, 3, 4]
     assert resumed.state.log[:3] == first.state.log
     for a, b in zip(resumed.state.log[1:], straight.state.log[1:]):  # the same run as one that never stopped

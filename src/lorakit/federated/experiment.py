@@ -26,6 +26,7 @@ from ..core.config import LoRAConfig
 from ..data.encode import collate
 from ..train import evaluate, fit
 from .aggregation import STRATEGIES
+from .dp import check_options as check_dp
 from .optimisers import check_options, proximal
 from .partition import dirichlet_split
 
@@ -63,12 +64,18 @@ class Settings:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to each client's loss
+    dp: str = ""  # "server-fixed" | "server-adaptive": Flower's central-DP wrapper (dp.py)
+    dp_noise: float = 0.0  # the noise multiplier z (noise std z * clip / sampled nodes)
+    dp_clip: float = 1.0  # the clipping norm C (the initial one for server-adaptive)
+    dp_delta: float = 1e-5  # the delta at which the summary reports epsilon
 
     def __post_init__(self):
         if not self.dirichlet_alpha > 0:
             raise ValueError(f"dirichlet-alpha must be > 0 (smaller: more label skew), found {self.dirichlet_alpha}")
         if not self.proximal_mu >= 0:
             raise ValueError(f"proximal-mu must be >= 0, found {self.proximal_mu}")
+        if self.dp:
+            check_dp(self)
         if self.server_opt:
             check_options(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
             if STRATEGIES.get(self.strategy).restart:
