@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..core.state import AdapterState
 from . import checkpoint, dp
 from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import identity_problems, problems
-from .experiment import Experiment, Settings
+from .experiment import Experiment, Settings, stable_seed
 from .optimisers import ServerOptimiser
 from .protocol import add_to_base, fold_deltas, pack_updates
 from .records import config_record, from_arrays, payload, to_arrays
@@ -68,7 +69,12 @@ class LoRAStrategy(FedAvg):
     def configure_train(self, server_round, arrays, config, grid: Grid):
         """One message per sampled node (restarting strategies send each node a different catch-up)."""
         wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        state = random.getstate()  # Flower samples with the global RNG: seed it per round, so a resumed run
+        random.seed(stable_seed(self.exp.settings.seed, "sample", server_round))  # samples as an unbroken one
+        try:
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        finally:
+            random.setstate(state)
         messages = []
         for node_id in sorted(node_ids):
             content = self.outgoing(node_id, server_round)
