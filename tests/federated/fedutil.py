@@ -4,8 +4,11 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from lorakit.federated import aggregate
 from lorakit.federated.client_app import train as lorakit_train
-from lorakit.federated.experiment import Settings
+from lorakit.federated.experiment import Experiment, Settings
+from lorakit.federated.local import InProcessGrid
+from lorakit.federated.server_app import LoRAStrategy
 
 
 def toy(**changes) -> Settings:
@@ -44,3 +47,25 @@ def around_rounds(strategy, before=None, after=None) -> None:
         return messages
 
     strategy.configure_train = configure
+
+
+def run(settings, fault=None, grid=None, seen=None):
+    """Run ``settings`` in process with ``fault`` applied to replies; returns (strategy, replies sent, grid)."""
+    sent = []
+
+    def hook(msg, context, reply):
+        if seen is not None:
+            seen[(int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]))] = msg
+        return fault(msg, context, reply) if fault else reply
+
+    grid = grid or InProcessGrid(client_app(hook, sent), settings.num_clients, settings.to_config())
+    strategy = LoRAStrategy(Experiment(settings))
+    strategy.start(grid)
+    return strategy, sent, grid
+
+
+def aggregate_of(strategy, sent, rnd, partitions):
+    """The registered aggregate of the replies ``partitions`` sent in round ``rnd``."""
+    chosen = sorted((p, reply) for r, p, reply in sent if r == rnd and p in partitions)
+    parsed = [strategy.parse(reply) for _, reply in chosen]
+    return aggregate(strategy.rule.name, [x[0] for x in parsed], [x[1] for x in parsed])

@@ -2,39 +2,20 @@
 state. Run in one process through the same ServerApp strategy and ClientApp."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
-from fedutil import around_rounds, client_app, toy
+from fedutil import aggregate_of as _aggregate_of, around_rounds, client_app, run as _run, toy
 from flwr.app import Array
 
-from lorakit.federated import aggregate, update_of
+from lorakit.federated import update_of
 from lorakit.federated.experiment import Experiment
 from lorakit.federated.local import InProcessGrid
 from lorakit.federated.records import from_arrays
 from lorakit.federated.server_app import LoRAStrategy
-
-
-def _run(settings, fault=None, grid=None, seen=None):
-    sent = []
-
-    def hook(msg, context, reply):
-        if seen is not None:
-            seen[(int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]))] = msg
-        return fault(msg, context, reply) if fault else reply
-
-    grid = grid or InProcessGrid(client_app(hook, sent), settings.num_clients, settings.to_config())
-    strategy = LoRAStrategy(Experiment(settings))
-    strategy.start(grid)
-    return strategy, sent, grid
-
-
-def _aggregate_of(strategy, sent, rnd, partitions):
-    chosen = sorted((p, reply) for r, p, reply in sent if r == rnd and p in partitions)
-    parsed = [strategy.parse(reply) for _, reply in chosen]
-    return aggregate(strategy.rule.name, [x[0] for x in parsed], [x[1] for x in parsed])
 
 
 def _same_updates(a, b):
@@ -115,6 +96,18 @@ def _examples(reply, n):
     return reply
 
 
+def _declare(reply, **changes):
+    info = reply.content["adapter"]
+    config = json.loads(str(info["adapter-config"]))
+    for key, value in changes.items():
+        if key == "base-id":
+            info["base-id"] = value
+        else:
+            config[key] = value
+    info["adapter-config"] = json.dumps(config)
+    return reply
+
+
 BAD = {
     "nan": lambda r: _replace(r, "t/query/lora_B.weight", _nan),
     "inf": lambda r: _replace(r, "t/value/lora_A.weight", _inf),
@@ -125,6 +118,9 @@ BAD = {
     "target": lambda r: _add(r, "t/embed/lora_A.weight", np.ones((4, 64), np.float32)),  # a module not agreed on
     "key": lambda r: _add(r, "weights.bin", np.ones(3, np.float32)),
     "examples": lambda r: _examples(r, -3),
+    "method": lambda r: _declare(r, use_dora=True),  # a DoRA adapter of the same shapes
+    "peft-type": lambda r: _declare(r, peft_type="LOHA"),
+    "base": lambda r: _declare(r, **{"base-id": "0123456789abcdef"}),  # trained on another base model
 }
 
 
@@ -140,16 +136,20 @@ def test_a_bad_update_is_rejected_logged_and_the_round_goes_on(kind, caplog):
     record = strategy.state.log[1]
     assert (record["accepted"], record["rejected"]) == (3, 1)
     assert "rejected the update of node" in caplog.text and record["rejections"][0]["reasons"]
+    assert record["rejections"][0]["node"] == "3"  # partition 2 is node 3
+    named = {"method": "use_dora", "peft-type": "peft_type", "base": "another base model"}
+    assert named.get(kind, "") in " ".join(record["rejections"][0]["reasons"])
     assert _same_updates(strategy.state.adapter, _aggregate_of(strategy, sent, 1, {0, 1, 3}))
     assert all(torch.isfinite(t).all() for d in strategy.state.adapter.tensors.values() for t in d.values())
 
 
-@pytest.mark.parametrize("name", ["fedit", "flora"])
-def test_the_server_resumes_from_its_checkpoint(name, tmp_path):
-    straight, _, _ = _run(toy(strategy=name, num_rounds=4))
-    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("name,extra", [("fedit", {}), ("flora", {}), ("fedit", {"server_opt": "yogi"}),
+                                        ("ffa_lora", {"dp": "server-fixed", "dp_clip": 0.05})])
+def test_the_server_resumes_from_its_checkpoint(name, extra, tmp_path):
+    straight, _, _ = _run(toy(strategy=name, num_rounds=4, **extra))
+    settings = toy(strategy=name, num_rounds=2, checkpoint_dir=str(tmp_path / "ckpt"), **extra)
     first, _, grid = _run(settings)
-    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt")), grid=grid)
+    resumed, _, _ = _run(toy(strategy=name, num_rounds=4, checkpoint_dir=str(tmp_path / "ckpt"), **extra), grid=grid)
     assert [r["round"] for r in resumed.state.log] == [0, 1, 2, 3, 4]
     assert resumed.state.log[:3] == first.state.log
     for a, b in zip(resumed.state.log[1:], straight.state.log[1:]):  # the same run as one that never stopped

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory: ``global-<round>/`` (the global adapter, a PEFT directory),
 ``updates/round-<r>/`` (each merged round update of a restarting strategy, PEFT directories) and
-``server.json`` (round, node sync state, per-round log). ``server.json`` is replaced atomically last, so a
+``server-opt-<round>.safetensors`` (the server optimiser's moments, when there is one) and ``server.json``
+(round, node sync state, per-round log). ``server.json`` is replaced atomically last, so a
 crash mid-write leaves the previous checkpoint valid.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from safetensors.torch import load_file, save_file
 
 from ..core.state import AdapterState
 from ..formats.peft import load_state, save_state
@@ -27,6 +30,7 @@ class ServerState:
     history: dict[int, AdapterState] = field(default_factory=dict)  # merged round updates (restarting strategies)
     synced: dict[str, int] = field(default_factory=dict)  # node id -> last round update it folded in
     log: list[dict] = field(default_factory=list)  # one record per finished round
+    opt: dict = field(default_factory=dict)  # the server optimiser's state (name -> tensor), if any
 
 
 def save(state: ServerState, directory: str | os.PathLike) -> Path:
@@ -38,12 +42,15 @@ def save(state: ServerState, directory: str | os.PathLike) -> Path:
             save_state(update, root / "updates" / f"round-{rnd}")
     save_state(state.adapter, root / f"global-{state.round}")
     meta = {"round": state.round, "synced": state.synced, "log": state.log, "global": f"global-{state.round}"}
+    if state.opt:
+        meta["opt"] = f"server-opt-{state.round}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.opt.items()}, str(root / meta["opt"]))
     tmp = root / "server.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, root / "server.json")
-    for old in root.glob("global-*"):  # older globals are no longer referenced
-        if old.name != meta["global"]:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in [*root.glob("global-*"), *root.glob("server-opt-*")]:  # older ones are no longer referenced
+        if old.name not in (meta["global"], meta.get("opt")):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return root
 
 
@@ -61,4 +68,5 @@ def load(directory: str | os.PathLike) -> Optional[ServerState]:
         else:  # written by a round that crashed before its server.json: it will be redone
             shutil.rmtree(path, ignore_errors=True)
     adapter = load_state(root / meta["global"])
-    return ServerState(meta["round"], adapter, dict(sorted(history.items())), meta["synced"], meta["log"])
+    opt = load_file(str(root / meta["opt"])) if "opt" in meta else {}
+    return ServerState(meta["round"], adapter, dict(sorted(history.items())), meta["synced"], meta["log"], opt)

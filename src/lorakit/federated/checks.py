@@ -2,7 +2,9 @@
 
 ``problems(update, reference, mixed_ranks)`` lists what is wrong with an update compared with the global
 adapter: modules or tensors outside the agreed targets, missing ones, wrong shapes (the rank may differ only
-where the strategy allows mixed ranks) or dtypes, and non-finite values. An empty list means the update is accepted.
+where the strategy allows mixed ranks) or dtypes, and non-finite values. ``identity_problems`` compares what the
+client declares it trained (adapter method, base-model fingerprint) with the server's. An empty list means the
+update is accepted.
 """
 from __future__ import annotations
 
@@ -58,4 +60,20 @@ def problems(update: AdapterState, reference: AdapterState, mixed_ranks: bool = 
     out += _group_problems("base tensors", {"": update.base_tensors}, {"": reference.base_tensors}, False)
     if num_examples is not None and (not math.isfinite(num_examples) or num_examples < 0):
         out.append(f"num-examples is {num_examples}; expected a finite count >= 0")
+    return out
+
+
+def identity_problems(declared: dict, reference_config, base_id: str) -> list[str]:
+    """What the reply's declared method (``adapter-config``) and base (``base-id``) get wrong, if anything."""
+    out = []
+    want = reference_config.to_dict()
+    got = declared.get("config")
+    if got is None:
+        out.append("the reply declares no adapter config")
+    else:
+        for key in ("peft_type", "lorakit_method", "use_dora"):
+            if got.get(key, want.get(key)) != want.get(key):
+                out.append(f"method: {key}={got.get(key)!r}, expected {want.get(key)!r}")
+    if declared.get("base-id") != base_id:
+        out.append(f"base model: fingerprint {declared.get('base-id')!r}, expected {base_id!r} (another base model)")
     return out

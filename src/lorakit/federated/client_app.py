@@ -71,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": to_arrays(state, skip=exp.rule.shared),
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
-        "adapter": config_record(state.config, **{"base-round": base_round, "partition-id": partition}),
+        "adapter": config_record(state.config, **{"base-round": base_round, "partition-id": partition,
+                                                   "base-id": exp.base_id}),
     })
     return Message(content=content, reply_to=msg)

@@ -26,6 +26,8 @@ from ..core.config import LoRAConfig
 from ..data.encode import collate
 from ..train import evaluate, fit
 from .aggregation import STRATEGIES
+from .dp import check_options as check_dp
+from .optimisers import check_options, proximal
 from .partition import dirichlet_split
 
 
@@ -56,6 +58,30 @@ class Settings:
     reply_timeout: float = 600.0
     out_dir: str = ""  # the server writes history.json here
     checkpoint_dir: str = ""  # the server checkpoints here after each round and resumes from it
+    server_opt: str = ""  # "adam" | "yogi" | "adagrad": adaptive server step on the aggregate (optimisers.py)
+    server_lr: float = 1e-2
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to each client's loss
+    dp: str = ""  # "server-fixed" | "server-adaptive": Flower's central-DP wrapper (dp.py)
+    dp_noise: float = 0.0  # the noise multiplier z (noise std z * clip / sampled nodes)
+    dp_clip: float = 1.0  # the clipping norm C (the initial one for server-adaptive)
+    dp_delta: float = 1e-5  # the delta at which the summary reports epsilon
+
+    def __post_init__(self):
+        if not self.dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet-alpha must be > 0 (smaller: more label skew), found {self.dirichlet_alpha}")
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal-mu must be >= 0, found {self.proximal_mu}")
+        if self.dp:
+            check_dp(self)
+        if self.server_opt:
+            check_options(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
+            if STRATEGIES.get(self.strategy).restart:
+                raise ValueError(f"server-opt {self.server_opt!r} does not apply to strategy {self.strategy!r}: it "
+                                 "merges a fresh update of a new rank each round, so there is no persistent adapter "
+                                 "to move; use fedit, ffa_lora, lora_fair or zero_pad")
 
     @classmethod
     def from_config(cls, config: Mapping) -> "Settings":
@@ -140,6 +166,15 @@ class Experiment:
         self._base, self.train, self.test, self.num_classes, self.pad_id = _task(s.task, s.model, s.seed, s.max_train, s.max_eval, s.max_length)
         self.shards = dirichlet_split([f["labels"] for f in self.train], s.num_clients, s.dirichlet_alpha, s.seed, min_size=2)
 
+    @functools.cached_property
+    def base_id(self) -> str:
+        """A fingerprint of the base model (parameter names, shapes and values): clients must train on this base."""
+        h = hashlib.sha256()
+        for name, t in self._base.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def base_model(self) -> nn.Module:
         """A fresh copy of the frozen base model."""
         return copy.deepcopy(self._base)
@@ -160,15 +195,20 @@ class Experiment:
         return model
 
     def train_local(self, model: nn.Module, partition: int, server_round: int) -> tuple[int, float]:
-        """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``;
-        returns (examples in the shard, mean training loss)."""
+        """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``,
+        with FedProx's proximal term when ``proximal-mu`` > 0; returns (examples in the shard, mean training loss)."""
         s, shard = self.settings, self.shards[partition]
-        result = fit(model, [self.train[i] for i in shard], lr=s.lr, batch_size=s.batch_size, max_steps=s.local_steps,
-                     schedule="constant", warmup_steps=0, seed=stable_seed(s.seed, "batches", server_round, partition) % 2**31,
-                     log_every=1, progress=False, collate_fn=self.collate)
+        with proximal(model, s.proximal_mu):
+            result = self._fit(model, shard, server_round, partition)
         losses = [h["loss"] for h in result.history if "loss" in h]
         model.eval()
         return len(shard), sum(losses) / max(1, len(losses))
+
+    def _fit(self, model: nn.Module, shard: list[int], server_round: int, partition: int):
+        s = self.settings
+        return fit(model, [self.train[i] for i in shard], lr=s.lr, batch_size=s.batch_size, max_steps=s.local_steps,
+                   schedule="constant", warmup_steps=0, seed=stable_seed(s.seed, "batches", server_round, partition) % 2**31,
+                   log_every=1, progress=False, collate_fn=self.collate)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return collate(features, self.pad_id)

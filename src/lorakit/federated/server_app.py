@@ -4,25 +4,28 @@
 each node the global adapter (and, for restarting strategies, the round updates it has not merged yet) and
 ``aggregate_train`` checks every reply (``checks.problems``: NaN/inf, shapes, keys outside the targets),
 rejects and logs bad ones, and aggregates the rest when at least ``min-replies`` are left; otherwise the round
-keeps the previous global adapter. ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
+keeps the previous global adapter; with ``server-opt`` the aggregate is then taken as a pseudo-gradient by
+FedAdam / FedYogi / FedAdagrad (``optimisers``). ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
 """
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.state import AdapterState
-from . import checkpoint
+from . import checkpoint, dp
 from .aggregation import B_KEYS, aggregate, aggregation_error
-from .checks import problems
-from .experiment import Experiment, Settings
+from .checks import identity_problems, problems
+from .experiment import Experiment, Settings, stable_seed
+from .optimisers import ServerOptimiser
 from .protocol import add_to_base, fold_deltas, pack_updates
 from .records import config_record, from_arrays, payload, to_arrays
 
@@ -45,6 +48,12 @@ class LoRAStrategy(FedAvg):
         self.state = checkpoint.ServerState(0, self.reference.clone())
         self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
         self.on_round = None  # called with each round's record (progress), when set
+        self.optimiser = None
+        if s.server_opt:
+            self.optimiser = ServerOptimiser(s.server_opt, s.server_lr, s.server_beta1, s.server_beta2, s.server_tau,
+                                             frozen=self.rule.shared)
+            self.state.opt = self.optimiser.state  # checkpointed with the rest of the server state
+        self.private, self.prescreened = (dp.wrap(self, s) if s.dp else None), None
 
     def outgoing(self, node_id: int, server_round: int) -> RecordDict:
         """The message body for one node: the global adapter and the round updates it lacks."""
@@ -61,7 +70,12 @@ class LoRAStrategy(FedAvg):
     def configure_train(self, server_round, arrays, config, grid: Grid):
         """One message per sampled node (restarting strategies send each node a different catch-up)."""
         wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        state = random.getstate()  # Flower samples with the global RNG: seed it per round, so a resumed run
+        random.seed(stable_seed(self.exp.settings.seed, "sample", server_round))  # samples as an unbroken one
+        try:
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        finally:
+            random.setstate(state)
         messages = []
         for node_id in sorted(node_ids):
             content = self.outgoing(node_id, server_round)
@@ -87,30 +101,57 @@ class LoRAStrategy(FedAvg):
         return (state, float(metrics["num-examples"]), float(metrics["train-loss"]), int(info["partition-id"]),
                 int(info["base-round"]))
 
-    def aggregate_train(self, server_round: int, replies):
-        """Check each reply, aggregate the accepted ones (if enough), update the global adapter."""
-        accepted, rejected, failed, uplink, uplink_tensors = [], [], 0, 0, 0
+    @staticmethod
+    def declared(msg: Message) -> dict:
+        """What a reply says it trained: its adapter config (as a dict) and base-model fingerprint."""
+        info = msg.content["adapter"]
+        raw = info.get("adapter-config")
+        return {"config": json.loads(str(raw)) if raw is not None else None, "base-id": info.get("base-id")}
+
+    def screen(self, server_round: int, replies) -> dict:
+        """Sort replies into accepted (message, partition, adapter, examples, loss), rejected and failed; log them."""
+        out = {"accepted": [], "rejected": [], "failed": 0, "uplink": 0, "uplink-tensors": 0}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed += 1
+                out["failed"] += 1
                 self.state.synced.pop(str(node), None)  # it may have lost its state: send it everything again
                 LOG.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
                 continue
             if "arrays" in msg.content:
                 size = payload(msg.content["arrays"])
-                uplink, uplink_tensors = uplink + size["wire"], uplink_tensors + size["tensors"]
+                out["uplink"] += size["wire"]
+                out["uplink-tensors"] += size["tensors"]
             try:
                 state, n, loss, partition, base_round = self.parse(msg)
                 issues = problems(state, self.reference, self.rule.mixed_ranks, n)
+                issues += identity_problems(self.declared(msg), self.reference.config, self.exp.base_id)
             except (KeyError, ValueError, TypeError) as e:
                 issues = [f"unreadable reply: {e}"]
             if issues:
-                rejected.append({"node": str(node), "reasons": issues})
+                out["rejected"].append({"node": str(node), "reasons": issues})
                 LOG.warning("round %d: rejected the update of node %s: %s", server_round, node, "; ".join(issues))
                 continue
             self.state.synced[str(node)] = base_round
-            accepted.append((partition, state, n, loss))
+            out["accepted"].append((msg, partition, state, n, loss))
+        return out
+
+    def aggregate_train(self, server_round: int, replies):
+        """Check each reply, aggregate the accepted ones (if enough), update the global adapter.
+
+        Under DP the replies were screened before the wrapper clipped them: they are re-read here as clipped.
+        """
+        if self.prescreened is not None:
+            screened, self.prescreened = self.prescreened, None
+            accepted = []
+            for msg, (_, partition, *_) in zip(list(replies), screened["accepted"]):
+                state, n, loss = self.parse(msg)[:3]
+                accepted.append((partition, state, n, loss))
+        else:
+            screened = self.screen(server_round, replies)
+            accepted = [(p, state, n, loss) for _, p, state, n, loss in screened["accepted"]]
+        rejected, failed = screened["rejected"], screened["failed"]
+        uplink, uplink_tensors = screened["uplink"], screened["uplink-tensors"]
         sent = self.sent.get(server_round, {"wire": 0, "tensors": 0})
         metrics = {"accepted": len(accepted), "rejected": len(rejected), "failed": failed, "uplink-bytes": uplink,
                    "uplink-tensor-bytes": uplink_tensors, "downlink-bytes": sent["wire"],
@@ -122,15 +163,46 @@ class LoRAStrategy(FedAvg):
             return None, MetricRecord({**metrics, "skipped": 1})
         accepted.sort(key=lambda item: item[0])  # a fixed order makes the sums reproducible
         states, counts = [a[1] for a in accepted], [a[2] for a in accepted]
+        if self.private is not None:  # equal weights: one client moves the mean by at most C / m
+            counts = [1.0] * len(states)
         new = aggregate(self.rule.name, states, counts)
         metrics["aggregation-error"] = aggregation_error(new, states, counts)  # vs the exact weighted sum
+        if self.optimiser is not None and self.private is None:  # under DP: after the noise, in ``start``
+            new = self.optimiser.step(self.state.adapter, new)
         if self.rule.restart:
             self.state.history[server_round] = AdapterState(new.config, new.tensors)
             ref = self.reference
             new = AdapterState(ref.config, ref.clone().tensors, new.modules_to_save, new.base_tensors)
         self.state.adapter = new
         loss = sum(a[2] * a[3] for a in accepted) / max(sum(a[2] for a in accepted), 1e-12)
-        return to_arrays(new), MetricRecord({**metrics, "skipped": 0, "train-loss": loss})
+        return to_arrays(new, skip=self.rule.shared), MetricRecord({**metrics, "skipped": 0, "train-loss": loss})
+
+    def private_round(self, rnd: int, grid: Grid) -> dict:
+        """One round through Flower's DP wrapper: screen, clip, aggregate, add noise; then the server step."""
+        s, previous = self.exp.settings, self.state.adapter
+        current = to_arrays(previous, skip=self.rule.shared)
+        messages = self.private.configure_train(rnd, current, ConfigRecord(), grid)
+        screened = self.prescreened = self.screen(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+        good = [a[0] for a in screened["accepted"]]
+        for msg in good:  # Flower clips reply - current array by array, in order: align the keys (checked equal)
+            arrays = msg.content["arrays"]
+            msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in current})
+        self.last_rejections = screened["rejected"]
+        arrays, metrics = self.private.aggregate_train(rnd, good)
+        self.prescreened = None
+        if arrays is None:
+            return dict(metrics) if metrics is not None else {
+                "accepted": len(good), "rejected": len(screened["rejected"]), "failed": screened["failed"], "skipped": 1}
+        noisy = from_arrays(arrays, previous.config)
+        for path, tensors in noisy.tensors.items():  # the shared tensors were not sent, so not noised
+            for key in self.rule.shared:
+                if key in previous.tensors[path]:
+                    tensors[key] = previous.tensors[path][key].clone()
+        self.state.adapter = self.optimiser.step(previous, noisy) if self.optimiser is not None else noisy
+        zs = [r["dp-noise-multiplier"] for r in self.state.log if "dp-noise-multiplier" in r]
+        z = dp.round_noise(s, len(good))
+        return {**dict(metrics), "dp-noise-multiplier": z, "dp-clip": float(self.private.clipping_norm),
+                "epsilon": dp.epsilon([*zs, z], s.dp_delta), "dp-delta": s.dp_delta}
 
     def global_model(self):
         """The base model with the merged round updates and the global adapter on it."""
@@ -147,6 +219,10 @@ class LoRAStrategy(FedAvg):
         saved = checkpoint.load(s.checkpoint_dir) if s.checkpoint_dir else None
         if saved is not None:
             self.state = saved
+            if self.private is not None and saved.log and "dp-clip" in saved.log[-1]:
+                self.private.clipping_norm = saved.log[-1]["dp-clip"]  # an adaptive norm goes on where it was
+            if self.optimiser is not None:
+                self.optimiser.state = saved.opt
             LOG.info("resuming from %s after round %d", s.checkpoint_dir, saved.round)
         elif not self.state.log:
             self.state.log.append({"round": 0, **self.exp.evaluate(self.global_model())})
@@ -155,9 +231,12 @@ class LoRAStrategy(FedAvg):
         wait_for_nodes(grid, s.num_clients, timeout=60.0)
         for rnd in range(self.state.round + 1, s.num_rounds + 1):
             began = time.time()
-            messages = self.configure_train(rnd, None, ConfigRecord(), grid)
             self.last_rejections = []
-            _, metrics = self.aggregate_train(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+            if self.private is None:
+                messages = self.configure_train(rnd, None, ConfigRecord(), grid)
+                _, metrics = self.aggregate_train(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+            else:
+                metrics = self.private_round(rnd, grid)
             record = {"round": rnd, **dict(metrics), "rejections": self.last_rejections}
             if rnd % s.eval_every == 0 or rnd == s.num_rounds:
                 record.update(self.exp.evaluate(self.global_model()))
