@@ -29,6 +29,8 @@ class TrainConfig:
     log_every: int = 10
     resume: bool | str = False  # True: latest checkpoint in output_dir (start fresh if none); str: that file
     progress: bool = True
+    optimizer: str = "adamw"  # a name in lorakit.OPTIMIZERS
+    optimizer_options: dict = field(default_factory=dict)  # e.g. {"lr_ratio": 16} for lora_plus
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

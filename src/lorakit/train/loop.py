@@ -1,4 +1,4 @@
-"""`fit`: AdamW on the parameters that require grad, with warm-up + schedule, accumulation, clipping,
+"""`fit`: a registered optimiser (AdamW by default) on the parameters that require grad, with warm-up + schedule, accumulation, clipping,
 periodic evaluation, JSON-lines metrics, atomic checkpoints with exact resume, and torchrun data parallelism.
 
 Data order: each epoch is a permutation drawn from (seed, epoch) by `DistributedSampler`, which also shards it
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from .. import optim
 from . import checkpoint, distributed
 from .config import TrainConfig, TrainResult
 from .evaluate import MetricFn, collate_for, evaluate, to_device
@@ -39,15 +40,6 @@ def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
-def param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on vectors (biases, norm scales, DoRA magnitudes)."""
-    groups = [
-        {"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
 class _Run:
     """The state of one `fit` call."""
 
@@ -59,12 +51,11 @@ class _Run:
         self.model, self.train_data, self.eval_data, self.cfg, self.procs = model, train_data, eval_data, cfg, procs
         self.metric_fn, self.callbacks, self.loss_fn = metric_fn, callbacks, loss_fn or model_loss
         self.collate, self.eval_collate = collate_for(train_data, collate_fn), collate_fn
-        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self.named:
-            raise ValueError("no parameter of the model requires grad: apply an adapter first, or unfreeze what to train")
-        self.device = next(iter(self.named.values())).device
         checkpoint.seed_everything(cfg.seed + procs.rank)
-        self.optimizer = torch.optim.AdamW(param_groups(self.named, cfg.weight_decay), lr=cfg.lr)
+        # the optimiser first: some freeze parameters they do not step (lora_fa freezes A)
+        self.optimizer = optim.create(cfg.optimizer, model, cfg.lr, cfg.weight_decay, **cfg.optimizer_options)
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.device = next(iter(self.named.values())).device
         self.sampler = DistributedSampler(
             train_data, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.seed
         )
