@@ -43,7 +43,8 @@ def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 class _Run:
     """The state of one `fit` call."""
 
-    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks, loss_fn):
+    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks, loss_fn,
+                 schedule=None):
         if (cfg.save_every or cfg.resume is True) and not cfg.output_dir:
             raise ValueError("save_every and resume=True need output_dir (where checkpoints live)")
         if len(train_data) == 0:
@@ -52,9 +53,12 @@ class _Run:
         self.metric_fn, self.callbacks, self.loss_fn = metric_fn, callbacks, loss_fn or model_loss
         self.collate, self.eval_collate = collate_for(train_data, collate_fn), collate_fn
         checkpoint.seed_everything(cfg.seed + procs.rank)
-        # the optimiser first: some freeze parameters they do not step (lora_fa freezes A)
+        self.schedule = schedule
+        if schedule is not None:
+            schedule.prepare(model)  # before the optimiser, which holds what the schedule may train
+        # the optimiser decides what trains: some freeze parameters they do not step (lora_fa freezes A)
         self.optimizer = optim.create(cfg.optimizer, model, cfg.lr, cfg.weight_decay, **cfg.optimizer_options)
-        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._refresh_named()
         self.device = next(iter(self.named.values())).device
         self.sampler = DistributedSampler(
             train_data, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.seed
@@ -71,6 +75,11 @@ class _Run:
             self._restore(path)
         self.ddp = distributed.wrap(model, procs)
 
+    def _refresh_named(self) -> None:
+        """The parameters the optimiser holds, by name (what checkpoints save and clipping sees)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        self.named = {n: p for n, p in self.model.named_parameters() if id(p) in held}
+
     def _restore(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["world_size"] != self.procs.world_size:
@@ -78,6 +87,9 @@ class _Run:
                 f"{path} was written by {state['world_size']} processes, this run has {self.procs.world_size}; "
                 "resume with the same number of processes"
             )
+        if self.schedule is not None:  # may reshape the model (IncreLoRA) before its tensors are loaded
+            self.schedule.load_state_dict(state["schedule"], self.model, self.optimizer)
+            self._refresh_named()
         checkpoint.load_trainable(self.named, state["trainable"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -95,6 +107,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rngs, "world_size": self.procs.world_size, "history": history, "window": self.window,
             "elapsed": elapsed, "config": dataclasses.asdict(self.cfg),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
         }
         checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.cfg.output_dir, self.step))
 
@@ -107,6 +120,8 @@ class _Run:
 
     def _train_step(self, group: list[list[int]]) -> tuple[float, float]:
         losses = []
+        if self.schedule is not None:
+            self.schedule.step_begin(self.step, self.model, self.optimizer)
         for i, indices in enumerate(group):
             batch = to_device(self.collate([self.train_data[j] for j in indices]), self.device)
             # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch syncs.
@@ -115,12 +130,16 @@ class _Run:
                 loss = self.loss_fn(self.ddp, batch)
                 (loss / len(group)).backward()
             losses.append(loss.detach().float().item())
+        if self.schedule is not None:
+            self.schedule.before_optimizer_step(self.step, self.model, self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None and self.schedule.step_end(self.step, self.model, self.optimizer):
+            self._refresh_named()
         return sum(losses) / len(losses), lr
 
     def _evaluate(self) -> dict[str, float]:
@@ -165,6 +184,9 @@ class _Run:
                         callback(self.step, entry)
                 if self.step_in_epoch >= len(groups):
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if self.schedule is not None:
+                self.schedule.finish(self.model, self.optimizer)
+                self._refresh_named()
         finally:
             log.close()
         if self.eval_data is not None and final_eval is None:
@@ -189,6 +211,7 @@ def fit(
     collate_fn: Callable | None = None,
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
+    schedule=None,
     **overrides,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; `overrides` replace fields of `config`.
@@ -196,6 +219,7 @@ def fit(
     The model must return an output with `.loss` when called with a collated batch (Hugging Face style);
     `callbacks` are called as cb(step, record) after every optimiser step. `loss_fn(model, batch)` replaces the
     training loss (default: `model(**batch).loss`), e.g. to add a router's auxiliary loss; evaluation is unchanged.
+    `schedule` (a `lorakit.train.schedules.Schedule`, e.g. LISA) changes what trains while training.
     """
     unknown = sorted(set(overrides) - set(TrainConfig.field_names()))
     if unknown:
@@ -203,6 +227,6 @@ def fit(
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     procs = distributed.setup(next(model.parameters()).device)
     try:
-        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn).run()
+        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn, schedule).run()
     finally:
         distributed.teardown(procs)
