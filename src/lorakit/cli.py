@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .optim import cli as optim_cli
 
     p = sub.add_parser("train", help="fine-tune an adapter on a task and save it in PEFT format")
     _train_args(p)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("-o", "--out", default="runs/train", help="output directory (adapter in OUT/adapter)")
+    optim_cli.add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task split")
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
+    optim_cli.add_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune LoRA on MiniLM for tweet sentiment and compare with a head-only baseline")
     p.add_argument("-o", "--out", default="runs/demo")

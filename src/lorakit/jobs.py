@@ -61,17 +61,29 @@ def _targets(spec: str):
 
 def train_job(args: argparse.Namespace) -> dict:
     """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split."""
+    from .optim import cli as optim_cli
     from .train import evaluate, fit
+    from .train.precision import resolve_device
 
+    optim_cli.check(args)
+    device = resolve_device(getattr(args, "device", "cpu"))
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
-    config = method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind)
-    apply(model, config)
     splits = task.encode(tokenizer, args.max_length)
+    schedule = optim_cli.schedule_from_args(args, splits)
+    full_weight = getattr(args, "schedule", None) in optim_cli.FULL_WEIGHT_SCHEDULES
+    if not full_weight:
+        apply(model, method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind))
+    model.to(device)
     out = Path(args.out)
     result = fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size,
                  epochs=max(1, int(args.epochs)), max_steps=args.max_steps, eval_every=args.eval_every,
-                 output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed)
-    adapter_dir = save_peft(model, out / "adapter")
+                 output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed,
+                 schedule=schedule, **optim_cli.fit_options(args))
+    if full_weight:  # LISA trains the model's own weights: the result is a model, not an adapter
+        adapter_dir = out / "model"
+        model.save_pretrained(adapter_dir)
+    else:
+        adapter_dir = save_peft(model, out / "adapter")
     test = evaluate(model, splits["test"], batch_size=64)
     summary = {"adapter": str(adapter_dir), "test": test, "trainable_parameters": result.trainable_params,
                "steps": result.steps, "wall_time_s": round(result.wall_time, 1)}

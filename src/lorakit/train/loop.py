@@ -25,7 +25,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import optim
-from . import checkpoint, distributed
+from . import checkpoint, distributed, precision
 from .config import TrainConfig, TrainResult
 from .evaluate import MetricFn, collate_for, evaluate, to_device
 from .metrics_log import MetricsLog
@@ -60,6 +60,10 @@ class _Run:
         self.optimizer = optim.create(cfg.optimizer, model, cfg.lr, cfg.weight_decay, **cfg.optimizer_options)
         self._refresh_named()
         self.device = next(iter(self.named.values())).device
+        precision.check_precision(cfg.precision, self.device)
+        self.scaler = precision.grad_scaler(cfg.precision, self.device)
+        if cfg.gradient_checkpointing:
+            precision.enable_gradient_checkpointing(model)
         self.sampler = DistributedSampler(
             train_data, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.seed
         )
@@ -93,6 +97,8 @@ class _Run:
         checkpoint.load_trainable(self.named, state["trainable"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.window, self.elapsed_before = state["history"], state["window"], state["elapsed"]
         self.rng = state["rng"][self.procs.rank]
@@ -105,6 +111,7 @@ class _Run:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "trainable": {n: p.detach().cpu().clone() for n, p in self.named.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rngs, "world_size": self.procs.world_size, "history": history, "window": self.window,
             "elapsed": elapsed, "config": dataclasses.asdict(self.cfg),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
@@ -127,15 +134,23 @@ class _Run:
             # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch syncs.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.procs.world_size > 1 and not last else nullcontext():
-                loss = self.loss_fn(self.ddp, batch)
-                (loss / len(group)).backward()
+                with precision.autocast(self.cfg.precision, self.device):
+                    loss = self.loss_fn(self.ddp, batch)
+                scaled = loss.float() / len(group)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.detach().float().item())
         if self.schedule is not None:
             self.schedule.before_optimizer_step(self.step, self.model, self.optimizer)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the fp16 gradients overflowed, then adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.schedule is not None and self.schedule.step_end(self.step, self.model, self.optimizer):

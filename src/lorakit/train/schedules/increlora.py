@@ -57,7 +57,8 @@ class IncreLoRA(Schedule):
         self.budget = self.budget if self.budget is not None else 2 * start
         if self.budget < start:
             raise ValueError(f"increlora: budget {self.budget} (total rank) is below the starting total rank {start} "
-                             f"({len(self.modules)} modules x r); raise the budget or lower r")
+                             f"({len(self.modules)} LoRA modules, ranks {sorted({a.r for a in self.modules.values()})}); "
+                             "raise the budget or lower r")
         self.ranks = {path: a.r for path, a in self.modules.items()}
         self.ipt = {path: 0.0 for path in self.modules}
         self.unc = dict(self.ipt)
