@@ -81,3 +81,21 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path):
     for path in a.modules():
         for key, t in a.tensors[path].items():
             assert torch.equal(t, b.tensors[path][key]), (path, key)
+
+
+def test_grows_inside_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit.train.schedules import trainer_callback
+
+    model, train = lora4(), data()[0]
+    sched = IncreLoRA(budget=20, add_r=2, top_h=2, init_warmup=1, interval=1)
+    sched.prepare(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=5, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=5e-3)
+    Trainer(model=model, args=args, train_dataset=train, data_collator=train.collate,
+            callbacks=[trainer_callback(sched)]).train()
+    ranks = {p: a.r for p, a in lorakit.adapters(model).items()}
+    assert sum(ranks.values()) == 20 and max(ranks.values()) > 2
+    grown = [a for a in lorakit.adapters(model).values() if a.r > 2]
+    assert all(a.lora_B.weight[:, 2:].abs().sum() > 0 for a in grown)  # the grown ranks trained after growth
