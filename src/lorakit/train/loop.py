@@ -54,6 +54,9 @@ class _Run:
         self.collate, self.eval_collate = collate_for(train_data, collate_fn), collate_fn
         checkpoint.seed_everything(cfg.seed + procs.rank)
         self.schedule = schedule
+        if schedule is not None and procs.world_size > 1:
+            raise ValueError("schedules (lisa, increlora, diffora) change what trains and run in one process only; "
+                             "launch without torchrun")
         if schedule is not None:
             schedule.prepare(model)  # before the optimiser, which holds what the schedule may train
         # the optimiser decides what trains: some freeze parameters they do not step (lora_fa freezes A)
