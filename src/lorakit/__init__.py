@@ -11,12 +11,13 @@ from .formats.peft import AdapterFileError, load_peft, load_state, save_peft, sa
 from .methods.dylora import truncate
 from . import init  # noqa: F401  (registers the initialisers)
 from .init import convert_to_plain_lora, initialize
+from .optim import OPTIMIZERS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
-    "INITIALIZERS", "LoRAConfig", "METHODS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
+    "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
     "convert_to_plain_lora", "disabled", "initialize", "load_peft", "load_state", "merge", "save_peft", "save_state",
     "trainable_parameters", "truncate", "unwrap",
 ]

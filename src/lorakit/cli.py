@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lorakit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    from .optim import cli as optim_cli
 
     p = sub.add_parser("train", help="fine-tune an adapter on a task and save it in PEFT format")
     _train_args(p)
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16, help="lora_alpha (scaling alpha / r)")
     p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
     p.add_argument("--targets", default="query,key,value", help="comma-separated module names, or a regex")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--batch-size", type=count, default=16, help="examples per optimiser step")
     p.add_argument("--epochs", type=count, default=1, help="passes over the training split")
     p.add_argument("--max-steps", type=count, default=None, help="stop after this many steps (default: --epochs)")
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint (its settings must match)")
     p.add_argument("--overwrite", action="store_true", help="replace a run or files already in --out")
     p.add_argument("-o", "--out", default="runs/train", help="run directory (adapter in OUT/adapter)")
+    optim_cli.add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task split")
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
+    optim_cli.add_parser(sub)
 
     p = sub.add_parser("demo", help="fine-tune LoRA on MiniLM for tweet sentiment and compare with a head-only baseline")
     p.add_argument("-o", "--out", default="runs/demo", help="output directory")

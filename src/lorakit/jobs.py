@@ -30,7 +30,8 @@ from .core.outputs import OutputError, check_output, file_above, staged
 RUN_FILE = "run.json"
 # The settings a resumed run must share with the run it continues (the base model is compared by fingerprint).
 RUN_KEYS = ("task", "kind", "method", "rank", "alpha", "dropout", "targets", "lr", "batch_size", "epochs",
-            "max_steps", "eval_every", "max_train", "max_eval", "max_length", "seed")
+            "max_steps", "eval_every", "max_train", "max_eval", "max_length", "seed", "optimizer", "optimizer_option",
+            "schedule", "schedule_option", "gradient_checkpointing", "bf16", "fp16")
 
 DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1000, max_length=64, batch_size=16, epochs=1,
             r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=125)
@@ -103,28 +104,40 @@ def _check_resumable(out: Path, saved: dict, settings: dict, model) -> None:
 
 def train_job(args: argparse.Namespace) -> dict:
     """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split."""
+    from .optim import cli as optim_cli
     from .train import evaluate, fit
+    from .train.precision import resolve_device
 
+    optim_cli.check(args)
+    device = resolve_device(getattr(args, "device", "cpu"))
     out = Path(args.out)
     saved = _check_run_dir(out, args.resume, args.overwrite)
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
     fingerprint.remember(model)  # before an initialiser may change the base weights
-    settings = {"model": args.model, **{k: getattr(args, k) for k in RUN_KEYS}}
+    settings = {"model": args.model, **{k: getattr(args, k, None) for k in RUN_KEYS}}
     if saved is not None:
         _check_resumable(out, saved, settings, model)
-    config = method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind,
-                           base_model=args.model)
-    torch.manual_seed(args.seed)  # the adapter's initial weights follow --seed, whatever ran before in the process
-    apply(model, config)
     splits = task.encode(tokenizer, args.max_length)
+    schedule = optim_cli.schedule_from_args(args, splits)
+    full_weight = getattr(args, "schedule", None) in optim_cli.FULL_WEIGHT_SCHEDULES
+    torch.manual_seed(args.seed)  # the adapter's initial weights follow --seed, whatever ran before in the process
+    if not full_weight:
+        apply(model, method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind,
+                                   base_model=args.model))
+    model.to(device)
     if saved is None:  # everything is checked: from here on the run directory is ours
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         _write_json(out / RUN_FILE, {"settings": settings, "base": fingerprint.record(model)})  # as the adapter's
     result = fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size,
                  epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
-                 output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed)
-    adapter_dir = save_peft(model, out / "adapter")
+                 output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed,
+                 schedule=schedule, **optim_cli.fit_options(args))
+    if full_weight:  # LISA trains the model's own weights: the result is a model, not an adapter
+        adapter_dir = out / "model"
+        model.save_pretrained(adapter_dir)
+    else:
+        adapter_dir = save_peft(model, out / "adapter")
     test = evaluate(model, splits["test"], batch_size=64)
     summary = {"adapter": str(adapter_dir), "test": test, "trainable_parameters": result.trainable_params,
                "steps": result.steps, "wall_time_s": round(result.wall_time, 1)}

@@ -29,6 +29,10 @@ class TrainConfig:
     log_every: int = 10
     resume: bool | str = False  # True: latest checkpoint in output_dir (start fresh if none); str: that file
     progress: bool = True
+    optimizer: str = "adamw"  # a name in lorakit.OPTIMIZERS
+    optimizer_options: dict = field(default_factory=dict)  # e.g. {"lr_ratio": 16} for lora_plus
+    precision: str = "fp32"  # "bf16" (autocast, CPU or CUDA) or "fp16" (CUDA, with loss scaling)
+    gradient_checkpointing: bool = False  # Hugging Face models: recompute block activations in backward
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -40,6 +44,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {value}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -1,4 +1,4 @@
-"""`fit`: AdamW on the parameters that require grad, with warm-up + schedule, accumulation, clipping,
+"""`fit`: a registered optimiser (AdamW by default) on the parameters that require grad, with warm-up + schedule, accumulation, clipping,
 periodic evaluation, JSON-lines metrics, atomic checkpoints with exact resume, and torchrun data parallelism.
 
 Data order: each epoch is a permutation drawn from (seed, epoch) by `DistributedSampler`, which also shards it
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from . import checkpoint, distributed
+from .. import optim
+from . import checkpoint, distributed, precision
 from .config import TrainConfig, TrainResult
 from .evaluate import MetricFn, collate_for, evaluate, to_device
 from .metrics_log import MetricsLog
@@ -39,19 +40,11 @@ def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
-def param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on vectors (biases, norm scales, DoRA magnitudes)."""
-    groups = [
-        {"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
 class _Run:
     """The state of one `fit` call."""
 
-    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks, loss_fn):
+    def __init__(self, model, train_data, eval_data, cfg: TrainConfig, procs, metric_fn, collate_fn, callbacks, loss_fn,
+                 schedule=None):
         if (cfg.save_every or cfg.resume is True) and not cfg.output_dir:
             raise ValueError("save_every and resume=True need output_dir (where checkpoints live)")
         if len(train_data) == 0:
@@ -59,12 +52,21 @@ class _Run:
         self.model, self.train_data, self.eval_data, self.cfg, self.procs = model, train_data, eval_data, cfg, procs
         self.metric_fn, self.callbacks, self.loss_fn = metric_fn, callbacks, loss_fn or model_loss
         self.collate, self.eval_collate = collate_for(train_data, collate_fn), collate_fn
-        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self.named:
-            raise ValueError("no parameter of the model requires grad: apply an adapter first, or unfreeze what to train")
-        self.device = next(iter(self.named.values())).device
         checkpoint.seed_everything(cfg.seed + procs.rank)
-        self.optimizer = torch.optim.AdamW(param_groups(self.named, cfg.weight_decay), lr=cfg.lr)
+        self.schedule = schedule
+        if schedule is not None and procs.world_size > 1:
+            raise ValueError("schedules (lisa, increlora, diffora) change what trains and run in one process only; "
+                             "launch without torchrun")
+        if schedule is not None:
+            schedule.prepare(model)  # before the optimiser, which holds what the schedule may train
+        # the optimiser decides what trains: some freeze parameters they do not step (lora_fa freezes A)
+        self.optimizer = optim.create(cfg.optimizer, model, cfg.lr, cfg.weight_decay, **cfg.optimizer_options)
+        self._refresh_named()
+        self.device = next(iter(self.named.values())).device
+        precision.check_precision(cfg.precision, self.device)
+        self.scaler = precision.grad_scaler(cfg.precision, self.device)
+        if cfg.gradient_checkpointing:
+            precision.enable_gradient_checkpointing(model)
         self.sampler = DistributedSampler(
             train_data, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.seed
         )
@@ -80,6 +82,11 @@ class _Run:
             self._restore(path)
         self.ddp = distributed.wrap(model, procs)
 
+    def _refresh_named(self) -> None:
+        """The parameters the optimiser holds, by name (what checkpoints save and clipping sees)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        self.named = {n: p for n, p in self.model.named_parameters() if id(p) in held}
+
     def _restore(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["world_size"] != self.procs.world_size:
@@ -87,9 +94,14 @@ class _Run:
                 f"{path} was written by {state['world_size']} processes, this run has {self.procs.world_size}; "
                 "resume with the same number of processes"
             )
+        if self.schedule is not None:  # may reshape the model (IncreLoRA) before its tensors are loaded
+            self.schedule.load_state_dict(state["schedule"], self.model, self.optimizer)
+            self._refresh_named()
         checkpoint.load_trainable(self.named, state["trainable"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.window, self.elapsed_before = state["history"], state["window"], state["elapsed"]
         self.rng = state["rng"][self.procs.rank]
@@ -102,8 +114,10 @@ class _Run:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "trainable": {n: p.detach().cpu().clone() for n, p in self.named.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rngs, "world_size": self.procs.world_size, "history": history, "window": self.window,
             "elapsed": elapsed, "config": dataclasses.asdict(self.cfg),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
         }
         checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.cfg.output_dir, self.step))
 
@@ -116,20 +130,34 @@ class _Run:
 
     def _train_step(self, group: list[list[int]]) -> tuple[float, float]:
         losses = []
+        if self.schedule is not None:
+            self.schedule.step_begin(self.step, self.model, self.optimizer)
         for i, indices in enumerate(group):
             batch = to_device(self.collate([self.train_data[j] for j in indices]), self.device)
             # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch syncs.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.procs.world_size > 1 and not last else nullcontext():
-                loss = self.loss_fn(self.ddp, batch)
-                (loss / len(group)).backward()
+                with precision.autocast(self.cfg.precision, self.device):
+                    loss = self.loss_fn(self.ddp, batch)
+                scaled = loss.float() / len(group)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.detach().float().item())
+        if self.schedule is not None:
+            self.schedule.before_optimizer_step(self.step, self.model, self.optimizer)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the fp16 gradients overflowed, then adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None and self.schedule.step_end(self.step, self.model, self.optimizer):
+            self._refresh_named()
         return sum(losses) / len(losses), lr
 
     def _evaluate(self) -> dict[str, float]:
@@ -174,6 +202,9 @@ class _Run:
                         callback(self.step, entry)
                 if self.step_in_epoch >= len(groups):
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if self.schedule is not None:
+                self.schedule.finish(self.model, self.optimizer)
+                self._refresh_named()
         finally:
             log.close()
         if self.eval_data is not None and final_eval is None:
@@ -198,6 +229,7 @@ def fit(
     collate_fn: Callable | None = None,
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
+    schedule=None,
     **overrides,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; `overrides` replace fields of `config`.
@@ -205,6 +237,7 @@ def fit(
     The model must return an output with `.loss` when called with a collated batch (Hugging Face style);
     `callbacks` are called as cb(step, record) after every optimiser step. `loss_fn(model, batch)` replaces the
     training loss (default: `model(**batch).loss`), e.g. to add a router's auxiliary loss; evaluation is unchanged.
+    `schedule` (a `lorakit.train.schedules.Schedule`, e.g. LISA) changes what trains while training.
     """
     unknown = sorted(set(overrides) - set(TrainConfig.field_names()))
     if unknown:
@@ -212,6 +245,6 @@ def fit(
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     procs = distributed.setup(next(model.parameters()).device)
     try:
-        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn).run()
+        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn, schedule).run()
     finally:
         distributed.teardown(procs)

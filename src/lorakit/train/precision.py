@@ -1,0 +1,74 @@
+"""Devices, mixed precision and gradient checkpointing for `fit` and `lorakit train`.
+
+* ``device``: "cpu", "cuda", "mps" or "auto" (CUDA, else MPS, else CPU); a device that is not there is an error.
+* ``precision``: "fp32"; "bf16" (autocast to bfloat16 on CPU and CUDA; parameters and optimiser state stay
+  fp32); "fp16" (CUDA only: autocast to float16 with a dynamic loss scale, ``torch.amp.GradScaler``). fp16 on
+  CPU is refused: autocast has no float16 CPU path worth training with and no loss scaling there.
+* gradient checkpointing: Hugging Face models only, through ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
+  before transformers 5); the embedding
+  output is made to require grad (``enable_input_require_grads``) as PEFT's ``prepare_model_for_kbit_training``
+  does, so checkpointed blocks whose own weights are all frozen still pass gradients to the adapters inside.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for a --device value."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda or mps, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but this torch build has no MPS support; use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot train in."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"fp16 training needs a CUDA device (found {device.type}); use bf16 or fp32")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of one forward and loss computation."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """A GradScaler for fp16 on CUDA, else None."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (Hugging Face models)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+    if enable is None and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(
+            f"gradient checkpointing needs a transformers model (gradient_checkpointing_enable); "
+            f"{type(model).__name__} has none"
+        )
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing in transformers")
+    kwargs = {"use_reentrant": True}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
