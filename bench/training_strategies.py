@@ -102,7 +102,7 @@ def train_one(task: Task, name: str, spec: dict, seed: int, steps: int, batch_si
     model, schedule = build(task, spec, seed, steps)
     t0 = time.perf_counter()
     result = fit(model, task.splits["train"], None, lr=spec["lr"], batch_size=batch_size, max_steps=steps,
-                 optimizer=spec.get("optimizer", "adamw"), schedule=schedule, seed=seed, progress=False,
+                 optimizer=spec.get("optimizer", "adamw"), adapter_schedule=schedule, seed=seed, progress=False,
                  log_every=max(1, steps // 10))
     test = evaluate(model, task.splits["test"], batch_size=64)
     return dict(seed=seed, accuracy=test["accuracy"], loss=test["loss"], wall_s=time.perf_counter() - t0,

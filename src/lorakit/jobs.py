@@ -132,7 +132,7 @@ def train_job(args: argparse.Namespace) -> dict:
     result = fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size,
                  epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                  output_dir=str(out), save_every=args.eval_every, resume=args.resume, seed=args.seed,
-                 schedule=schedule, **optim_cli.fit_options(args))
+                 adapter_schedule=schedule, **optim_cli.fit_options(args))
     if full_weight:  # LISA trains the model's own weights: the result is a model, not an adapter
         adapter_dir = out / "model"
         model.save_pretrained(adapter_dir)

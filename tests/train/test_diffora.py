@@ -19,9 +19,9 @@ def schedule(val, **kw):
 def test_bad_settings_fail_before_training():
     train, val = data()
     with pytest.raises(ValueError, match="keep=17 modules, but there are 16 candidates"):
-        fit(lora4(targets=TARGETS), train, config=RUN, schedule=schedule(val, keep=17))
+        fit(lora4(targets=TARGETS), train, config=RUN, adapter_schedule=schedule(val, keep=17))
     with pytest.raises(ValueError, match="search_data"):
-        fit(lora4(targets=TARGETS), train, config=RUN, schedule=schedule(None))
+        fit(lora4(targets=TARGETS), train, config=RUN, adapter_schedule=schedule(None))
 
 
 def test_search_moves_the_gates_and_keeps_the_chosen_modules(tmp_path):
@@ -29,7 +29,7 @@ def test_search_moves_the_gates_and_keeps_the_chosen_modules(tmp_path):
 
     (train, val), model = data(), lora4(targets=TARGETS)
     sched = schedule(val)
-    fit(model, train, config=RUN, schedule=sched)
+    fit(model, train, config=RUN, adapter_schedule=sched)
     assert len(lorakit.adapters(model)) == 4 and sorted(lorakit.adapters(model)) == sched.chosen
     assert len(set(sched.scores().values())) > 1  # the gates learned different values
     out = lorakit.save_peft(model, tmp_path / "adapter")
@@ -63,14 +63,14 @@ def test_discretisation_keeps_the_output_of_the_chosen_modules():
 def test_kill_and_resume_gives_the_same_adapter(tmp_path):
     train, val = data()
     straight = lora4(targets=TARGETS)
-    fit(straight, train, config=RUN, schedule=schedule(val), output_dir=str(tmp_path / "a"), save_every=2)
+    fit(straight, train, config=RUN, adapter_schedule=schedule(val), output_dir=str(tmp_path / "a"), save_every=2)
     for crash in (2, 5):  # before and after the discretisation at step 3
         broken = lora4(targets=TARGETS)
         with pytest.raises(Crash):
-            fit(broken, train, config=RUN, schedule=schedule(val), output_dir=str(tmp_path / f"b{crash}"),
+            fit(broken, train, config=RUN, adapter_schedule=schedule(val), output_dir=str(tmp_path / f"b{crash}"),
                 save_every=2, callbacks=[crash_at(crash + 1)])
         resumed = lora4(targets=TARGETS)
-        fit(resumed, train, config=RUN, schedule=schedule(val), output_dir=str(tmp_path / f"b{crash}"), save_every=2,
+        fit(resumed, train, config=RUN, adapter_schedule=schedule(val), output_dir=str(tmp_path / f"b{crash}"), save_every=2,
             resume=True)
         a, b = lorakit.AdapterState.from_model(straight), lorakit.AdapterState.from_model(resumed)
         assert a.modules() == b.modules()

@@ -17,7 +17,7 @@ def schedule():
 
 def test_budget_below_the_starting_rank_is_an_error_before_training():
     with pytest.raises(ValueError, match="budget 8 .* below the starting total rank 16"):
-        fit(lora4(), data()[0], config=RUN, schedule=IncreLoRA(budget=8))
+        fit(lora4(), data()[0], config=RUN, adapter_schedule=IncreLoRA(budget=8))
 
 
 def test_ranks_grow_unevenly_to_the_budget_and_save_as_peft_with_rank_pattern(tmp_path):
@@ -26,7 +26,7 @@ def test_ranks_grow_unevenly_to_the_budget_and_save_as_peft_with_rank_pattern(tm
 
     model, (train, val) = lora4(), data()
     sched = schedule()
-    fit(model, train, config=RUN, schedule=sched)
+    fit(model, train, config=RUN, adapter_schedule=sched)
     ranks = {p: a.r for p, a in lorakit.adapters(model).items()}
     assert sum(ranks.values()) == 24 and len(set(ranks.values())) > 1 and min(ranks.values()) == 2
     for path, adapter in lorakit.adapters(model).items():
@@ -69,13 +69,13 @@ def test_growth_keeps_the_function():
 def test_kill_and_resume_gives_the_same_adapter(tmp_path):
     train = data()[0]
     straight = lora4()
-    fit(straight, train, config=RUN, schedule=schedule(), output_dir=str(tmp_path / "a"), save_every=3)
+    fit(straight, train, config=RUN, adapter_schedule=schedule(), output_dir=str(tmp_path / "a"), save_every=3)
     broken = lora4()
     with pytest.raises(Crash):
-        fit(broken, train, config=RUN, schedule=schedule(), output_dir=str(tmp_path / "b"), save_every=3,
+        fit(broken, train, config=RUN, adapter_schedule=schedule(), output_dir=str(tmp_path / "b"), save_every=3,
             callbacks=[crash_at(7)])
     resumed = lora4()
-    fit(resumed, train, config=RUN, schedule=schedule(), output_dir=str(tmp_path / "b"), save_every=3, resume=True)
+    fit(resumed, train, config=RUN, adapter_schedule=schedule(), output_dir=str(tmp_path / "b"), save_every=3, resume=True)
     a, b = lorakit.AdapterState.from_model(straight), lorakit.AdapterState.from_model(resumed)
     assert a.config.rank_pattern == b.config.rank_pattern
     for path in a.modules():

@@ -16,7 +16,7 @@ def _changed_blocks(model, before):
 
 def test_more_sampled_layers_than_blocks_is_an_error_before_training():
     with pytest.raises(ValueError, match="gamma=5 sampled layers, but 'model.layers' has only 4 blocks"):
-        fit(llama4(), data()[0], config=RUN, schedule=LISA(gamma=5))
+        fit(llama4(), data()[0], config=RUN, adapter_schedule=LISA(gamma=5))
     with pytest.raises(KeyError, match="unknown schedule 'lissa'.*Registered: lisa"):
         create("lissa")
 
@@ -25,7 +25,7 @@ def test_one_period_trains_only_its_blocks_and_always_the_rest():
     model, train = llama4(), data()[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     schedule = LISA(gamma=2, interval=3, seed=5)
-    fit(model, train, config=RUN, max_steps=3, schedule=schedule)
+    fit(model, train, config=RUN, max_steps=3, adapter_schedule=schedule)
     assert _changed_blocks(model, before) == set(schedule.draw(0))
     for name in ("model.embed_tokens.weight", "score.weight", "model.norm.weight"):
         assert not torch.equal(dict(model.named_parameters())[name], before[name]), name
@@ -49,7 +49,7 @@ def test_optimizer_state_scales_with_gamma_not_depth():
         orig(step, m, opt)
 
     schedule.step_begin = spy
-    fit(model, train, config=RUN, schedule=schedule, callbacks=[record])
+    fit(model, train, config=RUN, adapter_schedule=schedule, callbacks=[record])
     assert all(len(blocks) == 1 for _, blocks in seen)  # one block's AdamW state at a time
     assert len({b for _, blocks in seen for b in blocks}) > 1  # and the sampled block changes
 
@@ -57,13 +57,13 @@ def test_optimizer_state_scales_with_gamma_not_depth():
 def test_kill_and_resume_gives_the_same_model(tmp_path):
     train = data()[0]
     straight = llama4()
-    fit(straight, train, config=RUN, schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "a"), save_every=2)
+    fit(straight, train, config=RUN, adapter_schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "a"), save_every=2)
     broken = llama4()
     with pytest.raises(Crash):
-        fit(broken, train, config=RUN, schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "b"), save_every=2,
+        fit(broken, train, config=RUN, adapter_schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "b"), save_every=2,
             callbacks=[crash_at(5)])
     resumed = llama4()
-    fit(resumed, train, config=RUN, schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "b"), save_every=2, resume=True)
+    fit(resumed, train, config=RUN, adapter_schedule=LISA(gamma=2, interval=3), output_dir=str(tmp_path / "b"), save_every=2, resume=True)
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
 

@@ -20,7 +20,7 @@ def test_schedule_trains_and_saves(name, tmp_path):
     options = dict(OPTIONS[name], **({"search_data": val} if name == "diffora" else {}))
     model = llama4() if name == "lisa" else lora4()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = fit(model, train, val, max_steps=4, batch_size=5, progress=False, schedule=create(name, **options))
+    result = fit(model, train, val, max_steps=4, batch_size=5, progress=False, adapter_schedule=create(name, **options))
     assert result.steps == 4 and result.eval_metrics["loss"] == result.eval_metrics["loss"]
     assert any(n in before and not torch.equal(p, before[n]) for n, p in model.named_parameters())
     batch = train.collate([train[i] for i in range(3)])

@@ -229,7 +229,7 @@ def fit(
     collate_fn: Callable | None = None,
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
-    schedule=None,
+    adapter_schedule=None,
     **overrides,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad; `overrides` replace fields of `config`.
@@ -237,7 +237,8 @@ def fit(
     The model must return an output with `.loss` when called with a collated batch (Hugging Face style);
     `callbacks` are called as cb(step, record) after every optimiser step. `loss_fn(model, batch)` replaces the
     training loss (default: `model(**batch).loss`), e.g. to add a router's auxiliary loss; evaluation is unchanged.
-    `schedule` (a `lorakit.train.schedules.Schedule`, e.g. LISA) changes what trains while training.
+    `adapter_schedule` (a `lorakit.train.schedules.Schedule`, e.g. LISA) changes what trains while training
+    (``schedule``, a field of `TrainConfig`, is the learning-rate schedule).
     """
     unknown = sorted(set(overrides) - set(TrainConfig.field_names()))
     if unknown:
@@ -245,6 +246,6 @@ def fit(
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     procs = distributed.setup(next(model.parameters()).device)
     try:
-        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn, schedule).run()
+        return _Run(model, train_data, eval_data, cfg, procs, metric_fn, collate_fn, callbacks, loss_fn, adapter_schedule).run()
     finally:
         distributed.teardown(procs)
