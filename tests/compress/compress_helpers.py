@@ -13,3 +13,14 @@ def tiny_llama(seed: int = 0, **overrides):
     settings.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def lm_data(n: int = 32, length: int = 12, vocab: int = 300, seed: int = 0) -> list[dict]:
+    """Causal-LM examples with a learnable pattern (each token is the previous plus one, mod 50)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = int(torch.randint(0, 50, (1,), generator=g))
+        ids = (torch.arange(length) + start) % 50 + 10
+        out.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": ids.clone()})
+    return out
