@@ -59,11 +59,15 @@ def _targets(spec: str):
     return spec if any(c in spec for c in "*()[]|^$\\") else [t for t in spec.split(",") if t]
 
 
-def train_job(args: argparse.Namespace) -> dict:
-    """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split."""
+def train_job(args: argparse.Namespace, prepare=None) -> dict:
+    """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split.
+
+    ``prepare(model)`` changes the base before the adapter goes on (e.g. quantises it).
+    """
     from .train import evaluate, fit
 
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
+    model = prepare(model) if prepare is not None else model
     config = method_config(args.method, args.rank, args.alpha, args.dropout, _targets(args.targets), args.kind)
     apply(model, config)
     splits = task.encode(tokenizer, args.max_length)

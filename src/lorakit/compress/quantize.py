@@ -25,8 +25,10 @@ factors, or base-rewriting initialisers) refuse a quantised layer (``Adapter.qua
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
 import sys
 import warnings
 from typing import Any, Optional
@@ -60,9 +62,21 @@ class QuantizeConfig:
             raise ValueError(f"quantisation {self.kind!r} is not one lorakit knows; choose one of {', '.join(KINDS)}")
 
 
+@contextlib.contextmanager
+def _quiet_import():
+    """Silence the warnings bitsandbytes and torchao log while importing (optional GPU kernels they cannot load)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _bnb():
     try:
-        import bitsandbytes
+        with _quiet_import():
+            import bitsandbytes
     except ImportError:
         raise QuantizationUnavailable(
             "bitsandbytes is not installed: pip install 'bitsandbytes>=0.48' (or lorakit[quantize])"
@@ -72,7 +86,8 @@ def _bnb():
 
 def _torchao():
     try:
-        import torchao.quantization as q
+        with _quiet_import():
+            import torchao.quantization as q
     except ImportError:
         raise QuantizationUnavailable("torchao is not installed: pip install 'torchao>=0.14' (or lorakit[quantize])") from None
     return q
