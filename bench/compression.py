@@ -28,7 +28,7 @@ from common import command_line, interleaved, machine, peak_rss_rise, ratio_ci, 
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
-from lorakit.compress import quantize_  # noqa: E402
+from lorakit.compress import QuantizeConfig, quantize_  # noqa: E402
 from lorakit.compress.loram import LoRAMConfig, prune_for_training, recover  # noqa: E402
 from lorakit.compress.loraprune import LoRAPrune, LoRAPruneConfig, spearman  # noqa: E402
 from lorakit.core.state import AdapterState  # noqa: E402
@@ -95,6 +95,16 @@ def row_loram(seed, labels, splits, steps, ratio):
 
 
 # -- memory probes (module-level: they run in a forkserver child) -------------------------------------------
+def _prepare(model, kind: str):
+    """Quantise for the qlora kinds: ``qlora-nf4``, ``qlora-int8``; ``qlora-nf4-bf16`` also keeps the rest in bf16."""
+    if kind.startswith("qlora"):
+        bits = kind.split("-")[1]
+        half = kind.endswith("-bf16")
+        quantize_(model, QuantizeConfig(bits, compute_dtype=torch.bfloat16 if half else torch.float32,
+                                        dtype=torch.bfloat16 if half else None))
+    return model
+
+
 def _imported(*args):
     """Import the quantisation backends before the baseline is read, so every probe starts from the same code."""
     from lorakit.compress.quantize import _bnb
@@ -108,9 +118,8 @@ def _train_peak(args):
     kind, steps, labels = args
     torch.manual_seed(0)
     model = _base(0, labels)
-    if kind.startswith("qlora"):
-        quantize_(model, kind.split("-", 1)[1])
-    elif kind.startswith("loram"):
+    _prepare(model, kind)
+    if kind.startswith("loram"):
         model, _ = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])))
     _lora(model)
     batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
@@ -145,9 +154,26 @@ def _prune_step_run(state):
         pruner.update_scores()
 
 
+def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5")) -> dict:
+    """Bytes of every parameter and buffer (quantisation state included) of the model each row trains."""
+    out = {}
+    for kind in kinds:
+        model = _prepare(_base(0, labels), kind)
+        if kind.startswith("loram"):
+            model = prune_for_training(model, LoRAMConfig(ratio=0.5))[0]
+        total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
+        for m in model.modules():  # bitsandbytes keeps scales outside the parameters
+            state = getattr(getattr(m, "weight", None), "quant_state", None)
+            total += state.absmax.untyped_storage().nbytes() if state is not None else 0
+            scb = getattr(getattr(m, "weight", None), "SCB", None)
+            total += scb.untyped_storage().nbytes() if scb is not None else 0
+        out[kind] = total
+    return out
+
+
 def memory(labels, quick) -> dict:
     steps = 3 if quick else 5
-    out = {"train_peak": {}, "prune_step_rise": {}}
+    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels)}
     for kind in ("lora", "qlora-nf4", "qlora-int8", "loram-0.5"):
         out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels)
         print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
@@ -203,12 +229,33 @@ def score_correlation(labels, splits) -> list[float]:
     return [spearman(lora.scores[b.path]["channels"], grad.scores[b.path]["channels"]) for b in lora.blocks]
 
 
+def add_memory(kind: str, quick: bool) -> None:
+    """Add one training-memory probe to the saved results and rewrite the page."""
+    from common import read_json
+    from compression_report import write_page
+
+    result = read_json(OUT / "compression.json")
+    if result is None:
+        raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
+    labels = load_task(SETUP["task"], kind="classification").num_labels
+    result["memory"]["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 3 if quick else 5, labels)
+    result["memory"]["weights"].update({kind: weight_bytes(labels, [kind])[kind]})
+    result["commands_added"] = result.get("commands_added", []) + [command_line()]
+    write_json(OUT / "compression.json", result)
+    write_page(result, OUT)
+    print(f"{kind}: {result['memory']['train_peak'][kind] / 2**20:.0f} MiB")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--add-memory", default=None, help="measure one more training-memory kind (e.g. qlora-nf4-bf16) "
+                    "and add it to the existing docs/benchmarks/compression.json")
     args = ap.parse_args(argv)
+    if args.add_memory:
+        return add_memory(args.add_memory, args.quick)
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
@@ -234,6 +281,7 @@ def main(argv=None) -> None:
                     pruned_models[f"pruned-{ratio}"] = small
         rows.setdefault("loram-0.5", []).append(row_loram(seed, labels, splits, steps, 0.5))
         print({k: round(v[-1]["accuracy"], 3) for k, v in rows.items()}, flush=True)
+        write_json(OUT / ".compression-rows.json", rows)  # kept if a later stage fails
     full = _base(0, labels).eval()
     with tempfile.TemporaryDirectory() as d:
         full.save_pretrained(d)

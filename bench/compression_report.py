@@ -79,7 +79,7 @@ def write_page(result: dict, out: Path) -> None:
         m, h = accuracy(result, name)
         params = entries[0].get("parameters")
         disk = entries[0].get("disk_bytes")
-        lines.append(f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | {params if params else '—'} | "
+        lines.append(f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | {f"{int(params):,}" if params else '—'} | "
                      f"{disk / 2**20:.1f} |" if disk else f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | — | — |")
     lines += ["", f"Full model: {result['full_parameters']:,} parameters, {result['full_disk_bytes'] / 2**20:.1f} MiB "
               "on disk (safetensors).", "", "## Memory and speed", "",
@@ -87,6 +87,8 @@ def write_page(result: dict, out: Path) -> None:
     mem = result["memory"]
     for k, v in mem["train_peak"].items():
         lines.append(f"| peak training memory, {k} | {v / 2**20:.0f} MiB | {v / mem['train_peak']['lora']:.2f} (LoRA fp32) |")
+    for k, v in mem.get("weights", {}).items():
+        lines.append(f"| resident weights, {k} | {v / 2**20:.1f} MiB | {v / mem['weights']['lora']:.2f} (LoRA fp32) |")
     for k, v in mem["prune_step_rise"].items():
         lines.append(f"| memory rise of one scored step, metric {k} | {v / 2**20:.0f} MiB | "
                      f"{v / mem['prune_step_rise']['grad']:.2f} (grad) |")

@@ -174,3 +174,14 @@ def test_a_4bit_layer_bitsandbytes_repacked_for_cpu_inference_still_dequantises(
     after = dense_weight(layer)
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, atol=0, rtol=2 ** -8)  # absmax now rounded to bf16: 8 bits of mantissa
+
+
+def test_qlora_with_the_rest_of_the_model_in_bf16_trains(tokens):
+    cfg = QuantizeConfig("nf4", compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    model = lorakit.apply(quantize_(tiny_llama(), cfg), lorakit.LoRAConfig(r=4, target_modules=TARGETS))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    layer = lorakit.adapters(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.quant_state.dtype == torch.bfloat16
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss) and layer.lora_B.weight.grad.abs().sum() > 0
