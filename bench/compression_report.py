@@ -77,10 +77,9 @@ def write_page(result: dict, out: Path) -> None:
               "| row | test accuracy (mean ± CI) | seeds | pruned parameters | disk MiB |", "|---|---:|---:|---:|---:|"]
     for name, entries in result["rows"].items():
         m, h = accuracy(result, name)
-        params = entries[0].get("parameters")
-        disk = entries[0].get("disk_bytes")
-        lines.append(f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | {f"{int(params):,}" if params else '—'} | "
-                     f"{disk / 2**20:.1f} |" if disk else f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | — | — |")
+        params, disk = entries[0].get("parameters"), entries[0].get("disk_bytes")
+        shown = f"{int(params):,} | {disk / 2**20:.1f}" if disk else "— | —"
+        lines.append(f"| {name} | {m:.3f} ± {h:.3f} | {len(entries)} | {shown} |")
     lines += ["", f"Full model: {result['full_parameters']:,} parameters, {result['full_disk_bytes'] / 2**20:.1f} MiB "
               "on disk (safetensors).", "", "## Memory and speed", "",
               "| measure | value | ratio to the reference |", "|---|---:|---:|"]
