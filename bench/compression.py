@@ -246,6 +246,46 @@ def add_memory(kind: str, quick: bool) -> None:
     print(f"{kind}: {result['memory']['train_peak'][kind] / 2**20:.0f} MiB")
 
 
+def measure_stages(labels, splits, quick, pruned_models) -> dict:
+    """Everything but the accuracy rows: disk size, step times, throughput, memory, score correlation."""
+    full = _base(0, labels).eval()
+    with tempfile.TemporaryDirectory() as d:
+        full.save_pretrained(d)
+        full_disk = sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
+    print("timing", flush=True)
+    n = 10 if quick else 20
+    times = step_times(labels, splits, n)
+    tput = throughput({"full": full, **{k: m.eval() for k, m in pruned_models.items()}}, splits, n)
+    print("memory", flush=True)
+    mem = memory(labels, quick)
+    return {
+        "full_disk_bytes": full_disk, "full_parameters": sum(p.numel() for p in full.parameters()),
+        "step_ms": {k: summary(v) for k, v in times.items()},
+        "step_ratio_ci": {k: ratio_ci(times[k], times["lora"]) for k in times if k != "lora"},
+        "throughput": {k: v["tokens_per_s"] for k, v in tput.items()},
+        "throughput_ratio_ci": {k: ratio_ci(tput["full"]["times"], v["times"]) for k, v in tput.items() if k != "full"},
+        "memory": mem, "spearman_lora_vs_grad": score_correlation(labels, splits),
+    }
+
+
+def assemble(rows, stages, steps, seeds, quick, start) -> dict:
+    """The result JSON from the accuracy rows and the other measurements."""
+    return {
+        "setup": {**SETUP, "steps": steps, "seeds": seeds, "quick": quick}, "command": command_line(),
+        "machine": machine(), "wall_time_s": round(time.time() - start), "rows": rows, **stages,
+        "gemma_270m": "not run: the quick mode covers MiniLM only (gemma-270m needs the full mode and about 11 GB)",
+    }
+
+
+def stages_only(quick: bool, steps: int) -> None:
+    """Measure the stages beside a running accuracy pass (its per-seed rows land in .compression-rows.json)."""
+    labels, splits = _splits()
+    pruned = {}
+    for ratio in (0.2, 0.5):  # the pruned models whose speed is timed: one LoRAPrune run each, seed 0
+        pruned[f"pruned-{ratio}"] = row_prune(0, labels, splits, steps, ratio, "lora")[1]
+    write_json(OUT / ".compression-stages.json", measure_stages(labels, splits, quick, pruned))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -253,9 +293,27 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--add-memory", default=None, help="measure one more training-memory kind (e.g. qlora-nf4-bf16) "
                     "and add it to the existing docs/benchmarks/compression.json")
+    ap.add_argument("--stages-only", action="store_true", help="measure speed, memory and correlation only")
+    ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
+                    help="write the page from the saved rows and stages (the wall time of the two passes)")
     args = ap.parse_args(argv)
     if args.add_memory:
         return add_memory(args.add_memory, args.quick)
+    if args.stages_only or args.assemble:
+        torch.set_num_threads(1)
+        steps = args.steps or (40 if args.quick else 150)
+        if args.stages_only:
+            return stages_only(args.quick, steps)
+        from common import read_json
+
+        seeds = list(range(args.seeds or (2 if args.quick else 3)))
+        rows = {k: v[: len(seeds)] for k, v in read_json(OUT / ".compression-rows.json").items()}
+        result = assemble(rows, read_json(OUT / ".compression-stages.json"), steps, seeds, args.quick, time.time())
+        result["wall_time_s"] = args.assemble
+        write_json(OUT / "compression.json", result)
+        from compression_report import write_page
+
+        return write_page(result, OUT)
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
@@ -282,28 +340,9 @@ def main(argv=None) -> None:
         rows.setdefault("loram-0.5", []).append(row_loram(seed, labels, splits, steps, 0.5))
         print({k: round(v[-1]["accuracy"], 3) for k, v in rows.items()}, flush=True)
         write_json(OUT / ".compression-rows.json", rows)  # kept if a later stage fails
-    full = _base(0, labels).eval()
-    with tempfile.TemporaryDirectory() as d:
-        full.save_pretrained(d)
-        full_disk = sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
-    print("timing", flush=True)
-    n = 10 if args.quick else 20
-    times = step_times(labels, splits, n)
-    tput = throughput({"full": full, **{k: m.eval() for k, m in pruned_models.items()}}, splits, n)
-    print("memory", flush=True)
-    mem = memory(labels, args.quick)
-    rho = score_correlation(labels, splits)
-    result = {
-        "setup": {**SETUP, "steps": steps, "seeds": seeds, "quick": args.quick}, "command": command_line(),
-        "machine": machine(), "wall_time_s": round(time.time() - start), "rows": rows, "full_disk_bytes": full_disk,
-        "full_parameters": sum(p.numel() for p in full.parameters()),
-        "step_ms": {k: summary(v) for k, v in times.items()},
-        "step_ratio_ci": {k: ratio_ci(times[k], times["lora"]) for k in times if k != "lora"},
-        "throughput": {k: v["tokens_per_s"] for k, v in tput.items()},
-        "throughput_ratio_ci": {k: ratio_ci(tput["full"]["times"], v["times"]) for k, v in tput.items() if k != "full"},
-        "memory": mem, "spearman_lora_vs_grad": rho,
-        "gemma_270m": "not run: the quick mode covers MiniLM only (gemma-270m needs the full mode and about 11 GB)",
-    }
+    write_json(OUT / ".compression-rows.json", rows)
+    stages = measure_stages(labels, splits, args.quick, pruned_models)
+    result = assemble(rows, stages, steps, seeds, args.quick, start)
     write_json(OUT / "compression.json", result)
     from compression_report import write_page
 
