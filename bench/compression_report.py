@@ -78,8 +78,8 @@ def write_page(result: dict, out: Path) -> None:
     if w:
         lines += ["", "Reading the memory rows: resident weights shrink to "
                   f"{w['qlora-nf4'] / w['lora']:.2f}x with nf4 and {w['loram-0.5'] / w['lora']:.2f}x in LoRAM's pruned "
-                  f"copy, but the training peak only to {peak['qlora-nf4'] / peak['lora']:.2f}x and "
-                  f"{peak['loram-0.5'] / peak['lora']:.2f}x: on MiniLM the 30,522 x 384 embedding table (fp32, never "
+                  f"copy, while the training peak is {peak['qlora-nf4'] / peak['lora']:.2f}x and "
+                  f"{peak['loram-0.5'] / peak['lora']:.2f}x LoRA's: on MiniLM the 30,522 x 384 embedding table (fp32, never "
                   "quantised or pruned) and the activations of a 16 x 48-token batch outweigh the linear layers, and "
                   "bitsandbytes dequantises each 4-bit weight to fp32 for every matmul on CPU. The papers' ratios come "
                   "from billion-parameter decoders, where the linear layers dominate."]
