@@ -310,6 +310,9 @@ def main(argv=None) -> None:
         rows = {k: v[: len(seeds)] for k, v in read_json(OUT / ".compression-rows.json").items()}
         result = assemble(rows, read_json(OUT / ".compression-stages.json"), steps, seeds, args.quick, time.time())
         result["wall_time_s"] = args.assemble
+        base = command_line([]).rstrip()
+        result["command"] = (f"{base} --quick (accuracy rows) and {base} --quick --stages-only (speed, memory, "
+                             f"correlation) side by side, then {command_line()}")
         write_json(OUT / "compression.json", result)
         from compression_report import write_page
 
