@@ -83,6 +83,13 @@ def write_page(result: dict, out: Path) -> None:
                   "quantised or pruned) and the activations of a 16 x 48-token batch outweigh the linear layers, and "
                   "bitsandbytes dequantises each 4-bit weight to fp32 for every matmul on CPU. The papers' ratios come "
                   "from billion-parameter decoders, where the linear layers dominate."]
+        if "qlora-nf4-bf16" in peak:
+            lines[-1] += (f" With the rest of the model in bf16 as well (qlora-nf4-bf16: embeddings, norms and compute in "
+                          f"bf16, LoRA in fp32) the weights are {w['qlora-nf4-bf16'] / w['lora']:.2f}x and the peak "
+                          f"{peak['qlora-nf4-bf16'] / peak['lora']:.2f}x LoRA's (memory only; no accuracy row).")
+    if len(s["seeds"]) < 3:
+        lines += ["", f"With {len(s['seeds'])} seeds the 95% t-intervals of the accuracy rows are wide (t = 12.7 for "
+                  "two): the accuracy claims compare means and none of their differences is significant at this size."]
     lines += ["", f"gemma-270m: {result['gemma_270m']}.", "", "## Accuracy", "",
               "| row | test accuracy (mean ± CI) | seeds | pruned parameters | disk MiB |", "|---|---:|---:|---:|---:|"]
     for name, entries in result["rows"].items():
