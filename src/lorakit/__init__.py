@@ -10,6 +10,7 @@ from .core.state import AdapterState
 from .formats.peft import AdapterFileError, load_peft, load_state, save_peft, save_state
 from .methods.dylora import truncate
 from . import init  # noqa: F401  (registers the initialisers)
+from . import compress  # noqa: F401  (registers the quantised layer kinds)
 from .init import convert_to_plain_lora, initialize
 from .optim import OPTIMIZERS
 

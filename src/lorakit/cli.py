@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, info, merge, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-USER_ERRORS = (FileNotFoundError, KeyError, ValueError, TypeError, ImportError, NotImplementedError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, TypeError, ImportError, NotImplementedError)
 
 
 class UserError(Exception):
@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="runs/train", help="run directory (adapter in OUT/adapter)")
     optim_cli.add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+    from .compress import cli as compress_cli
+
+    compress_cli.add_train_arguments(p, cmd_train)
+    compress_cli.add_prune_parser(sub, _train_args)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task split")
     _train_args(p, model_help="zoo name or local HF model directory (default: the base model the adapter records, "

@@ -31,7 +31,7 @@ RUN_FILE = "run.json"
 # The settings a resumed run must share with the run it continues (the base model is compared by fingerprint).
 RUN_KEYS = ("task", "kind", "method", "rank", "alpha", "dropout", "targets", "lr", "batch_size", "epochs",
             "max_steps", "eval_every", "max_train", "max_eval", "max_length", "seed", "optimizer", "optimizer_option",
-            "schedule", "schedule_option", "gradient_checkpointing", "bf16", "fp16")
+            "schedule", "schedule_option", "gradient_checkpointing", "bf16", "fp16", "quantize")
 
 DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1000, max_length=64, batch_size=16, epochs=1,
             r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=125)
@@ -102,8 +102,11 @@ def _check_resumable(out: Path, saved: dict, settings: dict, model) -> None:
                           f"{base['fingerprint']}: {diff}")
 
 
-def train_job(args: argparse.Namespace) -> dict:
-    """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split."""
+def train_job(args: argparse.Namespace, prepare=None) -> dict:
+    """`lorakit train`: fine-tune, save the adapter in PEFT format, evaluate on the test split.
+
+    ``prepare(model)`` changes the base before the adapter goes on (e.g. quantises it).
+    """
     from .optim import cli as optim_cli
     from .train import evaluate, fit
     from .train.precision import resolve_device
@@ -113,6 +116,7 @@ def train_job(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     saved = _check_run_dir(out, args.resume, args.overwrite)
     model, tokenizer, task = load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
+    model = prepare(model) if prepare is not None else model  # e.g. quantised: the base the adapter is made for
     fingerprint.remember(model)  # before an initialiser may change the base weights
     settings = {"model": args.model, **{k: getattr(args, k, None) for k in RUN_KEYS}}
     if saved is not None:

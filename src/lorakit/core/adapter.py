@@ -25,6 +25,22 @@ class NotMergeableError(CapabilityError):
     """The adapter's update depends on the input (e.g. token routing), so no weight can hold it."""
 
 
+# Layer kinds that store their weight quantised (bitsandbytes, torchao): ``lorakit.compress.quantize`` registers
+# objects with name, matches(layer), features(layer), compute_dtype(layer), dequantize(layer), merge(layer, delta).
+QUANTIZED_KINDS: list = []
+
+
+def quantized_kind(layer: nn.Module) -> Any:
+    """The registered quantised-layer kind of ``layer``, or None for a plain layer."""
+    return next((k for k in QUANTIZED_KINDS if k.matches(layer)), None)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a float tensor: a dequantised copy for quantised layers, else the weight itself."""
+    kind = quantized_kind(layer)
+    return kind.dequantize(layer) if kind is not None else layer.weight
+
+
 class Adapter(nn.Module):
     """Base class of every adapter layer: ``base_layer`` stays frozen, the rest is adapter state."""
 
@@ -36,9 +52,17 @@ class Adapter(nn.Module):
     capabilities: ClassVar[Optional[Capabilities]] = None  # every method declares its own (core/capabilities.py)
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
     param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
+    quantized_base: ClassVar[bool] = False  # can wrap a quantised layer (reads W0 only through dense_weight)
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, module_path: str = ""):
         super().__init__()
+        kind = quantized_kind(base_layer)
+        if kind is not None and not self.quantized_base:
+            raise TypeError(
+                f"module '{module_path}' is quantised ({kind.name}); method '{self.name}' needs the dense base weight "
+                "(its factors or forward come from W0 itself). Use method 'lora' or 'dora' on a quantised base, or "
+                "train on the unquantised model"
+            )
         self.base_layer = base_layer
         self.config = config
         self.module_path = module_path
@@ -106,13 +130,16 @@ class Adapter(nn.Module):
 
     def features(self) -> tuple[int, int]:
         """(out_features, in_features) of a Linear-like base layer, in either weight layout (fan_in_fan_out)."""
+        kind = quantized_kind(self.base_layer)
+        if kind is not None:
+            return kind.features(self.base_layer)
         w = self.base_layer.weight
         return (w.shape[1], w.shape[0]) if self.config.fan_in_fan_out else (w.shape[0], w.shape[1])
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of this adapter, in the base weight's layout and dtype."""
         tensors = {k: v.detach() for k, v in self.adapter_tensors().items()}
-        weight = self.base_layer.weight.detach()
+        weight = dense_weight(self.base_layer).detach()
         return type(self).delta(tensors, self.config, weight).to(weight.dtype)
 
     def check_mergeable(self) -> None:
@@ -128,13 +155,17 @@ class Adapter(nn.Module):
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise ValueError(f"module '{self.module_path}': the adapter's update has NaN or inf; refusing to merge")
+        kind = quantized_kind(self.base_layer)
+        if kind is not None:  # dequantise, add, quantise again (as PEFT), with its rounding warning
+            return kind.merge(self.base_layer, delta, self.module_path)
         with torch.no_grad():
             self.base_layer.weight.add_(delta)
         return self.base_layer
 
     def adapter_dtype(self) -> torch.dtype:
         """fp32 for half-precision base layers (as PEFT's autocast_adapter_dtype), else the base dtype."""
-        dtype = self.base_layer.weight.dtype
+        kind = quantized_kind(self.base_layer)
+        dtype = kind.compute_dtype(self.base_layer) if kind is not None else self.base_layer.weight.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.adapter import Adapter
+from ..core.adapter import Adapter, quantized_kind
 from ..core.apply import adapters, config_of
 from ..core.registry import INITIALIZERS, initializer_for
 from ..methods.lora import LoRALinear
@@ -97,6 +97,12 @@ def scaling_of(adapter: Adapter) -> float:
 
 def base_matrix(adapter: Adapter) -> torch.Tensor:
     """The frozen base weight as fp32 [out, in] (Conv1D stores [in, out])."""
+    kind = quantized_kind(adapter.base_layer)
+    if kind is not None:  # the factors would come from a rounded W0, and the residual could not be stored exactly
+        raise TypeError(
+            f"module '{adapter.module_path}' is quantised ({kind.name}); this initialiser reads or rewrites the dense "
+            "base weight W0. Initialise on the unquantised model, or use init_lora_weights=True/'gaussian'/'eva'"
+        )
     w = adapter.base_layer.weight.detach().float()
     return w.T if adapter.config.fan_in_fan_out else w
 
@@ -104,7 +110,7 @@ def base_matrix(adapter: Adapter) -> torch.Tensor:
 def rank_of(adapter: Adapter, init_name: str, needs: int = 1) -> int:
     """The adapter's rank r, checked against the base weight: ``needs``·r <= min(out, in)."""
     r = adapter.adapter_tensors()["lora_A.weight"].shape[0]
-    limit = min(adapter.base_layer.weight.shape)
+    limit = min(adapter.features())
     if needs * r > limit:
         raise ValueError(
             f"module '{adapter.module_path}': {init_name} needs {'' if needs == 1 else f'{needs}·'}r <= min(out, in) = "

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.adapter import dense_weight
 from ..core.capabilities import MERGE_ONLY
 from ..core.config import DoRAConfig, LoRAConfig
 from ..core.registry import METHODS
@@ -65,7 +66,7 @@ class DoRALinear(LoRALinear):
         return None  # the magnitude rescales W itself: the update is not low-rank
 
     def _weight_norm(self) -> torch.Tensor:
-        w = _oriented(self.base_layer.weight, self.config).to(self.lora_A.weight.dtype)
+        w = _oriented(dense_weight(self.base_layer), self.config).to(self.lora_A.weight.dtype)
         lora = self.lora_B.weight @ self.lora_A.weight
         return (w + self.scaling * lora).norm(p=2, dim=1)
 
@@ -83,6 +84,6 @@ class DoRALinear(LoRALinear):
             return (out + (1 - mag_scale) * bias.to(x.dtype) if bias is not None else out).to(result.dtype)
         # dropout: the update sees the dropped-out input, the base output the full one (as PEFT)
         x = self.lora_dropout(x)
-        base_result = F.linear(x, _oriented(self.base_layer.weight, self.config).to(x.dtype))
+        base_result = F.linear(x, _oriented(dense_weight(self.base_layer), self.config).to(x.dtype))
         lora_out = self.lora_B(self.lora_A(x) * self.scaling)
         return result + (mag_scale * (base_result + lora_out) - base_result).to(result.dtype)

@@ -101,13 +101,13 @@ class LoRALinear(LoRALayer):
     """LoRA on ``nn.Linear`` and transformers' ``Conv1D``."""
 
     layer_types = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+    quantized_base = True  # the forward reads W0 only through base_layer(x)
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, module_path: str = ""):
         super().__init__(base_layer, config, module_path)
-        w = base_layer.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if config.fan_in_fan_out else (w.shape[1], w.shape[0])
+        out_f, in_f = self.features()
         self.in_features, self.out_features = in_f, out_f
-        kw = dict(device=w.device, dtype=self.adapter_dtype())
+        kw = dict(device=base_layer.weight.device, dtype=self.adapter_dtype())
         self.lora_A = nn.Linear(in_f, config.r, bias=False, **kw)
         self.lora_B = nn.Linear(config.r, out_f, bias=False, **kw)
         self.reset_parameters()

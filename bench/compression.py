@@ -1,0 +1,357 @@
+"""Smaller bases on MiniLM / tweet sentiment: QLoRA against LoRA, LoRAPrune against magnitude and full-gradient
+pruning, LoRAM against LoRA on the full base. Writes docs/benchmarks/compression.{json,md,png}.
+
+Every row trains LoRA (r 8, alpha 16, all linear layers, lr 1e-3, batch 16, 48 tokens) for the same number of
+steps and is tested on the same held-out tweets, once per seed; a row's accuracy is the mean with a 95% t-interval
+over seeds. Memory is the peak resident set of a child process, measured from before the model loads, while it
+trains (the weights resident plus everything training adds); the load itself is excluded (QLoRA's fp32 load is
+transient). Step times are medians of interleaved steps in this process, so load changes hit every row alike.
+
+    python bench/compression.py --quick      # 2 seeds, 40 steps (about 20 minutes on two busy shared cores)
+    python bench/compression.py              # 3 seeds, 150 steps
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, interleaved, machine, peak_rss_rise, ratio_ci, summary, write_json  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit import zoo  # noqa: E402
+from lorakit.compress import QuantizeConfig, quantize_  # noqa: E402
+from lorakit.compress.loram import LoRAMConfig, prune_for_training, recover  # noqa: E402
+from lorakit.compress.loraprune import LoRAPrune, LoRAPruneConfig, spearman  # noqa: E402
+from lorakit.core.state import AdapterState  # noqa: E402
+from lorakit.data import load_task  # noqa: E402
+from lorakit.train import evaluate, fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+SETUP = dict(model="minilm", task="tweets", max_train=1500, max_eval=200, max_length=48, batch_size=16, lr=1e-3, r=8,
+             alpha=16, targets="all-linear")
+
+
+def _splits():
+    task = load_task(SETUP["task"], kind="classification").subsampled(SETUP["max_train"], SETUP["max_eval"], seed=0)
+    _, tok = zoo.load(SETUP["model"], task="seq_cls", num_labels=task.num_labels)
+    return task.num_labels, task.encode(tok, SETUP["max_length"])
+
+
+def _base(seed: int, labels: int):
+    return zoo.load(SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
+
+
+def _lora(model):
+    cfg = lorakit.LoRAConfig(r=SETUP["r"], lora_alpha=SETUP["alpha"], target_modules=SETUP["targets"], task_type="SEQ_CLS")
+    return lorakit.apply(model, cfg)
+
+
+def _fit(model, splits, steps, seed, callbacks=()):
+    return fit(model, splits["train"], None, lr=SETUP["lr"], batch_size=SETUP["batch_size"], max_steps=steps, seed=seed,
+               progress=False, callbacks=list(callbacks), warmup_ratio=0.05)
+
+
+def _acc(model, splits) -> float:
+    return evaluate(model, splits["test"], batch_size=64)["accuracy"]
+
+
+# -- the training rows -----------------------------------------------------------------------------------------
+def row_lora(seed, labels, splits, steps, quantize=None):
+    model = _base(seed, labels)
+    if quantize:
+        quantize_(model, quantize)
+    _fit(_lora(model), splits, steps, seed)
+    return {"accuracy": _acc(model, splits)}
+
+
+def row_prune(seed, labels, splits, steps, ratio, metric):
+    model = _lora(_base(seed, labels))
+    pruner = LoRAPrune(model, LoRAPruneConfig(ratio=ratio, metric=metric, prune_freq=max(1, steps // 15)), steps)
+    _fit(model, splits, steps, seed, [pruner])
+    small = pruner.finalize()
+    with tempfile.TemporaryDirectory() as d:
+        small.save_pretrained(d)
+        disk = sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
+    return {"accuracy": _acc(small, splits), "disk_bytes": disk, "sparsity": pruner.sparsity(),
+            "parameters": sum(p.numel() for p in small.parameters())}, small
+
+
+def row_loram(seed, labels, splits, steps, ratio):
+    full = _base(seed, labels)
+    small, rec = prune_for_training(full, LoRAMConfig(ratio=ratio))
+    _fit(_lora(small), splits, steps, seed)
+    recover(AdapterState.from_model(small), rec).load_into(full)
+    return {"accuracy": _acc(full, splits), "pruned_accuracy": _acc(small, splits)}
+
+
+# -- memory probes (module-level: they run in a forkserver child) -------------------------------------------
+def _prepare(model, kind: str):
+    """Quantise for the qlora kinds: ``qlora-nf4``, ``qlora-int8``; ``qlora-nf4-bf16`` also keeps the rest in bf16."""
+    if kind.startswith("qlora"):
+        bits = kind.split("-")[1]
+        half = kind.endswith("-bf16")
+        quantize_(model, QuantizeConfig(bits, compute_dtype=torch.bfloat16 if half else torch.float32,
+                                        dtype=torch.bfloat16 if half else None))
+    return model
+
+
+def _imported(*args):
+    """Import the quantisation backends before the baseline is read, so every probe starts from the same code."""
+    from lorakit.compress.quantize import _bnb
+
+    _bnb()
+    return args
+
+
+def _train_peak(args):
+    """Load and prepare a model, drop what loading left behind, reset the peak, then train a few steps."""
+    kind, steps, labels = args
+    torch.manual_seed(0)
+    model = _base(0, labels)
+    _prepare(model, kind)
+    if kind.startswith("loram"):
+        model, _ = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])))
+    _lora(model)
+    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
+             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: resident weights + training
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _prune_step_setup(metric, labels):
+    torch.manual_seed(0)
+    model = _lora(_base(0, labels))
+    pruner = LoRAPrune(model, LoRAPruneConfig(metric=metric), 10) if metric != "none" else None
+    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
+             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+    model(**batch).loss.backward()  # a first step outside the measurement: lazy allocations happen here
+    if pruner:
+        pruner.update_scores()
+    model.zero_grad(set_to_none=True)
+    return model, pruner, batch
+
+
+def _prune_step_run(state):
+    model, pruner, batch = state
+    model(**batch).loss.backward()
+    if pruner:
+        pruner.update_scores()
+
+
+def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5")) -> dict:
+    """Bytes of every parameter and buffer (quantisation state included) of the model each row trains."""
+    out = {}
+    for kind in kinds:
+        model = _prepare(_base(0, labels), kind)
+        if kind.startswith("loram"):
+            model = prune_for_training(model, LoRAMConfig(ratio=0.5))[0]
+        total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
+        for m in model.modules():  # bitsandbytes keeps scales outside the parameters
+            state = getattr(getattr(m, "weight", None), "quant_state", None)
+            total += state.absmax.untyped_storage().nbytes() if state is not None else 0
+            scb = getattr(getattr(m, "weight", None), "SCB", None)
+            total += scb.untyped_storage().nbytes() if scb is not None else 0
+        out[kind] = total
+    return out
+
+
+def memory(labels, quick) -> dict:
+    steps = 3 if quick else 5
+    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels)}
+    for kind in ("lora", "qlora-nf4", "qlora-int8", "loram-0.5"):
+        out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels)
+        print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
+    for metric in ("none", "lora", "grad", "magnitude"):
+        out["prune_step_rise"][metric] = peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels)
+        print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
+    return out
+
+
+# -- timing -------------------------------------------------------------------------------------------------
+def step_times(labels, splits, n) -> dict:
+    """Seconds per training step, LoRA on the fp32 base against LoRA on nf4 and int8 bases, interleaved."""
+    batch = splits["train"].collate([splits["train"][i] for i in range(SETUP["batch_size"])])
+    fns = {}
+    for kind in ("lora", "nf4", "int8"):
+        model = _base(0, labels)
+        if kind != "lora":
+            quantize_(model, kind)
+        _lora(model).train()
+
+        def step(model=model):
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        fns[kind] = step
+    return interleaved(fns, warmup=2, n=n)
+
+
+def throughput(models: dict, splits, n) -> dict:
+    """Tokens per second of a forward pass on a test batch (64 examples), interleaved across models."""
+    batch = splits["test"].collate([splits["test"][i] for i in range(64)])
+    batch.pop("labels", None)
+    tokens = int(batch["attention_mask"].sum())
+
+    def forward(m):
+        with torch.no_grad():
+            m(**batch)
+
+    times = interleaved({k: (lambda m=m: forward(m)) for k, m in models.items()}, warmup=2, n=n)
+    return {k: {"tokens_per_s": tokens / float(np.median(v)), "times": v} for k, v in times.items()}
+
+
+def score_correlation(labels, splits) -> list[float]:
+    """Spearman correlation of LoRA-guided and true-gradient FFN channel scores per layer, after 30 LoRA steps."""
+    model = _lora(_base(0, labels))
+    _fit(model, splits, 30, 0)
+    lora, grad = (LoRAPrune(model, LoRAPruneConfig(metric=m), 10) for m in ("lora", "grad"))
+    for i in range(4):
+        part = [splits["train"][j] for j in range(16 * i, 16 * i + 16)]
+        model(**splits["train"].collate(part)).loss.backward()
+    for p in (lora, grad):
+        p.update_scores()
+    return [spearman(lora.scores[b.path]["channels"], grad.scores[b.path]["channels"]) for b in lora.blocks]
+
+
+def add_memory(kind: str, quick: bool) -> None:
+    """Add one training-memory probe to the saved results and rewrite the page."""
+    from common import read_json
+    from compression_report import write_page
+
+    result = read_json(OUT / "compression.json")
+    if result is None:
+        raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
+    labels = load_task(SETUP["task"], kind="classification").num_labels
+    result["memory"]["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 3 if quick else 5, labels)
+    result["memory"]["weights"].update({kind: weight_bytes(labels, [kind])[kind]})
+    result["commands_added"] = result.get("commands_added", []) + [command_line()]
+    write_json(OUT / "compression.json", result)
+    write_page(result, OUT)
+    print(f"{kind}: {result['memory']['train_peak'][kind] / 2**20:.0f} MiB")
+
+
+def measure_stages(labels, splits, quick, pruned_models) -> dict:
+    """Everything but the accuracy rows: disk size, step times, throughput, memory, score correlation."""
+    full = _base(0, labels).eval()
+    with tempfile.TemporaryDirectory() as d:
+        full.save_pretrained(d)
+        full_disk = sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
+    print("timing", flush=True)
+    n = 10 if quick else 20
+    times = step_times(labels, splits, n)
+    tput = throughput({"full": full, **{k: m.eval() for k, m in pruned_models.items()}}, splits, n)
+    print("memory", flush=True)
+    mem = memory(labels, quick)
+    return {
+        "full_disk_bytes": full_disk, "full_parameters": sum(p.numel() for p in full.parameters()),
+        "step_ms": {k: summary(v) for k, v in times.items()},
+        "step_ratio_ci": {k: ratio_ci(times[k], times["lora"]) for k in times if k != "lora"},
+        "throughput": {k: v["tokens_per_s"] for k, v in tput.items()},
+        "throughput_ratio_ci": {k: ratio_ci(tput["full"]["times"], v["times"]) for k, v in tput.items() if k != "full"},
+        "memory": mem, "spearman_lora_vs_grad": score_correlation(labels, splits),
+    }
+
+
+def assemble(rows, stages, steps, seeds, quick, start) -> dict:
+    """The result JSON from the accuracy rows and the other measurements."""
+    return {
+        "setup": {**SETUP, "steps": steps, "seeds": seeds, "quick": quick}, "command": command_line(),
+        "machine": machine(), "wall_time_s": round(time.time() - start), "rows": rows, **stages,
+        "gemma_270m": "not run: the quick mode covers MiniLM only (gemma-270m needs the full mode and about 11 GB)",
+    }
+
+
+def stages_only(quick: bool, steps: int) -> None:
+    """Measure the stages beside a running accuracy pass (its per-seed rows land in .compression-rows.json)."""
+    labels, splits = _splits()
+    pruned = {}
+    for ratio in (0.2, 0.5):  # the pruned models whose speed is timed: one LoRAPrune run each, seed 0
+        pruned[f"pruned-{ratio}"] = row_prune(0, labels, splits, steps, ratio, "lora")[1]
+    write_json(OUT / ".compression-stages.json", measure_stages(labels, splits, quick, pruned))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--add-memory", default=None, help="measure one more training-memory kind (e.g. qlora-nf4-bf16) "
+                    "and add it to the existing docs/benchmarks/compression.json")
+    ap.add_argument("--stages-only", action="store_true", help="measure speed, memory and correlation only")
+    ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
+                    help="write the page from the saved rows and stages (the wall time of the two passes)")
+    args = ap.parse_args(argv)
+    if args.add_memory:
+        return add_memory(args.add_memory, args.quick)
+    if args.stages_only or args.assemble:
+        torch.set_num_threads(1)
+        steps = args.steps or (40 if args.quick else 150)
+        if args.stages_only:
+            return stages_only(args.quick, steps)
+        from common import read_json
+
+        seeds = list(range(args.seeds or (2 if args.quick else 3)))
+        rows = {k: v[: len(seeds)] for k, v in read_json(OUT / ".compression-rows.json").items()}
+        result = assemble(rows, read_json(OUT / ".compression-stages.json"), steps, seeds, args.quick, time.time())
+        result["wall_time_s"] = args.assemble
+        base = command_line([]).rstrip()
+        result["command"] = (f"{base} --quick (accuracy rows) and {base} --quick --stages-only (speed, memory, "
+                             f"correlation) side by side, then {command_line()}")
+        write_json(OUT / "compression.json", result)
+        from compression_report import write_page
+
+        return write_page(result, OUT)
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 logs its fp16 cast at every matmul
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    steps = args.steps or (40 if args.quick else 150)
+    start = time.time()
+    labels, splits = _splits()
+    rows: dict[str, list[dict]] = {}
+    pruned_models = {}
+    for seed in seeds:
+        print(f"seed {seed}", flush=True)
+        rows.setdefault("lora", []).append(row_lora(seed, labels, splits, steps))
+        rows.setdefault("qlora-nf4", []).append(row_lora(seed, labels, splits, steps, "nf4"))
+        for ratio in (0.2, 0.5):
+            for metric in ("lora", "grad", "magnitude"):
+                entry, small = row_prune(seed, labels, splits, steps, ratio, metric)
+                rows.setdefault(f"prune-{metric}-{ratio}", []).append(entry)
+                if seed == 0 and metric == "lora":
+                    pruned_models[f"pruned-{ratio}"] = small
+        rows.setdefault("loram-0.5", []).append(row_loram(seed, labels, splits, steps, 0.5))
+        print({k: round(v[-1]["accuracy"], 3) for k, v in rows.items()}, flush=True)
+        write_json(OUT / ".compression-rows.json", rows)  # kept if a later stage fails
+    write_json(OUT / ".compression-rows.json", rows)
+    stages = measure_stages(labels, splits, args.quick, pruned_models)
+    result = assemble(rows, stages, steps, seeds, args.quick, start)
+    write_json(OUT / "compression.json", result)
+    from compression_report import write_page
+
+    write_page(result, OUT)
+    print(f"wrote {OUT / 'compression.md'} in {result['wall_time_s']} s")
+
+
+if __name__ == "__main__":
+    main()
