@@ -1,0 +1,204 @@
+"""Mutation testing of lorakit's maths with mutmut 3, one package at a time (`make mutation`).
+
+    python tools/mutation.py merging [--max-children 1]     # one package
+    python tools/mutation.py all                            # every package, one after the other
+
+Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
+pyproject.toml; mutmut writes mutants/ there), and only that package's tests run against its mutants. The
+results (every mutant: file, line, status, and the diff of each one not killed) go to docs/mutation/<package>.json;
+tools/mutation_report.py turns them into the report in docs/testing.md.
+
+Two changes to mutmut's defaults, both made here rather than in the source:
+- mutmut leaves decorated functions alone. The merge functions (``@merger``), the federated strategies
+  (``@strategy``), ``@torch.no_grad()`` functions and context managers are the maths this run is for, so they are
+  mutated too: the public function keeps its decorators and becomes the trampoline; the mutant copies drop them.
+  Functions under ``functools.lru_cache`` stay unmutated (the cache would keep the original's results) and so
+  do properties, and the registration decorators themselves (``merger``, ``strategy``): they run at import, before
+  a mutant is switched on, so no test could kill their mutants.
+- Tests run with ``-x -p no:cacheprovider`` and a per-mutant CPU-time limit (mutmut's: 15 × the tests' time).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutation"
+OUT = ROOT / "docs" / "mutation"
+
+# package -> (files to mutate, relative to the root; the tests that check them)
+PACKAGES: dict[str, tuple[list[str], list[str]]] = {
+    "methods": (
+        ["src/lorakit/methods/*.py"],
+        ["tests/methods", "tests/conformance", "tests/formats/test_peft_parity.py"],
+    ),
+    "init": (["src/lorakit/init/*.py"], ["tests/init"]),
+    "merging": (["src/lorakit/merging/*.py"], ["tests/merging"]),
+    "federated": (
+        ["src/lorakit/federated/strategies/*.py", "src/lorakit/federated/aggregation.py"],
+        ["tests/federated/test_fed_strategies.py"],
+    ),
+    "serve": (["src/lorakit/serve/ops.py"], ["tests/serve/test_batched_lora.py"]),
+}
+# not maths: argument parsing and printing
+SKIP_FILES = ["src/lorakit/merging/cli.py", "*/__init__.py"]
+# decorators whose functions are mutated anyway (matched on the decorator's source text)
+# functions that only run at import (registration decorators), before mutmut switches a mutant on: not mutated
+IMPORT_TIME = {"merger", "strategy"}
+MUTATED_DECORATORS = re.compile(r"^(merger|strategy|torch\.no_grad|contextlib\.contextmanager|staticmethod|classmethod)\b")
+
+
+def _patch_mutmut() -> None:
+    """Mutate functions under the decorators in MUTATED_DECORATORS; mutant copies drop the decorators."""
+    import libcst as cst
+    from mutmut.mutation import file_mutation as fm
+
+    module = cst.Module([])
+
+    def decorators_ok(node: cst.FunctionDef) -> bool:
+        return all(MUTATED_DECORATORS.match(module.code_for_node(d.decorator)) for d in node.decorators)
+
+    def patched(self, node, _skip=fm.MutationVisitor._skip_node_and_children):
+        if isinstance(node, cst.FunctionDef) and node.name.value in IMPORT_TIME:
+            return True
+        if not (_skip(self, node) and isinstance(node, cst.FunctionDef) and node.decorators and decorators_ok(node)):
+            return _skip(self, node)
+        position = self.get_metadata(fm.PositionProvider, node, None)
+        if position and position.start.line in self._ignored_node_lines:  # "# pragma: no mutate" still holds
+            return True
+        return _skip(self, node.with_changes(decorators=[]))
+
+    fm.MutationVisitor._skip_node_and_children = patched
+
+    arrange = fm.function_trampoline_arrangement
+
+    def arrangement(function, mutants, class_name):
+        decls, nodes, assigns, names = arrange(function, mutants, class_name)
+        keep = [d for d in function.decorators if module.code_for_node(d.decorator) in ("classmethod", "staticmethod")]
+        # the trampoline (nodes[0]) keeps every decorator; the copies keep only classmethod / staticmethod
+        nodes = [nodes[0]] + [n.with_changes(decorators=keep) for n in nodes[1:]]
+        return decls, nodes, assigns, names
+
+    fm.function_trampoline_arrangement = arrangement
+
+
+def _prepare(package: str) -> Path:
+    """A fresh work folder holding copies of src/, tests/ and pyproject.toml."""
+    work = WORK / package
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for name in ("src", "tests"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
+    return work
+
+
+def _configure(package: str) -> None:
+    from mutmut import configuration
+
+    mutate, tests = PACKAGES[package]
+    base = configuration._load_config()
+    configuration._config = dataclasses.replace(
+        base,
+        source_paths=[Path("src")],
+        resolved_mutated_source_paths=[Path.cwd() / "mutants" / "src"],
+        only_mutate=mutate,
+        do_not_mutate=SKIP_FILES,
+        pytest_add_cli_args=["-p", "no:cacheprovider", "-W", "ignore"],
+        pytest_add_cli_args_test_selection=tests,
+        use_git_change_detection=False,
+    )
+
+
+def _line_of(diff: str, source: list[str]) -> int:
+    """The 1-based line of ``source`` that the mutant changes (0 if not found)."""
+    removed = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    for want in removed:
+        hits = [i for i, ln in enumerate(source, 1) if ln.strip() == want.strip()]
+        if len(hits) == 1:
+            return hits[0]
+    return 0
+
+
+def _collect(package: str, seconds: float) -> dict:
+    """Every mutant of ``package``: name, file, status; line and diff for those not killed."""
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    mutants = []
+    for meta in sorted(Path("mutants/src").rglob("*.py.meta")):
+        path = meta.relative_to("mutants").with_suffix("")
+        data = SourceFileMutationData(path=path)
+        data.load()
+        source = path.read_text().splitlines()
+        for name, code in sorted(data.exit_code_by_key.items(), key=lambda kv: _natural(kv[0])):
+            status = status_by_exit_code[code]
+            row = {"name": name, "file": str(path), "status": status}
+            if status != "killed":
+                diff = get_diff_for_mutant(name, path=path)
+                row["line"] = _line_of(diff, source)
+                row["diff"] = [ln for ln in diff.splitlines()[2:] if ln[:1] in "+-"]
+            mutants.append(row)
+    counts: dict[str, int] = {}
+    for m in mutants:
+        counts[m["status"]] = counts.get(m["status"], 0) + 1
+    mutate, tests = PACKAGES[package]
+    return {"package": package, "mutated": mutate, "tests": tests, "seconds": round(seconds),
+            "counts": counts, "mutants": mutants}
+
+
+def _natural(name: str) -> tuple:
+    head, _, num = name.rpartition("_")
+    return (head, int(num)) if num.isdigit() else (name, 0)
+
+
+def run(package: str, max_children: int) -> dict:
+    """Mutate ``package``, run its tests against every mutant, and write docs/mutation/<package>.json."""
+    work = _prepare(package)
+    os.chdir(work)
+    os.environ.pop("PYTHONPATH", None)  # the mutated copy under mutants/src must be what the tests import
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != (ROOT / "src").resolve()]
+    _patch_mutmut()
+    _configure(package)
+    from mutmut import __main__ as mm
+
+    start = time.time()
+    try:
+        mm._run([], max_children)
+    except SystemExit as e:
+        if e.code:
+            raise
+    report = _collect(package, time.time() - start)
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / f".{package}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(OUT / f"{package}.json")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package", choices=[*PACKAGES, "all"])
+    parser.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (default 1)")
+    args = parser.parse_args()
+    if args.package == "all":
+        # one child process per package: mutmut keeps global state
+        import subprocess
+
+        for name in PACKAGES:
+            subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children)], check=True)
+        return
+    report = run(args.package, args.max_children)
+    print(f"{args.package}: {report['counts']} in {report['seconds']} s -> docs/mutation/{args.package}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Write the mutation-testing report into docs/testing.md from docs/mutation/<package>.json and the survivor notes.
+
+    python tools/mutation_report.py            # rewrite the report section of docs/testing.md
+    python tools/mutation_report.py --todo     # list survivors that have no note yet (as JSON stubs)
+
+tools/mutation_notes.json explains survivors, keyed by mutant name: ``{"change": "<the mutated line>",
+"equivalent": "<why no test can tell>"}`` or ``{"change": ..., "killed_by": "tests/...::test_x"}`` for a survivor
+of an earlier run that an added test now kills (the report checks it is killed in the latest run). A note whose
+``change`` no longer matches the mutant (the source moved) is reported as stale, not applied.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "mutation"
+NOTES = ROOT / "tools" / "mutation_notes.json"
+DOC = ROOT / "docs" / "testing.md"
+BEGIN, END = "<!-- mutation report: begin -->", "<!-- mutation report: end -->"
+ORDER = ["methods", "init", "merging", "federated", "serve"]
+DETECTED = ("killed", "timeout", "segfault")  # a test failed, or the mutant hung or crashed the worker
+
+
+def change_of(mutant: dict) -> str:
+    """The mutated line(s), stripped: the note key that survives renumbering."""
+    return " / ".join(ln[1:].strip() for ln in mutant.get("diff", []) if ln.startswith("+"))
+
+
+def load() -> tuple[list[dict], dict]:
+    reports = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
+    reports.sort(key=lambda r: ORDER.index(r["package"]) if r["package"] in ORDER else len(ORDER))
+    notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+    return reports, notes
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def render(reports: list[dict], notes: dict) -> str:
+    lines = [BEGIN, "", "| package | mutants | killed | timeout | survived | no tests | kill rate | run time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        c = r["counts"]
+        total = sum(c.values())
+        detected = sum(c.get(s, 0) for s in DETECTED)
+        lines.append(
+            f"| {r['package']} | {total} | {c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} "
+            f"| {c.get('no tests', 0)} | {100 * detected / total:.1f}% | {r['seconds'] // 60} min |"
+        )
+    lines += ["", "Kill rate = (killed + timeout) / mutants; a mutant no selected test reaches counts as a survivor.",
+              "Files and tests per package:", ""]
+    for r in reports:
+        lines.append(f"- {r['package']}: `{' '.join(r['mutated'])}` against `{' '.join(r['tests'])}`")
+    for r in reports:
+        by_name = {m["name"]: m for m in r["mutants"]}
+        survivors = [m for m in r["mutants"] if m["status"] not in DETECTED]
+        killed_later = [(n, v) for n, v in notes.items() if "killed_by" in v and n in by_name
+                        and by_name[n]["status"] in DETECTED]
+        lines += ["", f"### {r['package']}: {len(survivors)} survivors", ""]
+        if survivors:
+            lines += ["| where | mutation | why it survives |", "|---|---|---|"]
+        for m in survivors:
+            note = notes.get(m["name"], {})
+            if note.get("change") != change_of(m):
+                why = "**unexplained**" + (" (stale note)" if note else "")
+            elif "equivalent" in note:
+                why = "equivalent: " + note["equivalent"]
+            else:
+                why = "**unexplained**: " + note.get("killed_by", "") + " does not kill it"
+            where = f"{m['file'].removeprefix('src/lorakit/')}:{m.get('line') or '?'}"
+            lines.append(f"| {where} | `{_cell(change_of(m))}` ({m['status']}) | {_cell(why)} |")
+        if killed_later:
+            lines += ["", f"Survivors of the first run now killed by added tests ({len(killed_later)}):", ""]
+            tests: dict[str, int] = {}
+            for _, v in killed_later:
+                tests[v["killed_by"]] = tests.get(v["killed_by"], 0) + 1
+            lines += [f"- `{t}`: {k}" for t, k in sorted(tests.items())]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def todo(reports: list[dict], notes: dict) -> dict:
+    out = {}
+    for r in reports:
+        for m in r["mutants"]:
+            note = notes.get(m["name"], {})
+            if m["status"] not in DETECTED and (note.get("change") != change_of(m) or "equivalent" not in note):
+                out[m["name"]] = {"change": change_of(m), "line": m.get("line"), "was": m["diff"]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--todo", action="store_true", help="print survivors without an equivalence note")
+    args = parser.parse_args()
+    reports, notes = load()
+    if args.todo:
+        print(json.dumps(todo(reports, notes), indent=1, ensure_ascii=False))
+        return
+    text = DOC.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(head + render(reports, notes) + tail)
+    tmp.replace(DOC)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
