@@ -2,6 +2,7 @@
 
     python tools/mutation.py merging [--max-children 1]     # one package
     python tools/mutation.py all                            # every package, one after the other
+    python tools/mutation.py merging --rerun                # the last run's survivors only, with the current tests
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
 pyproject.toml; mutmut writes mutants/ there), and only that package's tests run against its mutants. The
@@ -14,13 +15,15 @@ Two changes to mutmut's defaults, both made here rather than in the source:
   mutated too: the public function keeps its decorators and becomes the trampoline; the mutant copies drop them.
   Functions under ``functools.lru_cache`` stay unmutated (the cache would keep the original's results) and so
   do properties, and the registration decorators themselves (``merger``, ``strategy``): they run at import, before
-  a mutant is switched on, so no test could kill their mutants.
+  a mutant is switched on, so no test could kill their mutants. Config validation and serialisation
+  (``__post_init__``, ``to_dict``) and init/checks.py (the initialisers' conformance checker) are not maths: left out.
 - Tests run with ``-x -p no:cacheprovider`` and a per-mutant CPU-time limit (mutmut's: 15 × the tests' time).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import re
@@ -39,8 +42,12 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
         ["src/lorakit/methods/*.py"],
         ["tests/methods", "tests/conformance", "tests/formats/test_peft_parity.py"],
     ),
-    "init": (["src/lorakit/init/*.py"], ["tests/init"]),
-    "merging": (["src/lorakit/merging/*.py"], ["tests/merging"]),
+    # the factor maths; not the calibration plumbing (hooks, settings, seeding) nor checks.py (the conformance checker)
+    "init": ([f"src/lorakit/init/{f}.py" for f in ("lora_ga", "pissa", "olora", "orthogonal", "ipca", "eva",
+                                                   "conversion", "shira_masks")], ["tests/init"]),
+    # the merge maths; not combine.py / carry.py (input checks, tensor layouts, configs, modules_to_save)
+    "merging": ([f"src/lorakit/merging/{f}.py" for f in ("linear", "task_vectors", "knots", "lego", "lowrank", "protocol")],
+                ["tests/merging"]),
     "federated": (
         ["src/lorakit/federated/strategies/*.py", "src/lorakit/federated/aggregation.py"],
         ["tests/federated/test_fed_strategies.py"],
@@ -48,10 +55,12 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "serve": (["src/lorakit/serve/ops.py"], ["tests/serve/test_batched_lora.py"]),
 }
 # not maths: argument parsing and printing
-SKIP_FILES = ["src/lorakit/merging/cli.py", "*/__init__.py"]
+SKIP_FILES = ["src/lorakit/merging/cli.py", "src/lorakit/init/checks.py", "*/__init__.py"]
 # decorators whose functions are mutated anyway (matched on the decorator's source text)
 # functions that only run at import (registration decorators), before mutmut switches a mutant on: not mutated
 IMPORT_TIME = {"merger", "strategy"}
+# config validation and serialisation, not maths
+NOT_MATHS = {"__post_init__", "to_dict"}
 MUTATED_DECORATORS = re.compile(r"^(merger|strategy|torch\.no_grad|contextlib\.contextmanager|staticmethod|classmethod)\b")
 
 
@@ -66,7 +75,7 @@ def _patch_mutmut() -> None:
         return all(MUTATED_DECORATORS.match(module.code_for_node(d.decorator)) for d in node.decorators)
 
     def patched(self, node, _skip=fm.MutationVisitor._skip_node_and_children):
-        if isinstance(node, cst.FunctionDef) and node.name.value in IMPORT_TIME:
+        if isinstance(node, cst.FunctionDef) and node.name.value in IMPORT_TIME | NOT_MATHS:
             return True
         if not (_skip(self, node) and isinstance(node, cst.FunctionDef) and node.decorators and decorators_ok(node)):
             return _skip(self, node)
@@ -100,10 +109,11 @@ def _prepare(package: str) -> Path:
     return work
 
 
-def _configure(package: str) -> None:
+def _configure(package: str, files: list[str] | None) -> None:
     from mutmut import configuration
 
     mutate, tests = PACKAGES[package]
+    mutate = files or mutate
     base = configuration._load_config()
     configuration._config = dataclasses.replace(
         base,
@@ -127,15 +137,18 @@ def _line_of(diff: str, source: list[str]) -> int:
     return 0
 
 
-def _collect(package: str, seconds: float) -> dict:
+def _collect(package: str, seconds: float, files: list[str] | None) -> dict:
     """Every mutant of ``package``: name, file, status; line and diff for those not killed."""
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
+    mutate = files or PACKAGES[package][0]
     mutants = []
     for meta in sorted(Path("mutants/src").rglob("*.py.meta")):
         path = meta.relative_to("mutants").with_suffix("")
+        if not any(fnmatch.fnmatch(str(path), pattern) for pattern in mutate):
+            continue
         data = SourceFileMutationData(path=path)
         data.load()
         source = path.read_text().splitlines()
@@ -150,9 +163,19 @@ def _collect(package: str, seconds: float) -> dict:
     counts: dict[str, int] = {}
     for m in mutants:
         counts[m["status"]] = counts.get(m["status"], 0) + 1
-    mutate, tests = PACKAGES[package]
+    tests = PACKAGES[package][1]
     return {"package": package, "mutated": mutate, "tests": tests, "seconds": round(seconds),
             "counts": counts, "mutants": mutants}
+
+
+def _earlier_survivors(previous: Path) -> dict[str, list[str]]:
+    """Survivors of every earlier run (name -> diff), so the report can say which ones added tests now kill."""
+    if not previous.exists():
+        return {}
+    old = json.loads(previous.read_text())
+    earlier = dict(old.get("earlier_survivors", {}))
+    earlier.update({m["name"]: m["diff"] for m in old["mutants"] if m["status"] not in ("killed", "timeout")})
+    return earlier
 
 
 def _natural(name: str) -> tuple:
@@ -160,23 +183,46 @@ def _natural(name: str) -> tuple:
     return (head, int(num)) if num.isdigit() else (name, 0)
 
 
-def run(package: str, max_children: int) -> dict:
-    """Mutate ``package``, run its tests against every mutant, and write docs/mutation/<package>.json."""
-    work = _prepare(package)
+def run(package: str, max_children: int, files: list[str] | None = None, rerun: bool = False) -> dict:
+    """Mutate ``package``, run its tests against every mutant, and write docs/mutation/<package>.json.
+
+    ``rerun``: keep the last run's mutants and results, take the current tests, and run only the survivors again.
+    """
+    previous = OUT / f"{package}.json"
+    again: list[str] = []
+    if rerun:
+        work = WORK / package
+        os.chdir(work)
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            files = files or (old["mutated"] if old["mutated"] != PACKAGES[package][0] else None)
+        else:  # an interrupted first run: its results are in the work folder
+            old = _collect(package, 0, files)
+            previous.parent.mkdir(parents=True, exist_ok=True)
+            previous.write_text(json.dumps(old) + "\n")
+        again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout")]
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:
+        work = _prepare(package)
     os.chdir(work)
     os.environ.pop("PYTHONPATH", None)  # the mutated copy under mutants/src must be what the tests import
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != (ROOT / "src").resolve()]
     _patch_mutmut()
-    _configure(package)
+    _configure(package, files)
     from mutmut import __main__ as mm
 
     start = time.time()
     try:
-        mm._run([], max_children)
+        if not rerun or again:
+            mm._run(again, max_children)
     except SystemExit as e:
         if e.code:
             raise
-    report = _collect(package, time.time() - start)
+    report = _collect(package, time.time() - start, files)
+    report["earlier_survivors"] = _earlier_survivors(previous)
+    if rerun:  # the run time of the whole package, and of the survivors' rerun
+        report["seconds"], report["rerun_seconds"] = json.loads(previous.read_text())["seconds"], report["seconds"]
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / f".{package}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1) + "\n")
@@ -188,15 +234,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", choices=[*PACKAGES, "all"])
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (default 1)")
+    parser.add_argument("--files", nargs="+", help="mutate only these files of the package (globs from the root)")
+    parser.add_argument("--rerun", action="store_true", help="run only the last run's survivors again, with the current tests")
     args = parser.parse_args()
     if args.package == "all":
         # one child process per package: mutmut keeps global state
         import subprocess
 
+        extra = ["--rerun"] if args.rerun else []
         for name in PACKAGES:
-            subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children)], check=True)
+            subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children), *extra], check=True)
         return
-    report = run(args.package, args.max_children)
+    report = run(args.package, args.max_children, args.files, args.rerun)
     print(f"{args.package}: {report['counts']} in {report['seconds']} s -> docs/mutation/{args.package}.json")
 
 

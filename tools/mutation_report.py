@@ -4,9 +4,10 @@
     python tools/mutation_report.py --todo     # list survivors that have no note yet (as JSON stubs)
 
 tools/mutation_notes.json explains survivors, keyed by mutant name: ``{"change": "<the mutated line>",
-"equivalent": "<why no test can tell>"}`` or ``{"change": ..., "killed_by": "tests/...::test_x"}`` for a survivor
-of an earlier run that an added test now kills (the report checks it is killed in the latest run). A note whose
-``change`` no longer matches the mutant (the source moved) is reported as stale, not applied.
+"equivalent": "<why no test can tell>"}``, or ``"accepted"`` instead of ``"equivalent"`` for a mutant that differs
+but only where no sound test can pin it (said why). A note whose ``change`` no longer matches the mutant (the source
+moved) is reported as stale, not applied. ``"_tests": {package: [test files]}`` names the tests added for survivors;
+survivors of earlier runs (kept in docs/mutation/<package>.json) that the latest run kills are counted against them.
 """
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def render(reports: list[dict], notes: dict) -> str:
     for r in reports:
         by_name = {m["name"]: m for m in r["mutants"]}
         survivors = [m for m in r["mutants"] if m["status"] not in DETECTED]
-        killed_later = [(n, v) for n, v in notes.items() if "killed_by" in v and n in by_name
-                        and by_name[n]["status"] in DETECTED]
+        earlier = r.get("earlier_survivors", {})
+        # mutant names are stable while the source is: an earlier survivor killed now was killed by an added test
+        killed_later = [n for n in earlier if n in by_name and by_name[n]["status"] in DETECTED]
         lines += ["", f"### {r['package']}: {len(survivors)} survivors", ""]
         if survivors:
             lines += ["| where | mutation | why it survives |", "|---|---|---|"]
@@ -69,15 +71,13 @@ def render(reports: list[dict], notes: dict) -> str:
             elif "equivalent" in note:
                 why = "equivalent: " + note["equivalent"]
             else:
-                why = "**unexplained**: " + note.get("killed_by", "") + " does not kill it"
+                why = "not killed: " + note["accepted"]
             where = f"{m['file'].removeprefix('src/lorakit/')}:{m.get('line') or '?'}"
             lines.append(f"| {where} | `{_cell(change_of(m))}` ({m['status']}) | {_cell(why)} |")
         if killed_later:
-            lines += ["", f"Survivors of the first run now killed by added tests ({len(killed_later)}):", ""]
-            tests: dict[str, int] = {}
-            for _, v in killed_later:
-                tests[v["killed_by"]] = tests.get(v["killed_by"], 0) + 1
-            lines += [f"- `{t}`: {k}" for t, k in sorted(tests.items())]
+            added = ", ".join(f"`{t}`" for t in notes.get("_tests", {}).get(r["package"], [])) or "(none listed)"
+            lines += ["", f"{len(killed_later)} survivors of earlier runs are now killed by the tests added for them: "
+                      f"{added}."]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -87,7 +87,7 @@ def todo(reports: list[dict], notes: dict) -> dict:
     for r in reports:
         for m in r["mutants"]:
             note = notes.get(m["name"], {})
-            if m["status"] not in DETECTED and (note.get("change") != change_of(m) or "equivalent" not in note):
+            if m["status"] not in DETECTED and (note.get("change") != change_of(m) or not {"equivalent", "accepted"} & set(note)):
                 out[m["name"]] = {"change": change_of(m), "line": m.get("line"), "was": m["diff"]}
     return out
 

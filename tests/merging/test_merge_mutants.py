@@ -162,3 +162,24 @@ def test_lego_forwards_n_init(monkeypatch):
 def test_combine_task_vectors_keeps_dtype_of_float64_vectors():
     got = combine_task_vectors(torch.randn(2, 8, dtype=torch.float64), [1.0, 1.0], "ties", density=0.5)
     assert got.dtype == torch.float64
+
+
+def test_density_zero_is_refused():
+    for variant in ("ties", "dare_linear"):
+        with pytest.raises(MergeError, match=r"density must be in \(0, 1\], found 0.0"):
+            combine_task_vectors(torch.ones(2, 3), [1.0, 1.0], variant, density=0.0)
+
+
+def test_weights_are_applied_in_the_task_vectors_precision():
+    taus = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = combine_task_vectors(taus, [0.1, 0.3], "task_arithmetic")
+    assert torch.equal(got, 0.1 * taus[0] + 0.3 * taus[1])
+
+
+def test_frequency_election_is_per_entry_and_ties_go_positive():
+    taus = torch.tensor([[2.0, -3.0, 1.0], [-1.0, -1.0, 4.0], [-1.0, 5.0, 0.0]])
+    # entry 0: one + two - -> -; entry 1: two - one + -> -; entry 2: two + (and a zero) -> +
+    got = combine_task_vectors(taus, [1.0, 1.0, 1.0], "ties", majority="frequency")
+    assert torch.equal(got, torch.tensor([-1.0, -2.0, 2.5]))
+    tie = combine_task_vectors(torch.tensor([[2.0], [-1.0]]), [1.0, 1.0], "ties", majority="frequency")
+    assert tie.item() == 2.0
