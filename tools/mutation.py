@@ -50,9 +50,9 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
                 ["tests/merging"]),
     "federated": (
         ["src/lorakit/federated/strategies/*.py", "src/lorakit/federated/aggregation.py"],
-        ["tests/federated/test_fed_strategies.py"],
+        ["tests/federated/test_fed_strategies.py", "tests/federated/test_fed_mutants.py"],
     ),
-    "serve": (["src/lorakit/serve/ops.py"], ["tests/serve/test_batched_lora.py"]),
+    "serve": (["src/lorakit/serve/ops.py"], ["tests/serve/test_batched_lora.py", "tests/serve/test_ops_mutants.py"]),
 }
 # not maths: argument parsing and printing
 SKIP_FILES = ["src/lorakit/merging/cli.py", "src/lorakit/init/checks.py", "*/__init__.py"]
