@@ -36,6 +36,12 @@ def load() -> tuple[list[dict], dict]:
     return reports, notes
 
 
+def _minutes(r: dict) -> str:
+    """Wall time of the package's full run, and of the rerun of its survivors (0: the full run was interrupted)."""
+    full = f"{r['seconds'] / 60:.0f} min" if r["seconds"] else "interrupted"
+    return full + (f" + rerun {r['rerun_seconds'] / 60:.0f} min" if "rerun_seconds" in r else "")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
@@ -49,7 +55,7 @@ def render(reports: list[dict], notes: dict) -> str:
         detected = sum(c.get(s, 0) for s in DETECTED)
         lines.append(
             f"| {r['package']} | {total} | {c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} "
-            f"| {c.get('no tests', 0)} | {100 * detected / total:.1f}% | {r['seconds'] // 60} min |"
+            f"| {c.get('no tests', 0)} | {100 * detected / total:.1f}% | {_minutes(r)} |"
         )
     lines += ["", "Kill rate = (killed + timeout) / mutants; a mutant no selected test reaches counts as a survivor.",
               "Files and tests per package:", ""]

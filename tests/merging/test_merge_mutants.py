@@ -183,3 +183,9 @@ def test_frequency_election_is_per_entry_and_ties_go_positive():
     assert torch.equal(got, torch.tensor([-1.0, -2.0, 2.5]))
     tie = combine_task_vectors(torch.tensor([[2.0], [-1.0]]), [1.0, 1.0], "ties", majority="frequency")
     assert tie.item() == 2.0
+
+
+def test_the_generator_is_not_a_knob():
+    assert MERGERS.get("lego").knobs() == ["rank", "param_reweight", "output_reweight", "n_init"]
+    with pytest.raises(MergeError, match="method 'dare_linear' has no setting generator; its settings: density, rank"):
+        combine(mixed(), "dare_linear", generator=torch.Generator())
