@@ -127,12 +127,14 @@ def _configure(package: str, files: list[str] | None) -> None:
     )
 
 
-def _line_of(diff: str, source: list[str]) -> int:
-    """The 1-based line of ``source`` that the mutant changes (0 if not found)."""
+def _line_of(name: str, diff: str, source: list[str]) -> int:
+    """The 1-based line of ``source`` that mutant ``name`` changes: the first match inside its function (0: not found)."""
+    function = name.rpartition(".")[2].rsplit("__mutmut_", 1)[0].split("ǁ")[-1].removeprefix("x_")
+    start = next((i for i, ln in enumerate(source, 1) if re.match(rf"\s*def {re.escape(function)}\(", ln)), 1)
     removed = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
     for want in removed:
-        hits = [i for i, ln in enumerate(source, 1) if ln.strip() == want.strip()]
-        if len(hits) == 1:
+        hits = [i for i, ln in enumerate(source, 1) if i >= start and ln.strip() == want.strip()]
+        if hits:
             return hits[0]
     return 0
 
@@ -157,7 +159,7 @@ def _collect(package: str, seconds: float, files: list[str] | None) -> dict:
             row = {"name": name, "file": str(path), "status": status}
             if status != "killed":
                 diff = get_diff_for_mutant(name, path=path)
-                row["line"] = _line_of(diff, source)
+                row["line"] = _line_of(name, diff, source)
                 row["diff"] = [ln for ln in diff.splitlines()[2:] if ln[:1] in "+-"]
             mutants.append(row)
     counts: dict[str, int] = {}
