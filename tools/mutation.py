@@ -38,11 +38,17 @@ OUT = ROOT / "docs" / "mutation"
 
 # package -> (files to mutate, relative to the root; the tests that check them)
 PACKAGES: dict[str, tuple[list[str], list[str]]] = {
-    "methods": (
+    "methods": (  # the adapter variants; the routed methods are package "routing"
         ["src/lorakit/methods/*.py"],
         ["tests/methods", "tests/conformance", "tests/formats/test_peft_parity.py"],
     ),
     # the factor maths; not the calibration plumbing (hooks, settings, seeding) nor checks.py (the conformance checker)
+    # the routed methods (mixtures of LoRA experts and their routers)
+    "routing": (
+        [f"src/lorakit/methods/{f}.py" for f in ("routing", "meteora", "lora_mixer", "smora", "experts")],
+        ["tests/methods/test_meteora.py", "tests/methods/test_lora_mixer.py", "tests/methods/test_smora.py",
+         "tests/conformance"],
+    ),
     "init": ([f"src/lorakit/init/{f}.py" for f in ("lora_ga", "pissa", "olora", "orthogonal", "ipca", "eva",
                                                    "conversion", "shira_masks")], ["tests/init"]),
     # the merge maths; not combine.py / carry.py (input checks, tensor layouts, configs, modules_to_save)
@@ -55,6 +61,7 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "serve": (["src/lorakit/serve/ops.py"], ["tests/serve/test_batched_lora.py", "tests/serve/test_ops_mutants.py"]),
 }
 # not maths: argument parsing and printing
+ROUTED = [f"src/lorakit/methods/{f}.py" for f in ("routing", "meteora", "lora_mixer", "smora", "experts")]
 SKIP_FILES = ["src/lorakit/merging/cli.py", "src/lorakit/init/checks.py", "*/__init__.py"]
 # decorators whose functions are mutated anyway (matched on the decorator's source text)
 # functions that only run at import (registration decorators), before mutmut switches a mutant on: not mutated
@@ -120,7 +127,7 @@ def _configure(package: str, files: list[str] | None) -> None:
         source_paths=[Path("src")],
         resolved_mutated_source_paths=[Path.cwd() / "mutants" / "src"],
         only_mutate=mutate,
-        do_not_mutate=SKIP_FILES,
+        do_not_mutate=SKIP_FILES + (ROUTED if package == "methods" else []),
         pytest_add_cli_args=["-p", "no:cacheprovider", "-W", "ignore"],
         pytest_add_cli_args_test_selection=tests,
         use_git_change_detection=False,

@@ -20,7 +20,7 @@ RESULTS = ROOT / "docs" / "mutation"
 NOTES = ROOT / "tools" / "mutation_notes.json"
 DOC = ROOT / "docs" / "testing.md"
 BEGIN, END = "<!-- mutation report: begin -->", "<!-- mutation report: end -->"
-ORDER = ["methods", "init", "merging", "federated", "serve"]
+ORDER = ["methods", "routing", "init", "merging", "federated", "serve"]
 DETECTED = ("killed", "timeout", "segfault")  # a test failed, or the mutant hung or crashed the worker
 
 
