@@ -195,7 +195,8 @@ def _natural(name: str) -> tuple:
 def run(package: str, max_children: int, files: list[str] | None = None, rerun: bool = False) -> dict:
     """Mutate ``package``, run its tests against every mutant, and write docs/mutation/<package>.json.
 
-    ``rerun``: keep the last run's mutants and results, take the current tests, and run only the survivors again.
+    ``rerun``: keep the last run's mutants and results, take the current tests, and run only the survivors that
+    tools/mutation_notes.json does not explain again.
     """
     previous = OUT / f"{package}.json"
     again: list[str] = []
@@ -209,7 +210,11 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
             old = _collect(package, 0, files)
             previous.parent.mkdir(parents=True, exist_ok=True)
             previous.write_text(json.dumps(old) + "\n")
-        again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout")]
+        # survivors already explained in tools/mutation_notes.json are not run again
+        notes_path = ROOT / "tools" / "mutation_notes.json"
+        notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+        explained = {n for n, v in notes.items() if isinstance(v, dict) and {"equivalent", "accepted"} & set(v)}
+        again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained]
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     else:
@@ -231,7 +236,8 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
     report = _collect(package, time.time() - start, files)
     report["earlier_survivors"] = _earlier_survivors(previous)
     if rerun:  # the run time of the whole package, and of the survivors' rerun
-        report["seconds"], report["rerun_seconds"] = json.loads(previous.read_text())["seconds"], report["seconds"]
+        last = json.loads(previous.read_text())
+        report["seconds"], report["rerun_seconds"] = last["seconds"], last.get("rerun_seconds", 0) + report["seconds"]
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / f".{package}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1) + "\n")

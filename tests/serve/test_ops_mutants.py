@@ -163,3 +163,12 @@ def test_reference_delta_edge_cases():
     got = ops.reference_delta(x, [(a, b, 2.0), None])
     assert got.dtype == torch.bfloat16 and (got[1] == 0).all()
     torch.testing.assert_close(got[0], (b.bfloat16() @ (a.bfloat16() @ x[0])) * 2.0)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(5, 8), (8, 5)])
+def test_grouped_refuses_any_unaligned_operand(d_in, d_out):
+    if not ops.grouped_mm_available():
+        pytest.skip("this torch build has no grouped_mm")
+    choice, _ = _prefill(40)
+    with pytest.raises(ValueError, match="cannot run these shapes"):
+        _run(choice, _adapters([8, 8, 8], d_in, d_out), "grouped", d_in)
