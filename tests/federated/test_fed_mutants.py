@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from lorakit import AdapterState, LoRAConfig
+from lorakit import AdapterState, DoRAConfig, LoRAConfig
 from lorakit.federated import aggregate, aggregation_error, exact_update, normalised, relative_error, update_of
-from lorakit.federated.aggregation import with_ranks
+from lorakit.federated.aggregation import with_factors, with_ranks
 from lorakit.federated.strategies.lora_fair import fair_objective
 from lorakit.federated.conformance import synthetic_clients
 from lorakit.federated.strategies.fedavg_dense import exact_factors
@@ -102,3 +102,75 @@ def test_lora_fair_names_itself_and_takes_its_step_size():
 def test_fedit_names_itself_in_its_config_error():
     with pytest.raises(ValueError, match="strategy 'fedit' needs one adapter config"):
         aggregate("fedit", synthetic_clients([4, 2], seed=12), [1, 1])
+
+
+def _with(state, **fields):
+    return AdapterState(state.config, fields.get("tensors", state.tensors), fields.get("saved", state.modules_to_save),
+                        fields.get("base", state.base_tensors))
+
+
+def test_base_tensors_and_modules_to_save_are_averaged_with_the_weights():
+    states = synthetic_clients([4, 4], seed=3, head=True)
+    states = [_with(s, base={"emb.weight": torch.full((2, 3), float(k + 1))}) for k, s in enumerate(states)]
+    out = aggregate("flora", states, [1, 3])
+    torch.testing.assert_close(out.base_tensors["emb.weight"], torch.full((2, 3), 0.25 * 1 + 0.75 * 2))
+    want = 0.25 * states[0].modules_to_save["head"]["bias"].double() + 0.75 * states[1].modules_to_save["head"]["bias"].double()
+    torch.testing.assert_close(out.modules_to_save["head"]["bias"], want.float())
+
+
+def test_non_float_tensors_are_copied_and_later_keys_still_averaged():
+    states = synthetic_clients([4, 4], seed=3)
+    states = [_with(s, base={"a.steps": torch.tensor([7]), "b.weight": torch.full((2,), float(k))}) for k, s in enumerate(states)]
+    out = aggregate("fedit", states, [1, 1])
+    assert torch.equal(out.base_tensors["a.steps"], torch.tensor([7]))
+    torch.testing.assert_close(out.base_tensors["b.weight"], torch.full((2,), 0.5))
+
+
+def test_clients_disagreeing_on_a_shape_are_named():
+    states = synthetic_clients([4, 4], seed=3)
+    states = [_with(s, base={"w": torch.zeros(2 + k, 3)}) for k, s in enumerate(states)]
+    with pytest.raises(ValueError, match=r"module '', tensor 'w': clients disagree on the shape: \[\(2, 3\), \(3, 3\)\]"):
+        aggregate("fedit", states, [1, 1])
+
+
+def test_module_mismatch_messages_name_the_client_and_what_differs():
+    a, b, c = synthetic_clients([4, 4, 4], seed=13, head=True)
+    c = _with(c, saved={})
+    with pytest.raises(ValueError, match=r"^client 2 and client 0 differ in their modules_to_save: \['head'\]$"):
+        aggregate("fedit", [a, b, c], [1, 1, 1])
+    many = {f"m{i}": a.tensors["enc.q"] for i in range(7)}
+    with pytest.raises(ValueError, match=r"differ in their adapted modules: \['enc.q', 'enc.v', 'm0', 'm1', 'm2'\]$"):
+        aggregate("fedit", [a, _with(b, tensors=many)], [1, 1])
+    dora = AdapterState(DoRAConfig(r=4, lora_alpha=8, target_modules=["q", "v"]), b.tensors, b.modules_to_save)
+    with pytest.raises(ValueError, match=r"^client 1 uses DoRAConfig, client 0 LoRAConfig$"):
+        aggregate("fedit", [a, dora], [1, 1])
+
+
+def test_no_clients_and_zero_counts_are_refused_with_their_reasons():
+    with pytest.raises(ValueError, match=r"^strategy 'fedit': no client states to aggregate$"):
+        aggregate("fedit", [], [])
+    with pytest.raises(ValueError, match=r"^the example counts sum to 0: at least one client must report examples$"):
+        normalised([0, 0], 2)
+    assert normalised([0.25, 0.5], 2) == [1 / 3, 2 / 3]  # a total below 1 is fine
+
+
+def test_strategy_options_reach_the_strategy():
+    a, b = synthetic_clients([4, 4], seed=11, spread=1e-4)
+    with pytest.raises(ValueError, match="another A"):
+        aggregate("ffa_lora", [a, b], [1, 1])
+    aggregate("ffa_lora", [a, b], [1, 1], atol=1e-2)  # the tolerance is passed through
+
+
+def test_conv_kernel_dims_are_restored_on_b():
+    like = {"lora_A.weight": torch.zeros(2, 3, 1, 1), "lora_B.weight": torch.zeros(5, 2, 1, 1)}
+    out = with_factors(like, torch.ones(4, 3, dtype=torch.float64), torch.ones(5, 4, dtype=torch.float64))
+    assert out["lora_A.weight"].shape == (4, 3, 1, 1) and out["lora_B.weight"].shape == (5, 4, 1, 1)
+    assert out["lora_B.weight"].dtype == torch.float32
+
+
+def test_methods_without_factors_get_the_whole_advice():
+    one = synthetic_clients([4], seed=14)[0]
+    dora = AdapterState(DoRAConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),
+                        {p: {**d, "lora_magnitude_vector": torch.ones(d["lora_B.weight"].shape[0])} for p, d in one.tensors.items()})
+    with pytest.raises(ValueError, match=r"so it cannot be aggregated factor-wise; use strategy 'fedit' \(key-wise average\) instead$"):
+        aggregate("flora", [dora, dora], [1, 1])
