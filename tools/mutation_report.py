@@ -57,6 +57,9 @@ def render(reports: list[dict], notes: dict) -> str:
             f"| {r['package']} | {total} | {c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} "
             f"| {c.get('no tests', 0)} | {100 * detected / total:.1f}% | {_minutes(r)} |"
         )
+    missing = [p for p in ORDER if p not in {r["package"] for r in reports}]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (`make mutation PACKAGE={missing[0]}`)."]
     lines += ["", "Kill rate = (killed + timeout) / mutants; a mutant no selected test reaches counts as a survivor.",
               "Files and tests per package:", ""]
     for r in reports:

@@ -174,3 +174,10 @@ def test_methods_without_factors_get_the_whole_advice():
                         {p: {**d, "lora_magnitude_vector": torch.ones(d["lora_B.weight"].shape[0])} for p, d in one.tensors.items()})
     with pytest.raises(ValueError, match=r"so it cannot be aggregated factor-wise; use strategy 'fedit' \(key-wise average\) instead$"):
         aggregate("flora", [dora, dora], [1, 1])
+
+
+def test_aggregation_error_of_a_single_module_is_its_relative_error():
+    states = [_with(s, tensors={"enc.q": s.tensors["enc.q"]}) for s in synthetic_clients([4, 4], seed=6)]
+    fedit = aggregate("fedit", states, [1, 1])
+    want = relative_error(update_of(fedit, "enc.q"), exact_update(states, [0.5, 0.5], "enc.q"))
+    assert aggregation_error(fedit, states, [1, 1]) == pytest.approx(want) and want > 1e-3
