@@ -4,6 +4,7 @@ import torch
 
 import lorakit
 from lorakit.init import convert_to_plain_lora, pissa as pissa_module
+from lorakit.init.lora_ga import LoraGAConfig, lora_ga_factors
 from lorakit.init.orthogonal import orthogonal_factors
 from lorakit.testing import ToyLinear
 
@@ -68,3 +69,39 @@ def test_conversion_messages_and_pattern_checks():
                                          r"rewritten as a LoRA relative to the original weight; merge the adapter "
                                          r"into the original model instead$"):
         convert_to_plain_lora(loldu, loldu)
+
+
+def _known_svd(m=32, n=24, k=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    s = torch.arange(k, 0, -1).float() * 2.0  # well separated
+    return u @ torch.diag(s) @ v.T, u, v
+
+
+def _projector(vectors):
+    return vectors @ vectors.T
+
+
+@pytest.mark.parametrize("direction,a_cols,b_cols", [
+    ("ArB2r", [0, 1], [2, 3]), ("A2rBr", [2, 3], [0, 1]), ("ArBr", [1, 3], [0, 2]),
+])
+def test_lora_ga_directions_pick_the_documented_singular_vectors(direction, a_cols, b_cols):
+    grad, u, v = _known_svd()
+    a, b = lora_ga_factors(grad, 2, 1.0, LoraGAConfig(direction=direction, scale="unit"), grad)
+    torch.testing.assert_close(_projector(a.T), _projector(v[:, a_cols]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(_projector(b), _projector(u[:, b_cols]), atol=1e-4, rtol=0)
+
+
+def test_lora_ga_random_direction_is_seeded_and_disjoint():
+    grad, u, v = _known_svd()
+    settings = LoraGAConfig(direction="random", scale="unit")
+    torch.manual_seed(1)
+    a1, b1 = lora_ga_factors(grad, 2, 1.0, settings, grad)
+    torch.manual_seed(2)
+    a2, b2 = lora_ga_factors(grad, 2, 1.0, settings, grad)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)  # the global stream does not matter
+    # A's right vectors and B's left vectors come from disjoint index sets of the top 2r
+    a_idx = {int(i) for i in (v[:, :4].T @ a1.T).abs().argmax(0)}
+    b_idx = {int(i) for i in (u[:, :4].T @ b1).abs().argmax(0)}
+    assert len(a_idx) == 2 and len(b_idx) == 2 and not a_idx & b_idx
