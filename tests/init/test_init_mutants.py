@@ -22,7 +22,7 @@ def test_rank_errors_name_the_initialiser(init):
         _toy(init, r=18)
 
 
-@pytest.mark.parametrize("init", ["olora", "orthogonal"])
+@pytest.mark.parametrize("init", ["olora", "orthogonal", "lora_ga"])
 def test_non_lora_adapters_are_refused_naming_the_initialiser(init):
     torch.manual_seed(0)
     config = lorakit.METHODS.get("loldu").config_class(r=4, target_modules=["lin0"])
@@ -105,3 +105,13 @@ def test_lora_ga_random_direction_is_seeded_and_disjoint():
     a_idx = {int(i) for i in (v[:, :4].T @ a1.T).abs().argmax(0)}
     b_idx = {int(i) for i in (u[:, :4].T @ b1).abs().argmax(0)}
     assert len(a_idx) == 2 and len(b_idx) == 2 and not a_idx & b_idx
+
+
+def test_lora_ga_weight_svd_scale_is_the_mean_root_of_the_top_weight_singular_values_over_s():
+    grad, _, _ = _known_svd(seed=0)
+    weight, _, _ = _known_svd(seed=1)  # singular values 16, 14, 12, ...
+    unit = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="unit"), weight)
+    scaled = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="weight_svd"), weight)
+    factor = ((16 / 4) ** 0.5 + (14 / 4) ** 0.5) / 2
+    torch.testing.assert_close(scaled[0], factor * unit[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scaled[1], factor * unit[1], atol=1e-4, rtol=1e-4)
