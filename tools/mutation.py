@@ -50,7 +50,8 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
          "tests/conformance"],
     ),
     "init": ([f"src/lorakit/init/{f}.py" for f in ("lora_ga", "pissa", "olora", "orthogonal", "ipca", "eva",
-                                                   "conversion", "shira_masks")], ["tests/init"]),
+                                                   "conversion", "shira_masks")],
+             ["tests/init", "tests/methods/test_shira.py"]),  # SHiRA's mask calibration is tested with SHiRA
     # the merge maths; not combine.py / carry.py (input checks, tensor layouts, configs, modules_to_save)
     "merging": ([f"src/lorakit/merging/{f}.py" for f in ("linear", "task_vectors", "knots", "lego", "lowrank", "protocol")],
                 ["tests/merging"]),

@@ -115,3 +115,24 @@ def test_lora_ga_weight_svd_scale_is_the_mean_root_of_the_top_weight_singular_va
     factor = ((16 / 4) ** 0.5 + (14 / 4) ** 0.5) / 2
     torch.testing.assert_close(scaled[0], factor * unit[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(scaled[1], factor * unit[1], atol=1e-4, rtol=1e-4)
+
+
+class _Unused(torch.nn.Module):
+    """A layer the forward never calls: EVA cannot see its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_eva_names_layers_the_first_batch_never_reaches():
+    torch.manual_seed(0)
+    model = lorakit.apply(_Unused(), lorakit.LoRAConfig(r=2, lora_alpha=4, target_modules=["used", "unused"],
+                                                        init_lora_weights="eva"))
+    batches = [(torch.randn(32, 16),) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^EVA: the first calibration batch never reaches unused; check forward_fn, "
+                                         r"or leave these modules out of target_modules$"):
+        lorakit.initialize(model, batches, forward_fn=lambda m, b: m(*b))
