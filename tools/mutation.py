@@ -117,11 +117,11 @@ def _prepare(package: str) -> Path:
     return work
 
 
-def _configure(package: str, files: list[str] | None) -> None:
+def _configure(package: str, files: list[str] | None, tests: list[str] | None = None) -> None:
     from mutmut import configuration
 
-    mutate, tests = PACKAGES[package]
-    mutate = files or mutate
+    mutate, default_tests = PACKAGES[package]
+    mutate, tests = files or mutate, tests or default_tests
     base = configuration._load_config()
     configuration._config = dataclasses.replace(
         base,
@@ -173,7 +173,9 @@ def _collect(package: str, seconds: float, files: list[str] | None) -> dict:
     counts: dict[str, int] = {}
     for m in mutants:
         counts[m["status"]] = counts.get(m["status"], 0) + 1
-    tests = PACKAGES[package][1]
+    from mutmut.configuration import config
+
+    tests = config().pytest_add_cli_args_test_selection
     return {"package": package, "mutated": mutate, "tests": tests, "seconds": round(seconds),
             "counts": counts, "mutants": mutants}
 
@@ -201,13 +203,16 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
     """
     previous = OUT / f"{package}.json"
     again: list[str] = []
+    tests = None  # a rerun keeps the test selection of the run it continues (another one makes mutmut start over)
     if rerun:
         work = WORK / package
         os.chdir(work)
         if previous.exists():
             old = json.loads(previous.read_text())
             files = files or (old["mutated"] if old["mutated"] != PACKAGES[package][0] else None)
+            tests = old["tests"]
         else:  # an interrupted first run: its results are in the work folder
+            _configure(package, files)
             old = _collect(package, 0, files)
             previous.parent.mkdir(parents=True, exist_ok=True)
             previous.write_text(json.dumps(old) + "\n")
@@ -224,7 +229,7 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
     os.environ.pop("PYTHONPATH", None)  # the mutated copy under mutants/src must be what the tests import
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != (ROOT / "src").resolve()]
     _patch_mutmut()
-    _configure(package, files)
+    _configure(package, files, tests)
     from mutmut import __main__ as mm
 
     start = time.time()
