@@ -118,21 +118,35 @@ def test_lora_ga_weight_svd_scale_is_the_mean_root_of_the_top_weight_singular_va
 
 
 class _Unused(torch.nn.Module):
-    """A layer the forward never calls: EVA cannot see its inputs."""
+    """Layers the forward never calls: EVA cannot see their inputs."""
 
     def __init__(self):
         super().__init__()
-        self.used, self.unused = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+        self.used = torch.nn.Linear(16, 8)
+        self.unused = torch.nn.ModuleList(torch.nn.Linear(16, 8) for _ in range(8))
 
     def forward(self, x):
         return self.used(x)
 
 
-def test_eva_names_layers_the_first_batch_never_reaches():
+def _eva_model(targets):
     torch.manual_seed(0)
-    model = lorakit.apply(_Unused(), lorakit.LoRAConfig(r=2, lora_alpha=4, target_modules=["used", "unused"],
-                                                        init_lora_weights="eva"))
+    return lorakit.apply(_Unused(), lorakit.LoRAConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights="eva"))
+
+
+def test_eva_names_layers_the_first_batch_never_reaches():
     batches = [(torch.randn(32, 16),) for _ in range(2)]
-    with pytest.raises(ValueError, match=r"^EVA: the first calibration batch never reaches unused; check forward_fn, "
-                                         r"or leave these modules out of target_modules$"):
-        lorakit.initialize(model, batches, forward_fn=lambda m, b: m(*b))
+    with pytest.raises(ValueError, match=r"^EVA: the first calibration batch never reaches unused.0, unused.1, unused.2, "
+                                         r"unused.3, unused.4, unused.5; check forward_fn, or leave these modules out "
+                                         r"of target_modules$"):
+        lorakit.initialize(_eva_model(["used", *"01234567"]), batches, forward_fn=lambda m, b: m(*b))
+
+
+def test_eva_says_what_to_do_when_it_does_not_converge():
+    from lorakit.init import EvaConfig
+
+    batches = [(torch.randn(32, 16),) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^EVA did not converge in 1 passes over 2 batches \(tau=1.0\); unconverged: "
+                                           r"used. Pass more or larger batches, lower tau, or raise EvaConfig.max_passes$"):
+        lorakit.initialize(_eva_model(["used"]), batches, forward_fn=lambda m, b: m(*b),
+                           settings=EvaConfig(tau=1.0, max_passes=1))
