@@ -150,3 +150,12 @@ def test_eva_says_what_to_do_when_it_does_not_converge():
                                            r"used. Pass more or larger batches, lower tau, or raise EvaConfig.max_passes$"):
         lorakit.initialize(_eva_model(["used"]), batches, forward_fn=lambda m, b: m(*b),
                            settings=EvaConfig(tau=1.0, max_passes=1))
+
+
+def test_conversion_keeps_modules_to_save_and_base_tensors():
+    plain = lorakit.AdapterState.from_model(_toy(True))
+    saved = {"head": {"weight": torch.ones(3, 12)}}
+    base = {"emb.weight": torch.zeros(40, 16)}
+    state = lorakit.AdapterState(plain.config, plain.tensors, saved, base)
+    out = convert_to_plain_lora(state, state)
+    assert out.modules_to_save is saved and out.base_tensors is base
