@@ -195,11 +195,13 @@ def _natural(name: str) -> tuple:
     return (head, int(num)) if num.isdigit() else (name, 0)
 
 
-def run(package: str, max_children: int, files: list[str] | None = None, rerun: bool = False) -> dict:
+def run(package: str, max_children: int, files: list[str] | None = None, rerun: bool = False,
+        collect_only: bool = False, only: str | None = None) -> dict:
     """Mutate ``package``, run its tests against every mutant, and write docs/mutation/<package>.json.
 
     ``rerun``: keep the last run's mutants and results, take the current tests, and run only the survivors that
-    tools/mutation_notes.json does not explain again.
+    tools/mutation_notes.json does not explain again. ``collect_only`` (with ``rerun``): write the report of the
+    results in the work folder as they are (after an interrupted rerun) without running anything.
     """
     previous = OUT / f"{package}.json"
     again: list[str] = []
@@ -220,7 +222,8 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         notes_path = ROOT / "tools" / "mutation_notes.json"
         notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
         explained = {n for n, v in notes.items() if isinstance(v, dict) and {"equivalent", "accepted"} & set(v)}
-        again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained]
+        again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained
+                 and fnmatch.fnmatch(m["name"], only or "*")]
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     else:
@@ -234,7 +237,7 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
 
     start = time.time()
     try:
-        if not rerun or again:
+        if (not rerun or again) and not collect_only:
             mm._run(again, max_children)
     except SystemExit as e:
         if e.code:
@@ -257,6 +260,8 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (default 1)")
     parser.add_argument("--files", nargs="+", help="mutate only these files of the package (globs from the root)")
     parser.add_argument("--rerun", action="store_true", help="run only the last run's survivors again, with the current tests")
+    parser.add_argument("--collect", action="store_true", help="with --rerun: report the work folder's results, run nothing")
+    parser.add_argument("--only", help="with --rerun: only the survivors whose mutant name matches this glob")
     args = parser.parse_args()
     if args.package == "all":
         # one child process per package: mutmut keeps global state
@@ -266,7 +271,7 @@ def main() -> None:
         for name in PACKAGES:
             subprocess.run([sys.executable, __file__, name, "--max-children", str(args.max_children), *extra], check=True)
         return
-    report = run(args.package, args.max_children, args.files, args.rerun)
+    report = run(args.package, args.max_children, args.files, args.rerun or args.collect, args.collect, args.only)
     print(f"{args.package}: {report['counts']} in {report['seconds']} s -> docs/mutation/{args.package}.json")
 
 
