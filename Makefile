@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test test-slow bench clean
+.PHONY: install data demo test test-slow mutation bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,17 @@ test-slow: install
 	$(BIN)/python -m pip install -q -e ".[dev,gemma]"
 	$(BIN)/python -m pytest -q -m slow --timeout 1800
 
+# mutation testing of the maths (methods, init, merging, federated strategies, serve's batched operator), one
+# package at a time with that package's tests; not part of `make test`. PACKAGE=merging runs one package.
+# Results: docs/mutation/<package>.json; the report: docs/testing.md.
+PACKAGE ?= all
+mutation: install
+	$(BIN)/python -m pip install -q -e ".[dev,mutation]"
+	OMP_NUM_THREADS=1 $(BIN)/python tools/mutation.py $(PACKAGE)
+	$(BIN)/python tools/mutation_report.py
+
 bench: install
 	$(BIN)/python bench/train_step.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build/mutation
