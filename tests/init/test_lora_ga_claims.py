@@ -17,21 +17,20 @@
    of "2-4x", reach 2. The second does not reproduce here: the speed-ups are about 2x, not reliably more.
 """
 import copy
-import math
 
 import pytest
 import torch
-from scipy import stats
 
 import lorakit
 from lorakit.init.calibration import Calibration, accumulate_gradients
 from lorakit.init.lora_ga import _lowrank
 
+from convergence import log_speedups, lower_bound
 from init_helpers import lm_batches, lorakit_model
 
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 R, ALPHA, GAMMA = 4, 8, 16
-STEPS, WINDOW, SEEDS, LR = 60, 5, range(5), 1e-3
+SEEDS = range(5)
 
 
 def test_first_order_step_is_the_best_rank_2r_approximation_of_the_full_gradient(base):
@@ -58,56 +57,16 @@ def test_first_order_step_is_the_best_rank_2r_approximation_of_the_full_gradient
         assert rel < 1e-5, (path, rel)
 
 
-def _task(seed: int) -> list[dict]:
-    """Deterministic sequences: each token is 7·previous + 3 (mod 1000), from seeded starts."""
-    data = lm_batches(6, 4, 16, seed=100 + seed)
-    for b in data:
-        ids = b["input_ids"]
-        for t in range(1, ids.shape[1]):
-            ids[:, t] = (ids[:, t - 1] * 7 + 3) % 1000
-    return data
-
-
-def _curve(base, init, data, seed: int) -> list[float]:
-    torch.manual_seed(seed)
-    model = lorakit_model(base, init, r=8, alpha=16, targets=TARGETS, batches=data[:2] if init == "lora_ga" else None)
-    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=LR, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(STEPS):
-        loss = model(**data[step % len(data)]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return [sum(losses[i - WINDOW + 1: i + 1]) / WINDOW for i in range(WINDOW - 1, STEPS)]  # running means
-
-
 _SPEEDUPS: list = []
 
 
-def _log_speedups(base) -> list[float]:
-    """log(LoRA's steps / LoRA-GA's steps) to LoRA's final loss level, per seed (computed once)."""
-    if _SPEEDUPS:
-        return _SPEEDUPS
-    log_speedups = _SPEEDUPS
-    for seed in SEEDS:
-        data = _task(seed)
-        lora, ga = _curve(base, True, data, seed), _curve(base, "lora_ga", data, seed)
-        level = lora[-1]
-        reached = [i for i, x in enumerate(ga) if x <= level]
-        ga_steps = (reached[0] if reached else len(ga) * 4) + WINDOW  # never reached: count it as 4x slower
-        lora_steps = next(i for i, x in enumerate(lora) if x <= level) + WINDOW
-        log_speedups.append(math.log(lora_steps / ga_steps))
-    return log_speedups
-
-
 def _lower_bound(base) -> tuple[float, list[float]]:
-    logs = _log_speedups(base)
-    low = stats.ttest_1samp(logs, 0.0, alternative="greater").confidence_interval(0.95).low
-    return math.exp(low), [round(math.exp(x), 2) for x in logs]
+    if not _SPEEDUPS:
+        _SPEEDUPS.extend(log_speedups(base, "lora_ga", TARGETS, SEEDS))
+    return lower_bound(_SPEEDUPS)
 
 
+@pytest.mark.slow  # about 20 s of CPU, shared with the next test
 def test_converges_faster_than_lora(base):
     # Catches: an initialisation that does not follow the gradient (random or PEFT-default speed), or an offset
     # that changes the function at step 0 (the early losses would jump instead of falling).
@@ -115,6 +74,7 @@ def test_converges_faster_than_lora(base):
     assert low > 1, f"speed-ups {speedups}; 95% lower bound {low:.2f}x <= 1x"
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="does not reproduce at this scale: measured speed-ups 1.69, 2.15, 1.88, "
                    "2.03, 2.30x over 5 seeds, 95% lower bound 1.78x (threshold: 2x)")
 def test_converges_at_least_twice_as_fast_as_lora(base):
