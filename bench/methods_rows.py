@@ -41,6 +41,8 @@ LR = {
 }
 # config fields beyond the common knobs, with the reason
 OPTIONS = {
+    "nola": ({"num_basis_A": 32, "num_basis_B": 32}, "32 + 32 coefficients per layer, fewer than rank-1 LoRA's in + out "
+                                                     "on both tasks (768 on MiniLM, 128 on the ViT): its claim's setting"),
     "randlora": ({"r": 32}, "r is the rank of the shared random bases (default 32, s = 640/32 = 20); trainable "
                             "parameters fall as it grows, and r = 8 would train about 3x LoRA's count"),
 }
