@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     results = run_all(tasks, selected, seeds, budget, cache, args)
     info["missing"] = [f"{t}/{r}: {len(e['runs'])} of {len(seeds)} seeds" for t, task in results.items()
                        for r, e in task["rows"].items() if len(e["runs"]) < len(seeds)]
+    if info["missing"]:  # the same command without --report-only computes what is missing and keeps the rest
+        info["finish"] = command_line([a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"])
     extra = {} if args.no_claims else claims.measure(cache.root, args.report_only)
     info.update(load_end=load_average(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     page = report.write(out, info, results, skipped, claims.table(results, skipped, extra), extra)

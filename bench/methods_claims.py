@@ -144,10 +144,32 @@ def _missing(needs: list[str], skipped: dict) -> str:
 WINDOW = 5  # logged losses (every log_every steps) averaged into the running loss of a training curve
 
 
-def _running(history: list) -> tuple[np.ndarray, np.ndarray]:
+def running(history: list) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, running mean of WINDOW consecutive losses) of a [[step, loss], ...] history."""
     steps = np.array([s for s, _ in history])
     loss = np.convolve([x for _, x in history], np.ones(WINDOW) / WINDOW, mode="valid")
     return steps[WINDOW - 1:], loss
+
+
+def speedup(baseline: list, other: list) -> float:
+    """Steps the baseline's run needs to reach its own final running loss (the level, fixed before either run),
+    over the steps ``other`` needs to reach it; an ``other`` that never does counts as 4x slower."""
+    (steps, b), (other_steps, o) = running(baseline), running(other)
+    level = b[-1]
+    reached = np.nonzero(o <= level)[0]
+    at = other_steps[reached[0]] if len(reached) else 4 * other_steps[-1]
+    return float(steps[np.nonzero(b <= level)[0][0]] / at)
+
+
+def judge_speedup(speedups: list[float], threshold: float) -> tuple[str, str]:
+    """(the per-seed speed-ups and their bounds in words, the verdict against ``threshold``x)."""
+    text = f"per seed: {', '.join(f'{x:.1f}x' for x in speedups)}"
+    if len(speedups) < 2:
+        return text + " (too few seeds to judge)", "not judged"
+    logs = [math.log(x) for x in speedups]
+    low, high = (math.exp(b) for b in bounds(logs))
+    text += f"; geometric mean {math.exp(np.mean(logs)):.2f}x, one-sided 95% bounds [{low:.2f}x, {high:.2f}x]"
+    return text, "yes" if low >= threshold else "no" if high < threshold else "inconclusive"
 
 
 def _lora_ga(task: dict) -> tuple[str, str]:
@@ -156,21 +178,8 @@ def _lora_ga(task: dict) -> tuple[str, str]:
     seeds = sorted(set(ga) & set(lora))
     if not seeds:
         return "not run in this configuration", "—"
-    logs, parts = [], []
-    for seed in seeds:
-        (steps, g), (_, l_) = _running(ga[seed]), _running(lora[seed])
-        level = l_[-1]  # LoRA's final running loss: the level, fixed before either run
-        own = steps[np.nonzero(l_ <= level)[0][0]]
-        reached = np.nonzero(g <= level)[0]
-        at = steps[reached[0]] if len(reached) else 4 * steps[-1]  # never reached: counted as 4x slower
-        logs.append(math.log(own / at))
-        parts.append(f"{own / at:.1f}x")
-    text = f"steps to LoRA's final running loss, LoRA / LoRA-GA, per seed: {', '.join(parts)}"
-    if len(logs) < 2:
-        return text + " (too few seeds to judge)", "not judged"
-    low, high = (math.exp(b) for b in bounds(logs))
-    text += f"; geometric mean {math.exp(np.mean(logs)):.2f}x, one-sided 95% bounds [{low:.2f}x, {high:.2f}x]"
-    return text, "yes" if low >= SPEEDUP else "no" if high < SPEEDUP else "inconclusive"
+    text, verdict = judge_speedup([speedup(lora[s], ga[s]) for s in seeds], SPEEDUP)
+    return "steps to LoRA's final running loss, LoRA / LoRA-GA, " + text, verdict
 
 
 def _dylora(task: dict) -> tuple[str, str]:

@@ -112,7 +112,8 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
         "",
     ]
     if info.get("missing"):
-        lines += [f"**Incomplete**: the page was written before these finished: {'; '.join(info['missing'])}.", ""]
+        lines += [f"**Incomplete**: the page was written before these finished: {'; '.join(info['missing'])}. "
+                  f"To finish (cached results are kept; a restart resumes): `nice {info.get('finish', '')}`.", ""]
     if info.get("reduced"):
         lines += [f"**Reduced configuration**: {'; '.join(info['reduced'])}. The numbers below are from this "
                   "configuration, not the full one (`python bench/methods.py` with no options).", ""]

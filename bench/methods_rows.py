@@ -218,6 +218,8 @@ def peft_twin(row: Row, model: torch.nn.Module) -> tuple[Optional[torch.nn.Modul
     """A copy of ``model``'s base with PEFT's implementation of its adapter, loaded from lorakit's file (the same
     weights; the same base, also where an initialiser moved part of it into the adapter), or (None, why not).
     Initialisations are not re-run in PEFT: the step is what is timed."""
+    if row.kind in ("full", "head"):
+        return None, "no adapter"
     if row.kind not in ("method", "initialiser"):
         return None, "as its method's row"
     fresh = lorakit.unwrap(copy.deepcopy(model))
