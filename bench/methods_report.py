@@ -6,6 +6,8 @@ from pathlib import Path
 from common import write_json
 from methods_claims import summarize
 
+SPREAD = 0.015  # the largest seed spread of LoRA at which this page's verdicts can tell methods apart
+
 
 def _mib(b) -> str:
     return "—" if b is None else f"{b / 2**20:.0f}"
@@ -138,6 +140,19 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
     for name, task in results.items():
         notes = ", ".join(f"{k} {v}" for k, v in task["notes"].items())
         lines.append(f"- `{name}`: {task['description']} ({notes}).")
+    lines.append("")
+    lines += ["## Is the budget telling methods apart?", "",
+              f"A verdict needs LoRA clearly above the head alone and a spread over seeds (sample sd of test accuracy) "
+              f"of at most {100 * SPREAD:g} points, else nothing can be told apart.", ""]
+    for name, task in results.items():
+        lora, head = summarize(task["rows"].get("lora")), summarize(task["rows"].get("head"))
+        if lora is None or head is None:
+            lines.append(f"- `{name}`: LoRA or the head alone has not run.")
+            continue
+        spread = "unknown (one seed) against" if lora["n"] < 2 else "within" if lora["std"] <= SPREAD else "NOT within"
+        lines.append(f"- `{name}`: LoRA {100 * lora['mean']:.1f} ± {100 * lora['std']:.1f} ({lora['n']} seeds), head alone "
+                     f"{100 * head['mean']:.1f} ± {100 * head['std']:.1f} ({head['n']} seeds): LoRA's spread is {spread} "
+                     f"{100 * SPREAD:g} points (the claims table judges LoRA against the head).")
     lines.append("")
     for name, task in results.items():
         lines += [f"## {task['title']}", "", *_row_table(task), ""]
