@@ -5,7 +5,7 @@ parameters, the training step time and peak memory relative to LoRA measured in 
 time where PEFT has the method; then the papers' checkable claims (bench/methods_claims.py). Writes
 methods.md, methods.png and methods.json (docs/benchmarks/ by default; ``--quick``: runs/bench-methods/quick/).
 
-    HF_HUB_OFFLINE=1 python bench/methods.py [--quick] [--seeds 0,1,2] [--steps N] [--rows lora,dora,...]
+    HF_HUB_OFFLINE=1 python bench/methods.py [--quick] [--seeds 0,1,2,3,4] [--steps N] [--rows lora,dora,...]
 
 Every training run, timing and memory probe is cached as JSON under runs/bench-methods/<budget>/ (the folder
 name hashes the budget; each file holds the row's settings and is recomputed when they change), so an
@@ -42,7 +42,8 @@ from methods_tasks import TASKS  # noqa: E402
 from lorakit.train import evaluate, fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_ROWS = "lora,dora,shira,shira_gradient,nola,full"
+QUICK_ROWS = "lora,head,dora,shira,shira_gradient,nola,full"
+SEEDS = [0, 1, 2, 3, 4]
 TRAINING = ("steps", "batch_size", "max_train", "max_eval", "max_length", "log_every")
 
 
@@ -50,11 +51,11 @@ TRAINING = ("steps", "batch_size", "max_train", "max_eval", "max_length", "log_e
 class Budget:
     """What every row of a task gets: the same steps, batch, data and evaluation set."""
 
-    steps: int = 60
-    batch_size: int = 8
-    max_train: int = 480
-    max_eval: int = 300
-    max_length: int = 32
+    steps: int = 375
+    batch_size: int = 16
+    max_train: int = 6000
+    max_eval: int = 1000
+    max_length: int = 64
     log_every: int = 5
     timing_steps: int = 8
     timing_warmup: int = 2
@@ -180,7 +181,7 @@ def plan(selected: str | None, with_claims: bool) -> tuple[list[rows.Row], dict[
         unknown = [w for w in wanted if w not in {r.name for r in every}]
         if unknown:
             raise SystemExit(f"unknown rows {unknown}; rows on this checkout: {', '.join(r.name for r in every)}")
-        every = [r for r in every if r.name in wanted or (r.kind == "claim" and with_claims)]
+        every = [r for r in every if r.name in wanted]
     skipped = {r.name: rows.unavailable(r) for r in every if rows.unavailable(r)}
     return [r for r in every if r.name not in skipped], skipped
 
@@ -190,13 +191,13 @@ def reduced(budget: Budget, seeds: list[int], args) -> list[str]:
     full = Budget()
     out = [f"{f.name} {getattr(budget, f.name)} (full: {getattr(full, f.name)})" for f in dataclasses.fields(Budget)
            if getattr(budget, f.name) != getattr(full, f.name)]
-    if seeds != [0, 1, 2]:
-        out.append(f"seeds {seeds} (full: [0, 1, 2])")
+    if seeds != SEEDS:
+        out.append(f"seeds {seeds} (full: {SEEDS})")
     if args.rows or args.quick:
         out.append(f"only the rows {args.rows or QUICK_ROWS}")
     if args.tasks != ",".join(TASKS):
         out.append(f"only the tasks {args.tasks}")
-    for flag in ("no_claims", "no_memory"):
+    for flag in ("no_claims", "no_memory", "no_timing"):
         if getattr(args, flag):
             out.append("--" + flag.replace("_", "-"))
     return out
@@ -205,11 +206,12 @@ def reduced(budget: Budget, seeds: list[int], args) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"smoke run: 1 seed, 4 steps, 64 examples, rows {QUICK_ROWS}")
-    ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; quick 0)")
+    ap.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, SEEDS))}; quick 0)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     ap.add_argument("--rows", help="comma-separated row names (default: every row)")
     ap.add_argument("--no-claims", action="store_true", help="skip the extra rows and measurements of the claims")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    ap.add_argument("--no-timing", action="store_true", help="skip the step-time probes")
     for f in dataclasses.fields(Budget):
         ap.add_argument("--" + f.name.replace("_", "-"), type=int, help=f"default {f.default}")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-methods")
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
                  memory_steps=1) if args.quick else {}
     budget = Budget(**{**quick, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)
                                    if getattr(args, f.name) is not None}})
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else ",".join(map(str, SEEDS)))).split(",")]
     out = args.out or (args.cache / "quick" if args.quick else ROOT / "docs" / "benchmarks")
     selected, skipped = plan(args.rows or (QUICK_ROWS if args.quick else None), not args.no_claims)
     cache = Cache(args.cache / budget.key(), budget)
@@ -235,6 +237,8 @@ def main(argv=None) -> int:
     results = run_all(tasks, selected, seeds, budget, cache, args)
     info["missing"] = [f"{t}/{r}: {len(e['runs'])} of {len(seeds)} seeds" for t, task in results.items()
                        for r, e in task["rows"].items() if len(e["runs"]) < len(seeds)]
+    if info["missing"]:  # the same command without --report-only computes what is missing and keeps the rest
+        info["finish"] = command_line([a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"])
     extra = {} if args.no_claims else claims.measure(cache.root, args.report_only)
     info.update(load_end=load_average(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     page = report.write(out, info, results, skipped, claims.table(results, skipped, extra), extra)
@@ -242,10 +246,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def phases(seeds: list[int], with_memory: bool) -> list[str]:
+def phases(seeds: list[int], with_memory: bool, with_timing: bool = True) -> list[str]:
     """The order of the work: every row once, then the timings, the other seeds and the memory probes, so an
     interrupted run has whole tables for fewer seeds rather than a few rows with everything."""
-    return [f"seed{seeds[0]}", "timing", *[f"seed{s}" for s in seeds[1:]], *(["memory"] if with_memory else [])]
+    return [f"seed{seeds[0]}", *(["timing"] if with_timing else []), *[f"seed{s}" for s in seeds[1:]],
+            *(["memory"] if with_memory else [])]
 
 
 def job(task, row: rows.Row, what: str, budget: Budget, cache_dir: Path):
@@ -263,7 +268,7 @@ def run_all(tasks: dict, selected: list[rows.Row], seeds: list[int], budget: Bud
                       "lora_r1": rows.rank_one_counts(t),
                       "rows": {r.name: {"row": dataclasses.asdict(r), "runs": []} for r in selected}}
                for name, t in tasks.items()}
-    for what in phases(seeds, not args.no_memory):
+    for what in phases(seeds, not args.no_memory, not args.no_timing):
         for name, task in tasks.items():
             for row in selected:
                 if row.kind == "claim" and not what.startswith("seed"):

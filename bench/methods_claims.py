@@ -1,9 +1,11 @@
 """The papers' headline claims that can be checked at this scale, each judged from the benchmark's own runs.
 
-A claim whose method or initialiser is not registered on this checkout gets the row "not measured: ... not
-available", written from the registries at run time. "Matches" means a mean test accuracy no more than
-``tol`` below the other's, with tol = max(1 point, sqrt(sd_a² + sd_b²)) over the seeds; "beats" means more
-than ``tol`` above.
+Every verdict uses a threshold fixed before the runs and stated in its row. Accuracy claims compare a row with
+its baseline seed by seed (the same seed draws the same head and data order for both), and judge the mean of
+the paired differences by its one-sided 95% bounds (Student's t over the seeds):
+- "beats": the lower bound is above 0 ("yes"); the upper bound below 0 is "no"; anything else is inconclusive;
+- "matches" (no loss): the lower bound is above -MARGIN, 1 point ("yes"); the upper bound below -MARGIN is "no".
+A claim whose method or initialiser is not registered on this checkout, or whose rows have not run, says so.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 import lorakit
 from lorakit import INITIALIZERS, METHODS
 from common import read_json, write_json
 
-TOL_FLOOR = 0.01
+MARGIN = 0.01  # the non-inferiority margin of "matches": 1 point of accuracy
+SPEEDUP = 2.0  # LoRA-GA's low end of "2-4x"
 SWITCH = dict(dim=4096, r=32, repeats=15, minilm_r=8)
 
 
@@ -33,9 +37,33 @@ def summarize(entry: dict) -> dict | None:
                 trainable=runs[0]["trainable"], adapter=runs[0]["adapter"])
 
 
-def tol(a: dict, b: dict) -> float:
-    """How far apart two mean accuracies may be and still count as equal."""
-    return max(TOL_FLOOR, math.hypot(a["std"], b["std"]))
+def bounds(diffs: list[float]) -> tuple[float, float]:
+    """One-sided 95% lower and upper bounds of the mean of ``diffs`` (Student's t; needs two or more)."""
+    res = stats.ttest_1samp(diffs, 0.0)
+    ci = res.confidence_interval(0.90)  # its ends are the one-sided 95% bounds
+    return float(ci.low), float(ci.high)
+
+
+def paired(x: dict, y: dict) -> list[float]:
+    """Per-seed differences of test accuracy x - y over the seeds both entries ran."""
+    ax = {r["seed"]: r["test"]["accuracy"] for r in (x or {}).get("runs", [])}
+    ay = {r["seed"]: r["test"]["accuracy"] for r in (y or {}).get("runs", [])}
+    return [ax[s] - ay[s] for s in sorted(ax) if s in ay]
+
+
+def decide(diffs: list[float], kind: str) -> tuple[str, str]:
+    """(the paired difference in words, the verdict) for a "beats" or "matches" claim."""
+    if len(diffs) < 2:
+        return f"{len(diffs)} paired seed(s): too few to judge", "not judged"
+    low, high = bounds(diffs)
+    floor = 0.0 if kind == "beats" else -MARGIN
+    text = (f"paired difference {100 * np.mean(diffs):+.1f} points over {len(diffs)} seeds, one-sided 95% bounds "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}]")
+    return text, "yes" if low > floor else "no" if high < floor else "inconclusive"
+
+
+THRESHOLD = {"beats": "lower 95% bound of the paired difference > 0",
+             "matches": f"lower 95% bound of the paired difference > -{100 * MARGIN:g} point"}
 
 
 def _pct(x: float) -> str:
@@ -113,64 +141,83 @@ def _missing(needs: list[str], skipped: dict) -> str:
     return ""
 
 
-def _curve(entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    runs = [r["history"] for r in (entry or {}).get("runs", []) if r.get("history")]
-    if not runs:
-        return None
-    n = min(len(h) for h in runs)
-    steps = np.array([s for s, _ in runs[0][:n]])
-    return steps, np.mean([[loss for _, loss in h[:n]] for h in runs], axis=0)
+WINDOW = 5  # logged losses (every log_every steps) averaged into the running loss of a training curve
+
+
+def running(history: list) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, running mean of WINDOW consecutive losses) of a [[step, loss], ...] history."""
+    steps = np.array([s for s, _ in history])
+    loss = np.convolve([x for _, x in history], np.ones(WINDOW) / WINDOW, mode="valid")
+    return steps[WINDOW - 1:], loss
+
+
+def speedup(baseline: list, other: list) -> float:
+    """Steps the baseline's run needs to reach its own final running loss (the level, fixed before either run),
+    over the steps ``other`` needs to reach it; an ``other`` that never does counts as 4x slower."""
+    (steps, b), (other_steps, o) = running(baseline), running(other)
+    level = b[-1]
+    reached = np.nonzero(o <= level)[0]
+    at = other_steps[reached[0]] if len(reached) else 4 * other_steps[-1]
+    return float(steps[np.nonzero(b <= level)[0][0]] / at)
+
+
+def judge_speedup(speedups: list[float], threshold: float) -> tuple[str, str]:
+    """(the per-seed speed-ups and their bounds in words, the verdict against ``threshold``x)."""
+    text = f"per seed: {', '.join(f'{x:.1f}x' for x in speedups)}"
+    if len(speedups) < 2:
+        return text + " (too few seeds to judge)", "not judged"
+    logs = [math.log(x) for x in speedups]
+    low, high = (math.exp(b) for b in bounds(logs))
+    text += f"; geometric mean {math.exp(np.mean(logs)):.2f}x, one-sided 95% bounds [{low:.2f}x, {high:.2f}x]"
+    return text, "yes" if low >= threshold else "no" if high < threshold else "inconclusive"
 
 
 def _lora_ga(task: dict) -> tuple[str, str]:
-    ga, lora = _curve(task["rows"].get("lora_ga")), _curve(task["rows"].get("lora"))
-    if ga is None or lora is None:
+    ga = {r["seed"]: r["history"] for r in task["rows"].get("lora_ga", {}).get("runs", []) if r.get("history")}
+    lora = {r["seed"]: r["history"] for r in task["rows"].get("lora", {}).get("runs", []) if r.get("history")}
+    seeds = sorted(set(ga) & set(lora))
+    if not seeds:
         return "not run in this configuration", "—"
-    (steps, g), (_, l_) = ga, lora
-    level = l_[-1]
-    reached = np.nonzero(g <= level)[0]
-    own = int(steps[np.nonzero(l_ <= level)[0][0]])
-    quarter = max(1, len(steps) // 4)
-    early = f"mean loss over the first {int(steps[quarter - 1])} steps {g[:quarter].mean():.3f} vs LoRA {l_[:quarter].mean():.3f}"
-    if not len(reached):
-        return f"never reached LoRA's final loss {level:.3f}; {early}", "no"
-    speedup = own / int(steps[reached[0]])
-    text = f"LoRA's final loss {level:.3f} reached at step {int(steps[reached[0]])} vs {own} ({speedup:.1f}x); {early}"
-    return text, "yes" if speedup >= 2 else "partly (faster, < 2x)" if speedup > 1 else "no"
+    text, verdict = judge_speedup([speedup(lora[s], ga[s]) for s in seeds], SPEEDUP)
+    return "steps to LoRA's final running loss, LoRA / LoRA-GA, " + text, verdict
 
 
 def _dylora(task: dict) -> tuple[str, str]:
-    runs = task["rows"].get("dylora", {}).get("runs") or []
+    dy = task["rows"].get("dylora", {})
+    runs = dy.get("runs") or []
     if not runs or not runs[0].get("rank_sweep"):
         return "not run in this configuration", "—"
-    parts, ok = [], []
+    parts, verdicts = [], []
+    top = max(int(k) for k in runs[0]["rank_sweep"])
     for b in runs[0]["rank_sweep"]:
-        dy = [r["rank_sweep"][b]["accuracy"] for r in runs]
-        dyn = dict(mean=float(np.mean(dy)), std=float(np.std(dy, ddof=1)) if len(dy) > 1 else 0.0)
-        sep = summarize(task["rows"].get("lora" if int(b) == max(int(k) for k in runs[0]["rank_sweep"]) else f"lora_r{b}"))
-        if sep is None:
+        sep = task["rows"].get("lora" if int(b) == top else f"lora_r{b}")
+        truncated = {"runs": [{"seed": r["seed"], "test": r["rank_sweep"][b]} for r in runs]}
+        diffs = paired(truncated, sep)
+        if not diffs:
+            parts.append(f"r={b}: LoRA at r={b} not run")
             continue
-        parts.append(f"r={b}: {_acc(dyn)} vs {_acc(sep)}")
-        ok.append(dyn["mean"] >= sep["mean"] - tol(dyn, sep))
-    if not parts:
+        text, verdict = decide(diffs, "matches")
+        parts.append(f"r={b}: {text}")
+        verdicts.append(verdict)
+    if not verdicts:
         return "separately trained LoRA ranks not run", "—"
-    verdict = "yes" if all(ok) else "partly" if sum(ok) * 2 >= len(ok) else "no"
-    return "DyLoRA at rank vs LoRA trained at that rank: " + "; ".join(parts), verdict
+    if "no" in verdicts:
+        verdict = "no"
+    elif len(verdicts) == len(parts) and set(verdicts) == {"yes"}:
+        verdict = "yes"
+    else:
+        verdict = "not judged" if set(verdicts) == {"not judged"} else "inconclusive"
+    return "DyLoRA truncated to r minus LoRA trained at r: " + "; ".join(parts), verdict
 
 
-def _versus_lora(name: str, beats: bool):
+def _versus(name: str, baseline: str, kind: str):
     def judge(task: dict) -> tuple[str, str]:
-        x, lora = summarize(task["rows"].get(name)), summarize(task["rows"].get("lora"))
-        if x is None or lora is None:
+        x, base = summarize(task["rows"].get(name)), summarize(task["rows"].get(baseline))
+        if x is None or base is None:
             return "not run in this configuration", "—"
-        fewer = lora["adapter"] / max(1, x["adapter"])
-        text = f"{_acc(x)} vs LoRA {_acc(lora)}, {fewer:.0f}x fewer adapter parameters ({x['adapter']:,} vs {lora['adapter']:,})"
-        t = tol(x, lora)
-        if x["mean"] > lora["mean"] + t:
-            return text, "yes"
-        if x["mean"] >= lora["mean"] - t:
-            return text, "partly (matches, does not beat)" if beats else "yes"
-        return text, "no"
+        text, verdict = decide(paired(task["rows"][name], task["rows"][baseline]), kind)
+        return (f"{_acc(x)} vs {baseline} {_acc(base)} ({x['adapter']:,} vs {base['adapter']:,} adapter parameters); "
+                f"{text}"), verdict
     return judge
 
 
@@ -188,57 +235,68 @@ def _shira_switch(extra: dict) -> tuple[str, str]:
 
 
 def _nola(task: dict) -> tuple[str, str]:
-    x, lora, r1 = summarize(task["rows"].get("nola")), summarize(task["rows"].get("lora")), task.get("lora_r1")
-    if x is None or lora is None or not r1:
+    x, r1 = summarize(task["rows"].get("nola")), task.get("lora_r1")
+    if x is None or not r1:
         return "not run in this configuration", "—"
+    text, verdict = _versus("nola", "lora", "matches")(task)
     smaller = x["adapter"] < r1["adapter"]
-    same = x["mean"] >= lora["mean"] - tol(x, lora)
-    text = (f"{x['adapter']:,} adapter parameters vs rank-1 LoRA's {r1['adapter']:,}; accuracy {_acc(x)} vs "
-            f"LoRA (r=8) {_acc(lora)}")
-    return text, "yes" if smaller and same else "partly" if smaller or same else "no"
+    text = f"{x['adapter']:,} adapter parameters vs rank-1 LoRA's {r1['adapter']:,}; " + text
+    return text, verdict if smaller else "no"
 
 
 def _randlora(task: dict) -> tuple[str, str]:
-    x, lora, full = (summarize(task["rows"].get(k)) for k in ("randlora", "lora", "full"))
-    if x is None or lora is None or full is None:
+    rows = task["rows"]
+    if any(summarize(rows.get(k)) is None for k in ("randlora", "lora", "full")):
         return "not run in this configuration", "—"
-    text = (f"{_acc(x)} with {x['adapter']:,} adapter parameters; LoRA {_acc(lora)} with {lora['adapter']:,}; "
-            f"full fine-tuning {_acc(full)}")
-    if full["mean"] <= lora["mean"] + tol(full, lora):
-        return text + ": full fine-tuning is not ahead of LoRA here, so there is no gap to close", "not checkable"
-    closed = (x["mean"] - lora["mean"]) / (full["mean"] - lora["mean"])
-    text += f": closes {100 * closed:.0f}% of the LoRA-to-full gap"
-    return text, "yes" if x["mean"] > lora["mean"] + tol(x, lora) else "partly" if closed > 0 else "no"
+    gap_text, gap = decide(paired(rows["full"], rows["lora"]), "beats")
+    text, verdict = decide(paired(rows["randlora"], rows["lora"]), "beats")
+    text = f"full fine-tuning minus LoRA: {gap_text}; RandLoRA minus LoRA: {text}"
+    if gap != "yes":
+        return text + ": full fine-tuning is not reliably ahead of LoRA here, so there is no gap to close", "not checkable"
+    return text, verdict
 
 
-CLAIMS = [  # (paper, its claim, what must be registered, judge(task) or judge(extra) for task-free claims)
-    ("LoRA-GA (arXiv:2407.05000)", "converges 2-4x faster than LoRA at the same lr", ["lora_ga"], _lora_ga),
-    ("DyLoRA (arXiv:2210.07558)", "one training serves every rank 1..r about as well as LoRA trained at that rank",
-     ["dylora"], _dylora),
+_GA_THRESHOLD = f"lower 95% bound of the geometric-mean speed-up >= {SPEEDUP:g}x (no: upper bound < {SPEEDUP:g}x)"
+CLAIMS = [  # (paper, its claim, what must be registered, the threshold, judge(task) or None for the task-free one)
+    ("LoRA (arXiv:2106.09685)", "adapting the encoder beats training the head alone (the budget's floor)", ["lora"],
+     THRESHOLD["beats"], _versus("lora", "head", "beats")),
+    ("LoRA-GA (arXiv:2407.05000)", "converges 2-4x faster than LoRA at the same lr", ["lora_ga"], _GA_THRESHOLD,
+     _lora_ga),
+    ("LoRA-GA (arXiv:2407.05000)", "comparable or better accuracy than LoRA", ["lora_ga"], THRESHOLD["matches"],
+     _versus("lora_ga", "lora", "matches")),
+    ("DyLoRA (arXiv:2210.07558)", "one training serves every rank 1..r without significant loss against LoRA "
+     "trained at that rank", ["dylora"], THRESHOLD["matches"] + " at every rank", _dylora),
+    ("EVA (arXiv:2410.07170)", "the data-driven init gives the highest score (here: beats LoRA's random init)",
+     ["eva"], THRESHOLD["beats"], _versus("eva", "lora", "beats")),
+    ("FlyLoRA (arXiv:2510.08396)", "better single-task accuracy than LoRA with fewer trainable parameters",
+     ["flylora"], THRESHOLD["beats"], _versus("flylora", "lora", "beats")),
     ("LoRA-SB (arXiv:2411.19557)", "beats LoRA with 27-90x fewer trainable parameters", ["lora_sb"],
-     _versus_lora("lora_sb", beats=True)),
+     THRESHOLD["beats"], _versus("lora_sb", "lora", "beats")),
     ("LoRA-XS (arXiv:2405.17604)", "competitive with LoRA at far fewer parameters", ["lora_xs"],
-     _versus_lora("lora_xs", beats=False)),
-    ("SHiRA (arXiv:2406.13175)", "fused adapter switching on CPU up to 10x faster than fusing a LoRA (checked: >= 5x)",
-     ["shira"], None),
-    ("NOLA (arXiv:2310.02556)", "fewer parameters than rank-1 LoRA without accuracy loss", ["nola"], _nola),
+     THRESHOLD["matches"], _versus("lora_xs", "lora", "matches")),
+    ("SHiRA (arXiv:2406.13175)", "fused adapter switching on CPU up to 10x faster than fusing a LoRA", ["shira"],
+     "median speed-up >= 5x", None),
+    ("NOLA (arXiv:2310.02556)", "fewer parameters than rank-1 LoRA without accuracy loss (against LoRA r = 8)",
+     ["nola"], "fewer adapter parameters than rank-1 LoRA, and " + THRESHOLD["matches"], _nola),
     ("RandLoRA (arXiv:2502.00987)", "full-rank updates close the gap between LoRA and full fine-tuning at a "
-     "similar parameter count", ["randlora"], _randlora),
+     "similar parameter count", ["randlora"], "full fine-tuning beats LoRA, then RandLoRA beats LoRA: "
+     + THRESHOLD["beats"] + " for each", _randlora),
 ]
 
 
 def table(results: dict, skipped: dict, extra: dict) -> list[dict]:
     """One entry per claim and task (one per claim for task-free ones): what we measured, and the verdict."""
     out = []
-    for paper, claim, needs, judge in CLAIMS:
+    for paper, claim, needs, threshold, judge in CLAIMS:
+        row = dict(paper=paper, claim=claim, threshold=threshold)
         missing = _missing(needs, skipped)
         if missing:
-            out.append(dict(paper=paper, claim=claim, task="—", measured=missing, verdict="—"))
+            out.append(dict(row, task="—", measured=missing, verdict="—"))
         elif judge is None:
             measured, verdict = _shira_switch(extra)
-            out.append(dict(paper=paper, claim=claim, task="CPU", measured=measured, verdict=verdict))
+            out.append(dict(row, task="CPU", measured=measured, verdict=verdict))
         else:
             for name, task in results.items():
                 measured, verdict = judge(task)
-                out.append(dict(paper=paper, claim=claim, task=name, measured=measured, verdict=verdict))
+                out.append(dict(row, task=name, measured=measured, verdict=verdict))
     return out

@@ -6,6 +6,8 @@ from pathlib import Path
 from common import write_json
 from methods_claims import summarize
 
+SPREAD = 0.015  # the largest seed spread of LoRA at which this page's verdicts can tell methods apart
+
 
 def _mib(b) -> str:
     return "—" if b is None else f"{b / 2**20:.0f}"
@@ -112,7 +114,8 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
         "",
     ]
     if info.get("missing"):
-        lines += [f"**Incomplete**: the page was written before these finished: {'; '.join(info['missing'])}.", ""]
+        lines += [f"**Incomplete**: the page was written before these finished: {'; '.join(info['missing'])}. "
+                  f"To finish (cached results are kept; a restart resumes): `nice {info.get('finish', '')}`.", ""]
     if info.get("reduced"):
         lines += [f"**Reduced configuration**: {'; '.join(info['reduced'])}. The numbers below are from this "
                   "configuration, not the full one (`python bench/methods.py` with no options).", ""]
@@ -138,14 +141,31 @@ def write(out: Path, info: dict, results: dict, skipped: dict, claims: list[dict
         notes = ", ".join(f"{k} {v}" for k, v in task["notes"].items())
         lines.append(f"- `{name}`: {task['description']} ({notes}).")
     lines.append("")
+    lines += ["## Is the budget telling methods apart?", "",
+              f"A verdict needs LoRA clearly above the head alone and a spread over seeds (sample sd of test accuracy) "
+              f"of at most {100 * SPREAD:g} points, else nothing can be told apart.", ""]
+    for name, task in results.items():
+        lora, head = summarize(task["rows"].get("lora")), summarize(task["rows"].get("head"))
+        if lora is None or head is None:
+            lines.append(f"- `{name}`: LoRA or the head alone has not run.")
+            continue
+        spread = "unknown (one seed) against" if lora["n"] < 2 else "within" if lora["std"] <= SPREAD else "NOT within"
+        lines.append(f"- `{name}`: LoRA {100 * lora['mean']:.1f} ± {100 * lora['std']:.1f} ({lora['n']} seeds), head alone "
+                     f"{100 * head['mean']:.1f} ± {100 * head['std']:.1f} ({head['n']} seeds): LoRA's spread is {spread} "
+                     f"{100 * SPREAD:g} points (the claims table judges LoRA against the head).")
+    lines.append("")
     for name, task in results.items():
         lines += [f"## {task['title']}", "", *_row_table(task), ""]
     lines += [f"![test accuracy against trainable parameters]({png.name})", "", "## Paper claims", "",
-              "Judged from the runs above. \"Matches\": mean accuracy at most tol below, tol = max(1 point, "
-              "sqrt(sd_a² + sd_b²)) over the seeds; \"beats\": more than tol above. A claim whose method is not "
-              "registered here says so; it fills in when the method reaches main.", "",
-              "| paper | claim | task | our measurement | reproduced? |", "|---|---|---|---|---|"]
-    lines += [f"| {c['paper']} | {c['claim']} | {c['task']} | {c['measured']} | {c['verdict']} |" for c in claims]
+              "Judged from the runs above, each against the threshold in its row, fixed before the runs. Accuracy "
+              "claims pair each seed of a row with the same seed of its baseline (the same head and data order) "
+              "and bound the mean paired difference by Student's t over the seeds (one-sided 95%). \"Beats\": the "
+              "lower bound is above 0; \"matches\" (no loss): the lower bound is above -1 point. \"no\": the upper "
+              "bound is below that threshold; \"inconclusive\": the interval straddles it; \"not judged\": fewer "
+              "than two paired seeds. A claim whose method is not registered here, or whose rows have not run, says so.",
+              "", "| paper | claim | task | threshold | our measurement | reproduced? |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['paper']} | {c['claim']} | {c['task']} | {c['threshold']} | {c['measured']} | {c['verdict']} |"
+              for c in claims]
     lines += ["", "## Rows and settings", "",
               "Rows come from `lorakit.METHODS` and `lorakit.INITIALIZERS` at run time (a method added later becomes "
               "a row). Configs are built as the CLI builds them (`lorakit.jobs.method_config`). There is no "

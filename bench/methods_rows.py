@@ -1,6 +1,6 @@
 """The rows of bench/methods.py, read from the registries when the benchmark runs, and how each is built.
 
-Rows: every method in ``lorakit.METHODS`` (its config from the CLI's common knobs, ``lorakit.jobs.
+Rows: the head alone (the floor every adapter must clear); every method in ``lorakit.METHODS`` (its config from the CLI's common knobs, ``lorakit.jobs.
 method_config``: r = 8, lora_alpha = 16, no dropout, plus the few ``OPTIONS`` below); SHiRA's data-driven
 supports (gradient, SNIP) when SHiRA is registered; LoRA with every initialiser in ``lorakit.INITIALIZERS``;
 and full fine-tuning. Rows whose method needs calibration data get it from the task's first training
@@ -30,15 +30,19 @@ RANK, ALPHA = 8, 16
 CALIBRATION_BATCHES = 4
 WARMUP_RATIO = 0.05  # fit's default
 DYLORA_RANKS = (1, 2, 4, 8)
+HEAD = "classifier."  # the new head's parameter prefix in both tasks' models (BERT and ViT)
 
 # (lr, where it comes from); every other row trains at LoRA's lr, as the papers compare against LoRA
 LR = {
     "lora": (1e-3, "LoRA's lr (the demo's)"),
     "nola": (5e-3, "NOLA paper, GPT-2 E2E"),
     "full": (1e-4, "a common full fine-tuning lr for BERT-size models"),
+    "head": (2e-3, "the demo's head-only lr"),
 }
 # config fields beyond the common knobs, with the reason
 OPTIONS = {
+    "nola": ({"num_basis_A": 32, "num_basis_B": 32}, "32 + 32 coefficients per layer, fewer than rank-1 LoRA's in + out "
+                                                     "on both tasks (768 on MiniLM, 128 on the ViT): its claim's setting"),
     "randlora": ({"r": 32}, "r is the rank of the shared random bases (default 32, s = 640/32 = 20); trainable "
                             "parameters fall as it grows, and r = 8 would train about 3x LoRA's count"),
 }
@@ -52,7 +56,7 @@ class Row:
     """One benchmark row: a method (or full fine-tuning) with its settings."""
 
     name: str
-    kind: str  # method | variant | initialiser | full | claim
+    kind: str  # method | variant | initialiser | full | head | claim
     method: str = ""
     options: dict = field(default_factory=dict)
     init: str = ""
@@ -82,6 +86,7 @@ def rows() -> list[Row]:
     for init in INITIALIZERS.names():
         out.append(Row(init, "initialiser", "lora", {}, init, *_lr("lora"), f"LoRA with init_lora_weights={init!r}"))
     out.append(Row("full", "full", "", {}, "", *_lr("full"), "every weight trains (the reference)"))
+    out.append(Row("head", "head", "", {}, "", *_lr("head"), "only the new classification head trains (the floor)"))
     return out
 
 
@@ -165,9 +170,9 @@ def config_for(row: Row, targets: list, steps: int):
 def prepare(row: Row, model: torch.nn.Module, task, steps: int, batch_size: int, seed: int) -> list[Callable]:
     """Put ``row``'s adapter on ``model`` (calibrating where needed); returns the per-step callbacks for fit."""
     torch.manual_seed(seed)  # the adapter's random parts
-    if row.kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    if row.kind in ("full", "head"):
+        for n, p in model.named_parameters():
+            p.requires_grad_(row.kind == "full" or n.startswith(HEAD))
         return []
     config = config_for(row, task.targets, steps)
     build, _ = calibration(row)
@@ -213,6 +218,8 @@ def peft_twin(row: Row, model: torch.nn.Module) -> tuple[Optional[torch.nn.Modul
     """A copy of ``model``'s base with PEFT's implementation of its adapter, loaded from lorakit's file (the same
     weights; the same base, also where an initialiser moved part of it into the adapter), or (None, why not).
     Initialisations are not re-run in PEFT: the step is what is timed."""
+    if row.kind in ("full", "head"):
+        return None, "no adapter"
     if row.kind not in ("method", "initialiser"):
         return None, "as its method's row"
     fresh = lorakit.unwrap(copy.deepcopy(model))
