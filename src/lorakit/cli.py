@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fed", help="federated LoRA on Flower: the bundled experiment or your own settings")
     fed_cli.add_arguments(p)
-    p.set_defaults(func=fed_cli.run)
+    p.set_defaults(func=fed_cli.run, user_errors=fed_cli.USER_ERRORS)
 
     serve_cli.add_parser(sub)
 
@@ -235,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except USER_ERRORS as e:
+    except USER_ERRORS + getattr(args, "user_errors", ()) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"lorakit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2

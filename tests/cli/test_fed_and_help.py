@@ -35,6 +35,16 @@ def test_fed_run_with_an_unknown_model_fails_before_any_engine_starts(tmp_path, 
     assert not (tmp_path / "fed").exists()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("the SuperLink did not start"), TimeoutError("no result in 60 s")])
+def test_an_engine_failure_is_one_line_through_the_main_command(tmp_path, capsys, monkeypatch, error):
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(runner, "deploy", failing)
+    assert main(["fed", "run", *TOY[2:], "--engine", "deployment", "-o", str(tmp_path / "fed")]) == 2
+    one_line_error(capsys, str(error))
+
+
 def test_fed_run_refuses_an_existing_output(tmp_path, capsys, no_engine):
     (tmp_path / "fed").mkdir()
     (tmp_path / "fed" / "history.json").write_text("{}")

@@ -172,7 +172,8 @@ def test_methods_without_factors_get_the_whole_advice():
     one = synthetic_clients([4], seed=14)[0]
     dora = AdapterState(DoRAConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),
                         {p: {**d, "lora_magnitude_vector": torch.ones(d["lora_B.weight"].shape[0])} for p, d in one.tensors.items()})
-    with pytest.raises(ValueError, match=r"so it cannot be aggregated factor-wise; use strategy 'fedit' \(key-wise average\) instead$"):
+    with pytest.raises(ValueError, match=r"method 'dora' does not declare 'aggregatable' .*; use strategy 'fedit' "
+                                         r"\(key-wise average of the adapter tensors\) instead$"):
         aggregate("flora", [dora, dora], [1, 1])
 
 

@@ -167,7 +167,7 @@ def check_available(config: QuantizeConfig) -> None:
 
 
 def _targets(model: nn.Module, config: QuantizeConfig) -> list[str]:
-    heads = output_head_paths(model)
+    heads = output_head_paths(model, "SEQ_CLS")  # the LM head, or a classifier's score/classifier: kept dense
     return [
         p for p, m in model.named_modules()
         if type(m) is nn.Linear and not any(p == h or p.startswith(h + ".") for h in heads)

@@ -62,7 +62,10 @@ def _replaced_by_adapter(model: nn.Module) -> set[str]:
 
 
 def _sample(p: torch.Tensor) -> list[float]:
-    flat = p.detach().reshape(-1)
+    p = p.detach()
+    if type(p) is not torch.Tensor and not isinstance(p, nn.Parameter) and hasattr(p, "dequantize"):
+        p = p.dequantize()  # tensor subclasses of quantised weights (torchao) sample their values
+    flat = p.reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, min(PER_PARAMETER, flat.numel())).round().long()
     return flat[idx.to(flat.device)].float().cpu().tolist()
 

@@ -160,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# what a federated run reports as one line: bad settings, and an engine that failed or timed out
+USER_ERRORS = (KeyError, ValueError, TypeError, RuntimeError, TimeoutError, FileNotFoundError, ImportError)
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``lorakit fed`` as a function: ``argv`` are the arguments after ``fed``; returns the exit status."""
     from ..cli import Parser
@@ -172,7 +176,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return run(args)
-    except (KeyError, ValueError, TypeError, RuntimeError, TimeoutError, FileNotFoundError, ImportError) as e:
+    except USER_ERRORS as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"lorakit fed: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
