@@ -16,7 +16,7 @@ from serve_helpers import load_model, make_adapter
 
 PROMPTS = [[1, 72, 101, 99, 108, 111], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36], [1, 50, 99], [1, 60, 61, 62, 63]]
 NAMES = ["a", "b", None, "a", "b"]
-KINDS = ["nf4", "int8", "torchao-int8"]
+KINDS = ["nf4", "fp4", "int8", "torchao-int8"]
 
 
 def quantized_base(kind, outliers=False):
