@@ -133,3 +133,27 @@ def test_serve_refuses_a_kind_this_machine_cannot_run(capsys, monkeypatch):
     assert main(["serve", "--model", "byte-llama", "--quantize", "torchao-int4", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'torchao-int4' does not run on this machine" in err and "nf4" in err
+
+
+def test_build_engine_quantises_the_zoo_base(tmp_path):
+    """What `lorakit serve --quantize nf4` builds: the zoo base in nf4, its adapters served as `peft` serves them."""
+    from lorakit.serve.cli import build_engine
+
+    make_adapter(tmp_path / "a", "tiny-llama", r=4, alpha=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = build_engine("tiny-llama", str(tmp_path), quantize="nf4", max_batch=2, max_len=32, pool_bytes=1 << 20)
+        kinds = {quantized_kind(m).name for m in engine.runner.model.modules() if quantized_kind(m) is not None}
+        assert kinds == {"bitsandbytes 4-bit"}
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        req = engine.drain([engine.generate([1, 5, 6, 7], "a", params)])[0]
+        engine.stop()
+        from peft import PeftModel
+
+        from lorakit import zoo
+
+        base, _ = zoo.load("tiny-llama", "causal_lm")
+        ref = PeftModel.from_pretrained(quantize_(base, "nf4"), str(tmp_path / "a"))
+        out = ref.generate(input_ids=torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    assert req.output == out[0, 4:].tolist()
