@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
         args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize,
-        max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-        max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20), host_bytes=int(args.host_cache_mb * 2**20),
+        max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20), host_bytes=int(args.host_cache_mb * 2**20),
         prefetch=not args.no_prefetch,
     )
     name = args.served_model_name or args.model
