@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(
         args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize,
         max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20), host_bytes=int(args.host_cache_mb * 2**20),
-        prefetch=not args.no_prefetch,
+        max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20),
+        host_bytes=int(args.host_cache_mb * 2**20), prefetch=not args.no_prefetch,
     )
     name = args.served_model_name or args.model
     logging.getLogger("lorakit.serve").info("serving %s%s with %d adapters on http://%s:%d/v1", name,
