@@ -11,6 +11,8 @@ import signal
 from pathlib import Path
 from typing import Optional
 
+from ..compress.quantize import KINDS as QUANTIZE_KINDS
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -35,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds SIGTERM waits for running requests before cancelling them")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="base model dtype (adapters compute in float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, metavar="KIND",
+                   help="serve over the base with its linear layers quantised (lorakit.compress.quantize_): "
+                        f"{', '.join(QUANTIZE_KINDS)}; adapters stay in float")
     p.add_argument("--max-batch", type=int, default=32, help="running requests per step (KV slots)")
     p.add_argument("--max-model-len", type=int, default=1024, help="prompt plus generated tokens per request")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-model-len - 1)")
@@ -51,15 +56,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float32", seed: int = 0,
-                 allow_pickle: bool = False, **config):
-    """An Engine for a zoo name or model directory, with every adapter under ``adapters`` registered."""
+                 allow_pickle: bool = False, quantize: Optional[str] = None, **config):
+    """An Engine for a zoo name or model directory (its linear layers quantised to ``quantize`` if given), with
+    every adapter under ``adapters`` registered."""
     import torch
 
     from .. import zoo
+    from ..compress.quantize import QuantizeConfig, check_available, quantize_
     from .engine import Engine, EngineConfig
     from .store import AdapterStore, linear_shapes
 
+    quantization = QuantizeConfig(quantize, compute_dtype=getattr(torch, dtype)) if quantize else None
+    if quantization is not None:
+        check_available(quantization)  # a kind this machine cannot run is refused before the model loads
     base, tokenizer = zoo.load(model, "causal_lm", dtype=getattr(torch, dtype), seed=seed)
+    if quantization is not None:
+        quantize_(base, quantization)
     cfg = EngineConfig(**config)
     store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle)
     if adapters:
@@ -83,13 +95,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--allow-runtime-lora needs --lora-root DIR (or --adapters DIR): where adapters may be loaded from")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
-        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, max_batch=args.max_batch,
-        max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-        max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20), host_bytes=int(args.host_cache_mb * 2**20),
-        prefetch=not args.no_prefetch,
+        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize,
+        max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20),
+        host_bytes=int(args.host_cache_mb * 2**20), prefetch=not args.no_prefetch,
     )
     name = args.served_model_name or args.model
-    logging.getLogger("lorakit.serve").info("serving %s with %d adapters on http://%s:%d/v1", name,
+    logging.getLogger("lorakit.serve").info("serving %s%s with %d adapters on http://%s:%d/v1", name,
+                                            f" ({args.quantize})" if args.quantize else "",
                                             len(engine.store.names()), args.host, args.port)
     app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

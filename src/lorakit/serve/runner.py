@@ -7,6 +7,12 @@ One base GEMM serves all requests. Attention runs on ``SlotKVCache`` with explic
 here: prefill takes left-padded prompts (the last column is every row's last prompt token, so only it reaches
 the LM head), decode one token per running slot. Models whose layers mix full and sliding-window attention
 (Gemma 3) get one mask per layer type.
+
+Quantised bases (``lorakit.compress.quantize_``) serve as they are: every kind but one computes each token's row
+on its own. LLM.int8 (bitsandbytes ``Linear8bitLt`` with an outlier threshold) picks its float16 outlier columns
+over the whole step, so a request's output would depend on the other requests (and on padding); when a step has
+an activation at or above the threshold, such a layer is run again one request at a time over its real tokens,
+which is what that request alone computes.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.adapter import quantized_kind
 from .kvcache import SlotKVCache
 from .ops import StepPlan, lora_add_, plan_step
 from .pool import AdapterPool
@@ -45,6 +52,25 @@ class ModelRunner:
         self.layer_types = types if self.window else None
         self.eager = self.config._attn_implementation == "eager"
         self.dtype = next(model.parameters()).dtype
+        self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
+        self._stepping = False
+        self.rowwise_calls = 0  # LLM.int8 layer calls rerun per request (outliers in a batched step)
+        self._rowwise = [m.register_forward_hook(self._per_request) for m in self.modules.values()
+                         if quantized_kind(m) is not None and getattr(getattr(m, "state", None), "threshold", 0) > 0]
+
+    def _per_request(self, module, args, output):
+        """LLM.int8's outlier columns span the step: with outliers in it, each request's rows again on their own."""
+        x = args[0]
+        if not self._stepping or x.dim() != 3 or x.shape[0] * x.shape[1] == 1:
+            return None
+        if not (x.half().abs() >= module.state.threshold).any():  # bitsandbytes tests the float16 cast, as here
+            return None
+        self.rowwise_calls += 1
+        output = output.clone()
+        for b in range(x.shape[0]):
+            real = slice(None) if self._real is None else self._real[b]
+            output[b, real] = module.forward(x[b:b + 1, real])[0]  # .forward: no hooks, so no recursion
+        return output
 
     # -- adapter injection --------------------------------------------------------------------------
     def ensure_hooks(self, paths) -> None:
@@ -115,7 +141,8 @@ class ModelRunner:
         real_k = k >= off[:, :, None]
         allowed = ((k <= q) & real_k) | (k == q)  # pad queries see themselves only (no empty rows)
         masks = self._masks(allowed[:, None], q[:, None], k[:, None])
-        self._set_adapters(adapters, real_k[:, 0, :])
+        self._real = real_k[:, 0, :]
+        self._set_adapters(adapters, self._real)
         self.cache.prefill(start, offsets, [len(p) for p in prompts])
         out = self._forward(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
                             use_cache=True, logits_to_keep=1)
@@ -129,6 +156,7 @@ class ModelRunner:
         k = torch.arange(width)[None, None, None, :]
         q = lens[:, None, None, None]
         masks = self._masks(k <= q, q, k)
+        self._real = None
         self._set_adapters(adapters)
         self.cache.decode(lens)
         ids = torch.tensor(tokens, dtype=torch.long)[:, None]
@@ -137,7 +165,11 @@ class ModelRunner:
         return out.logits[:, -1].float()
 
     def _forward(self, **inputs):
-        return self.model(**inputs)
+        self._stepping = True  # the per-request hooks act on the runner's steps only, not on other calls of the model
+        try:
+            return self.model(**inputs)
+        finally:
+            self._stepping = False
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
@@ -150,9 +182,10 @@ class ModelRunner:
 
     def close(self) -> None:
         """Remove the hooks and restore every module's train/eval mode: the model is as it was given."""
-        for h in self.hooks.values():
+        for h in [*self.hooks.values(), *self._rowwise]:
             h.remove()
         self.hooks.clear()
+        self._rowwise.clear()
         self._plan, self._tables = None, {}
         for m, training in self._modes.items():
             m.training = training

@@ -35,12 +35,13 @@ class AdapterFitError(ValueError):
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every Linear / Conv1D layer, by module path."""
+    """(in, out) features of every Linear / Conv1D layer, by module path (quantised layers included)."""
     shapes = {}
     for path, m in model.named_modules():
-        if isinstance(m, LINEAR_TYPES):
-            w = m.weight
-            shapes[path] = (w.shape[1], w.shape[0]) if isinstance(m, nn.Linear) else (w.shape[0], w.shape[1])
+        if isinstance(m, nn.Linear):  # a 4-bit layer's weight is packed: its shape is not the layer's
+            shapes[path] = (m.in_features, m.out_features)
+        elif isinstance(m, LINEAR_TYPES):
+            shapes[path] = tuple(m.weight.shape)  # Conv1D stores its weight as [in, out]
     return shapes
 
 
