@@ -47,7 +47,7 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "routing": (
         [f"src/lorakit/methods/{f}.py" for f in ("routing", "meteora", "lora_mixer", "smora", "experts")],
         ["tests/methods/test_meteora.py", "tests/methods/test_lora_mixer.py", "tests/methods/test_smora.py",
-         "tests/conformance"],
+         "tests/methods/test_routing_mutants.py", "tests/conformance"],
     ),
     "init": ([f"src/lorakit/init/{f}.py" for f in ("lora_ga", "pissa", "olora", "orthogonal", "ipca", "eva",
                                                    "conversion", "shira_masks")],
