@@ -114,6 +114,8 @@ def _prepare(package: str) -> Path:
     for name in ("src", "tests"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
+    (work / "docs").mkdir()
+    shutil.copy2(ROOT / "docs" / "methods.md", work / "docs" / "methods.md")  # read by tests/conformance
     return work
 
 
@@ -132,6 +134,7 @@ def _configure(package: str, files: list[str] | None, tests: list[str] | None = 
         pytest_add_cli_args=["-p", "no:cacheprovider", "-W", "ignore"],
         pytest_add_cli_args_test_selection=tests,
         use_git_change_detection=False,
+        also_copy=base.also_copy + [Path("docs")],
     )
 
 
