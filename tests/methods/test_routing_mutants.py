@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import lorakit
+from lorakit.core.adapter import NotMergeableError
+from lorakit.core.capabilities import CapabilityError
 from lorakit.methods import experts, lora_mixer, meteora, routing, smora
 
 
@@ -312,3 +314,104 @@ def test_stacked_factors_and_load_experts_refuse_what_does_not_fit():
         experts.load_experts(model, [lora_state({"1": (torch.ones(1, 2), torch.ones(2, 1))}, r=1, alpha=1)])
     with pytest.raises(ValueError, match="has 1 experts; 2 adapters"):
         experts.load_experts(model, [one, one])
+
+
+def test_delta_is_refused():
+    with pytest.raises(NotMergeableError, match="routes each token to its own experts"):
+        meteora.MeteoRALinear.delta({}, meteora.MeteoRAConfig(), None)
+
+
+@pytest.mark.parametrize("config", [
+    meteora.MeteoRAConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]),
+    lora_mixer.LoRAMixerConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]),
+    smora.SMoRAConfig(r=2, top_k=1, target_modules=["0"]),
+])
+def test_factors_follow_the_base_dtype_and_half_bases_compute_in_fp32(config):
+    wide = lorakit.apply(torch.nn.Sequential(torch.nn.Linear(2, 2).double()), config)[0]
+    assert all(t.dtype == torch.float64 for t in wide.state_dict().values())
+    half = lorakit.apply(torch.nn.Sequential(torch.nn.Linear(2, 2).bfloat16()), config)[0]
+    assert half.lora_A.weight.dtype == torch.float32
+    assert half(torch.ones(1, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_dropout_only_when_asked():
+    assert isinstance(mixer().lora_dropout, torch.nn.Identity)
+    dropout = mixer(lora_dropout=0.5).lora_dropout
+    assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.5
+
+
+def test_mixer_selected_gates_keep_the_gradient_of_the_renormalised_weight():
+    for straight in (True, False):
+        layer = mixer(num_experts=3, top_k=2, straight_through=straight)
+        w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        with torch.no_grad():
+            layer.lora_router.weight.copy_(w)
+        x = torch.tensor([[math.log(0.5), math.log(0.3)]])  # top 2: experts 0 and 2
+        layer.route(x)[0, 0].backward()
+        ref = w.clone().requires_grad_()
+        p = torch.softmax(x @ ref.T, -1)[0]
+        (p[0] / (p[0] + p[2])).backward()
+        torch.testing.assert_close(layer.lora_router.weight.grad, ref.grad)
+
+
+def test_gate_losses_only_in_training():
+    layer = _layer(meteora.MeteoRAConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]))
+    layer.route_target = torch.tensor([1])
+    layer.eval()
+    layer.route(torch.ones(1, 3, 2))
+    assert layer.aux_loss is None
+    layer.train()
+    layer.route(torch.ones(1, 3, 2))
+    assert layer.aux_loss is not None
+
+
+def test_smora_rank_load_error_names_the_module():
+    with pytest.raises(ValueError, match="module '0': no forward pass"):
+        smora_layer().rank_load()
+
+
+def test_expert_states_refuse_non_lora_adapters(tmp_path):
+    model = lorakit.apply(torch.nn.Sequential(torch.nn.Linear(2, 2)),
+                          meteora.MeteoRAConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]))
+    state = lorakit.AdapterState.from_model(model)
+    with pytest.raises(CapabilityError, match=r"use expert 0 \(an AdapterState\) as a block"):
+        experts.expert_states([state])
+    path = lorakit.save_state(state, tmp_path / "routed")
+    with pytest.raises(CapabilityError, match=rf"use expert 0 \({path}\) as a block"):
+        experts.expert_states([str(path)])
+
+
+def pair():
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+
+
+def test_from_adapters_defaults_and_fields():
+    one = lora_state({"1": (torch.ones(1, 2), torch.ones(2, 1))}, r=1, alpha=1)
+    for module, extra in ((meteora, {"temperature": 0.5}), (lora_mixer, {"balance_coef": 0.5})):
+        model = module.from_adapters(pair(), [one, one, one], **extra)
+        cfg = model[1].config
+        assert cfg.top_k == 2 and not cfg.train_experts
+        assert all(getattr(cfg, k) == v for k, v in extra.items())
+    direct = experts.from_adapters(pair(), meteora.MeteoRAConfig, [one], top_k=1)
+    assert not direct[1].config.train_experts
+
+
+def test_stacked_factors_skip_a_first_expert_without_the_module_and_fold_the_layer_scaling():
+    a0, b0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])
+    s0 = lora_state({"0": (a0, b0), "1": (a0, b0)}, r=1, alpha=2)  # scaling 2
+    s1 = lora_state({"1": (a0, b0)}, r=1, alpha=1)  # scaling 1
+    model = meteora.from_adapters(pair(), [s1, s0])
+    torch.testing.assert_close(model[0].lora_A.weight, torch.cat([torch.zeros(1, 2), a0]))
+    torch.testing.assert_close(model[0].lora_B.weight, torch.cat([torch.zeros(2, 1), 2 * b0], 1))
+    layer = mixer(in_features=2, out_features=2, r=1, num_experts=2, lora_alpha=4)  # scaling 4
+    only = [lora_state({"0": (a0, b0)}, r=1, alpha=alpha) for alpha in (2, 1)]
+    experts.load_experts(torch.nn.Sequential(layer), only)
+    torch.testing.assert_close(layer.lora_B.weight, torch.cat([b0 / 2, b0 / 4], 1))
+
+
+def test_load_experts_messages():
+    with pytest.raises(ValueError, match="Sequential has no routed adapter layers"):
+        experts.load_experts(pair(), [lora_state({"0": (torch.ones(1, 2), torch.ones(2, 1))}, r=1, alpha=1)])
+    many = lora_state({name: (torch.ones(1, 2), torch.ones(2, 1)) for name in "abcdefghi"}, r=1, alpha=1)
+    with pytest.raises(ValueError, match="does not hold: a, b, c, d, e, f, g, h$"):
+        experts.load_experts(torch.nn.Sequential(mixer(out_features=2, num_experts=1)), [many])
