@@ -304,7 +304,7 @@ def test_stacked_factors_and_load_experts_refuse_what_does_not_fit():
         experts.stacked_factors([lora_state({"0": (torch.ones(1, 3), torch.ones(2, 1))}, r=1, alpha=1)], layer)
     with pytest.raises(ValueError, match="do not fit"):
         experts.stacked_factors([lora_state({"0": (torch.ones(1, 2), torch.ones(3, 1))}, r=1, alpha=1)], layer)
-    with pytest.raises(ValueError, match="no experts"):
+    with pytest.raises(ValueError, match="^no experts given: pass LoRA adapter directories or AdapterStates$"):
         experts.expert_states([])
     one = lora_state({"0": (torch.ones(1, 2), torch.ones(2, 1))}, r=1, alpha=1)
     with pytest.raises(ValueError, match="no routed adapter layers"):
@@ -415,3 +415,23 @@ def test_load_experts_messages():
     many = lora_state({name: (torch.ones(1, 2), torch.ones(2, 1)) for name in "abcdefghi"}, r=1, alpha=1)
     with pytest.raises(ValueError, match="does not hold: a, b, c, d, e, f, g, h$"):
         experts.load_experts(torch.nn.Sequential(mixer(out_features=2, num_experts=1)), [many])
+
+
+def test_mixer_from_adapters_passes_top_k_and_freeze():
+    one = lora_state({"1": (torch.ones(1, 2), torch.ones(2, 1))}, r=1, alpha=1)
+    model = lora_mixer.from_adapters(pair(), [one])  # top_k 2 capped at one expert
+    assert model[1].config.top_k == 1
+    assert lora_mixer.from_adapters(pair(), [one, one], freeze=False)[1].config.train_experts
+
+
+def test_from_adapters_keeps_the_experts_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])
+    state = lorakit.AdapterState(lorakit.LoRAConfig(r=1, lora_alpha=1, fan_in_fan_out=True, target_modules=["0"]),
+                                 {"0": {"lora_A.weight": a, "lora_B.weight": b}})
+    model = meteora.from_adapters(torch.nn.Sequential(Conv1D(2, 2)), [state], top_k=1)
+    assert model[0].config.fan_in_fan_out
+    x = torch.tensor([[1.0, 1.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](x) - model[0].base_layer(x), x @ (b @ a).T)
