@@ -435,3 +435,18 @@ def test_from_adapters_keeps_the_experts_layout():
     x = torch.tensor([[1.0, 1.0]])
     with torch.no_grad():
         torch.testing.assert_close(model[0](x) - model[0].base_layer(x), x @ (b @ a).T)
+
+
+@pytest.mark.parametrize("config", [
+    meteora.MeteoRAConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]),
+    lora_mixer.LoRAMixerConfig(r=1, num_experts=2, top_k=1, target_modules=["0"]),
+    smora.SMoRAConfig(r=2, top_k=1, target_modules=["0"]),
+])
+def test_factors_losses_and_labels_follow_the_base_device(config):
+    # the meta device stands in for an accelerator: a tensor left on the CPU shows up, or fails to combine
+    model = lorakit.apply(torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta")), config)
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    assert routing.aux_loss(model).device.type == "meta"
+    layer = model[0]
+    layer.route_target, layer.token_mask = torch.tensor([1]), torch.ones(1, 3, dtype=torch.bool)  # on the CPU
+    assert routing.supervised_loss(layer, torch.ones(1, 3, 2, device="meta")).device.type == "meta"
