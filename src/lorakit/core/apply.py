@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Iterator, Union
 
 import torch
@@ -59,9 +60,20 @@ def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
             f"{type(config).__name__}.target_modules is None: name the modules to adapt, e.g. "
             "target_modules=['q_proj', 'v_proj'] or 'all-linear'"
         )
-    conv1d = [m for p, m in model.named_modules() if is_target(p, config) and isinstance(m, LINEAR_TYPES[1:])]
+    targets = [m for p, m in model.named_modules() if is_target(p, config)]
+    conv1d = [m for m in targets if isinstance(m, LINEAR_TYPES[1:])]
+    linear = [m for m in targets if isinstance(m, nn.Linear)]
+    if conv1d and linear:
+        raise ValueError(
+            f"{type(config).__name__}: the targets mix nn.Linear and Conv1D layers, whose weights are stored "
+            "transposed to each other ([out, in] vs [in, out]), and one fan_in_fan_out cannot describe both; "
+            "adapt them with separate configs or narrow target_modules")
     if conv1d and not config.fan_in_fan_out:
         config = dataclasses.replace(config, fan_in_fan_out=True)  # Conv1D stores weights as [in, out]
+    elif linear and config.fan_in_fan_out:  # as PEFT: nn.Linear stores [out, in]; the flag would transpose it
+        warnings.warn(f"{type(config).__name__}: fan_in_fan_out=True, but the targets are nn.Linear layers; "
+                      "setting fan_in_fan_out=False")
+        config = dataclasses.replace(config, fan_in_fan_out=False)
     return config
 
 
