@@ -159,3 +159,24 @@ def test_conversion_keeps_modules_to_save_and_base_tensors():
     state = lorakit.AdapterState(plain.config, plain.tensors, saved, base)
     out = convert_to_plain_lora(state, state)
     assert out.modules_to_save is saved and out.base_tensors is base
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)])
+def test_lora_ga_weight_svd_is_the_seeded_randomised_svd_with_q_min_4r_m_n(shape):
+    """A flat-spectrum weight, where the randomised SVD's q = min(4r, m, n) = 8 shows in the top singular values."""
+    g = torch.Generator().manual_seed(5)
+    grad, weight = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, s_w, _ = torch.svd_lowrank(weight, q=8, niter=4)
+    unit = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="unit"), weight)
+    scaled = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="weight_svd"), weight)
+    factor = (s_w[:2] / 4).sqrt().mean()
+    torch.testing.assert_close(scaled[0], factor * unit[0], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(scaled[1], factor * unit[1], atol=1e-7, rtol=1e-6)
+
+
+def test_lora_ga_rank_error_names_the_initialiser():
+    model = lorakit.apply(ToyLinear(), lorakit.LoRAConfig(r=9, target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"module 'lin0': lora_ga needs 2·r <= min\(out, in\)"):
+        lorakit.INITIALIZERS.get("lora_ga").run(model)
