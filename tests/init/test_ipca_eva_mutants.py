@@ -63,3 +63,38 @@ def test_rank_distribution_gives_a_group_representative_the_larger_count():
     rep = {"q": "q", "k": "q", "o": "o"}
     counts = rank_distribution(ratios, rep, {"q": 3, "k": 3, "o": 3}, 4)
     assert counts == {"q": 2, "k": 1, "o": 1}  # 0.4 twice (q and k share q's SVD), 0.35 (o), 0.3 (tie: q's or k's)
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 8)
+
+    def forward(self, input_ids):
+        return self.out(self.lin(self.emb(input_ids)))
+
+
+def _eva_a(batches):
+    import lorakit
+
+    model = lorakit.apply(_Tokens(), lorakit.LoRAConfig(r=2, target_modules=["lin", "out"], init_lora_weights="eva"))
+    model = lorakit.initialize(model, batches, forward_fn=lambda m, b: m(b["input_ids"]))
+    return {p: t["lora_A.weight"] for p, t in lorakit.AdapterState.from_model(model).tensors.items()}
+
+
+def test_eva_label_mask_drops_the_same_tokens_as_the_attention_mask():
+    """labels == -100 (EvaConfig's default label mask) leaves out exactly the tokens attention_mask = 0 would."""
+    g = torch.Generator().manual_seed(3)
+    labelled, padded = [], []
+    for _ in range(4):
+        ids = torch.randint(0, 50, (4, 12), generator=g)
+        drop = torch.rand(4, 12, generator=g) < 0.3
+        labelled.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(drop, -100)})
+        padded.append({"input_ids": ids, "attention_mask": (~drop).long(), "labels": ids})
+    masked, reference = _eva_a(labelled), _eva_a(padded)
+    assert masked.keys() == reference.keys() and masked
+    for key in masked:
+        torch.testing.assert_close(masked[key], reference[key])
