@@ -3,6 +3,7 @@
     python tools/mutation.py merging [--max-children 1]     # one package
     python tools/mutation.py all                            # every package, one after the other
     python tools/mutation.py merging --rerun                # the last run's survivors only, with the current tests
+    python tools/mutation.py init --files src/lorakit/init/eva.py   # one file afresh; the other files' results are kept
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
 pyproject.toml; mutmut writes mutants/ there), and only that package's tests run against its mutants. The
@@ -193,6 +194,25 @@ def _earlier_survivors(previous: Path) -> dict[str, list[str]]:
     return earlier
 
 
+def _keep_other_files(report: dict, old: dict) -> dict:
+    """A fresh run of some of a package's files: the previous run's results for its other files, merged in.
+
+    The run time stays the full run's; this run's counts as a rerun. Earlier survivors of the files run again are
+    dropped (their mutant names follow the current source, which may have moved)."""
+    rerun = set(report["mutated"])
+    kept = [m for m in old["mutants"] if not any(fnmatch.fnmatch(m["file"], f) for f in rerun)]
+    report["mutants"] = sorted(kept + report["mutants"], key=lambda m: (old["mutated"].index(m["file"])
+                                                                        if m["file"] in old["mutated"] else 0))
+    report["counts"] = {}
+    for m in report["mutants"]:
+        report["counts"][m["status"]] = report["counts"].get(m["status"], 0) + 1
+    report["earlier_survivors"] = {n: d for n, d in report["earlier_survivors"].items()
+                                   if not any(n.startswith(f[4:-3].replace("/", ".") + ".") for f in rerun)}
+    report["mutated"] = old["mutated"]
+    report["rerun_seconds"], report["seconds"] = old.get("rerun_seconds", 0) + report["seconds"], old["seconds"]
+    return report
+
+
 def _natural(name: str) -> tuple:
     head, _, num = name.rpartition("_")
     return (head, int(num)) if num.isdigit() else (name, 0)
@@ -247,6 +267,8 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
             raise
     report = _collect(package, time.time() - start, files)
     report["earlier_survivors"] = _earlier_survivors(previous)
+    if files and not rerun and previous.exists():  # some files of the package: keep the others' results
+        report = _keep_other_files(report, json.loads(previous.read_text()))
     if rerun:  # the run time of the whole package, and of the survivors' rerun
         last = json.loads(previous.read_text())
         report["seconds"], report["rerun_seconds"] = last["seconds"], last.get("rerun_seconds", 0) + report["seconds"]

@@ -91,3 +91,10 @@ def test_layers_with_one_input_share_components_and_the_first_takes_the_ties():
     for p in shared[1:]:
         a, b = lorakit.adapters(ours)[p].lora_A.weight, lorakit.adapters(ours)["q"].lora_A.weight
         assert torch.equal(a, b[: a.shape[0]])
+
+
+def test_batches_with_fewer_tokens_than_components_are_skipped_as_peft_does():
+    """r=4, rho=2: 8 components; batches of 8 rows are folded in, batches of 5 rows skipped, by both."""
+    data = [(x[: (48, 8, 5)[i % 3]], flag) for i, (x, flag) in enumerate(batches(n=9, seed=1))]
+    ours, theirs = run_both(data)
+    assert_matches_peft(ours, theirs, min_cos=0.999)

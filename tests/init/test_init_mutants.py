@@ -22,7 +22,7 @@ def test_rank_errors_name_the_initialiser(init):
         _toy(init, r=18)
 
 
-@pytest.mark.parametrize("init", ["olora", "orthogonal", "lora_ga"])
+@pytest.mark.parametrize("init", ["olora", "orthogonal", "lora_ga", "eva"])
 def test_non_lora_adapters_are_refused_naming_the_initialiser(init):
     torch.manual_seed(0)
     config = lorakit.METHODS.get("loldu").config_class(r=4, target_modules=["lin0"])
@@ -159,3 +159,46 @@ def test_conversion_keeps_modules_to_save_and_base_tensors():
     state = lorakit.AdapterState(plain.config, plain.tensors, saved, base)
     out = convert_to_plain_lora(state, state)
     assert out.modules_to_save is saved and out.base_tensors is base
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)])
+def test_lora_ga_weight_svd_is_the_seeded_randomised_svd_with_q_min_4r_m_n(shape):
+    """A flat-spectrum weight, where the randomised SVD's q = min(4r, m, n) = 8 shows in the top singular values."""
+    g = torch.Generator().manual_seed(5)
+    grad, weight = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, s_w, _ = torch.svd_lowrank(weight, q=8, niter=4)
+    unit = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="unit"), weight)
+    scaled = lora_ga_factors(grad, 2, 4.0, LoraGAConfig(scale="weight_svd"), weight)
+    factor = (s_w[:2] / 4).sqrt().mean()
+    torch.testing.assert_close(scaled[0], factor * unit[0], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(scaled[1], factor * unit[1], atol=1e-7, rtol=1e-6)
+
+
+def test_lora_ga_rank_error_names_the_initialiser():
+    model = lorakit.apply(ToyLinear(), lorakit.LoRAConfig(r=9, target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"module 'lin0': lora_ga needs 2·r <= min\(out, in\)"):
+        lorakit.INITIALIZERS.get("lora_ga").run(model)
+
+
+def test_eva_lists_the_first_six_unconverged_layers():
+    from lorakit.init import EvaConfig
+
+    torch.manual_seed(0)
+    chain = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(8)))  # eight distinct inputs: no groups
+    model = lorakit.apply(chain, lorakit.LoRAConfig(r=2, target_modules=list("01234567"), init_lora_weights="eva"))
+    batches = [(torch.randn(32, 16),) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"; unconverged: (\d, ){5}\d\. Pass more"):
+        lorakit.initialize(model, batches, forward_fn=lambda m, b: m(*b), settings=EvaConfig(tau=1.0, max_passes=1))
+
+
+def test_eva_takes_each_layers_rank_from_the_rank_pattern():
+    torch.manual_seed(0)
+    model = lorakit.apply(_Unused(), lorakit.LoRAConfig(r=2, lora_alpha=4, target_modules=["used"],
+                                                          rank_pattern={"used": 3}, init_lora_weights="eva"))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 16, generator=g),) for _ in range(4)]
+    config = lorakit.AdapterState.from_model(lorakit.initialize(model, batches, forward_fn=lambda m, b: m(*b))).config
+    # one layer takes the whole budget, 3; its alpha stays 4, since its rank did not change
+    assert config.rank_pattern == {"used": 3} and config.alpha_pattern == {}
