@@ -11,8 +11,6 @@ above 0. It does not reproduce: trained LoRAs carry the shared directions rotate
 subspace (B A = B M M⁻¹ A for any invertible M), so the units of different tasks do not line up, and
 centroids of unrelated units keep about half of what the plain average keeps. The paper's structural properties (units commute, stacking is summing) are in test_merge_lego.py.
 """
-import copy
-
 import pytest
 import torch
 from scipy import stats
@@ -20,6 +18,8 @@ from torch import nn
 
 import lorakit
 from lorakit.merging import combine
+
+from target_fit import fit_to_target
 
 D, R, STEPS, LR, SEEDS = 64, 4, 300, 1e-2, range(5)
 
@@ -31,25 +31,12 @@ def _targets(seed: int) -> list[torch.Tensor]:
             for _ in range(3)]
 
 
-def _train(base, target, seed: int) -> lorakit.AdapterState:
-    g = torch.Generator().manual_seed(1000 + seed)
-    torch.manual_seed(seed)
-    model = lorakit.apply(copy.deepcopy(base), lorakit.LoRAConfig(r=R, lora_alpha=2 * R, target_modules=["0"]))
-    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=LR, weight_decay=0.0)
-    model.train()
-    for _ in range(STEPS):
-        x = torch.randn(64, D, generator=g)
-        (model(x) - base(x) - x @ target.T).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return lorakit.AdapterState.from_model(model.eval())
-
-
 def _scores(seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(D, D)).requires_grad_(False)
     targets = _targets(seed)
-    states = [_train(base, t, 3 * seed + i) for i, t in enumerate(targets)]
+    config = lorakit.LoRAConfig(r=R, lora_alpha=2 * R, target_modules=["0"])
+    states = [fit_to_target(base, config, t, 3 * seed + i, STEPS, LR) for i, t in enumerate(targets)]
     merged = {"lego": combine(states, "lego", rank=R, seed=seed), "linear": combine(states, "linear"),
               "svd": combine(states, "svd", [1 / 3] * 3, rank=R)}
     x = torch.randn(512, D, generator=torch.Generator().manual_seed(seed + 77))

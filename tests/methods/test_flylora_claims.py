@@ -24,6 +24,8 @@ from torch import nn
 import lorakit
 from lorakit.methods.flylora import FlyLoRAConfig
 
+from target_fit import fit_to_target
+
 D, STEPS, LR, SEEDS = 64, 300, 1e-2, range(5)
 
 
@@ -38,20 +40,6 @@ def test_no_router_and_no_trainable_a():
     assert sum(p.numel() for p in lorakit.trainable_parameters(lora).values()) == 8 * (48 + 32 + 32 + 16)
 
 
-def _train(config, base, target, seed: int) -> lorakit.AdapterState:
-    g = torch.Generator().manual_seed(1000 + seed)
-    torch.manual_seed(seed)
-    model = lorakit.apply(copy.deepcopy(base), config)
-    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=LR, weight_decay=0.0)
-    model.train()
-    for _ in range(STEPS):
-        x = torch.randn(64, D, generator=g)
-        (model(x) - base(x) - x @ target.T).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return lorakit.AdapterState.from_model(model.eval())
-
-
 def _averaged(states: list) -> lorakit.AdapterState:
     tensors = {p: {n: sum(s.tensors[p][n] for s in states) / len(states) for n in t} for p, t in states[0].tensors.items()}
     return lorakit.AdapterState(states[0].config, tensors)
@@ -62,7 +50,7 @@ def _merged_r2(config, seed: int) -> float:
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(D, D)).requires_grad_(False)
     targets = [torch.randn(D, 4, generator=g) @ torch.randn(4, D, generator=g) / D ** 0.5 for _ in range(2)]
-    merged = _averaged([_train(config, base, t, 2 * seed + i) for i, t in enumerate(targets)])
+    merged = _averaged([fit_to_target(base, config, t, 2 * seed + i, STEPS, LR) for i, t in enumerate(targets)])
     model = merged.load_into(copy.deepcopy(base)).eval()
     x = torch.randn(512, D, generator=g)
     with torch.no_grad():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import adapter_like, tiny_task
+from strategy_models import Crash, crash_at
 
 from lorakit import zoo
 from lorakit.data import byte_tokenizer
@@ -16,18 +17,6 @@ RUN = TrainConfig(
     lr=1e-2, batch_size=4, grad_accum_steps=2, max_steps=8, warmup_steps=2, log_every=1, save_every=3,
     eval_every=4, progress=False, seed=3,
 )
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def callback(current, record):
-        if current == step:
-            raise Crash(step)
-
-    return callback
 
 
 def bert_with_dropout():
