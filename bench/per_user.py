@@ -98,8 +98,9 @@ def report(result: dict) -> str:
     lines.append(f"| CRM alone (matrix factorisation) | {result['crm_auc']:.4f} | deterministic | — |")
     for name, runs in r.items():
         m, h = interval([x["auc"] for x in runs])
+        per_seed = ", ".join(f"{x['auc']:.4f}" for x in runs)
         lines.append(f"| {name} ({ROWS[name]['experts']}×rank {ROWS[name]['r']}) | {m:.4f} ± {h:.4f} | "
-                     f"{', '.join(f'{x['auc']:.4f}' for x in runs)} | {statistics.fmean(x['train_s'] for x in runs):.0f} |")
+                     f"{per_seed} | {statistics.fmean(x['train_s'] for x in runs):.0f} |")
     diff = [b["auc"] - a["auc"] for a, b in zip(r["shared LoRA"], r["RecLoRA bank"])]
     m, h = interval(diff, T90)
     holds = m - h > 0

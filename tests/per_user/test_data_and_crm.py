@@ -75,3 +75,22 @@ def test_short_history_keeps_the_most_relevant_in_time_order():
         short_history(history, 5, 2)
     with pytest.raises(ValueError, match="strategy"):
         short_history(history, 5, 2, crm=crm, strategy="random")
+
+
+def test_cli_trains_and_exports_every_user(movielens_dir, tmp_path, capsys):
+    from lorakit.cli import main
+
+    out = tmp_path / "out"
+    code = main(["per-user", "-o", str(out), "--model", "tiny-bert", "--data", str(movielens_dir), "--events", "64",
+                 "--steps", "4", "--experts", "2", "--rank", "2", "--history", "2"])
+    assert code == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["users"] == 24 and 0.0 <= summary["bank_test_auc"] <= 1.0
+    assert len(json.loads((out / "users" / "users.json").read_text())) == 24
+    assert main(["per-user", "-o", str(out), "--model", "tiny-bert", "--data", str(movielens_dir)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["per-user", "-o", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
