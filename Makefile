@@ -25,6 +25,8 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq fortunes wordnet-base) >/dev/null 2>&1 \
 	  || echo "note: Debian packages fortunes and wordnet-base not installed; their tasks' tests will be skipped"; \
 	fi
+	@test ! -x $(BIN)/python || $(BIN)/python -c "from lorakit.per_user.movielens import fetch; fetch()" 2>/dev/null \
+	  || echo "note: MovieLens 100K not fetched (bench/per_user.py and lorakit per-user need it; the tests do not)"
 
 demo: install
 	$(BIN)/lorakit demo

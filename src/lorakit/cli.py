@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cli.add_parser(sub)
 
+    from .per_user import cli as per_user_cli
+
+    per_user_cli.add_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
     optim_cli.add_parser(sub)
