@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,6 +14,14 @@ class EngineError(Exception):
     """A request the engine refuses; ``status`` is the HTTP status it maps to."""
 
     status = 400
+
+
+class BadParameter(EngineError):
+    """A request parameter the engine refuses (``param`` names it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownAdapter(EngineError):
@@ -44,6 +52,8 @@ class EngineConfig:
     lookahead: int = 64  # queued requests whose adapters are prefetched
     lora_dtype: torch.dtype = torch.float32
     backend: str = "auto"  # batched LoRA operator: auto, bmm, grouped, segments
+    max_merged: int = 64  # per-request merged adapters the server keeps buildable (combos.MergeCache)
+    max_adapter_labels: int = 256  # adapters with their own label in /metrics; the rest count under kind="other"
 
 
 @dataclass(eq=False)
@@ -70,3 +80,8 @@ class Request:
     holds_adapter: bool = False  # the request pins its adapter in the pool
     stream: Optional[TextStream] = None
     generator: Optional[torch.Generator] = None
+    merge: Optional[tuple] = None  # (adapter names, weights or None, strategy): a per-request merged adapter
+    guide: Any = None  # guided.Guide: the structured-output matcher
+    logprobs: list = field(default_factory=list)  # logprobs.TokenLogprob per generated token
+    prompt_logprobs: list = field(default_factory=list)  # None, then a TokenLogprob per later prompt token
+    label: tuple[str, str] = ("base", "")  # (kind, adapter) of its /metrics counters
