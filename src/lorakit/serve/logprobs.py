@@ -67,7 +67,7 @@ class Formatter:
             text = self.text(token)
             out["tokens"].append(text)
             out["text_offset"].append(offset)
-            offset += len(self.tokenizer.decode([token]))
+            offset += len(self.tokenizer.decode([token], skip_special_tokens=True))
             if rec is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
