@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 import torch
 
 from . import combos
-from .guided import GuideError, GuideFactory
+from .guided import GuideError, GuideFactory, apply_guides
 from .logprobs import pick, prompt_records
 from .metrics import AdapterCounters
 from .pool import AdapterPool, PoolFull
-from .request import BadParameter, EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter
+from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter, check_request
 from .runner import ModelRunner
 from .sampling import SamplingParams, TextStream, add_bias, next_tokens, unusable_rows
 from .store import AdapterFitError, AdapterStore
@@ -88,27 +88,11 @@ class Engine:
             except EngineError:
                 self.stats["rejected"] += 1
                 raise
-        n, m = len(request.prompt), request.params.max_tokens
-        problem = None
-        vocab = self.runner.vocab_size
-        if n == 0:
-            problem = "the prompt is empty"
-        elif any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.prompt):
-            t = next(t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab))
-            problem = f"token id {t!r} is outside the vocabulary [0, {vocab})"
-        elif n > self.max_prompt:
-            problem = f"the prompt has {n} tokens; this server accepts at most {self.max_prompt}"
-        elif m > self.max_new:
-            problem = f"max_tokens={m} exceeds this server's limit of {self.max_new}"
-        elif n + m > self.config.max_len:
-            problem = f"prompt ({n} tokens) plus max_tokens ({m}) exceeds the context length {self.config.max_len}"
-        if problem:
+        try:
+            check_request(request, self.runner.vocab_size, self.max_prompt, self.max_new, self.config.max_len)
+        except EngineError:
             self.stats["rejected"] += 1
-            raise EngineError(problem)
-        bad_bias = next((t for t in request.params.logit_bias if not 0 <= t < vocab), None)
-        if bad_bias is not None:
-            self.stats["rejected"] += 1
-            raise BadParameter(f"logit_bias token id {bad_bias} is outside the vocabulary [0, {vocab})", "logit_bias")
+            raise
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
                 self.stats["rejected"] += 1
@@ -348,17 +332,12 @@ class Engine:
                 return
         params = [r.params for r in reqs]
         scores = add_bias(logits, params)
-        guided = [i for i, r in enumerate(reqs) if r.guide is not None]
-        if guided:
-            scores = scores.clone() if scores is logits else scores
-            for i in guided:
-                reqs[i].guide.mask_(scores[i])
-            stuck = [i for i in guided if not torch.isfinite(scores[i]).any()]
-            for i in reversed(stuck):  # nothing the grammar allows is left (cannot happen with a sound grammar)
+        scores, stuck = apply_guides(scores, [r.guide for r in reqs], copy=scores is logits)
+        if stuck:  # nothing the grammar allows is left (cannot happen with a sound grammar)
+            for i in reversed(stuck):
                 self._finish(reqs.pop(i), "error", error="response_format: the grammar allows no token here", status=400)
             keep = [i for i in range(len(params)) if i not in set(stuck)]
-            if stuck:
-                logits, scores, params = logits[keep], scores[keep], [params[i] for i in keep]
+            logits, scores, params = logits[keep], scores[keep], [params[i] for i in keep]
             if not reqs:
                 return
         tokens = next_tokens(scores, params, [r.generator for r in reqs])

@@ -46,6 +46,18 @@ class Guide:
         return self.matcher.is_stopped()
 
 
+def apply_guides(scores: torch.Tensor, guides, copy: bool) -> tuple[torch.Tensor, list[int]]:
+    """Mask each guided row of ``scores [n, vocab]`` (a copy first if ``copy``); returns the scores and the rows
+    left with no allowed token."""
+    rows = [i for i, g in enumerate(guides) if g is not None]
+    if not rows:
+        return scores, []
+    scores = scores.clone() if copy else scores
+    for i in rows:
+        guides[i].mask_(scores[i])
+    return scores, [i for i in rows if not torch.isfinite(scores[i]).any()]
+
+
 class GuideFactory:
     """Compiles ``response_format`` into grammars for one tokenizer (the tokenizer is converted once, lazily)."""
 

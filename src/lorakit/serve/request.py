@@ -85,3 +85,25 @@ class Request:
     logprobs: list = field(default_factory=list)  # logprobs.TokenLogprob per generated token
     prompt_logprobs: list = field(default_factory=list)  # None, then a TokenLogprob per later prompt token
     label: tuple[str, str] = ("base", "")  # (kind, adapter) of its /metrics counters
+
+
+def check_request(request: Request, vocab: int, max_prompt: int, max_new: int, max_len: int) -> None:
+    """Raise EngineError (BadParameter for logit_bias) for a prompt or parameters the engine cannot serve."""
+    n, m = len(request.prompt), request.params.max_tokens
+    problem = None
+    if n == 0:
+        problem = "the prompt is empty"
+    elif any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.prompt):
+        t = next(t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab))
+        problem = f"token id {t!r} is outside the vocabulary [0, {vocab})"
+    elif n > max_prompt:
+        problem = f"the prompt has {n} tokens; this server accepts at most {max_prompt}"
+    elif m > max_new:
+        problem = f"max_tokens={m} exceeds this server's limit of {max_new}"
+    elif n + m > max_len:
+        problem = f"prompt ({n} tokens) plus max_tokens ({m}) exceeds the context length {max_len}"
+    if problem:
+        raise EngineError(problem)
+    bad = next((t for t in request.params.logit_bias if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise BadParameter(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})", "logit_bias")

@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP API over an ``Engine`` (FastAPI): completions and chat completions, streamed
-as server-sent events or not; ``model`` names an adapter, or the base model. Adapter management follows vLLM's
+as server-sent events or not; ``model`` names an adapter, or the base model (with ``merged_adapters``: a merge of
+several, ``combos.py``). ``n`` choices are ``n`` engine requests (choice ``i`` seeded with ``seed + i``); their
+answers are shaped in ``responses.py``, log-probabilities in ``logprobs.py``, ``response_format`` compiled by
+``guided.py``. vLLM's ``/tokenize`` and ``/detokenize``. Adapter management follows vLLM's
 endpoints (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``), off unless ``allow_runtime_lora`` and then
 only for directories under ``roots`` (``roots.py``); ``/health``; ``/metrics`` (Prometheus).
 
@@ -264,7 +267,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
                 p = params.child(i)
                 if i == 0 and echo is not None and top is not None:
                     p.prompt_logprobs = top  # once: every choice has the same prompt
-                guide = engine.guides.guide(grammar) if grammar is not None else None
+                guide = await off_loop(engine.guides.guide, grammar) if grammar is not None else None
                 reqs.append(engine.submit(Request(list(ids), adapter, p, on_update=on_update(i), merge=merge, guide=guide)))
         except (EngineError, GuideError) as e:
             for r in reqs:
