@@ -114,6 +114,24 @@ def test_merged_adapters_are_validated(live):
     assert ok(live, {**BODY, "model": "a0"})["choices"][0]["finish_reason"] == "length"  # the others keep serving
 
 
+def test_evicted_merges_leave_the_store_and_the_pool(root):
+    """Catches: an eviction that deadlocks the engine (it retires the merge while a submission runs), evicted
+    merges kept in the host cache or the pool, an evicted spec that cannot be built again."""
+    server = LiveServer(make_engine(root, max_merged=2))  # 1 place on probation, 1 protected
+    try:
+        specs = [(["a0", "a1"], [1.0, 2.0]), (["a0", "a2"], [1.0, 2.0]), (["a1", "a2"], [1.0, 2.0])]
+        first = [tokens_and_logprobs(ok(server, merged(ids, w))) for ids, w in specs]
+        engine = server.engine
+        assert engine.merges.stats["evictions"] == 2 and len(engine.merges) == 1
+        live_merges = {a for a in engine.pool.home if a.startswith("merge:")} | {a for a in engine.store.host if a.startswith("merge:")}
+        assert live_merges <= set(engine.merges.probation) | set(engine.merges.protected)
+        again = tokens_and_logprobs(ok(server, merged(*specs[0])))
+        assert again[0] == first[0][0] and again[1] == pytest.approx(first[0][1], abs=1e-5)
+        assert engine.merges.stats["builds"] == 4
+    finally:
+        server.close()
+
+
 class FakeStore:
     dtype = torch.float32
 

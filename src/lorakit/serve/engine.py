@@ -93,12 +93,18 @@ class Engine:
         except EngineError:
             self.stats["rejected"] += 1
             raise
+        if spec is not None:  # outside the engine's lock: an eviction retires the evicted merge, which takes it
+            try:
+                request.aid = self.merges.acquire(spec)  # QueueFull when every new merge is in use
+            except QueueFull:
+                self.stats["rejected"] += 1
+                raise
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
                 self.stats["rejected"] += 1
+                if spec is not None:
+                    self.merges.release(request.aid)
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
-            if spec is not None:
-                request.aid = self.merges.acquire(spec)  # QueueFull when every new merge is in use
             request.label = self.counters.label(request)
             self.counters.add(request.label, requests=1)
             request.id = request.id or f"req-{next(self._ids)}"
