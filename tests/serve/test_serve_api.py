@@ -179,6 +179,21 @@ def test_n_samples_are_independent_and_reproducible_with_a_seed(live):
         refused(live, {**body, "n": n}, "n")
 
 
+def test_streamed_logprobs_equal_the_whole_answer(live):
+    """Catches: chunks that repeat or drop tokens' logprobs, text offsets that restart at every chunk."""
+    body = {"model": "a1", "prompt": "Stream", "max_tokens": 7, "temperature": 0.9, "seed": 4, "logprobs": 2,
+            "ignore_eos": True, "return_tokens_as_token_ids": True}
+    whole = ok(live, body)["choices"][0]["logprobs"]
+    events = stream(live, {**body, "stream": True})
+    joined = {k: [v for e in events for v in e["choices"][0]["logprobs"][k]] for k in whole}
+    assert joined == whole
+    chat = {"model": "a1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0.9,
+            "seed": 4, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    content = ok(live, chat, "/v1/chat/completions")["choices"][0]["logprobs"]["content"]
+    parts = stream(live, {**chat, "stream": True}, "/v1/chat/completions")
+    assert [c for e in parts if e["choices"][0]["logprobs"] for c in e["choices"][0]["logprobs"]["content"]] == content
+
+
 def test_stream_options_need_a_stream_and_a_boolean(live):
     """Catches: stream_options accepted (and ignored) on a non-streamed request, a non-boolean include_usage."""
     body = {"model": BASE, "prompt": "x", "max_tokens": 2}

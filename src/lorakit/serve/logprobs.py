@@ -56,12 +56,14 @@ class Formatter:
 
     def __init__(self, tokenizer, as_ids: bool = False):
         self.tokenizer, self.as_ids = tokenizer, as_ids
+        self.end = 0
 
     def text(self, token: int) -> str:
         return f"token_id:{token}" if self.as_ids else self.tokenizer.decode([token])
 
-    def completion(self, records: Sequence[Optional[TokenLogprob]], offset: int = 0) -> dict:
-        """The completions shape; ``offset`` is the character offset of the first token in the choice's text."""
+    def completion(self, records: Sequence[tuple[Optional[TokenLogprob], int]], offset: int = 0) -> dict:
+        """The completions shape of (record, token) pairs; ``offset`` is the character offset of the first token
+        in the choice's text (offsets count each token's own decoded text; ``self.end`` is the offset after)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for rec, token in records:
             text = self.text(token)
@@ -76,6 +78,7 @@ class Formatter:
             top.setdefault(text, rec.logprob)
             out["token_logprobs"].append(rec.logprob)
             out["top_logprobs"].append(top)
+        self.end = offset
         return out
 
     def chat(self, records: Sequence[TokenLogprob]) -> dict:

@@ -25,7 +25,7 @@ class Choices:
         self.reqs, self.rid, self.model, self.chat, self.top = list(reqs), rid, model, chat, top
         self.formatter, self.echo, self.include_usage = formatter, echo, include_usage
         self.sent = [0] * len(reqs)  # tokens whose logprobs were streamed, per choice
-        self.offset = [0] * len(reqs)  # characters of text streamed, per choice (text_offset)
+        self.offset = [0] * len(reqs)  # text_offset of the next streamed token, per choice
         self.created = int(time.time())
 
     @property
@@ -80,7 +80,7 @@ class Choices:
         logprobs = None
         if self.top is not None:
             logprobs = self.formatter.completion(self._prompt_items(), 0)
-        self.offset[i] = len(self.echo)
+            self.offset[i] = self.formatter.end
         return self._event([{"index": i, "text": self.echo, "logprobs": logprobs, "finish_reason": None}])
 
     def chunk(self, i: int, text: str, upto: int, finish: Optional[str] = None) -> Optional[str]:
@@ -88,7 +88,7 @@ class Choices:
         logprobs = self._logprobs(i, self.sent[i], upto)
         self.sent[i] = max(self.sent[i], upto)
         if logprobs is not None and not self.chat:
-            self.offset[i] += len(text)
+            self.offset[i] = self.formatter.end
         if not text and finish is None and not (logprobs and (logprobs.get("content") or logprobs.get("tokens"))):
             return None
         if self.chat:
