@@ -32,13 +32,12 @@ def pick(logits: torch.Tensor, tokens: Sequence[int], k: int) -> list[TokenLogpr
     """Per row of ``logits [n, vocab]``: the log-probability of ``tokens[row]`` and the ``k`` most likely tokens."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
-    if k:
-        # a stable sort, so equal log-probabilities come out by increasing id
-        values, ids = torch.sort(lp, dim=-1, descending=True, stable=True)
-        values, ids = values[:, :k].tolist(), ids[:, :k].tolist()
-    else:
-        values = ids = [[] for _ in tokens]
-    return [TokenLogprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids, values)]
+    if not k:
+        return [TokenLogprob(t, c, ()) for t, c in zip(tokens, chosen)]
+    values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    # equal log-probabilities in increasing id order (topk does not promise an order among ties)
+    tops = [tuple(sorted(zip(i, v), key=lambda p: (-p[1], p[0]))) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 def prompt_records(logits_of, prompt: Sequence[int], k: int, chunk: int = 64) -> list[Optional[TokenLogprob]]:
