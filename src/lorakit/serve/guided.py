@@ -109,7 +109,12 @@ class GuideFactory:
         """A fresh matcher for one request (or one choice of it)."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
+        except GuideError:
+            raise
+        except Exception as e:
+            raise GuideError(f"response_format cannot be enforced: {e}") from None
         if matcher.is_error():
             raise GuideError(f"response_format cannot be enforced: {matcher.get_error()}")
         return Guide(matcher, self.vocab)
