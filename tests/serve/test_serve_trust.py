@@ -49,17 +49,19 @@ def assert_openai_error(r, status, *words):
 
 
 def test_unsupported_parameters_are_named_and_neutral_values_accepted(live):
-    r = post(live, {"model": "a0", "prompt": "hi", "logprobs": 2, "presence_penalty": 0.5, "tools": [{"type": "x"}],
+    r = post(live, {"model": "a0", "prompt": "hi", "suffix": "x", "presence_penalty": 0.5, "tools": [{"type": "x"}],
                     "best_of": True, **GREEDY})
-    assert_openai_error(r, 400, "logprobs", "presence_penalty", "tools", "best_of")
+    assert_openai_error(r, 400, "suffix", "presence_penalty", "tools", "best_of")
     neutral = {"logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0, "echo": False, "best_of": 1,
-               "user": None, "n": 1, "logit_bias": {}}
+               "user": None, "n": 1, "logit_bias": {}, "response_format": {"type": "text"}}
     assert post(live, {"model": "a0", "prompt": "hi", **neutral, **GREEDY}).status_code == 200
     chat = {"model": "a0", **GREEDY}
     assert_openai_error(post(live, {**chat, "messages": [{"role": "user", "content": "hi", "name": "bob"}]},
                              "/v1/chat/completions"), 400, "messages[0].name")
     assert_openai_error(post(live, {**chat, "messages": [{"role": "tool", "content": "hi"}]}, "/v1/chat/completions"),
                         400, "messages[0].role")
+    assert_openai_error(post(live, {**chat, "messages": [{"role": "user", "content": "hi"}], "echo": True},
+                             "/v1/chat/completions"), 400, "echo")
     assert_openai_error(post(live, {**chat, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                                     "stream_options": {"continuous_usage_stats": True}}, "/v1/chat/completions"),
                         400, "stream_options.continuous_usage_stats")
@@ -75,7 +77,7 @@ def test_extreme_sampling_values_are_exact_or_refused(live):
         assert post(live, {"model": "a0", "prompt": "hi", **GREEDY, "temperature": 1, "seed": seed}).status_code == 200
     refused = [({"seed": 2**64}, "seed"), ({"seed": 2**100}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
                ({"temperature": 2.5}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
-               ({"max_tokens": 10**30}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": 3}, "n"),
+               ({"max_tokens": 10**30}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": 17}, "n"),
                ({"seed": 1.5}, "seed"), ({"max_tokens": "8"}, "max_tokens"), ({"stop": [1, 2]}, "stop")]
     for change, param in refused:
         assert_openai_error(post(live, {"model": "a0", "prompt": "hi", **GREEDY, **change}), 400, param)

@@ -48,6 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pool-mb", type=float, default=64, help="active adapter pool budget, MiB")
     p.add_argument("--host-cache-mb", type=float, default=4096, help="host cache of loaded adapters, MiB")
     p.add_argument("--no-prefetch", action="store_true", help="read adapter files inside the step loop")
+    p.add_argument("--max-merged-adapters", type=int, default=64,
+                   help="per-request merges (merged_adapters) kept buildable and cached (segmented LRU; docs/serving.md)")
+    p.add_argument("--max-adapter-labels", type=int, default=256,
+                   help="adapters with their own label in /metrics; later ones count under kind=\"other\"")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin files (unpickling can run code)")
     p.add_argument("--seed", type=int, default=0, help="weights of zoo models built from a config")
     p.add_argument("--log-level", default="info")
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20),
         host_bytes=int(args.host_cache_mb * 2**20), prefetch=not args.no_prefetch,
+        max_merged=args.max_merged_adapters, max_adapter_labels=args.max_adapter_labels,
     )
     name = args.served_model_name or args.model
     logging.getLogger("lorakit.serve").info("serving %s%s with %d adapters on http://%s:%d/v1", name,

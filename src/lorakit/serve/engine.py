@@ -6,6 +6,10 @@ KV slots, the prefill token budget and the adapter pool allow (a request whose a
 without holding up the others; one whose adapter cannot be made resident without evicting an adapter in use
 waits too); prefill the admitted ones in one forward; then decode one token for every running request in one
 forward. Finished requests free their slot at once, so the next iteration can admit more.
+
+Request features are small modules the loop calls: ``sampling`` (logit_bias, temperature, top-k, top-p),
+``guided`` (structured-output masks), ``logprobs`` (raw log-probabilities of chosen and likely tokens, of the
+prompt too for echo), ``combos`` (per-request merged adapters, built in the store and cached like adapters).
 """
 from __future__ import annotations
 
@@ -19,10 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import combos
+from .guided import GuideError, GuideFactory, apply_guides
+from .logprobs import pick, prompt_records
+from .metrics import AdapterCounters
 from .pool import AdapterPool, PoolFull
-from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter
+from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter, check_request
 from .runner import ModelRunner
-from .sampling import SamplingParams, TextStream, next_tokens, unusable_rows
+from .sampling import SamplingParams, TextStream, add_bias, next_tokens, unusable_rows
 from .store import AdapterFitError, AdapterStore
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "Stopped", "UnknownAdapter"]
@@ -58,6 +66,9 @@ class Engine:
                       "generated_tokens": 0, "prefill_steps": 0, "decode_steps": 0, "step_seconds": 0.0,
                       "pool_hits": 0, "pool_misses": 0, "load_stall_seconds": 0.0, "sync_loads": 0}
         self.token_log: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) per step, for tokens/s
+        self.merges = combos.MergeCache(self.store, c.max_merged, on_evict=self._retire)
+        self.guides = GuideFactory(tokenizer, self.runner.vocab_size, tokenizer.eos_token_id)
+        self.counters = AdapterCounters(c.max_adapter_labels)
 
     # -- submission (any thread) ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -70,27 +81,32 @@ class Engine:
                 self.stats["rejected"] += 1
                 raise UnknownAdapter(f"adapter '{request.adapter}' does not exist; known: {', '.join(self.store.names()[:20]) or 'none'}")
             request.aid = entry.aid
-        n, m = len(request.prompt), request.params.max_tokens
-        problem = None
-        vocab = self.runner.vocab_size
-        if n == 0:
-            problem = "the prompt is empty"
-        elif any(not (isinstance(t, int) and 0 <= t < vocab) for t in request.prompt):
-            t = next(t for t in request.prompt if not (isinstance(t, int) and 0 <= t < vocab))
-            problem = f"token id {t!r} is outside the vocabulary [0, {vocab})"
-        elif n > self.max_prompt:
-            problem = f"the prompt has {n} tokens; this server accepts at most {self.max_prompt}"
-        elif m > self.max_new:
-            problem = f"max_tokens={m} exceeds this server's limit of {self.max_new}"
-        elif n + m > self.config.max_len:
-            problem = f"prompt ({n} tokens) plus max_tokens ({m}) exceeds the context length {self.config.max_len}"
-        if problem:
+        spec = None
+        if request.merge is not None:
+            try:
+                spec = combos.normalise(self.store, *request.merge)
+            except EngineError:
+                self.stats["rejected"] += 1
+                raise
+        try:
+            check_request(request, self.runner.vocab_size, self.max_prompt, self.max_new, self.config.max_len)
+        except EngineError:
             self.stats["rejected"] += 1
-            raise EngineError(problem)
+            raise
+        if spec is not None:  # outside the engine's lock: an eviction retires the evicted merge, which takes it
+            try:
+                request.aid = self.merges.acquire(spec)  # QueueFull when every new merge is in use
+            except QueueFull:
+                self.stats["rejected"] += 1
+                raise
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
                 self.stats["rejected"] += 1
+                if spec is not None:
+                    self.merges.release(request.aid)
                 raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            request.label = self.counters.label(request)
+            self.counters.add(request.label, requests=1)
             request.id = request.id or f"req-{next(self._ids)}"
             request.arrival = request.arrival or time.perf_counter()
             request.stream = TextStream(self.tokenizer, request.params.stop)
@@ -278,10 +294,27 @@ class Engine:
     def _prefill(self, admitted: list[Request]) -> None:
         start = len(self.running)
         self.running.extend(admitted)  # first, so that a failing forward fails them too
-        logits = self.runner.prefill([r.prompt for r in admitted], start, [r.aid for r in admitted])
+        scored = [i for i, r in enumerate(admitted) if r.params.prompt_logprobs is not None]
+        logits = self.runner.prefill([r.prompt for r in admitted], start, [r.aid for r in admitted], keep_hidden=scored)
         self.stats["prefill_steps"] += 1
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in admitted)
-        self._sample(admitted, logits)
+        for r in admitted:
+            self.counters.add(r.label, prompt=len(r.prompt))
+        failed = []
+        for i in scored:
+            req = admitted[i]
+            try:
+                req.prompt_logprobs = prompt_records(lambda lo, hi: self.runner.prompt_logits(i, lo, hi, logits[i]),
+                                                     req.prompt, req.params.prompt_logprobs)
+            except RuntimeError as e:
+                failed.append(i)
+                self._finish(req, "error", error=str(e), status=400)
+        self.runner.hidden = {}
+        if failed:
+            keep = [i for i in range(len(admitted)) if i not in failed]
+            admitted, logits = [admitted[i] for i in keep], logits[keep]
+        if admitted:
+            self._sample(admitted, logits)
 
     def _decode(self) -> None:
         reqs = list(self.running)
@@ -303,11 +336,24 @@ class Engine:
             logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
             if not reqs:
                 return
-        tokens = next_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        params = [r.params for r in reqs]
+        scores = add_bias(logits, params)
+        scores, stuck = apply_guides(scores, [r.guide for r in reqs], copy=scores is logits)
+        if stuck:  # nothing the grammar allows is left (cannot happen with a sound grammar)
+            for i in reversed(stuck):
+                self._finish(reqs.pop(i), "error", error="response_format: the grammar allows no token here", status=400)
+            keep = [i for i in range(len(params)) if i not in set(stuck)]
+            logits, scores, params = logits[keep], scores[keep], [params[i] for i in keep]
+            if not reqs:
+                return
+        tokens = next_tokens(scores, params, [r.generator for r in reqs])
         now = time.perf_counter()
         self.stats["generated_tokens"] += len(tokens)
         self.token_log.append((now, len(tokens)))
-        for req, tok in zip(reqs, tokens):
+        for i, (req, tok) in enumerate(zip(reqs, tokens)):
+            if req.params.logprobs is not None:
+                req.logprobs += pick(logits[i:i + 1], [tok], req.params.logprobs)
+            self.counters.add(req.label, generated=1)
             self._append(req, tok, now)
 
     def _append(self, req: Request, token: int, now: float) -> None:
@@ -318,7 +364,14 @@ class Engine:
         delta, stopped = req.stream.push(token)
         p = req.params
         reason = None
-        if token in self.eos and not p.ignore_eos or stopped:
+        complete = False  # the structured output's document is finished
+        if req.guide is not None:
+            try:
+                complete = req.guide.advance(token)
+            except GuideError as e:
+                self._finish(req, "error", error=str(e), status=500)
+                return
+        if token in self.eos and not p.ignore_eos or stopped or complete:
             reason = "stop"
         elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.config.max_len:
             reason = "length"
@@ -340,6 +393,8 @@ class Engine:
         if req.holds_adapter:
             req.holds_adapter = False
             self.pool.release(req.aid)
+        if req.merge is not None and req.aid is not None:
+            self.merges.release(req.aid)
         req.finish_reason, req.error, req.status = reason, error, status
         req.finished_at = time.perf_counter()
         key = {"error": "failed", "cancelled": "cancelled"}.get(reason, "finished")

@@ -1,7 +1,60 @@
-"""The engine's state in Prometheus' text exposition format (version 0.0.4), for ``GET /metrics``."""
+"""The engine's state in Prometheus' text exposition format (version 0.0.4), for ``GET /metrics``.
+
+Per-adapter counters (requests, prompt tokens, generated tokens) carry two labels, ``kind`` and ``adapter``:
+``kind="base"`` for the base model, ``kind="adapter"`` with the adapter's name for the first ``limit`` registered
+adapters that get a request (default 256), ``kind="other"`` for every later one, and ``kind="merged"`` for every
+per-request merge whatever its adapters. A name a client sends that does not exist is refused (404) before it is
+counted, and labels are never dropped, so the number of series is at most ``limit + 3`` per counter, however
+many adapters are loaded, unloaded or made up. Label values are escaped (backslash, double quote, newline).
+"""
 from __future__ import annotations
 
+import threading
 import time
+
+COUNTERS = ("requests", "prompt_tokens", "generation_tokens")
+
+
+class AdapterCounters:
+    """Per-adapter counters under a bounded label set (see the module docstring)."""
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self.rows: dict[tuple[str, str], list[int]] = {}
+        self._named = 0
+        self._lock = threading.Lock()
+
+    def label(self, request) -> tuple[str, str]:
+        """(kind, adapter) of a request whose adapter exists."""
+        if request.merge is not None:
+            return ("merged", "")
+        if request.adapter is None:
+            return ("base", "")
+        key = ("adapter", request.adapter)
+        with self._lock:
+            if key in self.rows:
+                return key
+            if self._named < self.limit:
+                self._named += 1
+                self.rows[key] = [0, 0, 0]
+                return key
+        return ("other", "")
+
+    def add(self, label: tuple[str, str], requests: int = 0, prompt: int = 0, generated: int = 0) -> None:
+        with self._lock:
+            row = self.rows.setdefault(label, [0, 0, 0])
+            row[0] += requests
+            row[1] += prompt
+            row[2] += generated
+
+    def samples(self, which: int) -> dict:
+        with self._lock:
+            return {(("kind", k), ("adapter", a)): row[which] for (k, a), row in sorted(self.rows.items())}
+
+
+def escape(value) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def tokens_per_second(engine, window: float = 10.0) -> float:
@@ -42,11 +95,18 @@ def render(engine) -> str:
         ("sync_loads_total", "counter", "Adapter files read inside the step loop (prefetch off).", {(): s["sync_loads"]}),
         ("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache.", {(): engine.runner.cache.nbytes}),
         ("registered_adapters", "gauge", "Adapters the server knows by name.", {(): len(store.names())}),
+        ("adapter_requests_total", "counter", "Requests accepted, per adapter.", engine.counters.samples(0)),
+        ("adapter_prompt_tokens_total", "counter", "Prompt tokens prefilled, per adapter.", engine.counters.samples(1)),
+        ("adapter_generation_tokens_total", "counter", "Tokens generated, per adapter.", engine.counters.samples(2)),
+        ("merged_adapter_cache_total", "counter", "Per-request merges: specs found in the cache, new specs, evictions.",
+         {(("result", k),): engine.merges.stats[k] for k in ("hits", "misses", "evictions")}),
+        ("merged_adapter_builds_total", "counter", "Merged adapters computed.", {(): engine.merges.stats["builds"]}),
+        ("merged_adapters", "gauge", "Merged adapter specs the cache holds.", {(): len(engine.merges)}),
     ]
     out = []
     for name, kind, doc, samples in rows:
         out += [f"# HELP lorakit_{name} {doc}", f"# TYPE lorakit_{name} {kind}"]
         for labels, value in samples.items():
-            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            label = "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels) + "}" if labels else ""
             out.append(f"lorakit_{name}{label} {float(value):.6g}" if isinstance(value, float) else f"lorakit_{name}{label} {value}")
     return "\n".join(out) + "\n"

@@ -8,6 +8,11 @@ here: prefill takes left-padded prompts (the last column is every row's last pro
 the LM head), decode one token per running slot. Models whose layers mix full and sliding-window attention
 (Gemma 3) get one mask per layer type.
 
+Prompt log-probabilities (echo with logprobs) need the logits at every prompt position, which the LM head is not
+asked for (a [tokens, vocabulary] tensor can be gigabytes): a hook keeps the final hidden states of the rows that
+want them, and ``prompt_logits`` applies the LM head (and Gemma's final soft-capping) to a few positions at a time,
+after checking that this reproduces the model's own logits at the last position.
+
 Quantised bases (``lorakit.compress.quantize_``) serve as they are: every kind but one computes each token's row
 on its own. LLM.int8 (bitsandbytes ``Linear8bitLt`` with an outlier threshold) picks its float16 outlier columns
 over the whole step, so a request's output would depend on the other requests (and on padding); when a step has
@@ -54,6 +59,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
         self._stepping = False
+        self.hidden: dict[int, torch.Tensor] = {}  # prefill row -> final hidden states of its prompt [len, hidden]
         self.rowwise_calls = 0  # LLM.int8 layer calls rerun per request (outliers in a batched step)
         self._rowwise = [m.register_forward_hook(self._per_request) for m in self.modules.values()
                          if quantized_kind(m) is not None and getattr(getattr(m, "state", None), "threshold", 0) > 0]
@@ -126,8 +132,10 @@ class ModelRunner:
 
     # -- forwards -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], start: int, adapters: Sequence[Optional[str]]) -> torch.Tensor:
-        """Run prompts into slots ``start...``; returns the logits after each prompt's last token [n, vocab]."""
+    def prefill(self, prompts: Sequence[Sequence[int]], start: int, adapters: Sequence[Optional[str]],
+                keep_hidden: Sequence[int] = ()) -> torch.Tensor:
+        """Run prompts into slots ``start...``; returns the logits after each prompt's last token [n, vocab]; the
+        rows ``keep_hidden`` keep their final hidden states in ``self.hidden`` (for ``prompt_logits``)."""
         n, width = len(prompts), max(len(p) for p in prompts)
         offsets = [width - len(p) for p in prompts]
         ids = torch.zeros(n, width, dtype=torch.long)
@@ -144,9 +152,35 @@ class ModelRunner:
         self._real = real_k[:, 0, :]
         self._set_adapters(adapters, self._real)
         self.cache.prefill(start, offsets, [len(p) for p in prompts])
-        out = self._forward(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1)
+        kept: list[torch.Tensor] = []
+        hook = None
+        if keep_hidden:  # the decoder's output: final hidden states (normalised) of every position
+            hook = self.model.base_model.register_forward_hook(lambda m, a, out: kept.append(out[0]))
+        try:
+            out = self._forward(input_ids=ids, position_ids=positions, attention_mask=masks, past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=1)
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.hidden = {b: kept[0][b, offsets[b]:] for b in keep_hidden}
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def prompt_logits(self, row: int, lo: int, hi: int, last: torch.Tensor) -> torch.Tensor:
+        """Logits after prompt positions ``[lo, hi)`` of prefill row ``row`` [hi - lo, vocab]; ``last`` (the logits
+        the model gave after the prompt) checks that the LM head here is the model's."""
+        hidden = self.hidden[row]
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            out = head(h).float()
+            return out if not cap else torch.tanh(out / cap) * cap
+
+        if lo == 0 and not torch.allclose(logits(hidden[-1:])[0], last, atol=1e-4, rtol=1e-4):
+            raise RuntimeError("prompt logprobs are not available for this model: its logits are not its LM head "
+                               "applied to its final hidden states")
+        return logits(hidden[lo:hi])
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[Optional[str]]) -> torch.Tensor:

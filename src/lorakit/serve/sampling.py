@@ -1,7 +1,12 @@
-"""Per-request decoding: greedy or sampled next tokens, and text streamed without crossing a stop string."""
+"""Per-request decoding: greedy or sampled next tokens, and text streamed without crossing a stop string.
+
+``logit_bias`` is added to the model's logits before any choice (OpenAI's rule: +100 forces a token and -100
+bans it in practice, as the model's own logits span far less than 100); a structured-output mask (``guided.py``)
+is applied after it. Log-probabilities (``logprobs.py``) are always those of the model's raw logits: before the
+bias, the mask, the temperature, top-k and top-p (vLLM's default, ``raw_logprobs``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +23,9 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # alternatives per generated token (0: the chosen token's only); None: none
+    prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (echo with logprobs)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -29,6 +37,15 @@ class SamplingParams:
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, found {self.seed}")
         self.stop = [s for s in self.stop if s]
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+
+    def child(self, index: int) -> "SamplingParams":
+        """The parameters of choice ``index`` of ``n``: the seed advanced by ``index`` (mod 2^64), as vLLM does."""
+        if self.seed is None or index == 0:
+            return replace(self)
+        seed = self.seed + index
+        return replace(self, seed=seed - 2**64 if seed >= 2**64 else seed)
 
     def generator(self) -> Optional[torch.Generator]:
         if self.temperature == 0:
@@ -64,6 +81,18 @@ def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generato
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
         out[row] = int(torch.multinomial(probs, 1, generator=g))
     return out
+
+
+def add_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``logits [n, vocab]`` with each row's ``logit_bias`` added (a copy when any row has one)."""
+    rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, bias in rows:
+        ids = torch.tensor(list(bias), dtype=torch.long)
+        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+    return logits
 
 
 def unusable_rows(logits: torch.Tensor) -> list[int]:

@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP API over an ``Engine`` (FastAPI): completions and chat completions, streamed
-as server-sent events or not; ``model`` names an adapter, or the base model. Adapter management follows vLLM's
+as server-sent events or not; ``model`` names an adapter, or the base model (with ``merged_adapters``: a merge of
+several, ``combos.py``). ``n`` choices are ``n`` engine requests (choice ``i`` seeded with ``seed + i``); their
+answers are shaped in ``responses.py``, log-probabilities in ``logprobs.py``, ``response_format`` compiled by
+``guided.py``. vLLM's ``/tokenize`` and ``/detokenize``. Adapter management follows vLLM's
 endpoints (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``), off unless ``allow_runtime_lora`` and then
 only for directories under ``roots`` (``roots.py``); ``/health``; ``/metrics`` (Prometheus).
 
@@ -17,7 +20,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -29,24 +32,27 @@ from . import metrics
 from .engine import Engine, EngineError, Request
 from .errors import APIError, error_response
 from .guard import Guard, authorized, key_digest
+from .guided import GuideError
+from .logprobs import Formatter
+from .responses import Choices
 from .roots import AdapterRoots, PathRefused
 from .sampling import SamplingParams
-from .schema import (ChatBody, ChatMessage, CompletionBody, LoadBody, UnloadBody, _Body, check_body, check_text,
-                     prompt_bytes)
+from .schema import (ChatBody, ChatMessage, CompletionBody, DetokenizeBody, LoadBody, TokenizeBody, UnloadBody, _Body,
+                     bias_ids, check_body, check_text, prompt_bytes, unsupported)
 
 log = logging.getLogger("lorakit.serve")
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
     """The tokenizer's chat template, or ``role: text`` lines ending in ``assistant:`` when it has none."""
     plain = [{"role": m.role, "content": m.text()} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         try:
-            ids = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as e:  # the template refuses the conversation (e.g. roles that do not alternate)
             raise APIError(400, f"the model's chat template refuses these messages: {e}", "messages") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + ("assistant:" if add_generation_prompt else "")
     return tokenizer(text)["input_ids"]
 
 
@@ -73,6 +79,9 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+
+    def detokenize(ids: list[int]) -> str:
+        return engine.tokenizer.decode(ids)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -151,7 +160,10 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
             ids = (await off_loop(engine.tokenizer, prompt))["input_ids"]
         else:
             ids = list(prompt)
-        return await _generate(body, ids, http, chat=False)
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else await off_loop(detokenize, ids)
+        return await _generate(body, ids, http, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
@@ -161,6 +173,52 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
             body.max_tokens = body.max_completion_tokens
         return await _generate(body, ids, http, chat=True)
 
+    def known_model(name: Optional[str]) -> None:
+        if name is not None and name != model_name and engine.store.entry(check_text(name, "model")) is None:
+            raise APIError(404, f"the model '{name}' does not exist; GET /v1/models lists the base model and adapters", "model")
+
+    def refuse_extras(body) -> None:
+        bad = unsupported(body.model_extra or {})
+        if bad:
+            raise APIError(400, f"unsupported parameter(s): {', '.join(bad)}", bad[0])
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        """vLLM's /tokenize: a completion ``prompt`` or chat ``messages`` -> token ids (and their strings)."""
+        refuse_extras(body)
+        known_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt or messages", "prompt")
+        if body.prompt is not None:
+            size = len(check_text(body.prompt, "prompt").encode())
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            task = (lambda: engine.tokenizer(body.prompt, add_special_tokens=special)["input_ids"])
+        else:
+            for i, m in enumerate(body.messages):
+                refuse_extras(m)
+                check_text(m.role, f"messages[{i}].role")
+                check_text(m.text(), f"messages[{i}].content")
+            size = sum(len(m.text().encode()) for m in body.messages)
+            task = (lambda: chat_prompt(engine.tokenizer, body.messages, body.add_generation_prompt))
+        if size > max_prompt_bytes:
+            raise APIError(400, f"the text is {size:,} bytes; this server accepts at most {max_prompt_bytes:,}", "prompt")
+        ids = list(await off_loop(task))
+        strs = await off_loop(engine.tokenizer.convert_ids_to_tokens, ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.config.max_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeBody):
+        """vLLM's /detokenize: token ids -> text."""
+        refuse_extras(body)
+        known_model(body.model)
+        vocab = engine.runner.vocab_size
+        if len(body.tokens) > max_prompt_bytes:
+            raise APIError(400, f"at most {max_prompt_bytes:,} tokens per request", "tokens")
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": await off_loop(detokenize, list(body.tokens))}
+
     def check(body: _Body, chat: bool) -> None:
         check_body(body, chat)
         size = prompt_bytes(body, chat)
@@ -168,83 +226,111 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
             raise APIError(400, f"the prompt is {size:,} bytes; this server accepts at most {max_prompt_bytes:,}",
                            "messages" if chat else "prompt")
 
-    async def _generate(body: _Body, ids: list[int], http: HTTPRequest, chat: bool):
+    def resolve(body: _Body) -> tuple[Optional[str], Optional[tuple]]:
+        """(adapter name or None, merge or None) of a request's ``model`` and ``merged_adapters``."""
+        if body.merged_adapters is not None:
+            if body.model != model_name:
+                raise APIError(400, f"merged_adapters names the adapters to merge; set model to the base model "
+                                    f"'{model_name}'", "model")
+            m = body.merged_adapters
+            return None, (m.ids, m.weights, m.merge_strategy)
         adapter = None if body.model == model_name else body.model
         if adapter is not None and engine.store.entry(adapter) is None:
             raise APIError(404, f"the model '{body.model}' does not exist; GET /v1/models lists the base model and adapters", "model")
+        return adapter, None
+
+    async def _generate(body: _Body, ids: list[int], http: HTTPRequest, chat: bool, echo: Optional[str] = None):
+        adapter, merge = resolve(body)
         default = 16 if not chat else max(1, min(engine.max_new, engine.config.max_len - len(ids)))
+        top = body.top_logprobs_wanted()
+        grammar = None
+        if body.response_format is not None:
+            try:
+                grammar = await off_loop(engine.guides.grammar, body.response_format.model_dump(by_alias=True))
+            except GuideError as e:
+                raise APIError(400, str(e), "response_format") from None
         try:
             params = SamplingParams(max_tokens=body.max_tokens or default, temperature=body.temperature, top_p=body.top_p,
-                                    top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos, stop=body.stops())
+                                    top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos, stop=body.stops(),
+                                    logprobs=top, logit_bias=bias_ids(body.logit_bias, engine.runner.vocab_size))
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        req = Request(ids, adapter, params, on_update=lambda r, d: loop.call_soon_threadsafe(updates.put_nowait, (d, r.finish_reason is not None)))
+        reqs: list[Request] = []
+
+        def on_update(i):
+            return lambda r, d: loop.call_soon_threadsafe(updates.put_nowait, (i, d, r.finish_reason is not None, len(r.output)))
+
         try:
-            engine.submit(req)
-        except EngineError as e:
-            raise APIError(e.status, str(e), {404: "model", 400: "prompt"}.get(e.status)) from None
+            for i in range(body.n):
+                p = params.child(i)
+                if i == 0 and echo is not None and top is not None:
+                    p.prompt_logprobs = top  # once: every choice has the same prompt
+                guide = await off_loop(engine.guides.guide, grammar) if grammar is not None else None
+                reqs.append(engine.submit(Request(list(ids), adapter, p, on_update=on_update(i), merge=merge, guide=guide)))
+        except (EngineError, GuideError) as e:
+            for r in reqs:
+                engine.cancel(r)
+            if isinstance(e, GuideError):
+                raise APIError(400, str(e), "response_format") from None
+            param = getattr(e, "param", None) or {404: "model", 400: "prompt"}.get(e.status)
+            raise APIError(e.status, str(e), param) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        choices = Choices(reqs, rid, body.model, chat, top, Formatter(engine.tokenizer, body.return_tokens_as_token_ids),
+                          echo, include_usage)
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_events(req, updates, rid, body.model, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(_events(choices, updates), media_type="text/event-stream")
         try:
-            finished = False
-            while not finished:
+            left = len(reqs)
+            while left:
                 try:
-                    _, finished = await asyncio.wait_for(updates.get(), timeout=0.25)
+                    _, _, finished, _ = await asyncio.wait_for(updates.get(), timeout=0.25)
+                    left -= finished
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return error_response(499, "client closed the request")
         finally:
-            if req.finish_reason is None:  # the client left, or the server cancelled this handler: free the slot
-                engine.cancel(req)
-        if req.finish_reason == "error":
-            raise APIError(req.status, roots.redact(req.error or "generation failed"), "model" if req.status == 400 else None)
-        choice = {"index": 0, "finish_reason": req.finish_reason, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": req.text}} if chat else {"text": req.text})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": [choice], "usage": _usage(req)}
+            for r in reqs:
+                if r.finish_reason is None:  # the client left, or the server cancelled this handler: free the slot
+                    engine.cancel(r)
+        failed = next((r for r in reqs if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(failed.status, roots.redact(failed.error or "generation failed"), "model" if failed.status == 400 else None)
+        return choices.whole()
 
-    async def _events(req: Request, updates: asyncio.Queue, rid: str, model: str, chat: bool, usage: bool):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            body = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
+    async def _events(choices: Choices, updates: asyncio.Queue):
+        reqs = choices.reqs
         try:
-            if chat:
-                yield chunk(None, None, first=True)
-            finished = False
-            while not finished:
-                delta, finished = await updates.get()
-                if delta:
-                    yield chunk(delta, None)
-            if req.finish_reason == "error":
-                err = {"error": {"message": roots.redact(req.error or "generation failed"), "param": None,
-                                 "type": "invalid_request_error" if req.status == 400 else "server_error", "code": req.status}}
-                yield f"data: {json.dumps(err)}\n\n"
+            for i in range(len(reqs)):
+                first = choices.opening(i)
+                if first:
+                    yield first
+            left = len(reqs)
+            while left:
+                i, delta, finished, upto = await updates.get()
+                req = reqs[i]
+                if finished:
+                    left -= 1
+                    if req.finish_reason == "error":
+                        err = {"error": {"message": roots.redact(req.error or "generation failed"), "param": None,
+                                         "type": "invalid_request_error" if req.status == 400 else "server_error",
+                                         "code": req.status}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        break
+                event = choices.chunk(i, delta, upto, req.finish_reason if finished else None)
+                if event:
+                    yield event
             else:
-                yield chunk(None, req.finish_reason)
-                if usage:
-                    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [],
-                            "usage": _usage(req)}
-                    yield f"data: {json.dumps(body)}\n\n"
+                closing = choices.closing()
+                if closing:
+                    yield closing
             yield "data: [DONE]\n\n"
         finally:
-            if req.finish_reason is None:  # the client went away: free the slot
-                engine.cancel(req)
+            for r in reqs:
+                if r.finish_reason is None:  # the client went away, or a choice failed: free the slots
+                    engine.cancel(r)
 
     return Guard(app, api_key, max_body or 4 * max_prompt_bytes + (1 << 16))
 
-
-def _usage(req: Request) -> dict:
-    return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-            "total_tokens": len(req.prompt) + len(req.output)}

@@ -8,6 +8,9 @@ adapters that queued requests will need, and the step loop only copies packed te
 Every (re)registration of a name gets a new id ``name#version``, so a reloaded adapter never reuses the
 previous version's cached tensors. A failed load is remembered with the size and modification time of the
 adapter's files: once they change (the file was fixed), the next request loads it again.
+
+Derived adapters (per-request merges, ``combos.py``) have an id and a build function over other adapters' packed
+forms instead of a directory: ``load`` loads their components, builds them and caches the result like any other.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -123,6 +126,7 @@ class AdapterStore:
         self.by_aid: dict[str, AdapterEntry] = {}
         self.host: OrderedDict[str, PackedAdapter] = OrderedDict()
         self.failures: dict[str, tuple[str, tuple]] = {}  # aid -> (message, the files' signature then)
+        self.derived: dict[str, tuple[list[str], Callable]] = {}  # aid -> (component aids, build(packed components))
         self.stats = {"loads": 0, "load_seconds": 0.0, "failures": 0, "host_hits": 0, "host_evictions": 0}
         self._version = 0
         self._lock = threading.Lock()
@@ -166,6 +170,27 @@ class AdapterStore:
             self.register(p.name, p)
         return [p.name for p in found]
 
+    def derive(self, aid: str, components: Sequence[str], build: Callable[[list[PackedAdapter]], PackedAdapter]) -> None:
+        """Make ``aid`` loadable as ``build([packed component, ...])`` (components: registered adapter ids)."""
+        with self._lock:
+            self.derived[aid] = (list(components), build)
+
+    def forget(self, aid: str) -> None:
+        """Drop a derived adapter: its build, its cached form and its failure."""
+        with self._lock:
+            self.derived.pop(aid, None)
+            self.host.pop(aid, None)
+            self.failures.pop(aid, None)
+
+    def known(self, aid: str) -> bool:
+        return aid in self.by_aid or aid in self.derived
+
+    def _signature(self, aid: str) -> tuple:
+        derived = self.derived.get(aid)
+        if derived is not None:
+            return tuple(self._signature(c) for c in derived[0])
+        return _signature(self.by_aid[aid].path)
+
     def entry(self, name: str) -> Optional[AdapterEntry]:
         return self.entries.get(name)
 
@@ -190,8 +215,7 @@ class AdapterStore:
         failed = self.failures.get(aid)
         if failed is None:
             return None
-        entry = self.by_aid.get(aid)
-        if entry is not None and _signature(entry.path) != failed[1]:
+        if self.known(aid) and self._signature(aid) != failed[1]:
             with self._lock:
                 self.failures.pop(aid, None)
             return None
@@ -199,19 +223,22 @@ class AdapterStore:
 
     def load(self, aid: str) -> PackedAdapter:
         """Read, check and pack ``aid`` into the host cache now (raises with a clear message on failure)."""
-        entry = self.by_aid.get(aid)
-        if entry is None:
+        entry, derived = self.by_aid.get(aid), self.derived.get(aid)
+        if entry is None and derived is None:
             raise KeyError(f"unknown adapter id '{aid}'")
         cached = self.cached(aid)
         if cached is not None:
             return cached
         start = time.perf_counter()
-        signature = _signature(entry.path)
+        signature = self._signature(aid)
         try:
-            state = load_state(entry.path, allow_pickle=self.allow_pickle)
-            packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path))
+            if derived is not None:
+                packed = derived[1]([self.load(c) for c in derived[0]])
+            else:
+                state = load_state(entry.path, allow_pickle=self.allow_pickle)
+                packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path))
         except Exception as e:
-            message = f"adapter '{entry.name}' cannot be loaded: {e}"
+            message = f"merged adapter cannot be built: {e}" if derived else f"adapter '{entry.name}' cannot be loaded: {e}"
             with self._lock:
                 self.failures[aid] = (message, signature)
                 self.stats["failures"] += 1
@@ -231,7 +258,7 @@ class AdapterStore:
         """Queue ``aids`` for the prefetch thread (those not cached, failed or queued already)."""
         with self._lock:
             for aid in aids:
-                if aid not in self.host and aid not in self._queued and aid in self.by_aid and not (
+                if aid not in self.host and aid not in self._queued and self.known(aid) and not (
                         aid in self.failures and self._failed_unchanged(aid)):
                     self._queue.append(aid)
                     self._queued.add(aid)
@@ -239,7 +266,7 @@ class AdapterStore:
                 self.loaded.notify_all()
 
     def _failed_unchanged(self, aid: str) -> bool:  # under the lock
-        if _signature(self.by_aid[aid].path) == self.failures[aid][1]:
+        if self._signature(aid) == self.failures[aid][1]:
             return True
         del self.failures[aid]
         return False
