@@ -6,7 +6,8 @@ from .core.adapter import Adapter, AdapterShapeError, ModulesToSave
 from .core.apply import adapters, apply, config_of, disabled, merge, trainable_parameters, unwrap
 from .core.config import AdapterConfig, DoRAConfig, LoRAConfig
 from .core.registry import INITIALIZERS, METHODS, Registry
-from .core.multi import add_adapter, delete_adapter, mixed_batch, set_adapter
+from .core.mixed import mixed_batch
+from .core.multi import add_adapter, delete_adapter, set_adapter
 from .core.named import active_adapters, adapter_names
 from .core.state import AdapterState
 from .formats.peft import AdapterFileError, hotswap_adapter, load_peft, load_state, save_peft, save_state

@@ -239,6 +239,11 @@ def test_refusals(llama, perturb):
         _run(model, ids, adapter_names=["fly", "b", "b", "default"])
     _run(model, ids, adapter_names=["dora", "b", "__base__", "default"])  # DoRA's update is fixed: rows mix
 
+    plain = lorakit.unwrap(copy.deepcopy(model))
+    assert len(plain._forward_pre_hooks) == 1, "one hook, also on a deep copy"
+    with pytest.raises(KeyError, match="'b' not on the model; its adapters: \\(none\\)"):
+        _run(plain, ids, adapter_names=["b"] * 4)
+
 
 def test_hotswap_in_place(llama, perturb, tmp_path):
     model = perturb(lorakit.apply(llama.make(), lorakit.LoRAConfig(**A)))
@@ -250,6 +255,8 @@ def test_hotswap_in_place(llama, perturb, tmp_path):
     assert all(p is params[n][0] and p.data_ptr() == params[n][1] for n, p in model.named_parameters()), \
         "hot-swapping keeps every parameter object and its storage"
     _close(_run(model, ids), _run(other, ids), "after hot-swapping")
+    lorakit.load_peft(model, tmp_path / "other", adapter_name="default")  # a name the model has: in place too
+    assert all(p is params[n][0] for n, p in model.named_parameters())
 
     for config, match in ((dict(A, r=2), "differs .* in r"), (dict(A, lora_alpha=16), "differs .* in lora_alpha"),
                           (dict(A, target_modules=["q_proj"]), "disagree on which modules")):

@@ -112,7 +112,7 @@ def apply(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) 
         setattr(model, NAME_ATTR, adapter_name)
         for module in wrapped_modules(model).values():
             module.adapter_name = adapter_name
-    from .multi import install_mixed_batch_hook  # multi builds on this module
+    from .mixed import install_mixed_batch_hook  # mixed builds on this module
 
     install_mixed_batch_hook(model)
     initializer = initializer_for(config.init_lora_weights)
@@ -193,9 +193,6 @@ def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
     for attr in (CONFIG_ATTR, NAME_ATTR, OTHERS_ATTR, ACTIVE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
-    from .multi import remove_mixed_batch_hook
-
-    remove_mixed_batch_hook(model)
     return model
 
 

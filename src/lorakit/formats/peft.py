@@ -328,26 +328,30 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 
 
 def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None,
-              save_embedding_layers: Union[bool, str] = "auto", *, _folder: Optional[str] = "") -> Path:
+              save_embedding_layers: Union[bool, str] = "auto") -> Path:
     """Save the adapter of ``model`` as a PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
     ``save_embedding_layers`` is peft's: embedding weights go into the file when an embedding is targeted or the
-    vocabulary was resized ("auto"), always (True) or never (False).
-    On a model with several adapters, ``adapter_name`` picks one, written to that sub-folder; without it every
-    adapter is written in PEFT's layout: ``"default"`` in ``path`` itself, each other one in ``path/<name>``.
+    vocabulary was resized ("auto"), always (True) or never (False). ``adapter_name`` writes to that sub-folder.
+    On a model with several adapters, ``adapter_name`` also picks the one to write; without it every adapter is
+    written in PEFT's layout: ``"default"`` in ``path`` itself, each other one in ``path/<name>``.
     """
     names = adapter_names(model)
-    if len(names) > 1 and adapter_name is None:
-        for name in names:
-            save_peft(model, path, name, save_embedding_layers, _folder=None if name == DEFAULT else name)
-        return Path(path).resolve()
-    state = AdapterState.from_model(model, adapter_name if len(names) > 1 else None)
+    if len(names) <= 1 or adapter_name is not None:
+        return _save_one(model, path, adapter_name if len(names) > 1 else None, adapter_name, save_embedding_layers)
+    for name in names:
+        _save_one(model, path, name, None if name == DEFAULT else name, save_embedding_layers)
+    return Path(path).resolve()
+
+
+def _save_one(model: nn.Module, path: PathLike, adapter_name: Optional[str], folder: Optional[str],
+              save_embedding_layers: Union[bool, str]) -> Path:
+    state = AdapterState.from_model(model, adapter_name)
     if state.config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if name:
             state = state.replace(base_model_name_or_path=str(name))
     state.base_tensors.update(embedding_weights(model, state.config, save_embedding_layers))
-    folder = adapter_name if _folder == "" else _folder
     return save_state(state, path, folder, base=fingerprint.record(model))
 
 
