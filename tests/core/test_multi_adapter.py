@@ -265,6 +265,22 @@ def test_hotswap_in_place(llama, perturb, tmp_path):
         with pytest.raises(ValueError, match=match):
             lorakit.hotswap_adapter(model, lorakit.load_state(tmp_path / "wrong", str(len(match))))
         _close(_run(model, ids), _run(other, ids), "a refused hot swap leaves the adapter as it was")
+    fewer = tmp_path / "wrong" / str(len("disagree on which modules"))  # the adapter on q_proj only
+    lorakit.add_adapter(model, "new", lorakit.LoRAConfig(**A))
+    with pytest.raises(ValueError, match="disagree on which modules"):
+        lorakit.load_peft(model, fewer, adapter_name="new")  # into 'new', whose modules differ
+    lorakit.delete_adapter(model, "new")
+    assert lorakit.adapter_names(model) == ["default"]
+    state = lorakit.AdapterState.from_model(lorakit.apply(llama.make(), lorakit.LoRAConfig(**A)))
+    last = sorted(state.tensors)[-1]
+    state.tensors[last]["lora_B.weight"] = state.tensors[last]["lora_B.weight"][:-1]  # one wrong shape, last
+    with pytest.raises(lorakit.AdapterShapeError, match=f"module '{last}', tensor 'lora_B.weight'"):
+        lorakit.hotswap_adapter(model, state)
+    _close(_run(model, ids), _run(other, ids), "every shape is checked before any tensor is copied")
+    lorakit.save_state(state, tmp_path / "bad")
+    with pytest.raises(lorakit.AdapterShapeError, match="expects shape"):
+        lorakit.load_peft(model, tmp_path / "bad", adapter_name="brand_new")
+    assert lorakit.adapter_names(model) == ["default"], "a load refused after adding the name takes it away again"
 
 
 def test_hotswap_does_not_recompile(llama, perturb, tmp_path):
@@ -280,3 +296,42 @@ def test_hotswap_does_not_recompile(llama, perturb, tmp_path):
         lorakit.hotswap_adapter(model, lorakit.AdapterState.from_model(other))
         _close(_run(compiled, ids), _run(other, ids), "compiled, after hot-swapping (no recompilation)")
     dynamo.reset()
+
+
+@pytest.mark.slow
+def test_hotswap_does_not_recompile_inductor(llama, perturb):
+    """The same with the default backend (inductor generates code: about a minute on two CPU cores)."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    model = perturb(lorakit.apply(llama.make(), lorakit.LoRAConfig(**A)))
+    other = perturb(lorakit.apply(llama.make(), lorakit.LoRAConfig(**A)), seed=5)
+    ids = _ids(llama)
+    dynamo.reset()
+    compiled = torch.compile(model)
+    _close(_run(compiled, ids), _run(model, ids), "compiled output")
+    with dynamo.config.patch(error_on_recompile=True):
+        lorakit.hotswap_adapter(model, lorakit.AdapterState.from_model(other))
+        _close(_run(compiled, ids), _run(other, ids), "compiled, after hot-swapping (no recompilation)")
+    dynamo.reset()
+
+
+def test_mixed_batch_with_embeddings_as_peft(llama, tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    theirs = get_peft_model(llama.make(), LoraConfig(**copy.deepcopy(kwargs)))
+    theirs.add_adapter("b", LoraConfig(**{**copy.deepcopy(kwargs), "r": 2}))
+    theirs.eval().save_pretrained(tmp_path)
+    ours = lorakit.load_peft(llama.make(), tmp_path)
+    lorakit.load_peft(ours, tmp_path, adapter_name="b")
+    ids = _ids(llama)
+    _close(_run(ours, ids, adapter_names=ROWS), _run(theirs, ids, adapter_names=ROWS), "mixed batch, embeddings")
+    theirs.base_model.set_adapter(["default", "b"]), lorakit.set_adapter(ours, ["default", "b"])
+    _close(_run(ours, ids), _run(theirs, ids), "both active, embeddings")
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "b" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))  # peft saves the embeddings
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(file))
+    with pytest.raises(lorakit.AdapterFileError, match="base weights that differ from the model's"):
+        lorakit.load_peft(ours, tmp_path / "b", adapter_name="c")
+    assert lorakit.adapter_names(ours) == ["default", "b"], "a refused load adds nothing"

@@ -195,16 +195,25 @@ class AdapterState:
         compiled model does not recompile), after checking that its config computes alike.
         """
         fresh = not wrapped_modules(model)
+        added = not fresh and adapter_name is not None and adapter_name not in adapter_names(model)
         if fresh:
             self._fit_vocabulary(model)
             apply(model, self.config, **({"adapter_name": adapter_name} if adapter_name else {}))
-        elif adapter_name is not None and adapter_name not in adapter_names(model):
-            from .multi import add_adapter
+        elif added:
+            from .multi import add_adapter, delete_adapter
 
             add_adapter(model, adapter_name, self.config)
-            fresh = True
-        name = selected(model, adapter_name, "load an adapter into the model")
-        found = layers_of(model, name)
+        try:
+            self._copy_into(model, selected(model, adapter_name, "load an adapter into the model"), fresh or added)
+        except BaseException:
+            if added:  # a refused load leaves the model as it was
+                delete_adapter(model, adapter_name)
+            raise
+        return model
+
+    def _copy_into(self, model: nn.Module, adapter_name: str, new: bool) -> None:
+        """Copy the tensors into one adapter's layers: every module and shape is checked before anything changes."""
+        found = layers_of(model, adapter_name)
         expected = {p for p, m in found.items() if isinstance(m, Adapter)}
         extra = sorted(set(self.tensors) - expected)
         missing = sorted(expected - set(self.tensors))
@@ -214,11 +223,20 @@ class AdapterState:
                 + (f"not in the model: {', '.join(extra[:8])}; " if extra else "")
                 + (f"no tensors for: {', '.join(missing[:8])}" if missing else "")
             )
-        if not fresh:
-            self._check_computes_like(config_of(model, name), sorted(expected))
-        for path, tensors in list(self.tensors.items()) + list(self.modules_to_save.items()):
+        if not new:
+            self._check_computes_like(config_of(model, adapter_name), sorted(expected))
+        groups = list(self.tensors.items()) + list(self.modules_to_save.items())
+        for path, tensors in groups:
             if path not in found:
                 raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")
+            own = found[path].adapter_tensors()
+            for key in sorted(own.keys() & tensors.keys()):
+                if tuple(own[key].shape) != tuple(tensors[key].shape):
+                    raise AdapterShapeError(
+                        f"module '{path}', tensor '{key}': the model expects shape {tuple(own[key].shape)}, the "
+                        f"adapter has {tuple(tensors[key].shape)}. Was the adapter trained for another base model "
+                        "or with another rank?")
+        for path, tensors in groups:
             found[path].load_adapter_tensors(tensors)
         if self.base_tensors:
             params = dict(model.named_parameters(remove_duplicate=False))  # tied heads keep their own name
@@ -231,4 +249,3 @@ class AdapterState:
                             f"{tuple(value.shape)}"
                         )
                     params[name].copy_(value)
-        return model

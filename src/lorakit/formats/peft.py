@@ -368,8 +368,14 @@ def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     fresh = not wrapped_modules(model)
     added = adapter_name is not None and adapter_name not in adapter_names(model)
     if state.base_tensors and not fresh and (added or len(adapter_names(model)) > 1):
-        raise AdapterFileError(f"{path}: the adapter carries base weights ({', '.join(sorted(state.base_tensors)[:3])})"
-                               ", which the model's other adapters share; load it into a model of its own")
+        own = fingerprint.base_parameters(model)
+        changed = sorted(k for k, v in state.base_tensors.items()
+                         if not torch.equal(own.get(k.replace(".base_layer.", "."), torch.empty(0)).detach().cpu(), v))
+        if changed:
+            raise AdapterFileError(f"{path}: the adapter carries base weights that differ from the model's "
+                                   f"({', '.join(changed[:3])}), which its other adapters share; load it into a "
+                                   "model of its own")
+        state.base_tensors.clear()  # PEFT saved the (unchanged) embeddings it adapts: nothing to copy
     carried = {k.replace(".base_layer.", ".") for k in state.base_tensors}  # weights the file brings in full
     problem = base_problem(model, read_base(path, folder), state.config.base_model_name_or_path, str(path),
                            carried)
