@@ -172,3 +172,18 @@ def test_refusals(tmp_path):
     with pytest.raises(lorakit.AdapterFileError, match="target_parameters.*method 'bone'.*parameter targets work "
                                                        "with LoRA"):
         lorakit.load_state(tmp_path / "bone")
+
+
+def test_bfloat16_as_peft(tmp_path):
+    """A bf16 model: fp32 factors, cast to bf16 and folded in bf16, as PEFT does: the same logits, bit for bit."""
+    kwargs = dict(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS, init_lora_weights=False)
+    theirs = get_peft_model(base("mixtral").to(torch.bfloat16), LoraConfig(**copy.deepcopy(kwargs))).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.load_peft(base("mixtral").to(torch.bfloat16), tmp_path)
+    experts = ours.model.layers[0].mlp.experts
+    assert experts.lora_A.weight.dtype == torch.float32 and experts.base_layer.lora_B.weight.dtype == torch.float32
+    assert torch.equal(_run(ours), _run(theirs)), "the same bf16 operations give the same logits"
+    lorakit.save_peft(ours, tmp_path / "ours")
+    saved = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in load_file(
+        str(tmp_path / "adapter_model.safetensors")).items()}

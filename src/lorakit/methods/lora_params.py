@@ -8,8 +8,8 @@ parameter [out, in] is one expert. The module runs with W + ΔW in W's place (``
 computed as PEFT computes it (one ``baddbmm`` over a stack, W + ΔW otherwise), so outputs agree to rounding.
 Several parameters of one module nest in the module's parameter order, the first innermost, as PEFT nests its
 ParamWrappers, so file keys are PEFT's (``<module>.base_layer.lora_A.weight`` for the inner one).
-As in PEFT: no dropout, no fan_in_fan_out, no DoRA, no mixed batches (the experts see tokens, not rows), and the
-adapter is kept in the parameter's dtype (LoRA on layers keeps fp32 factors over a half-precision base).
+As in PEFT: no dropout, no fan_in_fan_out, no DoRA, no mixed batches (the experts see tokens, not rows); the
+factors are fp32 over a half-precision parameter and cast to its dtype for the fold, so bf16 outputs are PEFT's.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ class LoRAParameter(LoRALayer):
         self.num_experts = w.shape[0] if w.dim() == 3 else 1
         self.transposed = w.dim() == 3 and bool(getattr(innermost(base_layer), "is_transposed", False))
         out_f, in_f = (w.shape[2], w.shape[1]) if self.transposed else (w.shape[-2], w.shape[-1])
-        kw = dict(device=w.device, dtype=w.dtype)
+        # fp32 factors over a half-precision parameter (PEFT's autocast_adapter_dtype); cast to W's dtype to fold
+        kw = dict(device=w.device, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
         self.lora_A = nn.Linear(in_f, config.r * self.num_experts, bias=False, **kw)
         self.lora_B = nn.Linear(config.r * self.num_experts, out_f, bias=False, **kw)
         self.reset_parameters()
