@@ -26,7 +26,12 @@ ROUTING_ATTR = "_lorakit_mixed_batch"
 def tops(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost adapter layer at each adapted path (the top of each nest)."""
     found = wrapped_modules(model)
-    return {p: m for p, m in found.items() if not any(p.startswith(q + ".") for q in found)}
+
+    def nested(path: str) -> bool:  # under another adapter layer (an ancestor path is wrapped too)
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in found for i in range(1, len(parts)))
+
+    return {p: m for p, m in found.items() if not nested(p)}
 
 
 def _check_mixable(model: nn.Module, names: Sequence[str]) -> None:
@@ -60,15 +65,19 @@ def _routed(layer: nn.Module, forward, names: list[str]):
         nest.append(node)
         node = node.base_layer
 
+    groups = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
+    indices: dict = {}  # device -> the groups' row indices there
+
     def run(x: torch.Tensor, *args, **kwargs):
         if x.shape[0] != len(names):
             raise ValueError(f"adapter_names has {len(names)} names, but module '{layer.module_path}' sees a batch "
                              f"of {x.shape[0]} rows; give one name per row")
+        if x.device not in indices:
+            indices[x.device] = {n: torch.tensor(rows, device=x.device) for n, rows in groups.items()}
         before = [a.disabled for a in nest]
         out = None
         try:
-            for name in dict.fromkeys(names):
-                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            for name, rows in indices[x.device].items():
                 for a in nest:
                     a.disabled = a.adapter_name != name
                 y = forward(x.index_select(0, rows), *args, **kwargs)
