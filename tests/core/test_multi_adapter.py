@@ -193,6 +193,18 @@ def test_every_mergeable_method_mixes_per_row(llama, perturb, name):
             lorakit.set_adapter(model, ["a", "b"])
 
 
+def test_merge_the_outer_of_two_on_one_layer(llama, perturb):
+    model = lorakit.add_adapter(llama.make(), "default", lorakit.LoRAConfig(**A))
+    lorakit.add_adapter(model, "b", lorakit.LoRAConfig(**B))  # both on v_proj: 'b' wraps 'default' there
+    lorakit.set_adapter(model, "b")
+    perturb(model)
+    ids = _ids(llama)
+    expected = _run(model, ids)
+    merged = lorakit.merge(model)
+    assert not lorakit.adapters(merged)
+    _close(_run(merged, ids), expected, "'b' merged, 'default' below it dropped")
+
+
 def test_refusals(llama, perturb):
     model = lorakit.add_adapter(llama.make(), "default", lorakit.LoRAConfig(**A))
     lorakit.add_adapter(model, "b", lorakit.LoRAConfig(**B))

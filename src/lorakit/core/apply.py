@@ -202,8 +202,8 @@ def _check_not_tied(model: nn.Module, found: dict[str, Adapter]) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         users.setdefault(id(param), []).append(name)
     for path, module in found.items():
-        name, weight = module.merge_target()
-        others = [n for n in users.get(id(weight), []) if n != f"{path}.{name}"]
+        _, weight = module.merge_target()
+        others = [n for n in users.get(id(weight), []) if not n.startswith(path + ".")]  # used outside this nest
         if others:
             raise ValueError(
                 f"module '{path}': its weight is shared with {', '.join(others[:3])} (tied weights), so merging its "
