@@ -6,8 +6,11 @@ from .core.adapter import Adapter, AdapterShapeError, ModulesToSave
 from .core.apply import adapters, apply, config_of, disabled, merge, trainable_parameters, unwrap
 from .core.config import AdapterConfig, DoRAConfig, LoRAConfig
 from .core.registry import INITIALIZERS, METHODS, Registry
+from .core.mixed import mixed_batch
+from .core.multi import add_adapter, delete_adapter, set_adapter
+from .core.named import active_adapters, adapter_names
 from .core.state import AdapterState
-from .formats.peft import AdapterFileError, load_peft, load_state, save_peft, save_state
+from .formats.peft import AdapterFileError, hotswap_adapter, load_peft, load_state, save_peft, save_state
 from .methods.dylora import truncate
 from . import init  # noqa: F401  (registers the initialisers)
 from . import compress  # noqa: F401  (registers the quantised layer kinds)
@@ -18,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
-    "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
-    "convert_to_plain_lora", "disabled", "initialize", "load_peft", "load_state", "merge", "save_peft", "save_state",
-    "trainable_parameters", "truncate", "unwrap",
+    "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "active_adapters",
+    "add_adapter", "adapter_names", "adapters", "apply", "config_of", "convert_to_plain_lora", "delete_adapter",
+    "disabled", "hotswap_adapter", "initialize", "load_peft", "load_state", "merge", "mixed_batch", "save_peft",
+    "save_state", "set_adapter", "trainable_parameters", "truncate", "unwrap",
 ]

@@ -53,6 +53,8 @@ class Adapter(nn.Module):
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file key suffixes this method writes
     param_formula: ClassVar[str] = ""  # trainable parameters per adapted layer, for `lorakit methods`
     quantized_base: ClassVar[bool] = False  # can wrap a quantised layer (reads W0 only through dense_weight)
+    wraps_parameters: ClassVar[bool] = False  # adapts one nn.Parameter of a module (``target_parameters``)
+    adapter_name: str = "default"  # the adapter this layer belongs to on a model with several (core/multi.py)
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, module_path: str = ""):
         super().__init__()
@@ -136,6 +138,10 @@ class Adapter(nn.Module):
         w = self.base_layer.weight
         return (w.shape[1], w.shape[0]) if self.config.fan_in_fan_out else (w.shape[0], w.shape[1])
 
+    def merge_target(self) -> tuple[str, torch.Tensor]:
+        """(name under this module, tensor) of the base weight a merge adds ΔW to."""
+        return "base_layer.weight", self.base_layer.weight
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW of this adapter, in the base weight's layout and dtype."""
         tensors = {k: v.detach() for k, v in self.adapter_tensors().items()}
@@ -170,6 +176,13 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, r={getattr(self.config, 'r', None)}, path={self.module_path!r}"
+
+
+def innermost(layer: nn.Module) -> nn.Module:
+    """The original layer under ``layer``'s adapters (adapters nest when a model carries several)."""
+    while isinstance(layer, Adapter):
+        layer = layer.base_layer
+    return layer
 
 
 def embed_scale(layer: nn.Module) -> Optional[torch.Tensor]:
@@ -229,6 +242,8 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(True)
         self.module_path = module_path
         self.disabled = False
+
+    adapter_name = "default"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return (self.base_layer if self.disabled else self.module)(*args, **kwargs)

@@ -8,18 +8,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .adapter import Adapter, ModulesToSave
 from .config import AdapterConfig
+from .named import ACTIVE_ATTR, CONFIG_ATTR, DEFAULT, NAME_ATTR, OTHERS_ATTR, active_adapters, adapter_configs, selected
 from .registry import METHODS, initializer_for
-from .targets import LINEAR_TYPES, expand_all_linear, is_module_to_save, is_target, no_match_message
+from .targets import (LINEAR_TYPES, expand_all_linear, is_module_to_save, is_target, no_match_message,
+                      parameter_targets)
 
 Wrapped = Union[Adapter, ModulesToSave]
-CONFIG_ATTR = "lorakit_config"
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -38,12 +39,9 @@ def wrapped_modules(model: nn.Module) -> dict[str, Wrapped]:
     return {p: m for p, m in model.named_modules() if isinstance(m, (Adapter, ModulesToSave))}
 
 
-def config_of(model: nn.Module) -> AdapterConfig:
-    """The config ``apply`` or ``load_peft`` put on ``model``."""
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None:
-        raise ValueError(f"{type(model).__name__} has no lorakit adapter: call lorakit.apply(model, config) first")
-    return config
+def config_of(model: nn.Module, adapter_name: Optional[str] = None) -> AdapterConfig:
+    """The config ``apply`` or ``load_peft`` put on ``model`` (of the adapter named, or the only or only active one)."""
+    return adapter_configs(model)[selected(model, adapter_name, "tell which adapter's config is meant")]
 
 
 def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
@@ -55,7 +53,7 @@ def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
             config = dataclasses.replace(config, modules_to_save=list(config.modules_to_save or []) + extra)
     if config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=expand_all_linear(model, config))
-    if config.target_modules is None:
+    if config.target_modules is None and not getattr(config, "target_parameters", None):
         raise ValueError(
             f"{type(config).__name__}.target_modules is None: name the modules to adapt, e.g. "
             "target_modules=['q_proj', 'v_proj'] or 'all-linear'"
@@ -77,16 +75,18 @@ def resolve(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
     return config
 
 
-def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def apply(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT) -> nn.Module:
     """Add the adapter ``config`` describes to ``model`` in place, freeze the rest, and return ``model``."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"expected an adapter config (e.g. lorakit.LoRAConfig), found {type(config).__name__}")
     if wrapped_modules(model):
-        raise ValueError(f"{type(model).__name__} already has a lorakit adapter: merge(model) or unwrap(model) first")
+        raise ValueError(f"{type(model).__name__} already has a lorakit adapter: merge(model) or unwrap(model) first, "
+                         "or add another beside it with lorakit.add_adapter(model, name, config)")
     method = METHODS.get(config.method_name)
     config = resolve(model, config)
     targets = [(p, m) for p, m in model.named_modules() if p and is_target(p, config)]
-    if not targets:
+    params = parameter_targets(model, config)
+    if not targets and not params:
         raise ValueError(no_match_message(model, config))
     config = config.for_targets(dict(targets))
     for p in model.parameters():
@@ -100,16 +100,48 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 "Narrow target_modules or exclude_modules."
             )
         _set_module(model, path, cls(module, config.for_module(path), path))
+    if params:
+        _wrap_parameters(model, config, params, method)
     for path, module in list(model.named_modules()):
         if is_module_to_save(path, config.modules_to_save) and not isinstance(module, (Adapter, ModulesToSave)):
             if not any(path.startswith(q + ".") for q in wrapped_modules(model)):
                 _set_module(model, path, ModulesToSave(module, path))
     _set_bias_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
+    if adapter_name != DEFAULT:
+        setattr(model, NAME_ATTR, adapter_name)
+        for module in wrapped_modules(model).values():
+            module.adapter_name = adapter_name
+    from .mixed import install_mixed_batch_hook  # mixed builds on this module
+
+    install_mixed_batch_hook(model)
     initializer = initializer_for(config.init_lora_weights)
     if initializer is not None and not initializer.needs_data:
         initializer.run(model)  # pissa, olora, orthogonal; data-driven ones wait for lorakit.initialize
     return model
+
+
+def _wrap_parameters(model: nn.Module, config: AdapterConfig, params: dict[str, list[str]], method) -> None:
+    """Wrap each targeted parameter (PEFT's ``target_parameters``); several on one module nest, the first innermost."""
+    cls = next((c for c in method.adapter_classes if c.wraps_parameters), None)
+    if cls is None:
+        able = [n for n in METHODS.names() if any(c.wraps_parameters for c in METHODS.get(n).adapter_classes)]
+        raise TypeError(f"method '{method.name}' cannot adapt parameters (target_parameters="
+                        f"{config.target_parameters}); methods that can: {', '.join(able)}")
+    for path, names in params.items():
+        if any(p == path or p.startswith(path + ".") for p in wrapped_modules(model)):
+            raise ValueError(f"module '{path}' is targeted both by target_modules and by target_parameters "
+                             f"({', '.join(names)}); as in PEFT, adapt it one way only (e.g. target_modules=[])")
+        layer = model.get_submodule(path)
+        for i, name in enumerate(names):
+            logical = path + ".base_layer" * (len(names) - 1 - i)  # where PEFT's file keeps this parameter's tensors
+            for key in (f"{path}.{name}", logical):
+                own = config.for_module(key)
+                if (own.r, getattr(own, "lora_alpha", 0)) != (config.r, getattr(config, "lora_alpha", 0)):
+                    raise ValueError(f"parameter '{path}.{name}': rank_pattern/alpha_pattern name it; per-parameter "
+                                     "ranks are not supported with target_parameters, give one rank to all")
+            layer = cls(layer, config.for_module(logical), logical, parameter_name=name)
+        _set_module(model, path, layer)
 
 
 def _set_bias_trainable(model: nn.Module, config: AdapterConfig) -> None:
@@ -130,15 +162,26 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
-    config = getattr(model, CONFIG_ATTR, None)
     found = wrapped_modules(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no lorakit adapter to {'merge' if merge_weights else 'unwrap'}")
+    configs, active = adapter_configs(model), active_adapters(model)
+    if merge_weights and len(configs) > 1 and len(active) != 1:
+        raise ValueError(f"cannot merge: {type(model).__name__} has {len(active)} active adapters "
+                         f"({', '.join(map(repr, active)) or 'none'}); merge folds exactly one: choose it with "
+                         "lorakit.set_adapter(model, name), or combine them first (lorakit.merging)")
     if merge_weights:  # refuse before touching anything, so a refused merge leaves the model intact
-        for module in found.values():
+        kept = {p: m for p, m in found.items() if len(configs) <= 1 or m.adapter_name == active[0]}
+        for module in kept.values():
             if isinstance(module, Adapter):
                 module.check_mergeable()
-        _check_not_tied(model, {p: m for p, m in found.items() if isinstance(m, Adapter)})
+        _check_not_tied(model, {p: m for p, m in kept.items() if isinstance(m, Adapter)})
+        if len(configs) > 1:  # as PEFT's merge_and_unload: the inactive adapters are dropped
+            from .multi import delete_adapter
+
+            for name in [n for n in configs if n != active[0]]:
+                delete_adapter(model, name)
+            found = wrapped_modules(model)
     # innermost first, so nested wrappers unwind correctly
     for path in sorted(found, key=lambda p: -p.count(".")):
         module = found[path]
@@ -147,8 +190,9 @@ def _restore(model: nn.Module, merge_weights: bool) -> nn.Module:
         else:
             replacement = module.merged_layer() if merge_weights else module.base_layer
         _set_module(model, path, replacement)
-    if config is not None:
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, NAME_ATTR, OTHERS_ATTR, ACTIVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
@@ -158,8 +202,8 @@ def _check_not_tied(model: nn.Module, found: dict[str, Adapter]) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         users.setdefault(id(param), []).append(name)
     for path, module in found.items():
-        own = f"{path}.base_layer.weight"
-        others = [n for n in users.get(id(module.base_layer.weight), []) if n != own]
+        _, weight = module.merge_target()
+        others = [n for n in users.get(id(weight), []) if not n.startswith(path + ".")]  # used outside this nest
         if others:
             raise ValueError(
                 f"module '{path}': its weight is shared with {', '.join(others[:3])} (tied weights), so merging its "
@@ -193,9 +237,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def set_trainable(model: nn.Module, trainable: bool = True) -> None:
-    """Turn gradients of the adapter tensors on or off (the base stays frozen)."""
+def set_trainable(model: nn.Module, trainable: bool = True, adapter_name: Optional[str] = None) -> None:
+    """Turn gradients of the adapter tensors (of one named adapter, or all) on or off (the base stays frozen)."""
     for m in wrapped_modules(model).values():
+        if adapter_name is not None and m.adapter_name != adapter_name:
+            continue
         for t in m.adapter_tensors().values():
             if isinstance(t, nn.Parameter):
                 t.requires_grad_(trainable)

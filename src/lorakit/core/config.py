@@ -163,6 +163,7 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     lora_bias: bool = False
     alpha_pattern: dict = field(default_factory=dict)
+    target_parameters: Optional[list] = None  # PEFT's: parameters adapted directly, e.g. fused MoE expert weights
 
     def __post_init__(self) -> None:
         super().__post_init__()

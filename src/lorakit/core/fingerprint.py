@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .apply import config_of, wrapped_modules
+from .apply import wrapped_modules
+from .named import adapter_configs
 from .adapter import Adapter
 from .registry import initializer_for
 
@@ -33,12 +34,15 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     wrapped = set(wrapped_modules(model))
     out = {}
     for name, p in model.named_parameters():
-        parts = name.split(".")
-        owner = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in wrapped), None)
-        if owner is None:
-            out[name] = p
-        elif parts[owner] == "base_layer":
-            out[".".join(parts[:owner] + parts[owner + 1:])] = p
+        parts, kept = name.split("."), []
+        for i, part in enumerate(parts):
+            if i and ".".join(parts[:i]) in wrapped:
+                if part != "base_layer":
+                    break  # an adapter tensor, or a trainable copy
+                continue  # under an adapter (or nested adapters) the base keeps its own name
+            kept.append(part)
+        else:
+            out[".".join(kept)] = p
     return dict(sorted(out.items()))
 
 
@@ -48,8 +52,8 @@ def _changed_by_adapter(model: nn.Module) -> set[str]:
     if not wrapped:
         return set()
     changed = set()
-    init = initializer_for(config_of(model).init_lora_weights)
-    if init is not None and init.mutates_base:
+    inits = [initializer_for(c.init_lora_weights) for c in adapter_configs(model).values()]
+    if any(init is not None and init.mutates_base for init in inits):
         changed |= {f"{path}.{k}" for path, m in wrapped.items() if isinstance(m, Adapter)
                     for k, _ in m.base_layer.named_parameters()}
     return changed | {n for n, p in base_parameters(model).items() if p.requires_grad and n.endswith("bias")}

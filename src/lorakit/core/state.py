@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter import AdapterShapeError, LowRank, ModulesToSave
-from .apply import adapters, apply, config_of, wrapped_modules
+from .adapter import Adapter, AdapterShapeError, LowRank, ModulesToSave
+from .apply import apply, config_of, wrapped_modules
+from .named import adapter_names, layers_of, selected
 from .capabilities import Capabilities, require
 from .config import AdapterConfig, LoRAConfig
 from .registry import METHODS
@@ -61,15 +62,22 @@ class AdapterState:
         """Raise CapabilityError (naming the method and what to do) unless the method declares ``capability``."""
         require(self.capabilities, capability, self.config.method_name, doing)
 
+    def _class_for(self, path: str):
+        """The adapter class of one module: a parameter adapter's A stacks r rows per expert (target_parameters)."""
+        a = self.tensors.get(path, {}).get("lora_A.weight")
+        if getattr(self.config, "target_parameters", None) and a is not None and a.shape[0] != self.module_config(path).r:
+            return next(c for c in self.method.adapter_classes if c.wraps_parameters)
+        return self._adapter_class()
+
     def delta(self, path: str, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ΔW of one module, in the base weight's layout (DoRA-like methods need ``base_weight``)."""
         if path not in self.tensors:
             raise KeyError(f"no adapter on module '{path}'; adapted modules: {', '.join(self.modules()[:10])}")
-        return self._adapter_class().delta(self.tensors[path], self.module_config(path), base_weight)
+        return self._class_for(path).delta(self.tensors[path], self.module_config(path), base_weight)
 
     def low_rank(self, path: str) -> Optional[LowRank]:
         """(A, B, scale) of one module, or None when the method's update is not exactly low-rank."""
-        return self._adapter_class().low_rank(self.tensors[path], self.module_config(path))
+        return self._class_for(path).low_rank(self.tensors[path], self.module_config(path))
 
     def num_parameters(self) -> int:
         """Number of stored scalars (adapter tensors and ``modules_to_save``)."""
@@ -120,12 +128,13 @@ class AdapterState:
         return AdapterState(config, tensors, self.modules_to_save, self.base_tensors)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "AdapterState":
-        """The adapter state of a model that ``apply``/``load_peft`` prepared (tensors detached, on CPU)."""
-        config = config_of(model)
+    def from_model(cls, model: nn.Module, adapter_name: Optional[str] = None) -> "AdapterState":
+        """The state of the model's adapter (the one named, if it has several), tensors detached, on CPU."""
+        name = selected(model, adapter_name, "take the adapter's state")
+        config = config_of(model, name)
         tensors: Tensors = {}
         saved: Tensors = {}
-        for path, module in wrapped_modules(model).items():
+        for path, module in layers_of(model, name).items():
             group = saved if isinstance(module, ModulesToSave) else tensors
             group[path] = {k: v.detach().cpu().clone() for k, v in module.adapter_tensors().items()}
         base_tensors = {}
@@ -179,14 +188,33 @@ class AdapterState:
                                     f"{emb.num_embeddings}; resize the model's embeddings to {want} rows before loading")
         model.resize_token_embeddings(want, mean_resizing=False)  # every new row is then copied from the file
 
-    def load_into(self, model: nn.Module) -> nn.Module:
-        """Apply this state's config to a base ``model`` (if not already applied) and copy the tensors in."""
+    def load_into(self, model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+        """Copy the tensors into the model's adapter (the one named); a base model, or a new name, gets it first.
+
+        Into an adapter the model has, the tensors are copied in place (a hot swap: the same parameters, so a
+        compiled model does not recompile), after checking that its config computes alike.
+        """
         fresh = not wrapped_modules(model)
+        added = not fresh and adapter_name is not None and adapter_name not in adapter_names(model)
         if fresh:
             self._fit_vocabulary(model)
-            apply(model, self.config)
-        found = wrapped_modules(model)
-        expected = set(adapters(model))
+            apply(model, self.config, **({"adapter_name": adapter_name} if adapter_name else {}))
+        elif added:
+            from .multi import add_adapter, delete_adapter
+
+            add_adapter(model, adapter_name, self.config)
+        try:
+            self._copy_into(model, selected(model, adapter_name, "load an adapter into the model"), fresh or added)
+        except BaseException:
+            if added:  # a refused load leaves the model as it was
+                delete_adapter(model, adapter_name)
+            raise
+        return model
+
+    def _copy_into(self, model: nn.Module, adapter_name: str, new: bool) -> None:
+        """Copy the tensors into one adapter's layers: every module and shape is checked before anything changes."""
+        found = layers_of(model, adapter_name)
+        expected = {p for p, m in found.items() if isinstance(m, Adapter)}
         extra = sorted(set(self.tensors) - expected)
         missing = sorted(expected - set(self.tensors))
         if extra or missing:
@@ -195,11 +223,20 @@ class AdapterState:
                 + (f"not in the model: {', '.join(extra[:8])}; " if extra else "")
                 + (f"no tensors for: {', '.join(missing[:8])}" if missing else "")
             )
-        if not fresh:
-            self._check_computes_like(config_of(model), sorted(expected))
-        for path, tensors in list(self.tensors.items()) + list(self.modules_to_save.items()):
+        if not new:
+            self._check_computes_like(config_of(model, adapter_name), sorted(expected))
+        groups = list(self.tensors.items()) + list(self.modules_to_save.items())
+        for path, tensors in groups:
             if path not in found:
                 raise AdapterShapeError(f"module '{path}' is in the adapter but has no adapter in the model")
+            own = found[path].adapter_tensors()
+            for key in sorted(own.keys() & tensors.keys()):
+                if tuple(own[key].shape) != tuple(tensors[key].shape):
+                    raise AdapterShapeError(
+                        f"module '{path}', tensor '{key}': the model expects shape {tuple(own[key].shape)}, the "
+                        f"adapter has {tuple(tensors[key].shape)}. Was the adapter trained for another base model "
+                        "or with another rank?")
+        for path, tensors in groups:
             found[path].load_adapter_tensors(tensors)
         if self.base_tensors:
             params = dict(model.named_parameters(remove_duplicate=False))  # tied heads keep their own name
@@ -212,4 +249,3 @@ class AdapterState:
                             f"{tuple(value.shape)}"
                         )
                     params[name].copy_(value)
-        return model

@@ -136,3 +136,26 @@ def no_match_message(model: nn.Module, config: AdapterConfig) -> str:
         + (f" (with layers_to_transform={config.layers_to_transform!r})" if config.layers_to_transform is not None else "")
         + f". Nearest names: {', '.join(near) or '(none)'}. Adaptable layers in this model: {', '.join(layers[:30])}"
     )
+
+
+def parameter_targets(model: nn.Module, config: AdapterConfig) -> dict[str, list[str]]:
+    """PEFT's ``target_parameters`` rule: module path -> names of its own parameters targeted, in its order.
+
+    A parameter matches when ``<module path>.<name>`` equals an entry or ends with ``"." + entry``. Within one
+    module the parameters keep the module's order, which is the order PEFT nests its wrappers in (the first is
+    innermost). Parameters of the top-level module itself are refused, as in PEFT.
+    """
+    wanted = sorted(getattr(config, "target_parameters", None) or [])
+    out: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            key = f"{path}.{name}" if path else name
+            if key in wanted or any(key.endswith("." + t) for t in wanted):
+                if not path:
+                    raise ValueError(f"target_parameters: '{name}' is a parameter of the top-level module "
+                                     f"{type(model).__name__}; only parameters of its sub-modules can be adapted")
+                out.setdefault(path, []).append(name)
+    if wanted and not out:
+        raise ValueError(f"target_parameters={wanted} matches no parameter of {type(model).__name__}; parameters "
+                         "are named '<module path>.<name>', e.g. 'mlp.experts.gate_up_proj'")
+    return out

@@ -13,6 +13,7 @@ config agrees with the tensors (LoRA ranks), so ``info``, ``merge`` and ``load_p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from torch import nn
 from ..core import fingerprint
 from ..core.adapter import Adapter
 from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
+from ..core.multi import delete_adapter
+from ..core.named import DEFAULT, adapter_names, check_name, selected
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
 from ..core.state import AdapterState
@@ -74,7 +77,8 @@ def read_config(path: Path) -> AdapterConfig:
         raise AdapterFileError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{file}: expected a JSON object, found {type(data).__name__}")
-    return config_class_for(data, str(file)).from_dict(_drop_peft_defaults(data, file), source=str(file))
+    cls = config_class_for(data, str(file))
+    return cls.from_dict(_drop_peft_defaults(data, file, cls), source=str(file))
 
 
 # PEFT LoraConfig fields lorakit does not model, with the value that makes them a no-op.
@@ -90,16 +94,19 @@ PEFT_INIT_ONLY = {"eva_config", "corda_config", "loftq_config", "lora_ga_config"
                   "qalora_group_size", "ensure_weight_tying", "kasa_config", "monteclora_config"}
 
 
-def _drop_peft_defaults(data: dict, file: Path) -> dict:
+def _drop_peft_defaults(data: dict, file: Path, cls: type) -> dict:
     """Remove PEFT fields that are at their no-op value; refuse ones that change the forward pass."""
     out = dict(data)
+    own = {f.name for f in dataclasses.fields(cls)}
     for name, noop in PEFT_NOOP_FIELDS.items():
-        if name not in out:
+        if name not in out or name in own:
             continue
         value = out.pop(name)
         if value not in (noop, None) and name not in PEFT_INIT_ONLY:
+            which = f" with method '{cls.method}'" if name == "target_parameters" else ""
             raise AdapterFileError(
-                f"{file}: {name}={value!r} changes how the adapter computes, and lorakit does not support it yet"
+                f"{file}: {name}={value!r} changes how the adapter computes, and lorakit does not support it{which} yet"
+                + ("; parameter targets work with LoRA" if which else "")
             )
     return out
 
@@ -229,6 +236,8 @@ def check_ranks(state: AdapterState, source: str) -> None:
         if a is None or b is None:
             raise AdapterFileError(f"{source}: module '{path}' has tensors {sorted(tensors)}, not both LoRA factors")
         ranks = (a.shape[0], b.shape[1])
+        if state.config.target_parameters and ranks[0] == ranks[1] and r > 0 and ranks[0] % r == 0:
+            continue  # a parameter adapter stacks r ranks per expert (target_parameters)
         if ranks != (r, r):
             raise AdapterFileError(
                 f"{source}: module '{path}': {CONFIG_NAME} gives rank {r}, the tensors have rank "
@@ -323,35 +332,86 @@ def save_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     """Save the adapter of ``model`` as a PEFT directory that ``peft.PeftModel.from_pretrained`` loads.
 
     ``save_embedding_layers`` is peft's: embedding weights go into the file when an embedding is targeted or the
-    vocabulary was resized ("auto"), always (True) or never (False).
+    vocabulary was resized ("auto"), always (True) or never (False). ``adapter_name`` writes to that sub-folder.
+    On a model with several adapters, ``adapter_name`` also picks the one to write; without it every adapter is
+    written in PEFT's layout: ``"default"`` in ``path`` itself, each other one in ``path/<name>``.
     """
-    state = AdapterState.from_model(model)
+    names = adapter_names(model)
+    if len(names) <= 1 or adapter_name is not None:
+        return _save_one(model, path, adapter_name if len(names) > 1 else None, adapter_name, save_embedding_layers)
+    for name in names:
+        _save_one(model, path, name, None if name == DEFAULT else name, save_embedding_layers)
+    return Path(path).resolve()
+
+
+def _save_one(model: nn.Module, path: PathLike, adapter_name: Optional[str], folder: Optional[str],
+              save_embedding_layers: Union[bool, str]) -> Path:
+    state = AdapterState.from_model(model, adapter_name)
     if state.config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if name:
             state = state.replace(base_model_name_or_path=str(name))
     state.base_tensors.update(embedding_weights(model, state.config, save_embedding_layers))
-    return save_state(state, path, adapter_name, base=fingerprint.record(model))
+    return save_state(state, path, folder, base=fingerprint.record(model))
 
 
 def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = None, *, is_trainable: bool = False,
               allow_pickle: bool = False) -> nn.Module:
-    """Apply the adapter saved at ``path`` (PEFT or lorakit) to the base ``model`` in place and return it."""
-    state = load_state(path, adapter_name, allow_pickle)
+    """Apply the adapter saved at ``path`` (PEFT or lorakit) to ``model`` in place and return it.
+
+    ``adapter_name`` reads ``path/<adapter_name>`` (PEFT's sub-folder), or ``path`` itself when that holds the
+    only adapter, and names the adapter so on the model: a name the model has gets the new weights in place
+    (``hotswap_adapter``), a new name is added beside the model's adapters (PEFT's ``load_adapter``).
+    """
+    folder = _located(path, adapter_name)
+    state = load_state(path, folder, allow_pickle)
     fresh = not wrapped_modules(model)
+    added = adapter_name is not None and adapter_name not in adapter_names(model)
+    if state.base_tensors and not fresh and (added or len(adapter_names(model)) > 1):
+        own = fingerprint.base_parameters(model)
+        changed = sorted(k for k, v in state.base_tensors.items()
+                         if not torch.equal(own.get(k.replace(".base_layer.", "."), torch.empty(0)).detach().cpu(), v))
+        if changed:
+            raise AdapterFileError(f"{path}: the adapter carries base weights that differ from the model's "
+                                   f"({', '.join(changed[:3])}), which its other adapters share; load it into a "
+                                   "model of its own")
+        state.base_tensors.clear()  # PEFT saved the (unchanged) embeddings it adapts: nothing to copy
     carried = {k.replace(".base_layer.", ".") for k in state.base_tensors}  # weights the file brings in full
-    problem = base_problem(model, read_base(path, adapter_name), state.config.base_model_name_or_path, str(path),
+    problem = base_problem(model, read_base(path, folder), state.config.base_model_name_or_path, str(path),
                            carried)
     if problem is not None and problem[0] == "weights":
         raise AdapterFileError(problem[1])
     fingerprint.remember(model)
-    state.load_into(model)  # other architectures or shapes: its errors name the adapted module that does not fit
+    state.load_into(model, adapter_name)  # other architectures or shapes: its errors name the module that does not fit
     if problem is not None:
         if fresh:
             unwrap(model)
+        elif added:
+            delete_adapter(model, adapter_name)
         raise AdapterFileError(problem[1])
-    set_trainable(model, is_trainable)
+    several = len(adapter_names(model)) > 1
+    set_trainable(model, is_trainable, selected(model, adapter_name, "load an adapter") if several else None)
     return model
+
+
+def _located(path: PathLike, adapter_name: Optional[str]) -> Optional[str]:
+    """The sub-folder to read: ``adapter_name``'s, unless only ``path`` itself holds an adapter (then None)."""
+    if adapter_name and not (Path(path) / adapter_name / CONFIG_NAME).is_file() and (Path(path) / CONFIG_NAME).is_file():
+        return None  # PEFT's from_pretrained(path, adapter_name=...): the directory itself, under that name
+    return adapter_name
+
+
+def hotswap_adapter(model: nn.Module, source: Union[PathLike, AdapterState], adapter_name: str = DEFAULT,
+                    allow_pickle: bool = False) -> nn.Module:
+    """Copy another adapter's weights into the model's adapter ``adapter_name`` in place (PEFT's hotswap_adapter).
+
+    The parameters stay the same objects (a ``torch.compile``d model does not recompile); the new adapter must
+    adapt the same modules with the same shapes and a config that computes alike (rank, alpha...), or it is refused.
+    """
+    check_name(model, adapter_name)
+    state = source if isinstance(source, AdapterState) else load_state(source, _located(source, adapter_name),
+                                                                       allow_pickle)
+    return state.load_into(model, adapter_name)
 
 
 def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str], source: str,
@@ -372,4 +432,4 @@ def base_problem(model: nn.Module, recorded: Optional[dict], name: Optional[str]
                   "onto the base model it was trained on")
 
 
-__all__ = ["AdapterFileError", "load_peft", "load_state", "save_peft", "save_state", "config_of"]
+__all__ = ["AdapterFileError", "hotswap_adapter", "load_peft", "load_state", "save_peft", "save_state", "config_of"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import Adapter, LowRank, embed_scale
-from ..core.capabilities import LORA_PAIR
+from ..core.adapter import Adapter, LowRank, embed_scale, innermost
+from ..core.capabilities import LORA_PAIR, MERGE_ONLY
 from ..core.config import LoRAConfig
 from ..core.registry import INITIALIZERS, METHODS, initializer_for
 
@@ -63,6 +63,11 @@ class LoRALayer(Adapter):
     config_class = LoRAConfig
     tensor_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     param_formula = "r·(in+out)"
+
+    @classmethod
+    def capabilities_for(cls, config):
+        # an update to a stack of experts is one low-rank pair per expert, not one s·B·A: merge only
+        return MERGE_ONLY if getattr(config, "target_parameters", None) else cls.capabilities
 
     @classmethod
     def delta(cls, tensors, config, base_weight):
@@ -142,7 +147,7 @@ class LoRAEmbedding(LoRALayer):
     @property
     def embed_scale(self) -> Optional[torch.Tensor]:
         """The base layer's output scale, read at each forward (it follows the base's device and dtype)."""
-        return embed_scale(self.base_layer)
+        return embed_scale(innermost(self.base_layer))
 
     def reset_parameters(self) -> None:
         init = self.config.init_lora_weights
@@ -155,7 +160,7 @@ class LoRAEmbedding(LoRALayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.r == 0:
             return result
-        e = self.base_layer
+        e = innermost(self.base_layer)  # another adapter's layer when the model carries several
         after_a = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
         update = after_a @ self.lora_embedding_B.T * self.scaling
         if self.embed_scale is not None:  # the base scales its lookup (Gemma 3, BART): ΔW merged into W is scaled too
