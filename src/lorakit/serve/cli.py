@@ -23,6 +23,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="zoo name (e.g. gemma-270m, llama-25m) or a local HF model directory")
     p.add_argument("--adapters", default=None,
                    help="directory holding one PEFT adapter directory per adapter; the folder name is the adapter's name")
+    p.add_argument("--user-adapters", default=None, metavar="FILE",
+                   help="JSON of user id -> adapter name (users.json of `lorakit per-user`): requests for the model "
+                        "--per-user-model are served with their `user` field's adapter")
+    p.add_argument("--per-user-model", default="per-user", help="model id of the per-user model (default: per-user)")
+    p.add_argument("--unknown-user", default="error", metavar="error|base|ADAPTER",
+                   help="what a user missing from --user-adapters gets: 404 (error), the base model, or an adapter")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the base model's id in `model` (default: --model)")
@@ -109,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("lorakit.serve").info("serving %s%s with %d adapters on http://%s:%d/v1", name,
                                             f" ({args.quantize})" if args.quantize else "",
                                             len(engine.store.names()), args.host, args.port)
-    app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes)
+    users = None
+    if args.user_adapters:
+        from .users import UserAdapters
+
+        users = UserAdapters.load(args.user_adapters, engine.store.names(), args.per_user_model, args.unknown_user)
+    app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes, users=users)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again with the handlers it found installed:

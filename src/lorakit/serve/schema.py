@@ -32,7 +32,7 @@ NEUTRAL: dict[str, tuple] = {
     "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,), "user": (None,),
+    "parallel_tool_calls": (None,),
     "service_tier": (None, "auto", "default"), "store": (None, False), "metadata": (None, {}),
     "reasoning_effort": (None,), "modalities": (None, ["text"]), "prediction": (None,), "audio": (None,),
     "web_search_options": (None,), "name": (None,),
@@ -76,6 +76,7 @@ Bias = Annotated[float, Field(ge=-100, le=100)]
 
 class _Body(_Strict):
     model: StrictStr
+    user: Optional[StrictStr] = Field(None, max_length=256)  # picks the adapter of the per-user model (users.py)
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)

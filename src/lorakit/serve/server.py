@@ -39,6 +39,7 @@ from .roots import AdapterRoots, PathRefused
 from .sampling import SamplingParams
 from .schema import (ChatBody, ChatMessage, CompletionBody, DetokenizeBody, LoadBody, TokenizeBody, UnloadBody, _Body,
                      bias_ids, check_body, check_text, prompt_bytes, unsupported)
+from .users import UserAdapters
 
 log = logging.getLogger("lorakit.serve")
 
@@ -57,12 +58,14 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
 
 
 def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, allow_runtime_lora: bool = False,
-              roots: Iterable = (), max_prompt_bytes: Optional[int] = None, max_body: Optional[int] = None) -> Guard:
+              roots: Iterable = (), max_prompt_bytes: Optional[int] = None, max_body: Optional[int] = None,
+              users: Optional[UserAdapters] = None) -> Guard:
     """The ASGI app serving ``engine`` (FastAPI inside ``Guard``); ``model_name`` is the base model's id in ``model``.
 
     ``roots``: directories adapters may be loaded from over HTTP (with ``allow_runtime_lora``); their server
     paths are also removed from error messages. ``max_prompt_bytes``: UTF-8 bytes of prompt text (default 16 per
-    prompt token the engine accepts, at least 64 KiB); ``max_body``: request bytes (default 4 x that + 64 KiB)."""
+    prompt token the engine accepts, at least 64 KiB); ``max_body``: request bytes (default 4 x that + 64 KiB);
+    ``users``: the per-user model, served with the adapter each request's ``user`` maps to (users.py)."""
     roots = roots if isinstance(roots, AdapterRoots) else AdapterRoots(roots)
     max_prompt_bytes = max_prompt_bytes or max(1 << 16, 16 * engine.max_prompt)
     digest = key_digest(api_key.encode()) if api_key else None
@@ -117,7 +120,9 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
     async def models():
         card = lambda i, parent: {"id": i, "object": "model", "created": created, "owned_by": "lorakit",  # noqa: E731
                                   "root": i, "parent": parent}
-        return {"object": "list", "data": [card(model_name, None)] + [card(n, model_name) for n in engine.store.names()]}
+        per_user = [card(users.model_name, model_name)] if users is not None else []
+        return {"object": "list",
+                "data": [card(model_name, None)] + per_user + [card(n, model_name) for n in engine.store.names()]}
 
     def runtime_lora() -> None:
         if not allow_runtime_lora:
@@ -234,6 +239,10 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
                                     f"'{model_name}'", "model")
             m = body.merged_adapters
             return None, (m.ids, m.weights, m.merge_strategy)
+        if body.user is not None:
+            check_text(body.user, "user")
+        if users is not None and body.model == users.model_name:
+            return users.adapter_for(body.user), None
         adapter = None if body.model == model_name else body.model
         if adapter is not None and engine.store.entry(adapter) is None:
             raise APIError(404, f"the model '{body.model}' does not exist; GET /v1/models lists the base model and adapters", "model")
