@@ -17,7 +17,7 @@ trained on, at a fraction of their storage) is checked on expert tasks through t
 
     python bench/generation.py [--quick] [--seeds 0,1,2] [--zoo runs/zoo/minilm]
 
-Writes docs/benchmarks/generation.{md,json,png} (``--quick`` runs 3 seeds and 4 seen tasks: a few minutes).
+Writes docs/benchmarks/generation.{md,json,png} (``--quick``: 3 seeds, 100 test examples per task, 4 seen tasks).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from lorakit.generate.sg_lora import SGLoRA  # noqa: E402
 from lorakit.generate.tasks import by_name  # noqa: E402
 from lorakit.generate.zooindex import Zoo  # noqa: E402
 from lorakit.merging import combine  # noqa: E402
+from lorakit.train import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = 32  # labelled examples the probe head sees
@@ -53,9 +54,17 @@ SHOTS = 16  # ICM-LoRA's demonstrations, drawn from the probe examples
 TOP_K = 3
 
 
-def encoded(name: str, budget: dict, tokenizer):
+def encoded(name: str, budget: dict, tokenizer, max_test: int, seeds=()):
+    """The zoo's split of task ``name``: test cut to ``max_test`` (stratified); with ``seeds``, the train split
+    keeps only the union of those seeds' probe examples (the only ones any row reads)."""
     task = by_name(name).load(budget["max_train"], budget["max_eval"])
-    return task, task.encode(tokenizer, budget["max_length"])
+    test = subsample(task.test, max_test, 0, "label")
+    chosen = {s: probe_indices(task.train, s) for s in seeds}
+    keep = sorted({i for idx in chosen.values() for i in idx}) if seeds else range(len(task.train))
+    position = {i: k for k, i in enumerate(keep)}
+    probes = {s: [position[i] for i in idx] for s, idx in chosen.items()}  # seed -> rows of the kept train split
+    task = type(task)(task.kind, [task.train[i] for i in keep], task.validation, test, task.label_names, task.source)
+    return task, task.encode(tokenizer, budget["max_length"]), probes
 
 
 def features(model, state, data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +89,9 @@ def probe_accuracy(feats, data, probe_idx, seed) -> float:
     return accuracy(head, x_test, labels(data["test"]))
 
 
-def probe_indices(task, seed: int) -> list[int]:
-    rows = [dict(r, index=i) for i, r in enumerate(task.train)]
+def probe_indices(train: list[dict], seed: int) -> list[int]:
+    """Positions in ``train`` of the seed's probe examples (stratified)."""
+    rows = [dict(r, index=i) for i, r in enumerate(train)]
     return [r["index"] for r in subsample(rows, PROBE, seed, "label")]
 
 
@@ -94,7 +104,7 @@ def retrieve(zoo: Zoo, description: str) -> tuple[list[str], float]:
     return order, time.perf_counter() - start
 
 
-def run_heldout(zoo, model, tokenizer, seeds, log) -> list[dict]:
+def run_heldout(zoo, model, tokenizer, seeds, max_test, log) -> list[dict]:
     budget = zoo.index["budget"]
     rows = []
     generators = {}
@@ -105,7 +115,7 @@ def run_heldout(zoo, model, tokenizer, seeds, log) -> list[dict]:
         log(f"seed {seed}: SG-LoRA fitted in {sg.fit_seconds:.1f} s, ICM-LoRA in {icm.fit_seconds:.1f} s")
     for entry in zoo.entries("heldout"):
         name = entry["name"]
-        task, data = encoded(name, budget, tokenizer)
+        task, data, probes = encoded(name, budget, tokenizer, max_test, seeds)
         ranked, t_retrieve = retrieve(zoo, entry["description"])
         start = time.perf_counter()
         merged = combine([zoo.state(n) for n in ranked[:TOP_K]], "cat", [1 / TOP_K] * TOP_K)
@@ -115,15 +125,17 @@ def run_heldout(zoo, model, tokenizer, seeds, log) -> list[dict]:
         cached = {key: features(model, state, data) for key, (state, _) in fixed.items()}
         for seed in seeds:
             sg, icm = generators[seed]
-            idx = probe_indices(task, seed)
+            idx = probes[seed]
             out = {key: (cached[key], seconds) for key, (_, seconds) in fixed.items()}
             start = time.perf_counter()
             state = sg.generate(entry["description"])
-            out["sg_lora"] = (features(model, state, data), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            out["sg_lora"] = (features(model, state, data), seconds)
             start = time.perf_counter()
             demos = demonstrations([task.train[i] for i in idx], task.label_names, SHOTS)
             state = icm.generate(icm.task_vector(model, tokenizer, demos))
-            out["icm_lora"] = (features(model, state, data), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            out["icm_lora"] = (features(model, state, data), seconds)
             for key, (feats, seconds) in out.items():
                 rows.append({"task": name, "seed": seed, "row": key, "accuracy": probe_accuracy(feats, data, idx, seed),
                              "seconds": seconds, "retrieved": ranked[0], "top_k": ranked[:TOP_K],
@@ -139,13 +151,13 @@ def run_heldout(zoo, model, tokenizer, seeds, log) -> list[dict]:
     return rows, storage, generators
 
 
-def run_seen(zoo, tokenizer, generators, seen: int, log) -> list[dict]:
+def run_seen(zoo, tokenizer, generators, seen: int, max_test: int, log) -> list[dict]:
     """ICM-LoRA on tasks it was trained on: generated vs trained adapter, both through the task's own head."""
     budget = zoo.index["budget"]
     rows = []
     for entry in zoo.entries("expert")[:: max(1, len(zoo.entries("expert")) // seen)][:seen]:
         name = entry["name"]
-        _, data = encoded(name, budget, tokenizer)
+        _, data, _ = encoded(name, budget, tokenizer, max_test)
         model = models.load(zoo.index["base"], num_labels=len(entry["labels"]))[0]
         trained = zoo.state(name, with_head=True)
         for seed, (_, icm) in generators.items():
@@ -153,7 +165,7 @@ def run_seen(zoo, tokenizer, generators, seen: int, log) -> list[dict]:
             generated = lorakit.AdapterState(trained.config, generated.tensors, trained.modules_to_save)
             for key, state in (("trained", trained), ("icm_lora", generated)):
                 state.load_into(model)
-                acc = lorakit.train.evaluate(model, data["test"])["accuracy"]
+                acc = evaluate(model, data["test"])["accuracy"]
                 lorakit.unwrap(model)
                 rows.append({"task": name, "seed": seed, "row": key, "accuracy": acc})
         log(f"seen {name}: done")
@@ -162,7 +174,7 @@ def run_seen(zoo, tokenizer, generators, seen: int, log) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="3 seeds, 4 seen tasks (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="3 seeds, 100 test examples per task, 4 seen tasks")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2 quick, 0..4 full)")
     p.add_argument("--zoo", default="runs/zoo/minilm")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
@@ -180,11 +192,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    heldout, storage, generators = run_heldout(zoo, model, tokenizer, seeds, log)
-    seen = run_seen(zoo, tokenizer, generators, 4 if args.quick else len(zoo.entries("expert")), log)
+    max_test = 100 if args.quick else zoo.index["budget"]["max_eval"]
+    heldout, storage, generators = run_heldout(zoo, model, tokenizer, seeds, max_test, log)
+    seen = run_seen(zoo, tokenizer, generators, 4 if args.quick else len(zoo.entries("expert")), max_test, log)
     result = {"command": command_line(), "quick": args.quick, "seeds": seeds, "machine": machine(),
               "started": started, "load_start": load_start, "load_end": load_average(),
-              "wall_minutes": round((time.time() - t0) / 60, 1), "probe": PROBE, "shots": SHOTS, "top_k": TOP_K,
+              "wall_minutes": round((time.time() - t0) / 60, 1), "probe": PROBE, "max_test": max_test, "shots": SHOTS, "top_k": TOP_K,
               "zoo": {"root": args.zoo, "base": zoo.index["base"], "budget": zoo.index["budget"],
                       "experts": len(zoo.entries("expert")), "heldout": [e["name"] for e in zoo.entries("heldout")],
                       "descriptions": {e["name"]: e["description"] for e in zoo.entries()}},
