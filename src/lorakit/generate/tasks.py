@@ -44,7 +44,7 @@ class ZooTask:
             return subsample(chosen, k, seed, "label")
 
         return Task("classification", pick(full.train, max_train), pick(full.validation, max_eval),
-                    pick(full.test, max_eval), tuple(_label_text(self.source, n) for n in self.labels), self.name)
+                    pick(full.test, max_eval), tuple(n.split(".")[-1] for n in self.labels), self.name)
 
 
 def _source(source: str, labels: tuple[str, ...]) -> Task:
@@ -54,10 +54,6 @@ def _source(source: str, labels: tuple[str, ...]) -> Task:
     if source == "fortunes":
         return fortunes(tuple(sorted(labels)))
     return load_task(source)
-
-
-def _label_text(source: str, label: str) -> str:
-    return label.split(".")[-1]
 
 
 def _noun(a: str, b: str, split: str = "expert") -> ZooTask:
