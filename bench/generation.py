@@ -17,7 +17,8 @@ trained on, at a fraction of their storage) is checked on expert tasks through t
 
     python bench/generation.py [--quick] [--seeds 0,1,2] [--zoo runs/zoo/minilm]
 
-Writes docs/benchmarks/generation.{md,json,png} (``--quick``: 3 seeds, 100 test examples per task, 4 seen tasks).
+Writes docs/benchmarks/generation.{md,json,png} (``--quick``: 3 seeds, 100 test examples per task, 4 seen tasks);
+``python bench/generation_report.py`` rewrites the page from the JSON.
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def run_heldout(zoo, model, tokenizer, seeds, max_test, log) -> list[dict]:
                          "accuracy": entry["metrics"]["test_accuracy"]})
         log(f"{name}: done ({len(seeds)} seeds)")
     storage = {"icm_generator_bytes": generators[seeds[0]][1].nbytes(),
+               "icm_factors": generators[seeds[0]][1].factors.basis.shape[0],
                "icm_adapter_bytes": generators[seeds[0]][1].adapter_bytes,
                "sg_generator_bytes": generators[seeds[0]][0].nbytes(),
                "fit_seconds": {str(s): {"sg_lora": g[0].fit_seconds, "icm_lora": g[1].fit_seconds}
