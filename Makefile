@@ -50,7 +50,8 @@ bench: install
 	$(BIN)/python bench/train_step.py
 
 # The task zoo of lorakit.generate (SG-LoRA, ICM-LoRA, bench/generation.py): 35 MiniLM and 8 tiny-Llama task LoRAs,
-# trained once into runs/zoo/ (about 10-15 min on 2 cores); rebuilt only when an index is missing.
+# trained once into runs/zoo/ (41 min measured on one thread of a shared 2-core machine at load average 13; a quiet
+# machine takes a fraction of that); rebuilt only when an index is missing, and a task already trained is kept.
 zoo: install data
 	@test -f runs/zoo/minilm/index.json -a -f runs/zoo/tiny-llama/index.json \
 	  || OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m lorakit.generate.taskzoo --out runs/zoo

@@ -13,12 +13,13 @@ from . import init  # noqa: F401  (registers the initialisers)
 from . import compress  # noqa: F401  (registers the quantised layer kinds)
 from .init import convert_to_plain_lora, initialize
 from .optim import OPTIMIZERS
+from .generate import GENERATORS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
-    "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
+    "GENERATORS", "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "adapters", "apply", "config_of",
     "convert_to_plain_lora", "disabled", "initialize", "load_peft", "load_state", "merge", "save_peft", "save_state",
     "trainable_parameters", "truncate", "unwrap",
 ]

@@ -33,6 +33,7 @@ def icm(zoo):
 
 def test_registered():
     assert GENERATORS.get("sg_lora") is SGLoRA and GENERATORS.get("icm_lora") is ICMLoRA
+    assert lorakit.GENERATORS is GENERATORS
 
 
 def test_generated_adapter_loads_in_peft_and_matches_lorakit(sg, tmp_path):

@@ -44,3 +44,10 @@ def test_existing_output_needs_overwrite(tiny_zoo, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     assert main(["generate", "sg-lora", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "o"), "--description", "x"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("generator", ["sg-lora", "icm-lora"])
+def test_help(generator, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", generator, "--help"])
+    assert exit_.value.code == 0 and f"usage: lorakit generate {generator}" in capsys.readouterr().out
