@@ -40,6 +40,14 @@ def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path, capsys, argv, n
     assert needle in err and err.count("\n") == 1
 
 
+def test_a_model_of_another_base_is_refused_naming_both_fingerprints(tiny_zoo, tmp_path, capsys):
+    fingerprint = json.loads((tiny_zoo / "index.json").read_text())["fingerprint"]
+    assert main(["generate", "sg-lora", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "o"), "--description", "x",
+                 "--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert fingerprint in err and "has fingerprint" in err and not (tmp_path / "o").exists()
+
+
 def test_existing_output_needs_overwrite(tiny_zoo, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     assert main(["generate", "sg-lora", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "o"), "--description", "x"]) == 2

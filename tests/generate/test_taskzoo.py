@@ -21,6 +21,21 @@ def test_real_zoo_has_enough_tasks_with_descriptions():
     assert all(t.description.endswith("?") for t in TASKS)
 
 
+def test_a_zoo_task_keeps_its_two_classes_renumbered():
+    from lorakit.data.fortunes import FORTUNES_DIR
+
+    if not (FORTUNES_DIR / "computers").is_file():
+        pytest.skip("needs the Debian package fortunes (make data)")
+    from lorakit.generate.tasks import by_name
+
+    task = by_name("fortunes-computers-love").load(max_train=20, max_eval=10)
+    assert task.label_names == ("computers", "love") and len(task.train) == 20 and len(task.test) == 10
+    assert {r["label"] for r in task.train} == {0, 1}
+    assert not {r["text"] for r in task.train} & {r["text"] for r in task.test}
+    with pytest.raises(KeyError, match="no zoo task 'nope'"):
+        by_name("nope")
+
+
 def test_index_lists_every_task_with_its_adapter(tiny_zoo):
     zoo = Zoo.open(tiny_zoo)
     assert zoo.index["base"] == "tiny-bert" and len(zoo.entries("expert")) == 5 and len(zoo.entries("heldout")) == 1

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
         g.add_argument("--zoo", default="runs/zoo/minilm", help="zoo root (holds index.json; `make zoo` builds it)")
         g.add_argument("-o", "--out", required=True, help="output PEFT directory")
         g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        g.add_argument("--model", default=None, help="base model (default: the zoo's); another base is refused")
         g.add_argument("--num-labels", type=count, default=2, help="classes of the head the adapter is recorded for")
         g.add_argument("--sample", action="store_true", help="sample the latent instead of taking the prior's mean")
         g.add_argument("--seed", type=int, default=0, help="seed of the generator's training and of --sample")
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--description is empty; SG-LoRA generates from a sentence saying what the task is")
     zoo = Zoo.open(args.zoo)
     causal = zoo.index.get("kind") == "causal_lm"
-    model, tokenizer = (models.load(zoo.index["base"], task="causal_lm") if causal
-                        else models.load(zoo.index["base"], num_labels=args.num_labels))
+    base = args.model or zoo.index["base"]
+    model, tokenizer = (models.load(base, task="causal_lm") if causal else models.load(base, num_labels=args.num_labels))
     zoo.check_base(model)
     if args.generator == "sg-lora":
         generator = SGLoRA(top_k=args.top_k, temperature=args.temperature, seed=args.seed).fit(zoo)
