@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test test-slow mutation bench clean
+.PHONY: install data demo test test-slow mutation bench zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ mutation: install
 
 bench: install
 	$(BIN)/python bench/train_step.py
+
+# The task zoo of lorakit.generate (SG-LoRA, ICM-LoRA, bench/generation.py): 35 MiniLM and 8 tiny-Llama task LoRAs,
+# trained once into runs/zoo/ (41 min measured on one thread of a shared 2-core machine at load average 13; a quiet
+# machine takes a fraction of that); rebuilt only when an index is missing, and a task already trained is kept.
+zoo: install data
+	@test -f runs/zoo/minilm/index.json -a -f runs/zoo/tiny-llama/index.json \
+	  || OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m lorakit.generate.taskzoo --out runs/zoo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build/mutation

@@ -21,6 +21,7 @@ from torch import nn
 import lorakit
 from lorakit import zoo
 from lorakit.data import collate, load_task, subsample
+from lorakit.generate.features import fit_probe
 from lorakit.methods import routing
 from lorakit.train import fit
 
@@ -203,12 +204,4 @@ def per_task(heads: dict, feats: torch.Tensor, split: Split) -> dict:
 
 def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_labels: int, seed: int, steps: int = 300) -> nn.Linear:
     """A head trained alone on frozen base features (full-batch AdamW, lr 1e-2): the linear probe."""
-    feats = feats.clone()  # an inference-mode tensor cannot be saved for backward
-    head = new_head(feats.shape[1], num_labels, seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.01)
-    for _ in range(steps):
-        loss = F.cross_entropy(head(feats), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.requires_grad_(False)
+    return fit_probe(feats, labels, num_labels, seed=seed, steps=steps)

@@ -16,13 +16,14 @@ from . import init  # noqa: F401  (registers the initialisers)
 from . import compress  # noqa: F401  (registers the quantised layer kinds)
 from .init import convert_to_plain_lora, initialize
 from .optim import OPTIMIZERS
+from .generate import GENERATORS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "AdapterShapeError", "AdapterState", "DoRAConfig",
-    "INITIALIZERS", "LoRAConfig", "METHODS", "OPTIMIZERS", "ModulesToSave", "Registry", "active_adapters",
-    "add_adapter", "adapter_names", "adapters", "apply", "config_of", "convert_to_plain_lora", "delete_adapter",
-    "disabled", "hotswap_adapter", "initialize", "load_peft", "load_state", "merge", "mixed_batch", "save_peft",
-    "save_state", "set_adapter", "trainable_parameters", "truncate", "unwrap",
+    "GENERATORS", "INITIALIZERS", "LoRAConfig", "METHODS", "ModulesToSave", "OPTIMIZERS", "Registry",
+    "active_adapters", "adapter_names", "adapters", "add_adapter", "apply", "config_of", "convert_to_plain_lora",
+    "delete_adapter", "disabled", "hotswap_adapter", "initialize", "load_peft", "load_state", "merge",
+    "mixed_batch", "save_peft", "save_state", "set_adapter", "trainable_parameters", "truncate", "unwrap",
 ]

@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, generate, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .per_user import cli as per_user_cli
 
     per_user_cli.add_parser(sub)
+    from .generate import cli as generate_cli
+
+    generate_cli.add_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
