@@ -65,6 +65,30 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write an adapter as a llama.cpp GGUF LoRA file."""
+    import lorakit
+
+    from .formats.gguf_lora import export_gguf
+
+    state = lorakit.load_state(args.adapter_dir, allow_pickle=args.allow_pickle)
+    model = args.model or state.config.base_model_name_or_path
+    if not model:
+        raise UserError(f"{args.adapter_dir} records no base model; pass --model (zoo name or HF model directory)")
+    if Path(model).is_dir():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    else:
+        from . import zoo
+
+        config = zoo.load(model, "causal_lm")[0].config
+    out = export_gguf(state, config, args.out, args.outtype, overwrite=args.overwrite)
+    print(f"lorakit export: wrote {out} ({len(state.modules())} modules, {args.outtype}); "
+          f"run it with llama.cpp: llama-cli -m BASE.gguf --lora {out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an adapter directory."""
     import lorakit
@@ -185,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count, default=64, help="examples per forward pass")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write an adapter for llama.cpp (--gguf)")
+    p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft)")
+    p.add_argument("--gguf", action="store_true", required=True, help="a GGUF LoRA file (llama-cli --lora FILE)")
+    p.add_argument("-o", "--out", required=True, help="output .gguf file")
+    p.add_argument("--model", default=None, help="the base (zoo name or HF directory; default: the one the adapter records)")
+    p.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="tensor type in the file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe an adapter directory")
     p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft)")
