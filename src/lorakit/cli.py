@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint (its settings must match)")
     p.add_argument("--overwrite", action="store_true", help="replace a run or files already in --out")
     p.add_argument("-o", "--out", default="runs/train", help="run directory (adapter in OUT/adapter)")
+    p.add_argument("--pack", action="store_true",
+                   help="causal_lm: pack training examples into rows of --max-length tokens (each attends to itself)")
+    p.add_argument("--eval-generate", type=count, default=None, metavar="N",
+                   help="causal_lm: also score greedy answers to N test prompts (exact match, token F1)")
     optim_cli.add_train_arguments(p)
     p.set_defaults(func=cmd_train)
     from .compress import cli as compress_cli

@@ -31,7 +31,7 @@ RUN_FILE = "run.json"
 # The settings a resumed run must share with the run it continues (the base model is compared by fingerprint).
 RUN_KEYS = ("task", "kind", "method", "rank", "alpha", "dropout", "targets", "lr", "batch_size", "epochs",
             "max_steps", "eval_every", "max_train", "max_eval", "max_length", "seed", "optimizer", "optimizer_option",
-            "schedule", "schedule_option", "gradient_checkpointing", "bf16", "fp16", "quantize")
+            "schedule", "schedule_option", "gradient_checkpointing", "bf16", "fp16", "quantize", "pack")
 
 DEMO = dict(model="minilm", task="tweets", max_train=6000, max_eval=1000, max_length=64, batch_size=16, epochs=1,
             r=8, alpha=16, targets=["query", "key", "value"], lora_lr=1e-3, head_lr=2e-3, eval_every=125)
@@ -112,6 +112,8 @@ def train_job(args: argparse.Namespace, prepare=None) -> dict:
     from .train.precision import resolve_device
 
     optim_cli.check(args)
+    if args.kind != "causal_lm" and (getattr(args, "pack", False) or getattr(args, "eval_generate", None)):
+        raise ValueError("--pack and --eval-generate are for --kind causal_lm")
     device = resolve_device(getattr(args, "device", "cpu"))
     out = Path(args.out)
     saved = _check_run_dir(out, args.resume, args.overwrite)
@@ -122,6 +124,10 @@ def train_job(args: argparse.Namespace, prepare=None) -> dict:
     if saved is not None:
         _check_resumable(out, saved, settings, model)
     splits = task.encode(tokenizer, args.max_length)
+    if getattr(args, "pack", False):
+        from .data.packing import pack
+
+        splits["train"] = pack(splits["train"], args.max_length)
     schedule = optim_cli.schedule_from_args(args, splits)
     full_weight = getattr(args, "schedule", None) in optim_cli.FULL_WEIGHT_SCHEDULES
     torch.manual_seed(args.seed)  # the adapter's initial weights follow --seed, whatever ran before in the process
@@ -143,6 +149,10 @@ def train_job(args: argparse.Namespace, prepare=None) -> dict:
     else:
         adapter_dir = save_peft(model, out / "adapter")
     test = evaluate(model, splits["test"], batch_size=64)
+    if getattr(args, "eval_generate", None):
+        from .train.generation import generation_metrics
+
+        test.update(generation_metrics(model, tokenizer, task.test[: args.eval_generate]))
     summary = {"adapter": str(adapter_dir), "test": test, "trainable_parameters": result.trainable_params,
                "steps": result.steps, "wall_time_s": round(result.wall_time, 1)}
     _write_json(out / "summary.json", summary)

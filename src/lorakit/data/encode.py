@@ -55,6 +55,7 @@ def pad_id(tokenizer) -> int:
 
 
 def _prompt_completion(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> dict:
+    """Features of one prompt/completion pair cut to max_length (labels on the completion only)."""
     # Keep the whole completion when it fits and cut the prompt from the left, so the tokens right before the
     # completion survive; a completion longer than max_length - 1 keeps one prompt token and its own head.
     completion_ids = completion_ids[: max_length - 1]
@@ -80,6 +81,10 @@ def encode(examples: Sequence[dict], tokenizer, *, kind: str, max_length: int = 
             {"input_ids": ids, "attention_mask": mask, "labels": e["label"]}
             for ids, mask, e in zip(enc["input_ids"], enc["attention_mask"], examples)
         ]
+    elif "messages" in examples[0]:
+        from .chat import render
+
+        features = [_prompt_completion(*render(tokenizer, e["messages"], i), max_length) for i, e in enumerate(examples)]
     else:
         prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
         completions = tokenizer([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]

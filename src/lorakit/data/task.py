@@ -101,6 +101,12 @@ def from_records(
         *carved, splits["train"] = carve(splits["train"], [fractions[s] for s in missing], seed)
         splits.update(zip(missing, carved))
     where = source or "records"
+    if kind == "causal_lm" and any("messages" in r for records in splits.values() for r in records[:1]):
+        from .chat import check_messages
+
+        normal = {split: [{"messages": check_messages(r, f"{where} ({split})", i)} for i, r in enumerate(records)]
+                  for split, records in splits.items()}
+        return Task(kind, normal["train"], normal["validation"], normal["test"], None, source)
     if kind == "causal_lm":
         normal = {
             split: [
@@ -138,9 +144,11 @@ def load_task(
     from .bundled import BUNDLED
 
     if str(name_or_path) in BUNDLED:
-        if kind != "classification":
-            raise ValueError(f"{str(name_or_path)!r} is a classification task; kind={kind!r} does not apply")
         task = BUNDLED[str(name_or_path)]()
+        if kind == "causal_lm":  # the text as prompt, the label's name as the answer
+            from .chat import as_causal
+
+            task = as_causal(task)
     elif not Path(name_or_path).exists():
         raise FileNotFoundError(
             f"{name_or_path}: no such file or directory, and not a bundled task (bundled: {', '.join(BUNDLED)})"
