@@ -141,8 +141,7 @@ class _JobRun:
         path = checkpoint.resolve(cfg.resume, cfg.output_dir)
         if path is not None:
             self._restore(path)
-        self.log = MetricsLog(cfg.output_dir, main=True, total=self.total, done=self.step, progress=False,
-                              history=self.history)
+        self.log: Optional[MetricsLog] = None  # opened at the first step: adding a job writes nothing
         self.start, self.loss = time.perf_counter(), 0.0
 
     @property
@@ -169,6 +168,9 @@ class _JobRun:
 
     def next_rows(self, check: Callable) -> list[tuple]:
         """This step's examples as (run, features, loss normaliser); raises JobStopped on malformed data."""
+        if self.log is None:
+            self.log = MetricsLog(self.cfg.output_dir, main=True, total=self.total, done=self.step, progress=False,
+                                  history=self.history)
         if self.groups is None or self.step_in_epoch >= len(self.groups):
             if self.groups is not None:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -224,16 +226,18 @@ class _JobRun:
         if last:
             self.result.status = "done"
 
-    def evaluate(self, data: Optional[Sequence] = None) -> dict[str, float]:
+    def evaluate(self, data: Optional[Sequence] = None, batch_size: Optional[int] = None) -> dict[str, float]:
         """`evaluate` on the model as this job alone sees it."""
         with self.hooks.only(self.adapters):
             return evaluate(self.hooks.model, self.job.eval_data if data is None else data,
-                            batch_size=self.cfg.eval_batch_size or self.cfg.batch_size)
+                            batch_size=batch_size or self.cfg.eval_batch_size or self.cfg.batch_size)
 
     def close(self) -> JobResult:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+            self.history = self.log.history
         r = self.result
-        r.history, r.steps, r.wall_time = self.log.history, self.step, time.perf_counter() - self.start
+        r.history, r.steps, r.wall_time = self.history, self.step, time.perf_counter() - self.start
         return r
 
 
@@ -346,7 +350,13 @@ class MultiTrainer:
             pass
         return dict(self.results)
 
-    def save(self, name: str, path) -> None:
+    def base_record(self, name: str) -> dict:
+        """The base model's fingerprint as job ``name``'s adapter sees it (the originals of its full copies left out)."""
+        run, model = self.runs.get(name) or self.closed[name], self.hooks.model
+        skip = frozenset(f"{p}.{k}" for p in run.adapters.heads for k, _ in model.get_submodule(p).named_parameters())
+        return fingerprint.record(model, skip_values=skip)
+
+    def save(self, name: str, path):
         """Write job ``name``'s adapter as a PEFT directory (with ``lorakit_base.json``), as `save_peft` does."""
         run = self.runs.get(name) or self.closed[name]
         model = self.hooks.model
