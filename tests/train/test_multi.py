@@ -45,6 +45,21 @@ def test_batched_lora_backward_gradcheck(fused, counts):
     assert torch.allclose(f(y, x, *flat), want)
 
 
+@pytest.mark.parametrize("backend", ["segments", "bmm", "auto"])
+def test_batched_lora_backward_gradcheck_one_class_in_order(backend):
+    """The trainer's case: one class covers every token, already in slot order (the in-place dx path)."""
+    torch.manual_seed(1)
+    counts = [7, 1, 4]
+    slot = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    plan = ops.plan_step(torch.zeros(len(slot), dtype=torch.long), slot, ["c"])
+    assert plan.classes[0].index is None
+    (a, b), = _tables([(4, 3)], 6, 5).values()
+    x = torch.randn(len(slot), 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(len(slot), 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, x, a, b: batched_lora(y.clone(), x, plan, {"c": (a, b)}, True, backend),
+                                    (y, x, a, b))
+
+
 def test_pack_respects_the_token_budget_and_keeps_every_row():
     rows = [3, 9, 4, 4, 1, 7, 30, 2, 2, 8]
     bins = pack(list(range(len(rows))), 16, length=lambda i: rows[i])

@@ -250,9 +250,16 @@ class MultiTrainer:
     """Jobs that join (`add`) and leave (they finish, fail or are `stop`ped) while the others train; `step` runs one
     round, `run` runs rounds until no job is left. ``max_tokens``: padded tokens per shared micro-batch."""
 
-    def __init__(self, model: nn.Module, *, max_tokens: int = 4096, fused: bool = True, collate_fn=None):
+    def __init__(self, model: nn.Module, *, max_tokens: int = 1024, fused: bool = True, collate_fn=None,
+                 disable_dropout: bool = False):
         if wrapped_modules(model):
             raise ValueError("MultiTrainer takes the plain base model; unwrap(model) first")
+        active = base_dropout(model, disable=disable_dropout)
+        if active:
+            raise ValueError(
+                f"the base model trains with dropout ({active[0]} and {len(active) - 1} more): one shared pass cannot "
+                "draw the masks each job's solo run would, so no job would equal its solo run; pass "
+                "disable_dropout=True (lorakit train-many --no-base-dropout) to train every job without it")
         for p in model.parameters():
             p.requires_grad_(False)
         fingerprint.remember(model)
@@ -368,6 +375,21 @@ class MultiTrainer:
                 return save_peft(model, path)
             finally:
                 unwrap(model)
+
+
+def base_dropout(model: nn.Module, disable: bool = False) -> list[str]:
+    """The base's active dropout (nn.Dropout modules and attention-kernel rates); ``disable`` sets them to 0."""
+    found = []
+    for path, m in model.named_modules():
+        names = (["p"] if isinstance(m, nn.Dropout) else []) + ["attention_dropout", "dropout_prob"]
+        for attr in names:
+            value = m.__dict__.get(attr)
+            if isinstance(value, float) and value > 0:
+                if disable:
+                    setattr(m, attr, 0.0)
+                else:
+                    found.append(f"{path or type(model).__name__}.{attr}={value}")
+    return found
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,9 @@ def add_parser(sub, train_defaults) -> None:
     p = sub.add_parser("train-many", help="train several LoRA jobs at once on one base (a jobs file; LoRAFusion)")
     p.add_argument("jobs_file", help="YAML or JSON jobs file (see `lorakit.train.multi_cli`)")
     p.add_argument("-o", "--out", default="runs/train-many", help="output directory (one sub-directory per job)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per shared micro-batch")
+    p.add_argument("--max-tokens", type=int, default=1024, help="padded tokens per shared micro-batch")
+    p.add_argument("--no-base-dropout", action="store_true",
+                   help="turn the base model's dropout off (refused otherwise: shared passes cannot draw each job's masks)")
     p.add_argument("--resume", action="store_true", help="continue every job from its last checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace runs or files already in --out")
     p.set_defaults(func=lambda args: run(args, train_defaults()))
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace, train_defaults: argparse.Namespace) -> int:
 
     model, tokenizer = zoo.load(top["model"], task="seq_cls" if top["kind"] == "classification" else "causal_lm",
                                 num_labels=labels[specs[0].name], seed=top["seed"])
-    trainer = MultiTrainer(model, max_tokens=args.max_tokens)
+    trainer = MultiTrainer(model, max_tokens=args.max_tokens, disable_dropout=args.no_base_dropout)
     splits, saved = {}, {}
     for s in specs:
         run_dir = out / s.name

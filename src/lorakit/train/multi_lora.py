@@ -9,8 +9,11 @@ With ``fused=True`` the update is added into the base layer's output in place (L
 epilogue: no separate [tokens, out] delta tensor and no extra add); ``fused=False`` returns ``y + delta``.
 
 ``Routing`` is one micro-batch's metadata (rows sorted by job, one plan for the tokens, one for the rows), built
-once and shared by every hooked module. Padding tokens take no adapter: their outputs feed nothing that counts
-(attention masks them out and no loss reads them), so skipping them changes no result and saves their work.
+once and shared by every hooked module. Jobs that adapt the same modules form one class whatever their ranks
+(lower ranks zero-padded: on CPU a rank-4 and a rank-16 product cost about the same, both memory-bound), and
+padding tokens take their row's adapter as in a solo run, so a micro-batch's tokens are already in slot order:
+the ``segments`` backend then slices them with no gather or scatter (measured fastest for training shapes,
+bench/multi_job.py). Padding is kept small by packing rows of similar length together instead.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..serve import ops
@@ -28,12 +32,12 @@ class BatchedLoRA(torch.autograd.Function):
     """``y += `` each token's LoRA update (in place); differentiable in ``x`` and the per-class tables."""
 
     @staticmethod
-    def forward(ctx, y, x, plan, keys, *tables):
+    def forward(ctx, y, x, plan, keys, backend, *tables):
         pairs = _pairs(keys, tables)
-        ops.lora_add_(y, x, plan, pairs)
+        ops.lora_add_(y, x, plan, pairs, backend)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, *tables)
-        ctx.plan, ctx.keys = plan, keys
+        ctx.plan, ctx.keys, ctx.backend = plan, keys, backend
         return y
 
     @staticmethod
@@ -43,7 +47,12 @@ class BatchedLoRA(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[1]:  # dx[t] = dy[t] B'_s A_s: the same operator over transposed, swapped tables
             swapped = {k: (bt.transpose(1, 2).contiguous(), at.transpose(1, 2).contiguous()) for k, (at, bt) in pairs.items()}
-            dx = ops.lora_add_(torch.zeros_like(x), dy, ctx.plan, swapped)
+            only = ctx.plan.classes[0] if len(ctx.plan.classes) == 1 else None
+            if only is not None and only.index is None and ctx.backend == "segments" and only.key in pairs:
+                dx = torch.empty_like(x)  # one class over every token in order: write each slot's rows in place
+                _segments_into(dx, dy, *swapped[only.key], only)
+            else:
+                dx = ops.lora_add_(torch.zeros_like(x), dy, ctx.plan, swapped, ctx.backend)
         grads = {k: (torch.zeros_like(at), torch.zeros_like(bt)) for k, (at, bt) in pairs.items()}
         for cp in ctx.plan.classes:
             if cp.key not in pairs:
@@ -59,20 +68,28 @@ class BatchedLoRA(torch.autograd.Function):
                     dbt[s] = (xs_s @ at[s]).T @ dy_s  # [r, out]
                     start += count
         flat = [g for k in ctx.keys for g in grads[k]]
-        return (dy, dx, None, None, *flat)
+        return (dy, dx, None, None, None, *flat)
+
+
+def _segments_into(out: torch.Tensor, x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, cp: ops.ClassPlan) -> None:
+    start = 0
+    for i, count in enumerate(cp.counts):
+        torch.mm(x[start:start + count] @ at[cp.lo + i], bt[cp.lo + i], out=out[start:start + count])
+        start += count
 
 
 def _pairs(keys: Sequence[Hashable], tables: Sequence[torch.Tensor]) -> dict:
     return {k: (tables[2 * i], tables[2 * i + 1]) for i, k in enumerate(keys)}
 
 
-def batched_lora(y: torch.Tensor, x: torch.Tensor, plan: ops.StepPlan, tables: dict, fused: bool = True) -> torch.Tensor:
+def batched_lora(y: torch.Tensor, x: torch.Tensor, plan: ops.StepPlan, tables: dict, fused: bool = True,
+                 backend: str = "auto") -> torch.Tensor:
     """``y`` plus each token's update from ``tables`` {class key: (A^T [k, in, r], B'^T [k, r, out])}."""
     keys = list(tables)
     flat = [t for k in keys for t in tables[k]]
     if fused:
-        return BatchedLoRA.apply(y, x, plan, keys, *flat)
-    return y + BatchedLoRA.apply(torch.zeros_like(y), x, plan, keys, *flat)
+        return BatchedLoRA.apply(y, x, plan, keys, backend, *flat)
+    return y + BatchedLoRA.apply(torch.zeros_like(y), x, plan, keys, backend, *flat)
 
 
 @dataclass
@@ -85,7 +102,7 @@ class JobAdapters:
     key: Hashable = field(init=False)
 
     def __post_init__(self):
-        self.key = (next(iter(self.lora.values())).r if self.lora else 0, tuple(sorted(self.lora)))
+        self.key = tuple(sorted(self.lora))  # jobs adapting the same modules share a class, whatever their ranks
 
 
 @dataclass
@@ -119,27 +136,37 @@ class Routing:
         token_plan = None
         if attention_mask is not None:
             seq = attention_mask.shape[1]
-            tc = torch.where(attention_mask.bool(), rc[:, None], -1).flatten()
-            token_plan = ops.plan_step(tc, rs[:, None].expand(-1, seq).flatten(), keys)
+            token_plan = ops.plan_step(rc.repeat_interleave(seq), rs.repeat_interleave(seq), keys)
         n_tok = attention_mask.numel() if attention_mask is not None else -1
         return cls(segments, len(jobs), n_tok, token_plan, ops.plan_step(rc, rs, keys), slots)
 
     def tables(self, path: str) -> dict:
         """{class key: (A^T [k, in, r], (s·B)^T [k, r, out])} of the classes that adapt module ``path``."""
         if path not in self.cache:
-            self.cache[path] = {
-                key: (torch.stack([j.lora[path].lora_A.weight.T for j in jobs]),
-                      torch.stack([j.lora[path].lora_B.weight.T * j.lora[path].scaling for j in jobs]))
-                for key, jobs in self.slots.items() if path in jobs[0].lora
-            }
+            self.cache[path] = {key: _table([j.lora[path] for j in jobs]) for key, jobs in self.slots.items()
+                                if path in jobs[0].lora}
         return self.cache[path]
+
+
+def _table(layers: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A^T [k, in, r], (s·B)^T [k, r, out]) of LoRA layers, lower ranks zero-padded to the highest (exact: a zero
+    column of A^T and row of B^T add nothing, and the padding's gradients are dropped by ``F.pad``'s backward)."""
+    r = max(layer.r for layer in layers)
+    at = [_pad(layer.lora_A.weight.T, 1, r) for layer in layers]
+    bt = [_pad(layer.lora_B.weight.T * layer.scaling, 0, r) for layer in layers]
+    return torch.stack(at), torch.stack(bt)
+
+
+def _pad(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+    extra = r - t.shape[dim]
+    return t if extra == 0 else F.pad(t, (0, extra) if dim == 1 else (0, 0, 0, extra))
 
 
 class MultiLoRA:
     """Forward hooks on one base model's target and head modules; inactive (the plain base) unless routed."""
 
-    def __init__(self, model: nn.Module, fused: bool = True):
-        self.model, self.fused = model, fused
+    def __init__(self, model: nn.Module, fused: bool = True, backend: str = "segments"):
+        self.model, self.fused, self.backend = model, fused, backend
         self.routing: Optional[Routing] = None
         self.single: Optional[JobAdapters] = None
         self.paths: dict[str, str] = {}  # module path -> "lora" or "head"
@@ -195,7 +222,7 @@ class MultiLoRA:
             if plan is None:
                 raise ValueError(f"module '{path}' got {n} rows of features; the micro-batch has {r.num_rows} rows and "
                                  f"{r.num_tokens} tokens, so its rows cannot be matched to jobs")
-            flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused)
+            flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused, self.backend)
             return flat.view(out.shape)
         return hook
 
