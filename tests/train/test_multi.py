@@ -258,3 +258,13 @@ def test_jobs_that_cannot_run_are_refused_naming_job_and_field(change, field):
         trainer.add(job("x"))
     with pytest.raises(JobError, match="job 'e': field 'train_data'"):
         trainer.add(job("e", data=causal_data(0, 0)))
+
+
+def test_a_base_that_trains_with_dropout_is_refused_unless_turned_off():
+    model = base()
+    model.model.layers[1].self_attn.attention_dropout = 0.1
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.2))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.drop.p=0.2 and 1 more.*disable_dropout=True"):
+        MultiTrainer(model)
+    MultiTrainer(model, disable_dropout=True)
+    assert model.model.layers[1].self_attn.attention_dropout == 0.0 and model.model.layers[0].mlp.drop.p == 0.0
