@@ -235,21 +235,26 @@ def measure(n: int, steps: int, repeats: int) -> dict:
         p.requires_grad_(False)
     jobs = make_jobs(n, steps, tok)
     real = tokens(jobs)
-    times = {s: [] for s in SYSTEMS}
+    times, cpu = {s: [] for s in SYSTEMS}, {s: [] for s in SYSTEMS}
     results = {}
     for rep in range(repeats):
         order = list(SYSTEMS) if rep % 2 == 0 else list(reversed(SYSTEMS))  # alternate who goes first
         for system in order:
             fresh = [dataclasses.replace(j) for j in jobs]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results[system] = SYSTEMS[system](model, fresh)
             times[system].append(time.perf_counter() - t0)
-            print(f"N={n} {system}: {times[system][-1]:.2f}s", flush=True)
+            cpu[system].append(time.process_time() - c0)
+            print(f"N={n} {system}: {times[system][-1]:.2f}s wall, {cpu[system][-1]:.2f}s CPU", flush=True)
     ref = results["sequential"]
     row = {"jobs": n, "steps": steps, "tokens": real, "seconds": times,
            "median_s": {s: float(np.median(t)) for s, t in times.items()}}
+    row["cpu_seconds"] = cpu
+    row["median_cpu_s"] = {s: float(np.median(t)) for s, t in cpu.items()}
     row["tokens_per_s"] = {s: real / m for s, m in row["median_s"].items()}
     row["speedup_vs_sequential"] = {s: row["median_s"]["sequential"] / m for s, m in row["median_s"].items()}
+    row["tokens_per_cpu_s"] = {s: real / m for s, m in row["median_cpu_s"].items()}
+    row["cpu_speedup_vs_sequential"] = {s: row["median_cpu_s"]["sequential"] / m for s, m in row["median_cpu_s"].items()}
     row["max_abs_diff_vs_sequential"] = {s: max(max_diff(results[s][j.name], ref[j.name]) for j in jobs)
                                          for s in SYSTEMS if s != "sequential"}
     peak = {s: peak_rss_rise(_mem_setup, MEM[s], n, steps) for s in SYSTEMS}

@@ -188,9 +188,10 @@ def test_each_job_resumes_on_its_own(tmp_path):
     first = MultiTrainer(model, max_tokens=64)
     first.add(a)
     first.add(b)
-    for _ in range(3):  # a checkpoints at step 2; the "crash" comes after step 3
+    for _ in range(5):  # a checkpoints at steps 2 and 4 (the end of its first epoch); the "crash" comes after step 5
         first.step()
-    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*.pt")) == ["checkpoint-00000002.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*.pt")) == ["checkpoint-00000002.pt",
+                                                                              "checkpoint-00000004.pt"]
     import dataclasses
 
     resumed = dataclasses.replace(a, config=dataclasses.replace(a.config, resume=True))

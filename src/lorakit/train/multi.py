@@ -113,9 +113,10 @@ class _JobRun:
         if self.log is None:
             self.log = MetricsLog(self.cfg.output_dir, main=True, total=self.total, done=self.step, progress=False,
                                   history=self.history)
-        if self.groups is None or self.step_in_epoch >= len(self.groups):
-            if self.groups is not None:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.groups is None:
+            self.groups = epoch_groups(self.sampler, self.epoch, self.cfg)
+        while self.step_in_epoch >= len(self.groups):  # as `fit`: a checkpoint may end exactly at an epoch's end
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.groups = epoch_groups(self.sampler, self.epoch, self.cfg)
         group, rows = self.groups[self.step_in_epoch], []
         for micro in group:
