@@ -263,6 +263,46 @@ def measure(n: int, steps: int, repeats: int) -> dict:
     return row
 
 
+def op_backends(repeats: int = 15) -> list[dict]:
+    """Forward + backward of one adapted 384x384 layer (MiniLM's width), rank 16, tokens in slot order: the batched
+    operator's backends, fused (in place) and not, against a per-slot loop of dense products; CPU ms, median."""
+    from lorakit.serve import ops
+    from lorakit.train.multi_lora import batched_lora
+
+    torch.manual_seed(0)
+    out = []
+    for k, t in ((4, 1024), (16, 1024), (16, 4096)):
+        counts = torch.randint(20, 120, (k,))
+        counts = (counts * t / counts.sum()).long()
+        slot = torch.repeat_interleave(torch.arange(k), counts)
+        plan = ops.plan_step(torch.zeros(len(slot), dtype=torch.long), slot, ["c"])
+        x = torch.randn(len(slot), 384, requires_grad=True)
+        w = torch.randn(384, 384)
+        at, bt = torch.randn(k, 384, 16, requires_grad=True), torch.randn(k, 16, 384, requires_grad=True)
+
+        def loop():
+            outs, start = [], 0
+            for i, c in enumerate(counts.tolist()):
+                outs.append((x[start:start + c] @ at[i]) @ bt[i])
+                start += c
+            (x @ w.T + torch.cat(outs)).sum().backward()
+
+        cases = {"base layer only": lambda: (x @ w.T).sum().backward(), "per-slot loop (autograd)": loop}
+        for backend in ("segments", "bmm", "grouped"):
+            for fused in (True, False):
+                cases[f"{backend}{'' if fused else ', unfused'}"] = (
+                    lambda b=backend, f=fused: batched_lora(x @ w.T, x, plan, {"c": (at, bt)}, f, b).sum().backward())
+        for name, fn in cases.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                c0 = time.process_time()
+                fn()
+                times.append(time.process_time() - c0)
+            out.append({"slots": k, "tokens": int(len(slot)), "case": name, "cpu_ms": 1e3 * float(np.median(times))})
+    return out
+
+
 def profile(n: int, steps: int) -> str:
     """Self-CPU table of one multi run and one sequential run of N jobs."""
     from torch.profiler import ProfilerActivity
@@ -287,12 +327,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table for the largest N")
     ap.add_argument("--out", default="docs/benchmarks/multi-job")
+    ap.add_argument("--op-only", action="store_true", help="rerun only the operator table into an existing --out")
     args = ap.parse_args()
+    if args.op_only:
+        from common import read_json
+        from multi_job_report import render
+
+        data = read_json(Path(args.out + ".json"))
+        data["op"] = op_backends()
+        write_json(Path(args.out + ".json"), data)
+        Path(args.out + ".md").write_text(render(data))
+        return
     steps, repeats = args.steps or (3 if args.quick else 8), args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = [measure(n, steps, repeats) for n in args.jobs]
     data = {"command": command_line(), "machine": machine(), "max_tokens": MAX_TOKENS, "targets": TARGETS,
             "rows": rows}
+    data["op"] = op_backends()
     if args.profile:
         data["profile"] = profile(max(args.jobs), steps)
     from multi_job_report import render
