@@ -61,3 +61,16 @@ def test_a_job_that_cannot_run_is_named_with_its_field(tmp_path, capsys, job, ex
     assert len(err.splitlines()) == 1 and expected in err, err
     assert err.startswith("lorakit train-many: error: ") and "Traceback" not in err
     assert not out.exists()  # refused before anything trained or was written
+
+
+def test_a_base_that_trains_with_dropout_is_refused_before_training(tmp_path, capsys):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("model: minilm\nkind: classification\njobs:\n  - {name: a, task: tweets, max_train: 16, max_eval: 4, "
+                    "targets: 'query,value', max_steps: 1}\n")
+    out = tmp_path / "out"
+    assert main(["train-many", str(jobs), "-o", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (the model load's progress bar aside)
+    assert len(errors) == 1 and "trains with dropout" in errors[0] and "--no-base-dropout" in errors[0]
+    assert not out.exists()
+    assert main(["train-many", str(jobs), "-o", str(out), "--no-base-dropout"]) == 0
+    assert (out / "a" / "adapter" / "adapter_model.safetensors").is_file()
