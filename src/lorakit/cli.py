@@ -1,4 +1,5 @@
-"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, generate, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, train-many, eval, export, info, merge, prune, fed, serve, per-user, generate, methods,
+demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress_cli.add_train_arguments(p, cmd_train)
     compress_cli.add_prune_parser(sub, _train_args)
+    from .train import multi_cli
+
+    multi_cli.add_parser(sub, lambda train=p: train.parse_args([]))
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task split")
     _train_args(p, model_help="zoo name or local HF model directory (default: the base model the adapter records, "

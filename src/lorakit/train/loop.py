@@ -40,6 +40,14 @@ def model_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
+def epoch_groups(sampler: DistributedSampler, epoch: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """This process's indices for ``epoch``: optimiser steps of micro-batches of indices."""
+    sampler.set_epoch(epoch)
+    indices, b, k = list(sampler), cfg.batch_size, cfg.grad_accum_steps
+    micro = [indices[i : i + b] for i in range(0, len(indices), b)]
+    return [micro[i : i + k] for i in range(0, len(micro), k)]
+
+
 class _Run:
     """The state of one `fit` call."""
 
@@ -122,11 +130,7 @@ class _Run:
         checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.cfg.output_dir, self.step))
 
     def _epoch_groups(self) -> list[list[list[int]]]:
-        """This process's indices for the current epoch: optimiser steps of micro-batches of indices."""
-        self.sampler.set_epoch(self.epoch)
-        indices, b, k = list(self.sampler), self.cfg.batch_size, self.cfg.grad_accum_steps
-        micro = [indices[i : i + b] for i in range(0, len(indices), b)]
-        return [micro[i : i + k] for i in range(0, len(micro), k)]
+        return epoch_groups(self.sampler, self.epoch, self.cfg)
 
     def _train_step(self, group: list[list[int]]) -> tuple[float, float]:
         losses = []
