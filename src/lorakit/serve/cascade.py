@@ -75,6 +75,32 @@ def _rows(output, rows: Optional[torch.Tensor]):
                               "blocks that return hidden states (a tensor, or a tuple with it first)")
 
 
+@contextlib.contextmanager
+def captured(blocks: nn.ModuleList, n: int, into: Optional[list]):
+    """Inside the block, each forward appends the output of block ``n - 1`` to ``into`` (nothing when n is 0)."""
+    if n == 0 or into is None:
+        yield
+        return
+    hook = blocks[n - 1].register_forward_hook(lambda m, a, out: into.append(out))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def replayed(blocks: nn.ModuleList, n: int, value):
+    """Inside the block, the first ``n`` blocks are skipped and block ``n`` receives ``value`` (their output)."""
+    kept = [blocks[j] for j in range(n)]
+    try:
+        for j in range(n):
+            blocks[j] = _Skip(value)
+        yield
+    finally:
+        for j, block in enumerate(kept):
+            blocks[j] = block
+
+
 def _member_copy(base: nn.Module) -> nn.Module:
     """A copy of ``base`` that shares its parameters and buffers (the adapters then go on the copy)."""
     memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
@@ -145,34 +171,12 @@ class AdapterCascade:
     def _blocks(self, i: int) -> nn.ModuleList:
         return self.models[i].get_submodule(self.blocks_path)
 
-    @contextlib.contextmanager
-    def _capture(self, i: int, into: list):
-        if self.shared == 0:
-            yield
-            return
-        hook = self._blocks(i)[self.shared - 1].register_forward_hook(lambda m, a, out: into.append(out))
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    @contextlib.contextmanager
-    def _replayed(self, i: int, prefix):
-        blocks = self._blocks(i)
-        kept = [blocks[j] for j in range(self.shared)]
-        try:
-            for j in range(self.shared):
-                blocks[j] = _Skip(prefix)
-            yield
-        finally:
-            for j, block in enumerate(kept):
-                blocks[j] = block
-
     @torch.no_grad()
     def member_logits(self, i: int, inputs: dict, prefix=None, capture: Optional[list] = None) -> torch.Tensor:
         """Member ``i``'s logits; from the shared hidden states ``prefix`` when given (stage-1 output of the shared
         blocks for the same rows), else in full, appending the shared blocks' output to ``capture``."""
-        ctx = self._replayed(i, prefix) if prefix is not None and self.shared else self._capture(i, capture if capture is not None else [])
+        blocks = self._blocks(i)
+        ctx = replayed(blocks, self.shared, prefix) if prefix is not None else captured(blocks, self.shared, capture)
         with ctx:
             return self.models[i](**inputs).logits
 
