@@ -101,3 +101,13 @@ def test_classification_route(tmp_path):
     assert client.post("/v1/classifications", json={"model": "nope", "input": "x"}).status_code == 404
     assert client.post("/v1/classifications", json={"model": "sentiment", "input": []}).status_code == 400
     assert lorakit  # the package import registers the methods the members use
+
+
+def test_serve_refuses_a_bad_cascade_option_in_one_line(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["serve", "--model", "tiny-llama", "--cascade", "no-equals-sign"]) == 2
+    assert "expected NAME=SPEC.json" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-llama", "--cascade", f"x={tmp_path / 'missing.json'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such file" in err

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core import fingerprint
     from ..formats.peft import save_state
     from ..serve.cascade import AdapterCascade, write_spec
-    from .run import SearchConfig, encode_fixed, search, space_for
+    from .run import SearchConfig, batches, encode_fixed, search, space_for
 
     if not 0 < args.risk < 1:
         raise ValueError(f"--risk {args.risk}: expected a value in (0, 1)")
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     space = space_for(model, config)
     space.check_budget(config.budget)  # refused here, before anything trains
     base_record = fingerprint.record(model)
-    splits = {"train": task.train, "validation": task.validation}
-    found = search(model, tokenizer, splits, config, args.max_length, space)
+    train, val = (encode_fixed(split, tokenizer, args.max_length) for split in (task.train, task.validation))
+    found = search(model, train, val, config, space)
     best = found.neas.best
     summary = {"budget": config.budget, "members": config.members,
                "neas": {**space.describe(best), "val_accuracy": found.neas.fitness, "scored": len(found.neas.history)},
@@ -84,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         dirs = [save_state(found.sup.export(best, k, args.model), tmp / f"member{k}", base=base_record)
                 for k in range(config.members)]
         cascade = AdapterCascade(base, dirs, tokenizer=tokenizer, max_length=args.max_length)
-        val = encode_fixed(task.validation, tokenizer, args.max_length)
-        window = cascade.calibrate([{k: v[i:i + 64] for k, v in val.items()} for i in range(0, len(val["labels"]), 64)],
-                                   risk=args.risk)
+        window = cascade.calibrate(batches(val), risk=args.risk)
         write_spec(tmp / "cascade.json", args.model, dirs, window, label_names=task.label_names,
                    max_length=args.max_length)
         (tmp / "search.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -83,26 +83,30 @@ def encode_fixed(examples: list[dict], tokenizer, max_length: int) -> dict:
             "labels": torch.tensor([e["label"] for e in examples])}
 
 
+def batches(data: dict, size: int = 64, keys=("input_ids", "attention_mask", "labels")) -> list[dict]:
+    """``data`` cut into batches of ``size`` rows."""
+    return [{k: data[k][i:i + size] for k in keys} for i in range(0, len(data["labels"]), size)]
+
+
 def with_prefix(sup: SuperAdapter, data: dict, batch_size: int = 64) -> dict:
     """``data`` plus the base's hidden states entering the first searched block."""
-    parts = [sup.prefix({k: data[k][i:i + batch_size] for k in ("input_ids", "attention_mask")})
-             for i in range(0, len(data["labels"]), batch_size)]
+    parts = [sup.prefix(b) for b in batches(data, batch_size, ("input_ids", "attention_mask"))]
     return {**data, "prefix": None if parts[0] is None else torch.cat(parts)}
 
 
-def search(model, tokenizer, splits: dict, config: SearchConfig, max_length: int = 32,
-           space: Optional[Space] = None) -> SearchOutcome:
-    """Train the super-adapter on ``splits['train']`` and search on ``splits['validation']`` (lists of examples)."""
+def search(model, train: dict, val: dict, config: SearchConfig, space: Optional[Space] = None) -> SearchOutcome:
+    """Train the super-adapter on ``train`` and search on ``val`` (``encode_fixed`` dicts; a ``prefix`` entry, the
+    base's hidden states entering the first searched block, is computed when missing)."""
     space = space or space_for(model, config)
     space.check_budget(config.budget)  # before any training
     torch.manual_seed(config.seed)
     sup = SuperAdapter(model, space, max(config.ranks), config.alpha, seed=config.seed)
-    train = with_prefix(sup, encode_fixed(splits["train"], tokenizer, max_length))
-    val = Evaluator(sup, with_prefix(sup, encode_fixed(splits["validation"], tokenizer, max_length)))
+    train, val = (d if "prefix" in d else with_prefix(sup, d) for d in (train, val))
+    scorer = Evaluator(sup, val)
     losses = sup.train(train, config.steps, config.batch_size, config.lr, config.seed)
-    neas, shrunk = evolve(space, val.score, config.budget, config.evaluations, random.Random(config.seed),
+    neas, shrunk = evolve(space, scorer.score, config.budget, config.evaluations, random.Random(config.seed),
                           shrink_rounds=config.shrink_rounds, shrink_samples=config.shrink_samples,
                           lam=config.diversity_weight)
-    rand = random_search(space, val.score, config.budget, config.evaluations, random.Random(config.seed + 1))
-    single = best_single(space, val.single, config.budget)
-    return SearchOutcome(space, shrunk, sup, neas, rand, single, losses, val)
+    rand = random_search(space, scorer.score, config.budget, config.evaluations, random.Random(config.seed + 1))
+    single = best_single(space, scorer.single, config.budget)
+    return SearchOutcome(space, shrunk, sup, neas, rand, single, losses, scorer)

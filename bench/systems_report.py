@@ -1,0 +1,160 @@
+"""The page of bench/systems.py: claim rows (thresholds fixed before the runs), the cascade and search tables with
+95% t-intervals over seeds, the plot, and the placeholder for the multi-job section."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from compression_report import ci
+
+CASCADE_ROWS = {"single_best": "single best member (best val cov@5)", "member0": "member 0 (stage 1 alone)",
+                "ensemble": "full ensemble (all members averaged)", "cascade": "window cascade (calibrated on val)"}
+SEARCH_ROWS = {"neas": "NEAS (shrinking + evolution)", "random": "random search (same number scored)",
+               "single": "best single adapter (all of its space)"}
+
+
+def _seeds(result: dict) -> list[dict]:
+    return list(result["seeds"].values())
+
+
+def _casc(result, row, key):
+    return [s["cascade"]["rows"][row][key] for s in _seeds(result)]
+
+
+def _search(result, row, key):
+    return [s["search"][row][key] for s in _seeds(result)]
+
+
+def _fmt(values, scale=100.0, digits=1) -> str:
+    mean, half = ci([v * scale for v in values])
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def claims(result: dict) -> list[tuple[str, str, str, bool]]:
+    """(claim, threshold, measured, met); the thresholds were fixed before the first run."""
+    m = result["settings"]["members"]
+    d_ens = [c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "ensemble", "cov5"))]
+    d_single = [c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "single_best", "cov5"))]
+    forwards = ci(_casc(result, "cascade", "member_forwards"))[0] / m
+    flop_share = ci([c / e for c, e in zip(_casc(result, "cascade", "flops"), _casc(result, "ensemble", "flops"))])[0]
+    d_rand = [a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "random", "test"))]
+    d_one = [a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "single", "test"))]
+    budget_ok = all(_search(result, "neas", "within_budget") + _search(result, "random", "within_budget"))
+    return [
+        ("cascade keeps the full ensemble's coverage at 5% risk (paper: matches it)", ">= -1.0 points (mean)",
+         f"{_fmt(d_ens)} points", ci(d_ens)[0] * 100 >= -1.0),
+        ("cascade runs at most half the ensemble's member forwards", "<= 0.50 of M",
+         f"{forwards:.2f} of M = {m}", forwards <= 0.5),
+        ("cascade FLOPs at most half the full ensemble's (M full forwards)", "<= 0.50", f"{flop_share:.2f}",
+         flop_share <= 0.5),
+        ("cascade improves on the single best member's coverage at 5% risk", "> 0 points (mean)",
+         f"{_fmt(d_single)} points", ci(d_single)[0] > 0),
+        ("NEAS ensemble >= random search at the same budget and number scored (test accuracy)", ">= 0 points (mean)",
+         f"{_fmt(d_rand)} points", ci(d_rand)[0] >= 0),
+        ("NEAS ensemble beats the best single adapter at the same parameter budget (test accuracy)", "> 0 points (mean)",
+         f"{_fmt(d_one)} points", ci(d_one)[0] > 0),
+        ("every ensemble scored by either search fits the budget", "all", "all" if budget_ok else "not all", budget_ok),
+    ]
+
+
+def page(result: dict) -> str:
+    s, mach = result["settings"], result["machine"]
+    seeds = _seeds(result)
+    lines = [
+        "# Systems: early-exit cascades over adapters, adapter-ensemble search",
+        "",
+        f"MiniLM (all-MiniLM-L6-v2) on the bundled tweet-sentiment task: {s['train']} training, {s['val']} validation "
+        f"and {s['test']} test tweets, {s['length']} tokens, seeds {list(result['seeds'])}"
+        f"{' (quick mode)' if s['quick'] else ''}. Search space: the top {s['layers']} of 6 blocks, members adapt "
+        f"{' and/or '.join(s['targets'])} at rank {s['ranks']}, split points 0..{s['layers']}, {s['members']} members, "
+        f"a budget of {s['budget']:,} parameters (adapters and heads); the super-adapter trains {s['steps']} steps of "
+        f"batch 16 at lr {s.get('lr')}; each search scores {s['evaluations']} ensembles. Mean ± 95% t-interval over seeds. The base's "
+        f"hidden states below the searched blocks are computed once ({s['prefix_seconds']} s) and shared by every "
+        "seed. Members come from the super-adapter (one-shot weights, not retrained), so they are less diverse than "
+        "independently trained ensembles.",
+        "",
+        f"Command: `{result['command']}`. Machine: {mach.get('cpu', '?')}, {mach.get('threads', '?')} torch thread(s), "
+        f"load {mach.get('load', '?')}; {sum(x['seconds'] for x in seeds):.0f} s over the seeds.",
+        "",
+        "## Claims",
+        "",
+        "| claim | threshold | measured | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c} | {t} | {m} | {'yes' if ok else '**no**'} |" for c, t, m, ok in claims(result)]
+    lines += ["", "## Early-exit cascade (`lorakit.serve.cascade`)", "",
+              "Coverage at 5% risk (cov@5, the paper's metric: the largest share of test tweets answered while the "
+              "error among them stays at 5%), accuracy, member forwards per tweet, and FLOPs per tweet counted by "
+              "`torch.utils.flop_counter` on the real forwards (the cascade's stage 2 starts from the stage-1 "
+              "hidden states of the blocks the members share).", "",
+              "| system | cov@5 (%) | accuracy (%) | member forwards | GFLOPs / tweet | FLOPs vs ensemble |",
+              "|---|---|---|---|---|---|"]
+    ens = _casc(result, "ensemble", "flops")
+    for key, label in CASCADE_ROWS.items():
+        f = _casc(result, key, "flops")
+        lines.append(f"| {label} | {_fmt(_casc(result, key, 'cov5'))} | {_fmt(_casc(result, key, 'acc'))} | "
+                     f"{_fmt(_casc(result, key, 'member_forwards'), 1, 2)} | {_fmt(f, 1e-9, 3)} | "
+                     f"{_fmt([a / b for a, b in zip(f, ens)], 1, 2)} |")
+    stage2 = [x["cascade"]["rows"]["cascade"]["stage2_share"] for x in seeds]
+    shared = [x["cascade"]["shared_blocks"] for x in seeds]
+    lines += ["", f"Stage 2 ran for {_fmt(stage2)}% of test tweets (the window holds 20% of the validation "
+              f"confidences by construction, clamped at the ends). Blocks shared by the members: {shared} of 6 per seed; "
+              "the full ensemble with the shared prefix costs "
+              f"{_fmt(_casc(result, 'ensemble', 'flops_shared_prefix'), 1e-9, 3)} GFLOPs per tweet.", "",
+              "## Adapter-ensemble search (`lorakit search-ensemble`)", "",
+              "Accuracy of the chosen ensemble (members' probabilities averaged) on validation (what the search "
+              "maximised) and on test, with its size; all three share one super-adapter per seed.", "",
+              "| search | val accuracy (%) | test accuracy (%) | parameters | ensembles scored |",
+              "|---|---|---|---|---|"]
+    for key, label in SEARCH_ROWS.items():
+        scored = "-" if key == "single" else f"{_fmt(_search(result, key, 'scored'), 1, 0)}"
+        lines.append(f"| {label} | {_fmt(_search(result, key, 'val'))} | {_fmt(_search(result, key, 'test'))} | "
+                     f"{_fmt(_search(result, key, 'params'), 1, 0)} | {scored} |")
+    lines += ["", "Chosen NEAS ensembles (split, then rank and modules per member):", ""]
+    for seed, x in result["seeds"].items():
+        n = x["search"]["neas"]
+        members = "; ".join(f"r{m['rank']} {'+'.join(m['modules'])}" for m in n["members"])
+        lines.append(f"- seed {seed}: split {n['split']}, {members} ({n['params']:,} parameters); super-adapter loss "
+                     f"{x['loss_first']:.3f} -> {x['loss_last']:.3f}")
+    lines += ["", "## Multi-job training", "", "*Placeholder: see [multi-job.md](multi-job.md); not measured here.*", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ens = _casc(result, "ensemble", "flops")
+    for key, label in CASCADE_ROWS.items():
+        share = [a / b for a, b in zip(_casc(result, key, "flops"), ens)]
+        ax1.scatter(share, [100 * c for c in _casc(result, key, "cov5")], label=label)
+    ax1.set(xlabel="FLOPs / full ensemble", ylabel="cov@5 (%)", title="cascade: coverage at 5% risk vs compute")
+    names = list(SEARCH_ROWS)
+    for i, key in enumerate(names):
+        vals = [100 * v for v in _search(result, key, "test")]
+        ax2.scatter([i] * len(vals), vals)
+        ax2.bar(i, sum(vals) / len(vals), alpha=0.3)
+    ax2.set_xticks(range(len(names)), ["NEAS", "random", "single"])
+    ax2.set(ylabel="test accuracy (%)", title="ensemble search at one budget")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write(out: Path, result: dict) -> str:
+    """Write systems.md and systems.png from ``result``; returns the page."""
+    text = page(result)
+    plot(result, out / "systems.png")
+    tmp = out / ".systems.md.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out / "systems.md")
+    return text
