@@ -7,6 +7,8 @@ from pathlib import Path
 
 from compression_report import ci
 
+from lorakit.plots import save
+
 CASCADE_ROWS = {"single_best": "single best member (best val cov@5)", "member0": "member 0 (stage 1 alone)",
                 "ensemble": "full ensemble (all members averaged)", "cascade": "window cascade (calibrated on val)"}
 SEARCH_ROWS = {"neas": "NEAS (shrinking + evolution)", "random": "random search (same number scored)",
@@ -30,30 +32,44 @@ def _fmt(values, scale=100.0, digits=1) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def claims(result: dict) -> list[tuple[str, str, str, bool]]:
-    """(claim, threshold, measured, met); the thresholds were fixed before the first run."""
+def _verdict(values: list[float], threshold: float, above: bool, strict: bool) -> str:
+    """'met' when the whole 95% interval of the mean is on the claimed side of the threshold, 'not met' when it is
+    all on the other side, else 'inconclusive'."""
+    mean, half = ci(values)
+    lo, hi = mean - half, mean + half
+    if above:
+        ok, bad = (lo > threshold if strict else lo >= threshold), hi < threshold
+    else:
+        ok, bad = (hi < threshold if strict else hi <= threshold), lo > threshold
+    return "met" if ok else "not met" if bad else "inconclusive"
+
+
+def claims(result: dict) -> list[tuple[str, str, str, str]]:
+    """(claim, threshold, measured, verdict); the thresholds were fixed before the first run."""
     m = result["settings"]["members"]
-    d_ens = [c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "ensemble", "cov5"))]
-    d_single = [c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "single_best", "cov5"))]
-    forwards = ci(_casc(result, "cascade", "member_forwards"))[0] / m
-    flop_share = ci([c / e for c, e in zip(_casc(result, "cascade", "flops"), _casc(result, "ensemble", "flops"))])[0]
-    d_rand = [a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "random", "test"))]
-    d_one = [a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "single", "test"))]
+    pts = lambda xs: [100 * x for x in xs]  # noqa: E731
+    d_ens = pts([c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "ensemble", "cov5"))])
+    d_single = pts([c - e for c, e in zip(_casc(result, "cascade", "cov5"), _casc(result, "single_best", "cov5"))])
+    forwards = [f / m for f in _casc(result, "cascade", "member_forwards")]
+    flop_share = [c / e for c, e in zip(_casc(result, "cascade", "flops"), _casc(result, "ensemble", "flops"))]
+    d_rand = pts([a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "random", "test"))])
+    d_one = pts([a - b for a, b in zip(_search(result, "neas", "test"), _search(result, "single", "test"))])
     budget_ok = all(_search(result, "neas", "within_budget") + _search(result, "random", "within_budget"))
     return [
-        ("cascade keeps the full ensemble's coverage at 5% risk (paper: matches it)", ">= -1.0 points (mean)",
-         f"{_fmt(d_ens)} points", ci(d_ens)[0] * 100 >= -1.0),
-        ("cascade runs at most half the ensemble's member forwards", "<= 0.50 of M",
-         f"{forwards:.2f} of M = {m}", forwards <= 0.5),
-        ("cascade FLOPs at most half the full ensemble's (M full forwards)", "<= 0.50", f"{flop_share:.2f}",
-         flop_share <= 0.5),
-        ("cascade improves on the single best member's coverage at 5% risk", "> 0 points (mean)",
-         f"{_fmt(d_single)} points", ci(d_single)[0] > 0),
-        ("NEAS ensemble >= random search at the same budget and number scored (test accuracy)", ">= 0 points (mean)",
-         f"{_fmt(d_rand)} points", ci(d_rand)[0] >= 0),
-        ("NEAS ensemble beats the best single adapter at the same parameter budget (test accuracy)", "> 0 points (mean)",
-         f"{_fmt(d_one)} points", ci(d_one)[0] > 0),
-        ("every ensemble scored by either search fits the budget", "all", "all" if budget_ok else "not all", budget_ok),
+        ("cascade keeps the full ensemble's coverage at 5% risk (paper: matches it)", ">= -1.0 points",
+         f"{_fmt(d_ens, 1)} points", _verdict(d_ens, -1.0, above=True, strict=False)),
+        ("cascade runs at most half the ensemble's member forwards", f"<= 0.50 of M = {m}",
+         f"{_fmt(forwards, 1, 2)} of M", _verdict(forwards, 0.5, above=False, strict=False)),
+        ("cascade FLOPs at most half the full ensemble's (M full forwards)", "<= 0.50", _fmt(flop_share, 1, 2),
+         _verdict(flop_share, 0.5, above=False, strict=False)),
+        ("cascade improves on the single best member's coverage at 5% risk", "> 0 points",
+         f"{_fmt(d_single, 1)} points", _verdict(d_single, 0.0, above=True, strict=True)),
+        ("NEAS ensemble >= random search at the same budget and number scored (test accuracy)", ">= 0 points",
+         f"{_fmt(d_rand, 1)} points", _verdict(d_rand, 0.0, above=True, strict=False)),
+        ("NEAS ensemble beats the best single adapter at the same parameter budget (test accuracy)", "> 0 points",
+         f"{_fmt(d_one, 1)} points", _verdict(d_one, 0.0, above=True, strict=True)),
+        ("every ensemble scored by either search fits the budget", "all", "all" if budget_ok else "not all",
+         "met" if budget_ok else "not met"),
     ]
 
 
@@ -78,10 +94,21 @@ def page(result: dict) -> str:
         "",
         "## Claims",
         "",
-        "| claim | threshold | measured | met |",
+        "Verdicts use the 95% t-interval of the mean over seeds: met when it lies wholly on the claimed side of the "
+        "threshold, not met when wholly on the other side, inconclusive otherwise.",
+        "",
+        "| claim | threshold | measured | verdict |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {c} | {t} | {m} | {'yes' if ok else '**no**'} |" for c, t, m, ok in claims(result)]
+    lines += [f"| {c} | {t} | {m} | {v if v == 'met' else f'**{v}**'} |" for c, t, m, v in claims(result)]
+    acc = ci(_casc(result, "member0", "acc"))[0]
+    n_cov = ci(_casc(result, "cascade", "cov5"))[0] * s["test"]
+    lines += ["", f"Reading: the compute rows hold as the paper says (stage 2 for the window's share of tweets only). "
+              f"The coverage rows are small-sample: members here are {100 * acc:.0f}% accurate, so 5% risk is reached "
+              f"on about {n_cov:.0f} of {s['test']} test tweets, and seeds disagree by several points. The search rows "
+              "compare ensembles of one-shot super-adapter slices after a short training: NEAS and random search "
+              "often tie on the validation split, and at this budget one larger adapter is as good as three smaller "
+              "ones; the paper's gains (retrained ImageNet ensembles) are not reproduced at this scale."]
     lines += ["", "## Early-exit cascade (`lorakit.serve.cascade`)", "",
               "Coverage at 5% risk (cov@5, the paper's metric: the largest share of test tweets answered while the "
               "error among them stays at 5%), accuracy, member forwards per tweet, and FLOPs per tweet counted by "
@@ -137,17 +164,14 @@ def plot(result: dict, path: Path) -> Path:
         vals = [100 * v for v in _search(result, key, "test")]
         ax2.scatter([i] * len(vals), vals)
         ax2.bar(i, sum(vals) / len(vals), alpha=0.3)
+    every = [100 * v for key in names for v in _search(result, key, "test")]
+    ax2.set_ylim(min(every) - 5, max(every) + 3)
     ax2.set_xticks(range(len(names)), ["NEAS", "random", "single"])
     ax2.set(ylabel="test accuracy (%)", title="ensemble search at one budget")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save(fig, path)
 
 
 def write(out: Path, result: dict) -> str:

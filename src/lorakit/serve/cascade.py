@@ -245,11 +245,12 @@ class AdapterCascade:
             spec = json.loads(path.read_text())
             members = [path.parent / m for m in spec["members"]]
             window = Window(**spec["window"]) if spec.get("window") else None
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            base_model = spec["base_model"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a cascade spec ({type(e).__name__}: {e}); expected JSON with 'base_model', "
                              "'members' (adapter directories relative to the spec) and 'window'") from None
         labels = spec.get("label_names")
-        base, tokenizer = zoo.load(spec["base_model"], "seq_cls", num_labels=len(labels) if labels else None)
+        base, tokenizer = zoo.load(base_model, "seq_cls", num_labels=len(labels) if labels else None)
         return cls(base, members, window, tokenizer, spec.get("max_length", 128), labels)
 
 
