@@ -104,3 +104,21 @@ def test_cli_writes_members_and_a_calibrated_cascade(tmp_path, capsys):
     answers = cascade.classify(TEXTS)
     assert {a["stages"] for a in answers} <= {1, 2} and all(a["member_forwards"] in (1, 2) for a in answers)
     assert main(["search-ensemble", "--model", "tiny-bert", "--budget", "5000", "-o", str(out)]) == 2  # no overwrite
+
+
+def test_exported_member_loads_in_peft_with_the_same_outputs(tmp_path):
+    import peft
+
+    from lorakit.core import fingerprint
+    from lorakit.formats.peft import save_state
+
+    sup, data, _ = supernet()
+    e = Ensemble(1, (Member(2, ("query", "value")), Member(4, ("value",)), Member(1, ("query",))))
+    expected = Evaluator(sup, data, batch_size=5).ensemble(e)
+    base, _ = zoo.load("tiny-bert", "seq_cls", num_labels=3)
+    for k in range(3):
+        path = save_state(sup.export(e, k, "tiny-bert"), tmp_path / f"m{k}", base=fingerprint.record(base))
+        model = peft.PeftModel.from_pretrained(zoo.load("tiny-bert", "seq_cls", num_labels=3)[0], str(path)).eval()
+        with torch.no_grad():
+            probs = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.double().softmax(-1)
+        torch.testing.assert_close(probs, expected[k], rtol=0, atol=1e-5)

@@ -127,6 +127,19 @@ def test_embedding_member_is_exact_without_sharing():
     torch.testing.assert_close(cascade.member_probs(batch), full_probs(cascade, batch), rtol=0, atol=1e-6)
 
 
+def test_members_of_other_methods_and_ranks():
+    base, tok = zoo.load("tiny-bert", "seq_cls", num_labels=3)
+    m, _ = zoo.load("tiny-bert", "seq_cls", num_labels=3)
+    torch.manual_seed(7)
+    lorakit.apply(m, lorakit.DoRAConfig(r=2, target_modules=["value"], layers_to_transform=[1], init_lora_weights=False,
+                                        task_type="SEQ_CLS"))
+    cascade = AdapterCascade(base, [member(0, r=8), AdapterState.from_model(m), member(2, r=1, targets=("key",))])
+    assert cascade.shared == 1
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    torch.testing.assert_close(cascade.member_probs(batch), full_probs(cascade, batch), rtol=0, atol=1e-6)
+
+
 def test_refusals():
     base, _ = zoo.load("tiny-bert", "seq_cls", num_labels=3)
     with pytest.raises(ValueError, match="at least 2 members"):
