@@ -1,5 +1,9 @@
-"""``lorakit search-ensemble``: search K-member adapter ensembles under a parameter budget (NEAS-style), write the
-members as PEFT directories and a calibrated cascade spec (``lorakit serve --cascade NAME=OUT/cascade.json``).
+"""Search K-member adapter ensembles under a parameter budget (NEAS-style) for an early-exit cascade.
+
+``lorakit search-ensemble`` writes the members as PEFT directories and a calibrated cascade spec
+(``lorakit serve --cascade NAME=OUT/cascade.json``). The base model loads with the zoo's default weights (seed 0),
+so the spec's members fit the base that ``AdapterCascade.from_spec`` loads; ``--seed`` draws the subsample, the
+super-adapter's initial weights, its data order and the searches.
 
 Every flag and the budget are checked before the model trains; a budget below the smallest ensemble of the space
 is refused naming the budget and that minimum.
@@ -29,6 +33,9 @@ def add_parser(sub, common, count) -> None:
                        description=__doc__.splitlines()[0])
     common(p)
     p.set_defaults(max_length=32)
+    for action in p._actions:
+        if action.dest == "seed":
+            action.help = "seed of the subsample, the super-adapter's weights, its data order and the searches"
     p.add_argument("--members", type=count, default=3, help="ensemble size K")
     p.add_argument("--budget", type=count, required=True, help="parameters of all members' adapters and heads together")
     p.add_argument("--layers", type=count, default=2, help="searched blocks (the top ones); the base below runs once")
@@ -65,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, evaluations=args.evaluations,
                           shrink_rounds=args.shrink_rounds, shrink_samples=args.shrink_samples,
                           diversity_weight=args.diversity_weight, seed=args.seed)
-    model, tokenizer, task = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, 0)
+    from ..data import load_task
+
+    jobs._quiet_transformers()
+    task = load_task(args.task, kind=args.kind).subsampled(args.max_train, args.max_eval, seed=args.seed)
+    model, tokenizer = zoo.load(args.model, "seq_cls", num_labels=task.num_labels)
     space = space_for(model, config)
     space.check_budget(config.budget)  # refused here, before anything trains
     base_record = fingerprint.record(model)
