@@ -184,9 +184,9 @@ class AdapterCascade:
     def member_probs(self, batch: dict) -> torch.Tensor:
         """[M, batch, classes] softmax outputs of every member, the shared blocks computed once."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        captured: list = []
-        first = self.member_logits(0, inputs, capture=captured)
-        prefix = captured[0] if captured else None
+        kept: list = []
+        first = self.member_logits(0, inputs, capture=kept)
+        prefix = kept[0] if kept else None
         rest = [self.member_logits(i, inputs, prefix) for i in range(1, len(self))]
         return torch.stack([first, *rest]).to(torch.float64).softmax(-1)
 
@@ -197,8 +197,8 @@ class AdapterCascade:
             raise ValueError("the cascade has no window yet: calibrate(...) it on validation data, or give window=")
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with self._lock:
-            captured: list = []
-            probs = self.member_logits(0, inputs, capture=captured).to(torch.float64).softmax(-1)
+            kept: list = []
+            probs = self.member_logits(0, inputs, capture=kept).to(torch.float64).softmax(-1)
             confidence = msp(probs)
             inside = self.window.inside(confidence)
             stages = torch.ones(len(probs), dtype=torch.long)
@@ -206,7 +206,7 @@ class AdapterCascade:
             if inside.any():
                 rows = inside.nonzero().squeeze(1)
                 sub = {k: v[rows] for k, v in inputs.items()}
-                prefix = _rows(captured[0], rows) if captured else None
+                prefix = _rows(kept[0], rows) if kept else None
                 later = [self.member_logits(i, sub, prefix).to(torch.float64).softmax(-1) for i in range(1, len(self))]
                 probs[rows] = torch.stack([probs[rows], *later]).mean(0)
                 confidence[rows] = msp(probs[rows])
