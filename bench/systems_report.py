@@ -184,10 +184,13 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ens = _casc(result, "ensemble", "flops")
-    for key, label in CASCADE_ROWS.items():
-        share = [a / b for a, b in zip(_casc(result, key, "flops"), ens)]
-        ax1.scatter(share, [100 * c for c in _casc(result, key, "cov5")], label=label)
+    colours = dict(zip(CASCADE_ROWS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")))
+    for part, marker in zip(PARTS, ("o", "^")):
+        ens = _casc(result, "ensemble", "flops", part)
+        for key, label in CASCADE_ROWS.items():
+            share = [a / b for a, b in zip(_casc(result, key, "flops", part), ens)]
+            ax1.scatter(share, [100 * c for c in _casc(result, key, "cov5", part)], marker=marker, c=colours[key],
+                        label=f"{label}, {PARTS[part]}")
     ax1.set(xlabel="FLOPs / full ensemble", ylabel="cov@5 (%)", title="cascade: coverage at 5% risk vs compute")
     names = list(SEARCH_ROWS)
     for i, key in enumerate(names):
@@ -200,7 +203,7 @@ def plot(result: dict, path: Path) -> Path:
     ax2.set(ylabel="test accuracy (%)", title="ensemble search at one budget")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=5)
     return save(fig, path)
 
 
