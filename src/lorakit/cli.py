@@ -1,5 +1,5 @@
-"""The ``lorakit`` command: train, train-many, eval, export, info, merge, prune, fed, serve, per-user, generate, methods,
-demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, train-many, eval, export, info, merge, search-ensemble, prune, fed, serve, per-user,
+generate, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge adapters into one LoRA adapter (PEFT format)")
     merge_cli.add_arguments(p)
     p.set_defaults(func=merge_cli.run)
+
+    from .search import cli as search_cli
+
+    search_cli.add_parser(sub, _train_args, count)
 
     from .federated import cli as fed_cli
     from .serve import cli as serve_cli

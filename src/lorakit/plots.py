@@ -25,6 +25,13 @@ def training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+    return save(fig, path)
+
+
+def save(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (beside ``path``, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -59,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-adapter-labels", type=int, default=256,
                    help="adapters with their own label in /metrics; later ones count under kind=\"other\"")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin files (unpickling can run code)")
+    p.add_argument("--cascade", action="append", default=None, metavar="NAME=SPEC",
+                   help="serve an early-exit cascade (a spec JSON from `lorakit search-ensemble`) as classifier NAME on "
+                        "/v1/classifications (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="weights of zoo models built from a config")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
@@ -89,6 +92,23 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     return Engine(base, tokenizer, cfg, store)
 
 
+def load_cascades(items: list[str]) -> dict:
+    """``NAME=SPEC`` options as name -> ``AdapterCascade``; a malformed option or spec is a user error."""
+    from .cascade import AdapterCascade
+
+    cascades = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--cascade {item!r}: expected NAME=SPEC.json")
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"--cascade {name}={spec}: no such file")
+        cascades[name] = AdapterCascade.from_spec(spec)
+        if cascades[name].window is None:
+            raise ValueError(f"--cascade {name}={spec}: the spec has no calibrated window; calibrate it first")
+    return cascades
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the engine, start its step loop and serve until SIGTERM or Ctrl-C, which drain it (exit 0)."""
     import uvicorn
@@ -103,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora-root {r}: no such directory")
     if args.allow_runtime_lora and not roots:
         raise ValueError("--allow-runtime-lora needs --lora-root DIR (or --adapters DIR): where adapters may be loaded from")
+    cascades = load_cascades(args.cascade or [])
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
         args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize,
@@ -120,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         from .users import UserAdapters
 
         users = UserAdapters.load(args.user_adapters, engine.store.names(), args.per_user_model, args.unknown_user)
-    app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes, users=users)
+    app = build_app(engine, name, args.api_key, args.allow_runtime_lora, roots, args.max_prompt_bytes, users=users,
+                    classifiers=cascades)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again with the handlers it found installed:

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import metrics
+from . import classify, metrics
 from .engine import Engine, EngineError, Request
 from .errors import APIError, error_response
 from .guard import Guard, authorized, key_digest
@@ -59,7 +59,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
 
 def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, allow_runtime_lora: bool = False,
               roots: Iterable = (), max_prompt_bytes: Optional[int] = None, max_body: Optional[int] = None,
-              users: Optional[UserAdapters] = None) -> Guard:
+              users: Optional[UserAdapters] = None, classifiers: Optional[dict] = None) -> Guard:
     """The ASGI app serving ``engine`` (FastAPI inside ``Guard``); ``model_name`` is the base model's id in ``model``.
 
     ``roots``: directories adapters may be loaded from over HTTP (with ``allow_runtime_lora``); their server
@@ -121,8 +121,11 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None, al
         card = lambda i, parent: {"id": i, "object": "model", "created": created, "owned_by": "lorakit",  # noqa: E731
                                   "root": i, "parent": parent}
         per_user = [card(users.model_name, model_name)] if users is not None else []
-        return {"object": "list",
-                "data": [card(model_name, None)] + per_user + [card(n, model_name) for n in engine.store.names()]}
+        return {"object": "list", "data": [card(model_name, None)] + per_user
+                + [card(n, model_name) for n in engine.store.names()] + [card(n, None) for n in classifiers or {}]}
+
+    if classifiers:
+        classify.add_routes(app, classifiers, max_prompt_bytes)
 
     def runtime_lora() -> None:
         if not allow_runtime_lora:
