@@ -24,7 +24,7 @@ from ..core import fingerprint as fingerprints
 from ..formats.peft import load_state
 from . import text
 from .manifest import Entry, LibraryError
-from .weights import EncoderConfig, gram_factors, train_encoder
+from .weights import EncoderConfig, gram_factors, stack, train_encoder
 
 BY = ("description", "weights")
 
@@ -87,7 +87,7 @@ def weight_embeddings(library, entries: list[Entry], config: EncoderConfig = Enc
     texts = torch.stack([vectors[entries[i].name] for i in train]) if train else torch.zeros(0, 384)
     encoder = train_encoder([factors[i] for i in train], texts, config)
     with torch.no_grad():
-        embedded = encoder(factors)
+        embedded = encoder(stack(factors, encoder.shapes))
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".weights-", dir=file.parent)
     os.close(fd)

@@ -77,25 +77,41 @@ class WeightEncoder(nn.Module):
     def __init__(self, shapes: dict[str, int], dim: int, config: EncoderConfig):
         super().__init__()
         self.paths = sorted(shapes)
+        self.shapes = {p: shapes[p] for p in self.paths}
         self.probes = nn.ParameterList([nn.Parameter(torch.randn(shapes[p], config.probes)) for p in self.paths])
         self.mlp = nn.Sequential(nn.Linear(len(self.paths) * config.probes, config.hidden), nn.GELU(),
                                  nn.Linear(config.hidden, dim))
 
-    def features(self, factors: Factors) -> torch.Tensor:
-        """Probe energies of every module, (modules × L,); zeros for a module the adapter does not adapt."""
-        out = []
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit embeddings of a ``stack``-ed batch: probe energies of every module through the MLP."""
+        feats = []
         for path, q in zip(self.paths, self.probes):
-            f = factors.get(path)
-            if f is None or f.shape[0] != q.shape[0]:
-                out.append(q.new_zeros(q.shape[1]))
-                continue
-            energy = (F.normalize(q, dim=0).T @ f).pow(2).sum(1)  # diag(Qᵀ ΔW ΔWᵀ Q), (L,)
-            out.append(energy / f.pow(2).sum().clamp(min=1e-12))
-        return torch.cat(out)
+            f = batch[path]  # (N, d_out, k); zeros where an adapter leaves the module alone
+            energy = (F.normalize(q, dim=0).T @ f).pow(2).sum(-1)  # diag(Qᵀ ΔW ΔWᵀ Q), (N, L)
+            feats.append(energy / f.pow(2).sum((1, 2)).clamp(min=1e-12).unsqueeze(1))
+        return F.normalize(self.mlp(torch.cat(feats, 1) * len(self.paths)), dim=-1)
 
-    def forward(self, batch: list[Factors]) -> torch.Tensor:
-        feats = torch.stack([self.features(f) for f in batch])
-        return F.normalize(self.mlp(feats * len(self.paths)), dim=-1)
+
+def stack(factors: list[Factors], shapes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per module path, the adapters' F padded to one width, (N, d_out, k); zeros for a module an adapter lacks
+    (or has at another size). Extra zero columns leave F Fᵀ unchanged."""
+    out = {}
+    for path, d_out in shapes.items():
+        found = [f.get(path) for f in factors]
+        found = [t if t is not None and t.shape[0] == d_out else None for t in found]
+        k = max((t.shape[1] for t in found if t is not None), default=1)
+        out[path] = torch.stack([F.pad(t, (0, k - t.shape[1])) if t is not None else torch.zeros(d_out, k)
+                                 for t in found])
+    return out
+
+
+def shapes_of(factors: list[Factors]) -> dict[str, int]:
+    """Each module path's d_out, as the first adapter that adapts it has it."""
+    shapes = {}
+    for f in factors:
+        for path, t in f.items():
+            shapes.setdefault(path, t.shape[0])
+    return shapes
 
 
 def info_nce(weights: torch.Tensor, texts: torch.Tensor, tau: float) -> torch.Tensor:
@@ -110,17 +126,15 @@ def train_encoder(factors: list[Factors], texts: torch.Tensor, config: EncoderCo
     """An encoder fitted so that each adapter's embedding is nearest its own text's among ``texts``."""
     if len({tuple(t.tolist()) for t in texts}) < 2:
         raise ValueError("weight retrieval needs entries with at least two different descriptions to learn from")
-    shapes = {}
-    for f in factors:
-        for path, t in f.items():
-            shapes.setdefault(path, t.shape[0])
+    shapes = shapes_of(factors)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoder = WeightEncoder(shapes, texts.shape[1], config)
+    batch = stack(factors, shapes)
     opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for _ in range(config.steps):
         opt.zero_grad()
-        loss = info_nce(encoder(factors), texts, config.tau)
+        loss = info_nce(encoder(batch), texts, config.tau)
         loss.backward()
         opt.step()
     return encoder.eval()
