@@ -9,9 +9,7 @@ Adapters come from bench/retrieval_tasks.py (one per task and seed). Every query
   descriptions; the encoder trains on the others; candidates are the seed-s adapters (one per task: chance 1/T).
 - by weights, unseen tasks: for each task, the encoder trains on the other tasks' adapters of the other seeds;
   candidates are the seed-2 adapters of every task, the query is the held-out task's.
-- ablation: the same protocol with AutoLoRA's literal probe, x·Aᵀ·Bᵀ (the input side of ΔW) through a linear
-  map per module type and mean pooling, in place of the output-side Gram probe (lorakit/library/weights.py says
-  why); AutoLoRA's 2-layer transformer is left out in both.
+- both probes of lorakit/library/weights.py: AutoLoRA's x·Aᵀ·Bᵀ (the default) and the output-side Gram variant.
 Writes docs/benchmarks/retrieval.md and .json.
 """
 from __future__ import annotations
@@ -24,8 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, write_json  # noqa: E402
@@ -33,7 +29,7 @@ from retrieval_tasks import QUICK, TASKS, build  # noqa: E402
 
 from lorakit import load_state  # noqa: E402
 from lorakit.library import EncoderConfig, Library, text  # noqa: E402
-from lorakit.library.weights import gram_factors, info_nce, shapes_of, stack, train_encoder  # noqa: E402
+from lorakit.library.weights import factors, stack, train_encoder  # noqa: E402
 
 OUT = Path("docs/benchmarks")
 CLAIM_MARGIN = 0.25  # weights (descriptions removed, seen tasks): recall@1 must exceed chance by this; fixed in advance
@@ -43,54 +39,12 @@ def recall(ranked: list[list[str]], truth: list[str], k: int) -> float:
     return sum(t in r[:k] for r, t in zip(ranked, truth)) / len(truth)
 
 
-class LiteralProbe(nn.Module):
-    """AutoLoRA's probe: per module, L learned inputs through ΔW / ‖ΔW‖_F, a linear map per module type (the
-    path's last name) to a hidden width, a learned position per module, mean pooling, then GELU and a linear map."""
-
-    def __init__(self, shapes: dict[str, tuple[int, int]], dim: int, config: EncoderConfig):
-        super().__init__()
-        self.paths = sorted(shapes)
-        self.probes = nn.ParameterList([nn.Parameter(torch.randn(config.probes, shapes[p][1])) for p in self.paths])
-        kinds = {p.rsplit(".", 1)[-1]: shapes[p][0] for p in self.paths}
-        self.project = nn.ModuleDict({k: nn.Linear(d, config.hidden) for k, d in kinds.items()})
-        self.position = nn.Parameter(torch.zeros(len(self.paths), 1, config.hidden))
-        self.head = nn.Sequential(nn.GELU(), nn.Linear(config.hidden, dim))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = [self.project[p.rsplit(".", 1)[-1]](F.normalize(x, dim=1) @ batch[p].transpose(1, 2)) + pos
-                  for p, x, pos in zip(self.paths, self.probes, self.position)]  # each (N, L, hidden)
-        return F.normalize(self.head(torch.cat(tokens, 1).mean(1)), dim=-1)
-
-
-def literal_inputs(entries, lib) -> dict[str, torch.Tensor]:
-    """Per module, every adapter's ΔW / ‖ΔW‖_F, (N, d_out, d_in) (small for MiniLM's 12 adapted modules)."""
-    states = [load_state(lib.path_of(e.name)) for e in entries]
-    out = {}
-    for path in states[0].modules():
-        deltas = [s.delta(path).float() for s in states]
-        out[path] = torch.stack([d / d.norm().clamp(min=1e-12) for d in deltas])
-    return out
-
-
-def embed_with(kind: str, lib, train_entries, texts, test_entries, config: EncoderConfig) -> torch.Tensor:
-    """Weight embeddings of ``test_entries`` from an encoder of ``kind`` trained on ``train_entries``."""
-    if kind == "gram (lorakit)":
-        factors = [gram_factors(load_state(lib.path_of(e.name)), e.name) for e in train_entries]
-        encoder = train_encoder(factors, texts, config)
-        tests = [gram_factors(load_state(lib.path_of(e.name)), e.name) for e in test_entries]
-        with torch.no_grad():
-            return encoder(stack(tests, encoder.shapes))
-    batch = literal_inputs(train_entries, lib)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = LiteralProbe({p: tuple(t.shape[1:]) for p, t in batch.items()}, texts.shape[1], config)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    for _ in range(config.steps):
-        opt.zero_grad()
-        info_nce(model(batch), texts, config.tau).backward()
-        opt.step()
+def embed_with(probe: str, lib, train_entries, texts, test_entries) -> torch.Tensor:
+    """Weight embeddings of ``test_entries`` from an encoder with ``probe`` trained on ``train_entries``."""
+    read = lambda entries: [factors(load_state(lib.path_of(e.name)), e.name) for e in entries]  # noqa: E731
+    encoder = train_encoder(read(train_entries), texts, EncoderConfig(probe=probe))
     with torch.no_grad():
-        return model(literal_inputs(test_entries, lib))
+        return encoder(stack(read(test_entries), encoder.shapes))
 
 
 def run(quick: bool) -> dict:
@@ -121,20 +75,20 @@ def run(quick: bool) -> dict:
     vectors = {e.name: e for e in lib.list()}
     desc_vec = {n: v for n, v in zip(vectors, text.embed([e.description for e in vectors.values()]))}
 
-    for kind in ("gram (lorakit)", "literal probe (AutoLoRA)"):
+    for kind, probe in (("input probe (AutoLoRA, default)", "input"), ("output Gram probe", "gram")):
         seen, unseen, fit_s = [], [], []
         for s in seeds:  # seen tasks: seed s undescribed
             train = [e for e in lib.list() if not e.name.endswith(f"-s{s}")]
             test = [e for e in lib.list() if e.name.endswith(f"-s{s}")]
             t0 = time.perf_counter()
-            emb = embed_with(kind, lib, train, torch.stack([desc_vec[e.name] for e in train]), test, config)
+            emb = embed_with(probe, lib, train, torch.stack([desc_vec[e.name] for e in train]), test)
             fit_s.append(time.perf_counter() - t0)
             order = (q_emb @ emb.T).argsort(1, descending=True)
             seen += [[task_of[test[i].name] for i in row] for row in order.tolist()]
         for t in tasks:  # unseen task t: trained without any adapter of t
             train = [e for e in lib.list() if task_of[e.name] != t.name and not e.name.endswith("-s2")]
             test = [e for e in lib.list() if e.name.endswith("-s2")]
-            emb = embed_with(kind, lib, train, torch.stack([desc_vec[e.name] for e in train]), test, config)
+            emb = embed_with(probe, lib, train, torch.stack([desc_vec[e.name] for e in train]), test)
             order = (text.embed([t.query]) @ emb.T).argsort(1, descending=True)[0]
             unseen.append([task_of[test[i].name] for i in order.tolist()])
         result[f"weights, seen tasks: {kind}"] = {f"recall@{k}": recall(seen, truth * len(seeds), k) for k in (1, 5)}
@@ -170,7 +124,7 @@ def report(data: dict) -> str:
              "per task).", "", "| retrieval | recall@1 | recall@5 |", "|---|---|---|"]
     for name, r in data["results"].items():
         lines.append(f"| {name} | {r['recall@1']:.3f} | {r['recall@5']:.3f} |")
-    seen = data["results"]["weights, seen tasks: gram (lorakit)"]["recall@1"]
+    seen = data["results"]["weights, seen tasks: input probe (AutoLoRA, default)"]["recall@1"]
     need = chance["1"] + data["claim_margin"]
     lines += ["", "## Claim", "", "| claim | threshold | measured | holds |", "|---|---|---|---|",
               f"| weight retrieval finds undescribed adapters of seen tasks | recall@1 > chance + "

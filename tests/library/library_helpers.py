@@ -36,16 +36,29 @@ class Tower(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(D_IN, D_OUT) for _ in range(LAYERS))
 
 
-def task_adapter(path: Path, task: int, seed: int, noise: float = 0.3) -> Path:
-    """An adapter of ``task``: per layer B = U_task C + noise (U_task: 2 fixed output directions), A random."""
+def _subspace(g: torch.Generator, d: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, 2, generator=g)).Q
+
+
+def task_adapter(path: Path, task: int, seed: int, noise: float = 0.3, input_side: bool = True) -> Path:
+    """An adapter of ``task``. With ``input_side``: per layer ΔW = U_task S_task V_taskᵀ + noise (rank 2, fixed per
+    task) in a factorisation of its own, A = P V_taskᵀ, B = U_task S_task P⁺ (P random per adapter), as adapters of
+    one task trained from different seeds agree on ΔW, not on A and B. Without: A random, B = U_task C + noise
+    (only the output side is the task's)."""
     directions = torch.Generator().manual_seed(7)
-    subspaces = [[torch.linalg.qr(torch.randn(D_OUT, 2, generator=directions)).Q for _ in range(LAYERS)]
-                 for _ in TASKS]
+    outputs = [[_subspace(directions, D_OUT) for _ in range(LAYERS)] for _ in TASKS]
+    inputs = [[_subspace(directions, D_IN) for _ in range(LAYERS)] for _ in TASKS]
+    cores = [[torch.randn(2, 2, generator=directions) for _ in range(LAYERS)] for _ in TASKS]
     g = torch.Generator().manual_seed(1000 * task + seed)
     tensors = {}
     for i in range(LAYERS):
         a = torch.randn(4, D_IN, generator=g) / D_IN ** 0.5
-        b = subspaces[task][i] @ torch.randn(2, 4, generator=g) + noise * torch.randn(D_OUT, 4, generator=g) / D_OUT ** 0.5
+        b = outputs[task][i] @ torch.randn(2, 4, generator=g)
+        if input_side:
+            p = torch.randn(4, 2, generator=g)
+            a = p @ inputs[task][i].T + noise * a
+            b = outputs[task][i] @ cores[task][i] @ torch.linalg.pinv(p)
+        b = b + noise * torch.randn(D_OUT, 4, generator=g) / D_OUT ** 0.5
         tensors[f"layers.{i}"] = {"lora_A.weight": a, "lora_B.weight": b}
     config = lorakit.LoRAConfig(r=4, lora_alpha=4, target_modules=["0", "1", "2", "3"])
     return lorakit.save_state(lorakit.AdapterState(config, tensors), path, base=fingerprint.record(Tower()))

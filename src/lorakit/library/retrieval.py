@@ -24,7 +24,7 @@ from ..core import fingerprint as fingerprints
 from ..formats.peft import load_state
 from . import text
 from .manifest import Entry, LibraryError
-from .weights import EncoderConfig, gram_factors, stack, train_encoder
+from .weights import EncoderConfig, factors, stack, train_encoder
 
 BY = ("description", "weights")
 
@@ -81,13 +81,13 @@ def weight_embeddings(library, entries: list[Entry], config: EncoderConfig = Enc
                 return cached[key]
         except Exception:  # a damaged cache is only a cache: recompute
             pass
-    factors = [gram_factors(load_state(library.path_of(e.name)), f"library entry {e.name!r}") for e in entries]
+    batch = [factors(load_state(library.path_of(e.name)), f"library entry {e.name!r}") for e in entries]
     train = [i for i, e in enumerate(entries) if e.description.strip()]
     vectors = description_embeddings(library)
     texts = torch.stack([vectors[entries[i].name] for i in train]) if train else torch.zeros(0, 384)
-    encoder = train_encoder([factors[i] for i in train], texts, config)
+    encoder = train_encoder([batch[i] for i in train], texts, config)
     with torch.no_grad():
-        embedded = encoder(stack(factors, encoder.shapes))
+        embedded = encoder(stack(batch, encoder.shapes))
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".weights-", dir=file.parent)
     os.close(fd)
