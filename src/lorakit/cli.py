@@ -1,5 +1,5 @@
 """The ``lorakit`` command: train, train-many, eval, export, info, merge, search-ensemble, prune, fed, serve, per-user,
-generate, methods, demo (``lorakit COMMAND --help`` for each).
+generate, library, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, model_help="zoo name or local HF model directory (default: the base model the adapter records, "
                               "else minilm)")
     p.set_defaults(model=None)
-    p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft)")
+    p.add_argument("adapter_dir", help="PEFT adapter directory (lorakit or peft), or an entry name with --library")
+    p.add_argument("--library", default=None, metavar="DIR", help="resolve adapter_dir as an entry of this library")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="split to evaluate")
     p.add_argument("--batch-size", type=count, default=64, help="examples per forward pass")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=fed_cli.run, user_errors=fed_cli.USER_ERRORS)
 
     serve_cli.add_parser(sub)
+    from .library import cli as library_cli
+
+    library_cli.add_parser(sub)
 
     from .per_user import cli as per_user_cli
 

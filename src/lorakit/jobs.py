@@ -165,13 +165,18 @@ def eval_job(args: argparse.Namespace) -> dict:
     from .train import evaluate
 
     from .formats.peft import read_config
+    from .library import cli as library_cli
     from .train.evaluate import collate_for
 
-    if not Path(args.adapter_dir).is_dir():
-        raise FileNotFoundError(f"{args.adapter_dir}: no such adapter directory")
-    model_name = args.model or read_config(Path(args.adapter_dir)).base_model_name_or_path or "minilm"
+    library = getattr(args, "library", None)
+    adapter_dir = library_cli.resolve(library, args.adapter_dir) if library else args.adapter_dir
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
+    model_name = args.model or read_config(Path(adapter_dir)).base_model_name_or_path or "minilm"
     model, tokenizer, task = load(model_name, args.task, args.kind, args.max_train, args.max_eval, args.seed)
-    load_peft(model, args.adapter_dir, allow_pickle=args.allow_pickle)
+    if library:  # an entry made for another base is refused, naming both fingerprints
+        library_cli.resolve(library, args.adapter_dir, base=model)
+    load_peft(model, adapter_dir, allow_pickle=args.allow_pickle)
     data = task.encode(tokenizer, args.max_length)[args.split]
     from tqdm.auto import tqdm
 

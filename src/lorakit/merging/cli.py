@@ -23,7 +23,8 @@ USER_ERRORS = (MergeError, AdapterFileError, OutputError, FileNotFoundError, Key
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``merge`` command's arguments to ``p``."""
-    p.add_argument("adapters", nargs="+", help="adapter directories (PEFT or lorakit format)")
+    p.add_argument("adapters", nargs="+", help="adapter directories (PEFT or lorakit format), or entry names with --library")
+    p.add_argument("--library", default=None, metavar="DIR", help="resolve the adapters as entries of this library")
     p.add_argument("--method", required=True, help=f"merge method: {', '.join(MERGERS.names())}")
     p.add_argument("--weights", nargs="+", help="one weight per adapter, spaces or commas (default: 1 each)")
     p.add_argument("--rank", type=int, help="rank of the merged adapter (lego: the number of clusters) "
@@ -65,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
         knobs[key.strip().replace("-", "_")] = _value(text.strip())
     policy = args.modules_to_save
     policy = int(policy) if policy is not None and policy.lstrip("-").isdigit() else policy
-    out = check_output(args.out, inputs=args.adapters, overwrite=args.overwrite)
-    states = [load_state(d, allow_pickle=args.allow_pickle) for d in args.adapters]
-    states, base = _same_base(states, [read_base(d) for d in args.adapters], args.adapters)
+    dirs = args.adapters
+    if args.library:  # entries made for different bases are refused below, naming both fingerprints
+        from ..library.cli import resolve
+
+        dirs = [resolve(args.library, name) for name in args.adapters]
+    out = check_output(args.out, inputs=dirs, overwrite=args.overwrite)
+    states = [load_state(d, allow_pickle=args.allow_pickle) for d in dirs]
+    states, base = _same_base(states, [read_base(d) for d in dirs], dirs)
     merged = combine(states, args.method, weights, modules_to_save=policy, seed=args.seed, **knobs)
     with staged(out) as tmp:
         save_state(merged, tmp, base=base)

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--per-user-model", default="per-user", help="model id of the per-user model (default: per-user)")
     p.add_argument("--unknown-user", default="error", metavar="error|base|ADAPTER",
                    help="what a user missing from --user-adapters gets: 404 (error), the base model, or an adapter")
+    p.add_argument("--library", default=None, metavar="DIR",
+                   help="also serve every entry of this adapter library under its name (each must be made for --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the base model's id in `model` (default: --model)")
@@ -69,9 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float32", seed: int = 0,
-                 allow_pickle: bool = False, quantize: Optional[str] = None, **config):
+                 allow_pickle: bool = False, quantize: Optional[str] = None, library: Optional[str] = None, **config):
     """An Engine for a zoo name or model directory (its linear layers quantised to ``quantize`` if given), with
-    every adapter under ``adapters`` registered."""
+    every adapter under ``adapters`` and every entry of ``library`` (checked against the base) registered."""
     import torch
 
     from .. import zoo
@@ -83,12 +85,20 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     if quantization is not None:
         check_available(quantization)  # a kind this machine cannot run is refused before the model loads
     base, tokenizer = zoo.load(model, "causal_lm", dtype=getattr(torch, dtype), seed=seed)
+    entries = {}
+    if library:  # checked before quantisation changes the weights; another base is refused naming both fingerprints
+        from ..library import Library
+
+        lib = Library(library)
+        entries = {name: lib.path_of(name, base=base) for name in lib.names()}
     if quantization is not None:
         quantize_(base, quantization)
     cfg = EngineConfig(**config)
     store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle)
     if adapters:
         store.scan(adapters)
+    for name, path in entries.items():
+        store.register(name, path)
     return Engine(base, tokenizer, cfg, store)
 
 
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     cascades = load_cascades(args.cascade or [])
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
-        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize,
+        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize, args.library,
         max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20),
         host_bytes=int(args.host_cache_mb * 2**20), prefetch=not args.no_prefetch,
