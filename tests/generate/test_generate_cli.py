@@ -59,3 +59,22 @@ def test_help(generator, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", generator, "--help"])
     assert exit_.value.code == 0 and f"usage: lorakit generate {generator}" in capsys.readouterr().out
+
+
+def test_a_zoo_imports_into_a_library_with_held_out_tasks_kept_apart(tiny_zoo, tmp_path, capsys):
+    from lorakit.generate.zooindex import Zoo
+    from lorakit.library import Library
+
+    lib = tmp_path / "lib"
+    assert main(["library", "import-zoo", str(tiny_zoo), "--library", str(lib)]) == 0
+    zoo = Zoo.open(tiny_zoo)
+    entries = {e.name: e for e in Library(lib).list()}
+    assert sorted(entries) == sorted(t["name"] for t in zoo.entries("expert"))
+    for task in zoo.entries("expert"):
+        assert entries[task["name"]].description == task["description"]
+        assert "zoo" in entries[task["name"]].tags
+    capsys.readouterr()
+    assert main(["library", "import-zoo", str(tiny_zoo), "--library", str(lib)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["library", "import-zoo", str(tiny_zoo), "--library", str(lib), "--split", "heldout"]) == 0
+    assert len(Library(lib).list()) == len(zoo.entries())

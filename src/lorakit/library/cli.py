@@ -39,6 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--model", default=None, help="base model (zoo name or directory) when the adapter records none")
     q.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
     q.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (unpickling can run code)")
+    q = action("import-zoo", "add a task zoo's adapters (`make zoo`) with their descriptions and metrics", cmd_import_zoo)
+    q.add_argument("zoo_dir", help="a task zoo directory (holds index.json), e.g. runs/zoo/minilm")
+    q.add_argument("--split", choices=["expert", "heldout", "all"], default="expert",
+                   help="which tasks (default: expert; held-out tasks stay out of the library for evaluation)")
+    q.add_argument("--overwrite", action="store_true", help="replace entries of the same names")
     q = action("list", "list the entries", cmd_list)
     q.add_argument("--json", action="store_true", help="print the entries as JSON")
     q = action("show", "print one entry", cmd_show)
@@ -94,6 +99,21 @@ def cmd_add(args: argparse.Namespace) -> int:
                                       metrics=metrics, overwrite=args.overwrite, base=base, command=command,
                                       allow_pickle=args.allow_pickle)
     print(f"added {entry.name} ({entry.method}, base {entry.fingerprint}) to {args.library}")
+    return 0
+
+
+def cmd_import_zoo(args: argparse.Namespace) -> int:
+    from ..generate.zooindex import Zoo
+
+    zoo = Zoo.open(args.zoo_dir)
+    library = Library(args.library)
+    tasks = zoo.entries(None if args.split == "all" else args.split)
+    for task in tasks:
+        metrics = {k: v for k, v in task.get("metrics", {}).items() if isinstance(v, (int, float))}
+        library.add(zoo.root / task["path"], name=task["name"], description=task["description"],
+                    tags=("zoo", task["split"]), metrics=metrics, overwrite=args.overwrite,
+                    command=f"make zoo ({zoo.index['base']})")
+    print(f"added {len(tasks)} {args.split} adapters from {args.zoo_dir} to {args.library}")
     return 0
 
 
