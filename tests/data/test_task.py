@@ -104,5 +104,7 @@ def test_tweets_bundled_split():
     small = load_task("tweets", max_train=300, max_eval=50, seed=0)
     assert (len(small.train), len(small.validation), len(small.test)) == (300, 50, 50)
     assert set(e["text"] for e in small.test) <= set(e["text"] for e in task.test)
-    with pytest.raises(ValueError, match="classification"):
-        load_task("tweets", kind="causal_lm")
+    causal = load_task("tweets", kind="causal_lm", max_train=300, max_eval=50, seed=0)  # label names as answers
+    assert causal.kind == "causal_lm" and len(causal.train) == 300
+    assert {e["completion"] for e in causal.train} == {" negative", " neutral", " positive"}
+    assert causal.train[0]["prompt"].endswith("\nAnswer:")
