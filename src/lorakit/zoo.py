@@ -114,9 +114,15 @@ def paraphrase_l3_dir() -> Path:
     from .formats.onnx_bert import convert
 
     print(f"lorakit.zoo: converting paraphrase-MiniLM-L3-v2 from ONNX to safetensors in {target} (once)", file=sys.stderr)
+    return _build_once(target, lambda tmp: convert(onnx_file, minilm_dir(), tmp / "model"))
+
+
+def _build_once(target: Path, build: Callable[[Path], Path]) -> Path:
+    """Run ``build(tmp) -> staged directory`` in a temporary sibling of ``target`` and rename the result into place,
+    so a killed conversion leaves nothing that looks complete and two concurrent ones cannot interleave files."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{L3_DIR}-") as tmp:
-        staged = convert(onnx_file, minilm_dir(), Path(tmp) / "model")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        staged = build(Path(tmp))
         try:
             staged.rename(target)
         except OSError:
@@ -138,27 +144,22 @@ def gemma_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lorakit.zoo: converting Gemma 3 270M to bf16 safetensors in {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build everything in a temporary sibling and rename it into place, so a killed conversion leaves nothing
-    # that looks complete and two concurrent conversions cannot interleave files.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{GEMMA_DIR}-") as tmp:
-        gguf_path = packaged.assemble(Path(tmp) / packaged.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
-        quantised = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
+
+    def build(tmp: Path) -> Path:
+        gguf_path = packaged.assemble(tmp / packaged.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf_path.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf_path.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain model of the same config.
         config = quantised.config
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         plain.load_state_dict(quantised.state_dict())
-        staged = Path(tmp) / "model"
+        staged = tmp / "model"
         plain.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        try:
-            staged.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    return target
+        return staged
+
+    return _build_once(target, build)
 
 
 def _check_task(name: str, task: str, supported: tuple[str, ...]) -> None:
