@@ -79,7 +79,7 @@ def write_page(result: dict, out: Path) -> Path:
                   f"{r['kl_before']:.4f} → {r['kl_after']:.4f} |" for i, r in enumerate(t)]
         lines.append(f"\nWall time of this run: {run['wall_time_s']:.0f} s.")
     m = result["machine"]
-    lines += ["", "## Reproduce", "", f"`{result['command']}` ({result['wall_time_s']:.0f} s on {m['cpu']}, "
+    lines += ["", "## Reproduce", "", f"`{result['command']}` ({result['wall_time_s']:.0f} s wall, {result.get('cpu_time_s', 0):.0f} s CPU on {m['cpu']}, "
               f"{m['threads']} thread(s), load {m['load']}; torch {m['torch']}, transformers {m['transformers']})."]
     page = out / "transfer.md"
     page.write_text("\n".join(lines) + "\n")

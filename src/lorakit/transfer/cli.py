@@ -46,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--max-length", type=count, default=64, help="tokens per input")
     p.add_argument("--seed", type=int, default=0, help="seed of the seed draw, the generator and the new adapter")
+    p.add_argument("--source-seed", type=int, default=0,
+                   help="seed that drew the source base's random weights (tiny zoo models), as given to lorakit train")
+    p.add_argument("--target-seed", type=int, default=0, help="seed of the target base's random weights and new head")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o")
     p.add_argument("-o", "--out", required=True, help="output PEFT directory for the target model")
     p.set_defaults(func=run)
@@ -113,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = [e["text"] for e in task.subsampled(args.seeds, None, seed=args.seed).train]
     print(f"lorakit transfer: {args.seeds} seed examples of {args.task}; loading {args.source_model} + {adapter} "
           f"and {args.target_model}", flush=True)
-    teacher, teacher_tok = zoo.load(args.source_model, num_labels=task.num_labels, seed=args.seed)
+    teacher, teacher_tok = zoo.load(args.source_model, num_labels=task.num_labels, seed=args.source_seed)
     load_peft(teacher, adapter)
-    student, student_tok = zoo.load(args.target_model, num_labels=task.num_labels, seed=args.seed)
+    student, student_tok = zoo.load(args.target_model, num_labels=task.num_labels, seed=args.target_seed)
     config = TransLoRAConfig(
         num_synthetic=args.num_synthetic, candidates=args.candidates, min_synthetic=args.min_synthetic,
         target_method=args.target_method, r=args.rank, lora_alpha=args.alpha, filter=not args.no_filter,
