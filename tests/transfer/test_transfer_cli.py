@@ -51,6 +51,8 @@ def test_lora_to_dora_on_another_base_writes_a_peft_directory(tmp_path, adapter,
     ("causal", "task_type 'CAUSAL_LM'"),
     ("exists", "already exists; pass --overwrite"),
     ("background", "--background nowhere.txt: neither a bundled task"),
+    ("method", "--target-method nope: not a registered method"),
+    ("fraction", "--keep-fraction must be in (0, 1], got 1.5"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, adapter, task_file, capsys, case, needle):
     out, extra, task, source = tmp_path / "out", [], task_file, adapter
@@ -70,6 +72,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, adapter, task
     elif case == "exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
+    elif case == "method":
+        extra = ["--target-method", "nope"]
+    elif case == "fraction":
+        extra = ["--keep-fraction", "1.5"]
     else:
         extra = ["--background", "nowhere.txt"]
     assert main(_argv(source, task, out, *extra)) == 2

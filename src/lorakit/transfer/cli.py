@@ -18,11 +18,11 @@ BACKGROUND_MAX = 5000
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``transfer`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("transfer", help="move an adapter to another base model with synthetic data (Trans-LoRA)",
-                       description=__doc__.splitlines()[0])
+                       description="Move a classification adapter to another base model with Trans-LoRA.")
     p.add_argument("--source-model", required=True, help="base model of the adapter: zoo name or HF model directory")
     p.add_argument("--adapter", required=True, help="the source adapter's PEFT directory (a classification adapter)")
     p.add_argument("--target-model", required=True, help="the base model to move it to: zoo name or HF directory")
-    p.add_argument("--task", required=True, help="bundled task name or local data; only --seeds examples are read")
+    p.add_argument("--task", required=True, help="bundled task name or local data; only --seeds examples and the label names are used")
     p.add_argument("--seeds", type=count, default=5, help="real examples drawn from the task's training split")
     p.add_argument("--target-method", default="lora", help="registered method of the new adapter (lora, dora, ...)")
     p.add_argument("--generator", choices=["ngram", "lm"], default="ngram",
@@ -92,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
     from .generators import LMGenerator, NGramGenerator
     from .trans_lora import TransLoRAConfig, trans_lora
 
+    from .. import METHODS
+
+    if not 0.0 < args.keep_fraction <= 1.0:
+        raise ValueError(f"--keep-fraction must be in (0, 1], got {args.keep_fraction}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold is a probability in [0, 1], got {args.threshold}")
+    if args.target_method not in METHODS.names():
+        raise ValueError(f"--target-method {args.target_method}: not a registered method ({', '.join(METHODS.names())})")
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there; give a PEFT adapter directory")
