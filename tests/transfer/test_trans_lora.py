@@ -11,7 +11,7 @@ from lorakit.transfer import (NGramGenerator, SoftLabelled, TransLoRAConfig, dis
                               teacher_outputs, trans_lora)
 from lorakit.transfer.generators import words
 
-from .conftest import make_teacher, sentences
+from transfer_helpers import make_teacher, sentences
 
 SMALL = dict(candidates=60, num_synthetic=40, min_synthetic=8, epochs=6, lr=5e-3, batch_size=8, max_length=32,
              progress=False)

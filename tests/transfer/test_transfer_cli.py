@@ -9,7 +9,7 @@ import torch
 from lorakit import save_peft, zoo
 from lorakit.cli import main
 
-from .conftest import make_teacher
+from transfer_helpers import make_teacher
 
 FAST = ["--candidates", "40", "--num-synthetic", "20", "--min-synthetic", "8", "--epochs", "2", "--max-length", "32"]
 
