@@ -120,3 +120,42 @@ def test_the_lm_generator_proposes_distinct_new_lines():
     assert all("\n" not in t for t in out)
     assert out == gen.propose(seeds, 6, seed=0)
     assert gen.describe().startswith("lm: tiny-llama")
+
+
+def test_a_causal_lm_adapter_is_distilled_on_the_teachers_completions(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lorakit import apply
+    from lorakit.jobs import method_config
+    from lorakit.transfer.causal import complete
+
+    teacher, tok = zoo.load("tiny-llama", task="causal_lm")
+    torch.manual_seed(0)
+    apply(teacher, method_config("lora", 4, 8, 0.0, ["q_proj", "v_proj"], "causal_lm", base_model="tiny-llama"))
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    student, stok = zoo.load("tiny-gpt2", task="causal_lm", seed=2)
+    seeds = [f"the flight number {i} was" for i in range(5)]
+    config = TransLoRAConfig(target_modules=["c_attn"], max_new_tokens=8, **{**SMALL, "epochs": 10, "lr": 3e-2})
+    record = trans_lora(teacher, tok, student, stok, seeds, NGramGenerator(), config)
+    assert record["kind"] == "causal_lm" and record["passed_filter"] == record["candidates"] // 2
+    assert record["lm_loss_after"] < record["lm_loss_before"] - 0.4  # nats per completion token
+    prompts = ["the flight number 3 was", "the flight number 1 was"]
+    assert complete(teacher, tok, prompts, 8) != complete(zoo.load("tiny-gpt2", task="causal_lm", seed=2)[0], stok,
+                                                          prompts, 8)
+    out = save_peft(student, tmp_path / "adapter")
+    fresh, _ = zoo.load("tiny-gpt2", task="causal_lm", seed=2)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(out))
+    torch.testing.assert_close(_logits(loaded, stok, prompts), _logits(student, stok, prompts), rtol=1e-4, atol=1e-5)
+
+
+def test_a_causal_adapter_needs_a_language_model_as_target():
+    from lorakit import apply
+    from lorakit.jobs import method_config
+
+    teacher, tok = zoo.load("tiny-llama", task="causal_lm")
+    apply(teacher, method_config("lora", 4, 8, 0.0, ["q_proj"], "causal_lm"))
+    student, stok = zoo.load("tiny-bert", num_labels=3)
+    with pytest.raises(ValueError, match="causal-LM adapter; the target BertForSequenceClassification has no"):
+        trans_lora(teacher, tok, student, stok, ["a b", "c d"], NGramGenerator())

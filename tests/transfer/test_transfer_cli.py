@@ -48,7 +48,7 @@ def test_lora_to_dora_on_another_base_writes_a_peft_directory(tmp_path, adapter,
 @pytest.mark.parametrize("case, needle", [
     ("labels", "its classification head has 3 outputs, but --task"),
     ("missing", "no adapter_config.json there"),
-    ("causal", "task_type 'CAUSAL_LM'"),
+    ("untyped", "task_type None"),
     ("exists", "already exists; pass --overwrite"),
     ("background", "--background nowhere.txt: neither a bundled task"),
     ("method", "--target-method nope: not a registered method"),
@@ -62,13 +62,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, adapter, task
         task = two
     elif case == "missing":
         source = tmp_path / "nothing"
-    elif case == "causal":
-        from lorakit import apply
-        from lorakit.jobs import method_config
+    elif case == "untyped":
+        from lorakit import LoRAConfig, apply
 
-        lm, _ = zoo.load("tiny-llama", task="causal_lm")
-        apply(lm, method_config("lora", 4, 8, 0.0, ["q_proj"], "causal_lm"))
-        source = save_peft(lm, tmp_path / "lm")
+        bare, _ = zoo.load("tiny-bert", task="base")
+        apply(bare, LoRAConfig(r=4, target_modules=["query"]))
+        source = save_peft(bare, tmp_path / "bare")
     elif case == "exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -82,3 +81,27 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, adapter, task
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("lorakit transfer: error:")
     assert (not out.exists()) or [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_causal_lm_adapter_moves_to_another_architecture(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from lorakit import apply
+    from lorakit.jobs import method_config
+
+    lm, _ = zoo.load("tiny-llama", task="causal_lm")
+    apply(lm, method_config("lora", 4, 8, 0.0, ["q_proj", "v_proj"], "causal_lm", base_model="tiny-llama"))
+    source = save_peft(lm, tmp_path / "lm")
+    task = tmp_path / "qa.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"question {i}: what is {i} plus one?", "completion": f" {i + 1}"})
+                            + "\n" for i in range(30)))
+    out = tmp_path / "moved"
+    argv = ["transfer", "--source-model", "tiny-llama", "--adapter", str(source), "--target-model", "tiny-gpt2",
+            "--targets", "c_attn", "--task", str(task), "--seeds", "5", "-o", str(out), *FAST]
+    assert main(argv) == 0
+    assert "completing 25 prompts with the source model" in capsys.readouterr().out
+    record = json.loads((out / "trans_lora.json").read_text())
+    assert record["kind"] == "causal_lm" and record["lm_loss_after"] < record["lm_loss_before"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["c_attn"]
+    base, _ = zoo.load("tiny-gpt2", task="causal_lm")
+    assert isinstance(peft.PeftModel.from_pretrained(base, str(out)), peft.PeftModel)

@@ -1,7 +1,9 @@
-"""``lorakit transfer``: move a classification adapter to another base model with Trans-LoRA (synthetic data only).
+"""``lorakit transfer``: move a classification or causal-LM adapter to another base model with Trans-LoRA (synthetic
+data only).
 
 The output directory is an ordinary PEFT adapter for the target model, plus ``trans_lora.json`` (what was done:
-the generator used, how many inputs were proposed, kept and distilled on, the KL to the teacher before and after).
+the generator used, how many inputs were proposed, kept and distilled on, the KL to the teacher (classifiers) or the
+LM loss on the teacher's completions (causal LMs) before and after).
 Everything the user gives is checked before a model loads; the directory appears whole or not at all.
 """
 from __future__ import annotations
@@ -18,9 +20,9 @@ BACKGROUND_MAX = 5000
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``transfer`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("transfer", help="move an adapter to another base model with synthetic data (Trans-LoRA)",
-                       description="Move a classification adapter to another base model with Trans-LoRA.")
+                       description="Move an adapter to another base model with Trans-LoRA.")
     p.add_argument("--source-model", required=True, help="base model of the adapter: zoo name or HF model directory")
-    p.add_argument("--adapter", required=True, help="the source adapter's PEFT directory (a classification adapter)")
+    p.add_argument("--adapter", required=True, help="the source adapter's PEFT directory (classification or causal LM)")
     p.add_argument("--target-model", required=True, help="the base model to move it to: zoo name or HF directory")
     p.add_argument("--task", required=True, help="bundled task name or local data; only --seeds examples and the label names are used")
     p.add_argument("--seeds", type=count, default=5, help="real examples drawn from the task's training split")
@@ -105,12 +107,13 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there; give a PEFT adapter directory")
     out = check_output(args.out, inputs=[adapter], overwrite=args.overwrite)
     source = read_config(adapter)
-    if source.task_type != "SEQ_CLS":
+    if source.task_type not in ("SEQ_CLS", "CAUSAL_LM"):
         raise NotImplementedError(f"--adapter {adapter}: task_type {source.task_type!r}; lorakit transfer moves "
-                                  "classification adapters (SEQ_CLS) only")
+                                  "classification (SEQ_CLS) and causal-LM (CAUSAL_LM) adapters")
     jobs._quiet_transformers()
-    task = load_task(args.task)
-    classes = _head_classes(adapter)
+    causal = source.task_type == "CAUSAL_LM"
+    task = load_task(args.task, kind="causal_lm" if causal else "classification")
+    classes = None if causal else _head_classes(adapter)
     if classes is not None and classes != task.num_labels:
         raise ValueError(f"--adapter {adapter}: its classification head has {classes} outputs, but --task "
                          f"{args.task} has {task.num_labels} labels ({', '.join(task.label_names)}); give the task "
@@ -121,12 +124,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         lm, lm_tok = zoo.load(args.generator_model, task="causal_lm", seed=args.seed)
         generator = LMGenerator(lm, lm_tok, name=args.generator_model)
-    seeds = [e["text"] for e in task.subsampled(args.seeds, None, seed=args.seed).train]
+    seeds = [e["prompt" if causal else "text"] for e in task.subsampled(args.seeds, None, seed=args.seed).train]
+    kind = {"task": "causal_lm"} if causal else {"num_labels": task.num_labels}
     print(f"lorakit transfer: {args.seeds} seed examples of {args.task}; loading {args.source_model} + {adapter} "
           f"and {args.target_model}", flush=True)
-    teacher, teacher_tok = zoo.load(args.source_model, num_labels=task.num_labels, seed=args.source_seed)
+    teacher, teacher_tok = zoo.load(args.source_model, seed=args.source_seed, **kind)
     load_peft(teacher, adapter)
-    student, student_tok = zoo.load(args.target_model, num_labels=task.num_labels, seed=args.target_seed)
+    student, student_tok = zoo.load(args.target_model, seed=args.target_seed, **kind)
     config = TransLoRAConfig(
         num_synthetic=args.num_synthetic, candidates=args.candidates, min_synthetic=args.min_synthetic,
         target_method=args.target_method, r=args.rank, lora_alpha=args.alpha, filter=not args.no_filter,
@@ -140,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     with staged(out) as tmp:
         save_peft(student, tmp)
         (tmp / "trans_lora.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"lorakit transfer: wrote {out} (KL to the teacher {record['kl_before']:.4f} -> {record['kl_after']:.4f} "
-          f"on {record['distilled_on']} inputs; generator: {record['generator']})")
+    fit = ("KL to the teacher", "kl") if not causal else ("LM loss on the teacher's completions", "lm_loss")
+    print(f"lorakit transfer: wrote {out} ({fit[0]} {record[fit[1] + '_before']:.4f} -> {record[fit[1] + '_after']:.4f}"
+          f" on {record['distilled_on']} inputs; generator: {record['generator']})")
     return 0

@@ -39,6 +39,12 @@ class SoftLabelled(torch.utils.data.Dataset):
         return out
 
 
+def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over unmasked tokens of (batch, tokens, width) hidden states, L2-normalised."""
+    mask = mask.unsqueeze(-1).float()
+    return F.normalize((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
 @torch.no_grad()
 def teacher_outputs(model, tokenizer, texts: Sequence[str], max_length: int = 64, batch_size: int = 64,
                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +58,7 @@ def teacher_outputs(model, tokenizer, texts: Sequence[str], max_length: int = 64
         for batch in batches(rows, range(len(rows)), batch_size, lambda b: collate(b, pad_id(tokenizer))):
             out = model(**batch, output_hidden_states=True)
             probs.append(F.softmax(out.logits.float() / temperature, dim=-1))
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-            feats.append(F.normalize(pooled, dim=-1))
+            feats.append(pooled(out.hidden_states[-1], batch["attention_mask"]))
     finally:
         model.train(was_training)
     return torch.cat(probs), torch.cat(feats)
