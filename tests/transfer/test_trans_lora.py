@@ -70,6 +70,29 @@ def test_the_filter_removes_off_distribution_inputs():
     assert judge(real, cand, threshold=0.5).keep.sum() <= 30
 
 
+class Mixed:
+    """Proposes 30 in-domain sentences and 30 strings of symbols."""
+
+    def describe(self):
+        return "mixed"
+
+    def propose(self, seeds, n, seed=0):
+        rng = random.Random(seed)
+        garbage = ["".join(rng.choice("0123456789#$%&*+=<>|~^") for _ in range(rng.randint(10, 40)))
+                   for _ in range(30)]
+        return [r["text"] for r in sentences(30, seed=3)] + garbage
+
+
+def test_the_transfer_distils_on_what_the_filter_passes():
+    teacher, ttok = make_teacher("tiny-bert")
+    student, stok = zoo.load("tiny-bert", num_labels=3, seed=1)
+    record = trans_lora(teacher, ttok, student, stok, [r["text"] for r in sentences(5)], Mixed(),
+                        TransLoRAConfig(**SMALL))
+    kept = record["synthetic_inputs"]
+    assert len(kept) == 30 and record["distilled_on"] == 35
+    assert sum(not t.startswith("the flight") for t in kept) <= 3
+
+
 def test_without_the_filter_everything_is_distilled_on():
     teacher, ttok = make_teacher("tiny-bert")
     student, stok = zoo.load("tiny-bert", num_labels=3, seed=1)

@@ -130,7 +130,8 @@ def trans_lora(teacher, teacher_tokenizer, student, student_tokenizer, seeds: Se
               "candidates": len(candidates), "passed_filter": len(passed), "distilled_on": len(texts),
               "filter": config.filter,
               "mean_p_real": None if p_real is None else {"kept": round(float(p_real[passed].mean()), 4),
-                                                          "all": round(float(p_real.mean()), 4)}}
+                                                          "all": round(float(p_real.mean()), 4)},
+              "synthetic_inputs": texts[: len(kept)]}
     train = dict(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                  progress=config.progress)
     if kind == "classification":
