@@ -29,7 +29,7 @@ from common import command_line, machine, write_json  # noqa: E402
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 SOURCE, TARGET = "minilm", "paraphrase-minilm-l3"
 CLAIM_MARGIN = 0.03  # accuracy points: "transferred >= reference - margin"
-QUICK = dict(train=480, test=300, max_length=48, candidates=480, num_synthetic=240, min_synthetic=32, epochs=2,
+QUICK = dict(train=960, test=300, max_length=48, candidates=480, num_synthetic=240, min_synthetic=32, epochs=2,
              seeds=3, runs=[("tweets", "lora"), ("wordnet-pos", "dora")], ablation=False)
 FULL = dict(train=2000, test=800, max_length=64, candidates=1600, num_synthetic=800, min_synthetic=32, epochs=2,
             seeds=3, runs=[("tweets", "lora"), ("tweets", "dora"), ("wordnet-pos", "lora"), ("wordnet-pos", "dora")],
@@ -38,7 +38,7 @@ FULL = dict(train=2000, test=800, max_length=64, candidates=1600, num_synthetic=
 # category and part-of-speech tasks share their glosses, so neither is background for the other).
 BACKGROUND = {"tweets": ["fortunes", "wordnet-category"], "wordnet-pos": ["fortunes", "tweets"]}
 BACKGROUND_PER_CORPUS = 2000
-LORA = dict(r=8, alpha=16, targets=["query", "key", "value"], lr=1e-3, batch_size=16)
+LORA = dict(r=8, alpha=16, targets=["query", "key", "value"], lr=3e-3, batch_size=16)
 
 
 def _load(model: str, task, seed: int):
@@ -90,6 +90,7 @@ def _transfer(teacher, ttok, task, method: str, seed: int, s: dict, use_filter: 
     record = trans_lora(teacher, ttok, student, stok, seeds, generator, config)
     record["accuracy"] = evaluate(student, task.encode(stok, s["max_length"])["test"], batch_size=64)["accuracy"]
     record.pop("config")
+    record["synthetic_examples"] = record.pop("synthetic_inputs", [])[:5]
     return record
 
 
