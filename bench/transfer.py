@@ -78,7 +78,8 @@ def _background(task_name: str) -> tuple[list[str], str]:
 def _transfer(teacher, ttok, task, method: str, seed: int, s: dict, use_filter: bool = True,
               background: tuple[list[str], str] = ((), "")) -> dict:
     from lorakit.train import evaluate
-    from lorakit.transfer import NGramGenerator, TransLoRAConfig, trans_lora
+    from lorakit.transfer import (NGramGenerator, SoftLabelled, TransLoRAConfig, kl_to_teacher, teacher_outputs,
+                                  trans_lora)
 
     seeds = [e["text"] for e in task.subsampled(5, None, seed=100 + seed).train]
     student, stok = _load(TARGET, task, seed)
@@ -89,6 +90,13 @@ def _transfer(teacher, ttok, task, method: str, seed: int, s: dict, use_filter: 
     generator = NGramGenerator(background[0], name=background[1])
     record = trans_lora(teacher, ttok, student, stok, seeds, generator, config)
     record["accuracy"] = evaluate(student, task.encode(stok, s["max_length"])["test"], batch_size=64)["accuracy"]
+    # fidelity on the real test inputs (never seen by the transfer): KL to the teacher and argmax agreement
+    texts = [e["text"] for e in task.test]
+    probs = teacher_outputs(teacher, ttok, texts, s["max_length"])[0]
+    real = SoftLabelled(texts, probs, stok, s["max_length"])
+    mine = teacher_outputs(student, stok, texts, s["max_length"])[0]
+    record.update(kl_test=round(kl_to_teacher(student, real), 5),
+                  agreement_test=round(float((mine.argmax(-1) == probs.argmax(-1)).float().mean()), 4))
     record.pop("config")
     record["synthetic_examples"] = record.pop("synthetic_inputs", [])[:5]
     return record

@@ -107,10 +107,16 @@ def write_page(result: dict, out: Path) -> Path:
         lines.append(f"| (majority class share of the test sample) | {run['majority_share']:.3f} |")
         lines += [""] + [f"- {n}" for n in notes(run)]
         lines += ["", "| transfer | seed | candidates | passed the filter | distilled on | KL to teacher (synthetic set) "
-                  "before → after |", "|---|---|---|---|---|---|"]
+                  "before → after | KL to teacher (real test set) | agrees with the teacher (test) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in (r for r in run["rows"] if r.startswith("transferred")):
             lines += [f"| {row} | {i} | {r['candidates']} | {r['passed_filter']} | {r['distilled_on']} | "
-                      f"{r['kl_before']:.4f} → {r['kl_after']:.4f} |" for i, r in enumerate(run["rows"][row])]
+                      f"{r['kl_before']:.4f} → {r['kl_after']:.4f} | {r.get('kl_test', float('nan')):.4f} | "
+                      f"{r.get('agreement_test', float('nan')):.3f} |" for i, r in enumerate(run["rows"][row])]
+        examples = [x for r in run["rows"]["transferred"][:1] for x in r.get("synthetic_examples", [])]
+        if examples:
+            lines += ["", "Synthetic inputs the discriminator kept (seed 0, first five):", ""]
+            lines += [f"- `{x[:150]}`" for x in examples]
         lines.append(f"\nWall time of this run: {run['wall_time_s']:.0f} s.")
     m = result["machine"]
     lines += ["", "## Reproduce", "", f"`{result['command']}` ({result['wall_time_s']:.0f} s wall, {result.get('cpu_time_s', 0):.0f} s CPU on {m['cpu']}, "
