@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, methods, demo (``lorakit COMMAND --help`` for each).
+"""The ``lorakit`` command: train, eval, info, merge, prune, fed, serve, diffuse, methods, demo (``lorakit COMMAND --help`` for each).
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=fed_cli.run, user_errors=fed_cli.USER_ERRORS)
 
     serve_cli.add_parser(sub)
+
+    from .diffusion import cli as diffusion_cli
+
+    diffusion_cli.add_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
