@@ -52,6 +52,12 @@ def _floats(text: str, what: str) -> list[float]:
 
 def load_pipeline(model: str | Path):
     """A diffusers pipeline from a directory; the testbed's ConceptPipeline by its class name."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):  # loading bars and notices would bury our one line
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
     model = Path(model)
     index = model / "model_index.json"
     if not index.is_file():
