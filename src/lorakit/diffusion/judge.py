@@ -11,6 +11,7 @@ from torch import nn
 
 from .shapes import COLOURS, CONCEPTS, POSITIONS, SHAPES, Scene, batch, sample_scene
 
+NOISE = 0.8  # generated images keep visible pixel noise: the judge is trained on noise of std up to this
 HEADS = {"shape": SHAPES, "colour": COLOURS, "position": POSITIONS, "striped": (False, True), "framed": (False, True)}
 
 
@@ -44,7 +45,7 @@ def _random_scene(rng: np.random.Generator) -> Scene:
                  striped=bool(rng.integers(2)), framed=bool(rng.integers(2)), dy=int(rng.integers(-2, 3)))
 
 
-def train_judge(steps: int = 400, seed: int = 0, progress=None) -> tuple[Judge, float]:
+def train_judge(steps: int = 400, seed: int = 0, progress=None, noise: float = NOISE) -> tuple[Judge, float]:
     """A judge trained on noisy drawn scenes, and its accuracy (all heads right) on 512 fresh ones."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -52,7 +53,7 @@ def train_judge(steps: int = 400, seed: int = 0, progress=None) -> tuple[Judge, 
     opt = torch.optim.Adam(judge.parameters(), 3e-3)
     for _ in (progress or (lambda r: r))(range(steps)):
         scenes = [_random_scene(rng) for _ in range(64)]
-        x = torch.from_numpy(batch(scenes, noise=float(rng.uniform(0, 0.3)), rng=rng))
+        x = torch.from_numpy(batch(scenes, noise=float(rng.uniform(0, noise)), rng=rng))
         logits = judge(x)
         loss = sum(nn.functional.cross_entropy(logits[k], torch.tensor([HEADS[k].index(getattr(s, k)) for s in scenes]))
                    for k in HEADS)
@@ -60,6 +61,6 @@ def train_judge(steps: int = 400, seed: int = 0, progress=None) -> tuple[Judge, 
         loss.backward()
         opt.step()
     scenes = [_random_scene(rng) for _ in range(512)]
-    readings = judge.read(torch.from_numpy(batch(scenes, noise=0.15, rng=rng)))
+    readings = judge.read(torch.from_numpy(batch(scenes, noise=noise / 2, rng=rng)))
     acc = float(np.mean([all(r[k] == getattr(s, k) for k in HEADS) for r, s in zip(readings, scenes)]))
     return judge, acc

@@ -40,7 +40,8 @@ class ZooSettings:
     lora_batch: int = 16
     lora_lr: float = 3e-3
     lora_rank: int = 4
-    judge_steps: int = 300
+    judge_steps: int = 600
+    judge_noise: float = 0.8
     seed: int = 0
     version: int = 2
 
@@ -127,11 +128,18 @@ def build(out: Path = DEFAULT_DIR, settings: ZooSettings = ZooSettings()) -> Pat
         pipe = train_base(settings)
         pipe.save_pretrained(out / "model")
         stamp.write_text(json.dumps(base_key) + "\n")
-    for concept in CONCEPTS:
-        train_lora(pipe, concept, settings)
-        save_lora(pipe, concept, out / "loras" / concept, overwrite=True)
-        pipe.unet.delete_adapters(concept)
-    judge, accuracy = train_judge(settings.judge_steps, settings.seed, progress=lambda r: tqdm(r, desc="judge"))
+    lora_key = {**base_key, **{k: v for k, v in asdict(settings).items() if k.startswith("lora_")}}
+    lora_stamp = out / "loras" / "lorakit_loras.json"
+    if lora_stamp.exists() and json.loads(lora_stamp.read_text()) == lora_key:
+        print(f"diffusion zoo: LoRAs cached in {out / 'loras'}")
+    else:
+        for concept in CONCEPTS:
+            train_lora(pipe, concept, settings)
+            save_lora(pipe, concept, out / "loras" / concept, overwrite=True)
+            pipe.unet.delete_adapters(concept)
+        lora_stamp.write_text(json.dumps(lora_key) + "\n")
+    judge, accuracy = train_judge(settings.judge_steps, settings.seed, lambda r: tqdm(r, desc="judge"),
+                                  settings.judge_noise)
     save_file(judge.state_dict(), str(out / "judge.safetensors"))
     info = {"settings": asdict(settings), "judge_accuracy": accuracy, "build_seconds": round(time.time() - start, 1),
             "concepts": list(CONCEPTS)}
