@@ -82,15 +82,13 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: expected a .png file")
-    method = COMPOSERS.get(args.method)
+    COMPOSERS.get(args.method)  # an unknown method is refused before anything loads
     n = len(args.lora)
     weights = _floats(args.weights, "--weights") if args.weights else None
     if weights is not None and len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} values for {n} LoRAs")
     layout = None
     if args.layout:
-        if not method.uses_layout:
-            raise ValueError(f"method {args.method!r} takes no layout")
         layout = [[int(v) for v in _floats(box, "--layout box")] for box in args.layout.split(";")]
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")

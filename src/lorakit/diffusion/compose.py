@@ -7,6 +7,7 @@ returns their combination. The pipeline's own loop, scheduler and guidance stay 
 guidance is linear, so averaging the batched [uncond, text] predictions equals averaging after guidance.
 
 A new generation is recognised by the timestep going up (denoising walks it down), which resets the composer.
+After the block the denoiser's own forward is back, with the composed LoRAs active at their weights (a merge).
 """
 from __future__ import annotations
 
