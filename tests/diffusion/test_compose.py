@@ -132,6 +132,26 @@ def test_cmlora_caching_saves_evaluations_of_non_dominant_loras(loaded):
     assert all(len(a) == 1 for calls in per_step.values() for a in calls if a)  # one LoRA per evaluation
 
 
+def test_cmlora_cache_is_kept_per_call_within_a_step(loaded):
+    """Two calls per step (guidance branches run separately) give what each gives alone: no shared cache."""
+    pipe, names = loaded
+    (xa, _, ca), (xb, _, cb) = unet_inputs(1, seed=1), unet_inputs(1, seed=2)
+    steps = [torch.tensor(t) for t in (900, 800, 700, 600)]
+
+    def run(pairs):
+        outs = []
+        with compose(pipe, names, "cmlora", every=1):
+            for t in steps:
+                with torch.no_grad():
+                    outs.append([pipe.unet(x, t, encoder_hidden_states=c).sample for x, c in pairs])
+        return outs
+
+    both, alone_a, alone_b = run([(xa, ca), (xb, cb)]), run([(xa, ca)]), run([(xb, cb)])
+    for k in range(len(steps)):
+        torch.testing.assert_close(both[k][0], alone_a[k][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(both[k][1], alone_b[k][0], rtol=0, atol=1e-6)
+
+
 def test_high_frequency_share():
     checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1
     assert high_frequency_share(checker[None]) == pytest.approx(1.0)

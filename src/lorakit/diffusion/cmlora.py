@@ -61,17 +61,18 @@ class CMLoRA(Composer):
 
     def predict(self, step, run):
         n = len(self.adapters)
+        fresh = set()
         if not self.order:
             base = run([], [])
             for i in range(n):
-                self.cached[i] = run([self.adapters[i]], [self.weights[i]])
-            scores = [high_frequency_share(self.cached[i] - base) for i in range(n)]
+                self.cached[self.slot, i] = run([self.adapters[i]], [self.weights[i]])
+                fresh.add(i)
+            scores = [high_frequency_share(self.cached[self.slot, i] - base) for i in range(n)]
             self.order = sorted(range(n), key=lambda i: -scores[i])
-            self.scores = scores
         dominant = self.order[(step // self.period) % n]
-        for i in range(n):
-            fresh = step == 0 and i in self.cached
-            if not fresh and (i == dominant or not self.cache or step in self.refresh or i not in self.cached):
-                self.cached[i] = run([self.adapters[i]], [self.weights[i]])
+        for i in range(n):  # the cache is kept per call slot, so separate guidance calls never share predictions
+            stale = i == dominant or not self.cache or step in self.refresh or (self.slot, i) not in self.cached
+            if i not in fresh and stale:
+                self.cached[self.slot, i] = run([self.adapters[i]], [self.weights[i]])
         dom, other = self.shares
-        return sum((dom if i == dominant else other) * self.cached[i] for i in range(n))
+        return sum((dom if i == dominant else other) * self.cached[self.slot, i] for i in range(n))

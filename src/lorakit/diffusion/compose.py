@@ -30,6 +30,7 @@ class Composer:
 
     name = ""
     uses_layout = False
+    slot = 0  # which call within the current step (pipelines that run guidance branches as separate calls make 2)
 
     def __init__(self, adapters: Sequence[str], weights: Optional[Sequence[float]] = None, layout=None, **options):
         if not adapters:
@@ -93,8 +94,10 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
             stats.steps = -1
         if t != seen["t"]:
             stats.steps += 1
+            composer.slot = -1
         seen["t"] = t
         step = stats.steps
+        composer.slot += 1
 
         def run(names: Sequence[str], scales: Sequence[float]) -> torch.Tensor:
             stats.evaluations += 1
