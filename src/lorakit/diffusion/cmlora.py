@@ -17,7 +17,8 @@ Deviations:
 - caching: the official code caches deep UNet features of non-dominant LoRAs (DeepCache-style, a modified UNet
   forward) and refreshes one LoRA's cache per refresh step; here the whole noise prediction of every non-dominant
   LoRA is cached and all of them are refreshed at refresh steps, which works on any denoiser without changing it.
-  ``cache=False`` evaluates every LoRA at every step (the uncached cost).
+  ``cache=False`` evaluates every LoRA at every step (the uncached cost). The cache is kept per denoiser call
+  within a step, so a pipeline that runs its guidance branches as separate calls gets each branch's own cache.
 """
 from __future__ import annotations
 
