@@ -36,7 +36,7 @@ class ZooSettings:
     base_steps: int = 800
     base_batch: int = 32
     base_lr: float = 2e-3
-    lora_steps: int = 150
+    lora_steps: int = 400
     lora_batch: int = 16
     lora_lr: float = 3e-3
     lora_rank: int = 4
