@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test test-slow mutation bench zoo clean
+.PHONY: install data demo test test-slow mutation bench zoo clean diffusion-zoo bench-diffusion
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ mutation: install
 	$(BIN)/python -m pip install -q -e ".[dev,mutation]"
 	OMP_NUM_THREADS=1 $(BIN)/python tools/mutation.py $(PACKAGE)
 	$(BIN)/python tools/mutation_report.py
+
+# the multi-LoRA diffusion testbed (base pipeline, four concept LoRAs, judge), cached in runs/diffusion-zoo/;
+# its benchmark writes docs/benchmarks/diffusion.{md,json,png}
+diffusion-zoo: install
+	$(BIN)/python -m lorakit.diffusion.zoo
+
+bench-diffusion: diffusion-zoo
+	$(BIN)/python bench/diffusion.py --quick
 
 bench: install
 	$(BIN)/python bench/train_step.py

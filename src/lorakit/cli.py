@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     transfer_cli.add_parser(sub)
 
+    from .diffusion import cli as diffusion_cli
+
+    diffusion_cli.add_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered adapter methods")
     p.set_defaults(func=cmd_methods)
     optim_cli.add_parser(sub)

@@ -1,0 +1,152 @@
+"""Composing several LoRAs per denoising step on any diffusers pipeline.
+
+``compose(pipe, adapters, method)`` is a context manager that stands in for the pipeline's denoiser (``unet`` or
+``transformer``) while it is open: each call the pipeline makes at a denoising step goes to the registered
+``Composer``, which asks for noise predictions under chosen adapters and weights (diffusers' ``set_adapters``) and
+returns their combination. The pipeline's own loop, scheduler and guidance stay as they are; classifier-free
+guidance is linear, so averaging the batched [uncond, text] predictions equals averaging after guidance.
+
+A new generation is recognised by the timestep going up (denoising walks it down), which resets the composer.
+After the block the denoiser's own forward is back, with the composed LoRAs active at their weights (a merge).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..core.registry import Registry
+from .files import denoiser_of
+from .shapes import SIZE
+
+COMPOSERS = Registry("composition method")
+Run = Callable[[Sequence[str], Sequence[float]], torch.Tensor]
+
+
+class Composer:
+    """One way of combining LoRAs at each denoising step; a subclass overrides ``predict``."""
+
+    name = ""
+    uses_layout = False
+    slot = 0  # which call within the current step (pipelines that run guidance branches as separate calls make 2)
+
+    def __init__(self, adapters: Sequence[str], weights: Optional[Sequence[float]] = None, layout=None, **options):
+        if not adapters:
+            raise ValueError(f"{self.name}: no LoRAs to compose")
+        self.adapters = list(adapters)
+        self.weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.adapters):
+            raise ValueError(f"{self.name}: {len(self.adapters)} LoRAs but {len(self.weights)} weights")
+        if layout is not None and not self.uses_layout:
+            raise ValueError(f"method {self.name!r} takes no layout; layout-aware methods: "
+                             f"{', '.join(n for n in COMPOSERS if COMPOSERS.get(n).uses_layout) or '(none)'}")
+        self.layout = layout
+        for key, value in options.items():
+            if not hasattr(self, key) or key.startswith("_"):
+                raise TypeError(f"method {self.name!r} has no option {key!r}")
+            setattr(self, key, type(getattr(self, key))(value))
+
+    def reset(self, total_steps: int) -> None:
+        """Called when a generation starts; ``total_steps`` is the scheduler's number of steps."""
+        self.total_steps = total_steps
+
+    def predict(self, step: int, run: Run) -> torch.Tensor:
+        """The combined noise prediction at denoising step ``step`` (0-based)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Stats:
+    """What a composition cost: denoiser evaluations (calls) per generation, steps seen, adapters per call."""
+
+    evaluations: int = 0
+    steps: int = 0
+    generations: int = 0
+    calls: list = field(default_factory=list)  # (step, adapters, weights) of every evaluation
+
+
+def _scalar(timestep) -> float:
+    return float(torch.as_tensor(timestep).flatten()[0])
+
+
+@contextmanager
+def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optional[Sequence[float]] = None,
+            layout=None, **options):
+    """Within the block, ``pipe(...)`` composes the loaded LoRAs ``adapters`` with the registered ``method``."""
+    denoiser, component = denoiser_of(pipe)
+    composer = COMPOSERS.get(method)(adapters, weights, layout=layout, **options)
+    loaded = set(getattr(denoiser, "peft_config", {}) or {})
+    missing = [a for a in composer.adapters if a not in loaded]
+    if missing:
+        raise KeyError(f"LoRA {missing[0]!r} is not loaded in the pipeline's {component}; loaded: "
+                       f"{', '.join(sorted(loaded)) or '(none)'} (load it with load_lora_weights)")
+    original = denoiser.forward
+    stats = Stats()
+    seen = {"t": None}
+
+    def forward(sample, timestep, *args, return_dict: bool = True, **kwargs):
+        t = _scalar(timestep)
+        if seen["t"] is None or t > seen["t"]:
+            composer.reset(len(pipe.scheduler.timesteps))
+            stats.generations += 1
+            stats.steps = -1
+        if t != seen["t"]:
+            stats.steps += 1
+            composer.slot = -1
+        seen["t"] = t
+        step = stats.steps
+        composer.slot += 1
+
+        def run(names: Sequence[str], scales: Sequence[float]) -> torch.Tensor:
+            stats.evaluations += 1
+            stats.calls.append((step, tuple(names), tuple(scales)))
+            if names:
+                denoiser.enable_adapters()
+                denoiser.set_adapters(list(names), list(scales))
+            else:
+                denoiser.disable_adapters()
+            return original(sample, timestep, *args, return_dict=False, **kwargs)[0]
+
+        eps = composer.predict(step, run)
+        return _wrap(eps, component) if return_dict else (eps,)
+
+    denoiser.forward = forward
+    try:
+        yield stats
+    finally:
+        del denoiser.forward  # the instance attribute goes; the class's forward shows again
+        denoiser.enable_adapters()
+        denoiser.set_adapters(composer.adapters, composer.weights)
+    stats.steps += 1
+
+
+def _wrap(eps: torch.Tensor, component: str):
+    if component == "unet":
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=eps)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=eps)
+
+
+def check_prompt(pipe, prompt: str, n_concepts: int) -> None:
+    """Refuse more concepts than the prompt has tokens (each LoRA's concept needs a word to attach to)."""
+    tokens = pipe.tokenizer.tokenize(prompt)
+    if n_concepts > len(tokens):
+        raise ValueError(f"{n_concepts} LoRAs but the prompt {prompt!r} has {len(tokens)} token(s); "
+                         f"name each concept in the prompt")
+
+
+def check_layout(boxes, n_concepts: int, size: int = SIZE) -> list[tuple[int, int, int, int]]:
+    """Layout boxes (x0, y0, x1, y1) in pixels, one per LoRA, each inside the image; an error names a bad box."""
+    boxes = [tuple(int(v) for v in b) for b in boxes]
+    if len(boxes) != n_concepts:
+        raise ValueError(f"{len(boxes)} layout boxes for {n_concepts} LoRAs; give one box per LoRA")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+            raise ValueError(f"layout box {i + 1} ({x0},{y0},{x1},{y1}) is outside the {size}x{size} image or empty; "
+                             f"boxes are x0,y0,x1,y1 with 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
+    return boxes
