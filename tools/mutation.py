@@ -41,7 +41,8 @@ OUT = ROOT / "docs" / "mutation"
 PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "methods": (  # the adapter variants; the routed methods are package "routing"
         ["src/lorakit/methods/*.py"],
-        ["tests/methods", "tests/conformance", "tests/formats/test_peft_parity.py"],
+        ["tests/methods", "tests/conformance", "tests/formats/test_peft_parity.py",
+         "tests/formats/test_moe_params.py"],  # LoRA on parameters (MoE experts) lives in methods/lora*.py
     ),
     # the factor maths; not the calibration plumbing (hooks, settings, seeding) nor checks.py (the conformance checker)
     # the routed methods (mixtures of LoRA experts and their routers)
