@@ -98,3 +98,25 @@ def test_gaussian_init_draws_a_with_std_one_over_r(r):
     layer = lorakit.adapters(model)["0"]
     assert layer.lora_A.weight.std().item() == pytest.approx(1 / r, rel=0.08)
     assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv"])
+def test_half_precision_base_keeps_its_dtype_with_float32_factors(kind):
+    """Adapters compute in float32 over a bf16 base (as peft's autocast does) and hand back the base's dtype.
+    Catches: the input not cast to the factors' dtype, the update not cast back to the base's."""
+    torch.manual_seed(0)
+    layer = {"linear": nn.Linear(8, 6), "embedding": nn.Embedding(10, 6), "conv": nn.Conv2d(3, 4, 3)}[kind]
+    x = {"linear": torch.randn(2, 8), "embedding": torch.tensor([[1, 2, 3]]), "conv": torch.randn(1, 3, 6, 6)}[kind]
+    model = lorakit.apply(nn.Sequential(layer).to(torch.bfloat16), lorakit.LoRAConfig(r=2, target_modules=["0"]))
+    adapter = lorakit.adapters(model)["0"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters() if p.requires_grad)
+    half_x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    out = model(half_x)
+    assert out.dtype == torch.bfloat16
+    full = lorakit.apply(nn.Sequential(copy.deepcopy(layer).float()), lorakit.LoRAConfig(r=2, target_modules=["0"]))
+    full.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(out.float(), full(half_x.float() if x.is_floating_point() else x), rtol=0.05, atol=0.05)
