@@ -1,4 +1,4 @@
-"""The ``lorakit`` command (``lorakit --help`` lists the commands, ``lorakit COMMAND --help`` describes each).
+"""lorakit: low-rank adapters for PyTorch and Hugging Face models; `lorakit COMMAND --help` describes each command.
 
 User errors (a bad path, an unknown name, a file that does not fit, an output that would overwrite something)
 print one line to stderr and exit with status 2; anything else is a bug and keeps its traceback. No command
