@@ -105,7 +105,6 @@ def by_name(name: str) -> ZooTask:
 
 def as_causal(task: Task) -> Task:
     """The same examples as prompt / completion pairs: "<text> =>" then " <label name>"."""
-    def convert(rows):
-        return [{"prompt": f"{r['text']} =>", "completion": f" {task.label_names[r['label']]}"} for r in rows]
+    from ..data.chat import as_causal as convert
 
-    return Task("causal_lm", convert(task.train), convert(task.validation), convert(task.test), None, task.source)
+    return convert(task, template="{text} =>")
