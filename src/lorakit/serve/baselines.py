@@ -73,7 +73,7 @@ class MergedRunner(ModelRunner):
                 if path not in self.originals:
                     self.originals[path] = weight.detach().clone()
                 delta = at @ bt  # [in, out]: the update as x @ delta; nn.Linear stores [out, in], Conv1D [in, out]
-                weight.add_((delta.T if isinstance(self.modules[path], torch.nn.Linear) else delta).to(weight.dtype))
+                weight.add_((delta.T if isinstance(self.modules[path], torch.nn.Linear) else delta).to(weight))
         self.current = aid
         self.stats["switches"] += 1
         self.stats["switch_seconds"] += time.perf_counter() - start

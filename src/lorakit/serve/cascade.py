@@ -201,8 +201,8 @@ class AdapterCascade:
             probs = self.member_logits(0, inputs, capture=kept).to(torch.float64).softmax(-1)
             confidence = msp(probs)
             inside = self.window.inside(confidence)
-            stages = torch.ones(len(probs), dtype=torch.long)
-            members = torch.ones(len(probs), dtype=torch.long)
+            stages = torch.ones(len(probs), dtype=torch.long, device=probs.device)
+            members = torch.ones(len(probs), dtype=torch.long, device=probs.device)
             if inside.any():
                 rows = inside.nonzero().squeeze(1)
                 sub = {k: v[rows] for k, v in inputs.items()}

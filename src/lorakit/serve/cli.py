@@ -14,6 +14,7 @@ from typing import Optional
 from ..compress.quantize import KINDS as QUANTIZE_KINDS
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,7 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="UTF-8 bytes of prompt text accepted (default: 16 per prompt token, at least 64 KiB)")
     p.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds SIGTERM waits for running requests before cancelling them")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="base model dtype (adapters compute in float32)")
+    p.add_argument("--device", default="cpu", metavar="|".join(DEVICES),
+                   help="where the model, adapter pool and KV cache live: cpu (default), cuda, cuda:N, mps, or auto "
+                        "(CUDA, else MPS, else CPU); a device this machine lacks is refused, naming what it has")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="base model dtype (adapters compute in float32 and are added before one rounding, as PEFT does)")
     p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, metavar="KIND",
                    help="serve over the base with its linear layers quantised (lorakit.compress.quantize_): "
                         f"{', '.join(QUANTIZE_KINDS)}; adapters stay in float")
@@ -71,20 +76,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float32", seed: int = 0,
-                 allow_pickle: bool = False, quantize: Optional[str] = None, library: Optional[str] = None, **config):
-    """An Engine for a zoo name or model directory (its linear layers quantised to ``quantize`` if given), with
-    every adapter under ``adapters`` and every entry of ``library`` (checked against the base) registered."""
-    import torch
-
+                 allow_pickle: bool = False, quantize: Optional[str] = None, library: Optional[str] = None,
+                 device: str = "cpu", **config):
+    """An Engine for a zoo name or model directory on ``device`` (its linear layers quantised to ``quantize`` if
+    given), with every adapter under ``adapters`` and every entry of ``library`` (checked against the base) registered."""
     from .. import zoo
     from ..compress.quantize import QuantizeConfig, check_available, quantize_
+    from .devices import resolve
     from .engine import Engine, EngineConfig
     from .store import AdapterStore, linear_shapes
 
-    quantization = QuantizeConfig(quantize, compute_dtype=getattr(torch, dtype)) if quantize else None
+    where, torch_dtype = resolve(device, dtype)  # an absent device is refused before the model loads
+    quantization = QuantizeConfig(quantize, compute_dtype=torch_dtype) if quantize else None
     if quantization is not None:
         check_available(quantization)  # a kind this machine cannot run is refused before the model loads
-    base, tokenizer = zoo.load(model, "causal_lm", dtype=getattr(torch, dtype), seed=seed)
+    base, tokenizer = zoo.load(model, "causal_lm", dtype=torch_dtype, seed=seed)
+    base.to(where)
     entries = {}
     if library:  # checked before quantisation changes the weights; another base is refused naming both fingerprints
         from ..library import Library
@@ -94,7 +101,7 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     if quantization is not None:
         quantize_(base, quantization)
     cfg = EngineConfig(**config)
-    store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle)
+    store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle, device=where)
     if adapters:
         store.scan(adapters)
     for name, path in entries.items():
@@ -123,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     """Build the engine, start its step loop and serve until SIGTERM or Ctrl-C, which drain it (exit 0)."""
     import uvicorn
 
+    from .devices import resolve
     from .server import build_app
 
+    resolve(args.device, args.dtype)  # an absent device: one line, exit 2, before anything loads
     if args.adapters and not Path(args.adapters).is_dir():
         raise FileNotFoundError(f"--adapters {args.adapters}: no such directory")
     roots = args.lora_root or ([args.adapters] if args.adapters else [])
@@ -136,15 +145,15 @@ def run(args: argparse.Namespace) -> int:
     cascades = load_cascades(args.cascade or [])
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
-        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize, args.library,
+        args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize, args.library, args.device,
         max_batch=args.max_batch, max_len=args.max_model_len, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, max_queue=args.max_queue, pool_bytes=int(args.pool_mb * 2**20),
         host_bytes=int(args.host_cache_mb * 2**20), prefetch=not args.no_prefetch,
         max_merged=args.max_merged_adapters, max_adapter_labels=args.max_adapter_labels,
     )
     name = args.served_model_name or args.model
-    logging.getLogger("lorakit.serve").info("serving %s%s with %d adapters on http://%s:%d/v1", name,
-                                            f" ({args.quantize})" if args.quantize else "",
+    logging.getLogger("lorakit.serve").info("serving %s (%s, %s%s) with %d adapters on http://%s:%d/v1", name,
+                                            engine.device, args.dtype, f", {args.quantize}" if args.quantize else "",
                                             len(engine.store.names()), args.host, args.port)
     users = None
     if args.user_adapters:

@@ -75,7 +75,8 @@ def build(spec: MergeSpec, packed: Sequence[PackedAdapter], dtype: torch.dtype) 
         d_in, d_out = at.shape[0], bt.shape[1]
         # packed tables hold A^T [in, r] and (scale B)^T [r, out]: the part's scale is 1
         parts = [Part(m[path][0].T.float(), m[path][1].T.float(), 1.0) if path in m
-                 else Part(torch.zeros(0, d_in), torch.zeros(d_out, 0), 0.0) for m in modules]
+                 else Part(at.new_zeros(0, d_in, dtype=torch.float32), at.new_zeros(d_out, 0, dtype=torch.float32), 0.0)
+                 for m in modules]
         a, b = merge(parts, weights)
         out[path] = pack_low_rank(a, b, 1.0, dtype)
     return PackedAdapter(spec.aid, out)

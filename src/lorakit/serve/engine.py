@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import combos
+from .devices import model_device
 from .guided import GuideError, GuideFactory, apply_guides
 from .logprobs import pick, prompt_records
 from .metrics import AdapterCounters
@@ -45,9 +46,10 @@ class Engine:
                  runner: Optional[ModelRunner] = None):
         self.config = c = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.pool = AdapterPool(c.pool_bytes, c.lora_dtype)
+        self.device = model_device(model)
+        self.pool = AdapterPool(c.pool_bytes, c.lora_dtype, device=self.device)
         self.runner = runner or ModelRunner(model, self.pool, c.max_batch, c.max_len, c.backend)
-        self.store = store or AdapterStore(self.runner.shapes, c.lora_dtype, c.host_bytes, c.prefetch)
+        self.store = store or AdapterStore(self.runner.shapes, c.lora_dtype, c.host_bytes, c.prefetch, device=self.device)
         self.max_prompt = c.max_prompt_tokens or c.max_len - 1
         self.max_new = c.max_tokens or c.max_len - 1
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
@@ -324,6 +326,7 @@ class Engine:
         self._sample(reqs, logits)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        logits = logits.cpu()  # sampling, logit_bias and grammars run on the host (the same draws on every device)
         bad, reqs = unusable_rows(logits), list(reqs)
         if bad:  # e.g. an adapter with huge weights: fail those requests alone, and wipe their KV rows
             for i in bad:

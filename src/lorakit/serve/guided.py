@@ -34,7 +34,7 @@ class Guide:
     def mask_(self, row: torch.Tensor) -> torch.Tensor:
         """Set the logits of tokens the grammar forbids now to -inf, in place (``row [vocab]``)."""
         bits = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        allowed = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
+        allowed = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8, device="cpu")) & 1).flatten().bool().to(row.device)
         allowed = allowed[:row.numel()] if allowed.numel() >= row.numel() else torch.cat(
             [allowed, allowed.new_zeros(row.numel() - allowed.numel())])
         return row.masked_fill_(~allowed, float("-inf"))

@@ -55,7 +55,7 @@ class SlotKVCache:
                 v[start + b, :, :n] = value_states[b, :, off:off + n]
             return key_states, value_states
         _, lengths, width = self._mode
-        rows = torch.arange(lengths.numel())
+        rows = torch.arange(lengths.numel(), device=lengths.device)
         k[rows, :, lengths] = key_states[:, :, 0]
         v[rows, :, lengths] = value_states[:, :, 0]
         return k[: rows.numel(), :, :width], v[: rows.numel(), :, :width]

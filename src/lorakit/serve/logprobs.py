@@ -31,7 +31,7 @@ class TokenLogprob:
 def pick(logits: torch.Tensor, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
     """Per row of ``logits [n, vocab]``: the log-probability of ``tokens[row]`` and the ``k`` most likely tokens."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
     if not k:
         return [TokenLogprob(t, c, ()) for t, c in zip(tokens, chosen)]
     values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)

@@ -67,12 +67,12 @@ def plan_step(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequenc
         rows = rows.index_select(0, order)
         lo, hi = int(slots[0]), int(slots[-1]) + 1
         counts = torch.bincount(slots - lo, minlength=hi - lo)
-        identity = rows.numel() == n and bool((rows == torch.arange(n)).all())
+        identity = rows.numel() == n and bool((rows == torch.arange(n, device=rows.device)).all())
         ends = counts.cumsum(0)
         width = int(counts.max())
         src, pick = None if identity else rows, None
         if width * (hi - lo) != rows.numel():  # padded: token j of slot s sits at block row s * width + j
-            pick = (slots - lo) * width + torch.arange(rows.numel()) - (ends - counts).index_select(0, slots - lo)
+            pick = (slots - lo) * width + torch.arange(rows.numel(), device=rows.device) - (ends - counts).index_select(0, slots - lo)
             src = rows.index_select(0, (ends - counts).clamp(max=rows.numel() - 1)).repeat_interleave(width)
             src[pick] = rows
         plans.append(ClassPlan(key, None if identity else rows, ends.to(torch.int32), counts.tolist(), lo, hi, width, src, pick))
@@ -81,15 +81,15 @@ def plan_step(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequenc
 
 def padded_rank(r: int, dtype: torch.dtype) -> int:
     """``r`` rounded up so a row of ``r`` elements is a multiple of 16 bytes (zero columns: exact)."""
-    unit = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    unit = max(1, 16 // dtype.itemsize)
     return -(-r // unit) * unit
 
 
 def pack_low_rank(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Table layout of one module's update: ``A^T [in, r']`` and ``(scale · B)^T [r', out]``, zero-padded to r'."""
     r, rp = a.shape[0], padded_rank(a.shape[0], dtype)
-    at = torch.zeros(a.shape[1], rp, dtype=dtype)
-    bt = torch.zeros(rp, b.shape[0], dtype=dtype)
+    at = torch.zeros(a.shape[1], rp, dtype=dtype, device=a.device)
+    bt = torch.zeros(rp, b.shape[0], dtype=dtype, device=a.device)
     at[:, :r] = a.detach().T.to(dtype)
     bt[:r] = (b.detach().float() * scale).T.to(dtype)
     return at, bt
@@ -138,6 +138,11 @@ def bmm_suits(cp: ClassPlan) -> bool:
 
 
 def _scatter_add(y: torch.Tensor, delta: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+    if delta.dtype.itemsize > y.dtype.itemsize:  # a bf16/fp16 base: add in the adapter's dtype, round once (PEFT's order)
+        rows = y if index is None else y.index_select(0, index)
+        total = rows.to(delta.dtype).add_(delta).to(y.dtype)
+        y.copy_(total) if index is None else y.index_copy_(0, index, total)
+        return
     delta = delta.to(y.dtype)
     if index is None:
         y.add_(delta)

@@ -12,6 +12,13 @@ The budget counts the storages' capacity in bytes. Growing a class reallocates i
 old and the new one exist). When the budget is spent, an idle adapter of the same class is evicted first (its
 slot is reused without reallocating), then idle adapters of other classes, whose storage shrinks. An adapter in
 use is never evicted; ``PoolFull`` says so when nothing idle is left.
+
+Devices: the storages live on the pool's device (the model's). The host copies (``PackedAdapter.blob``) stay on
+the CPU; on CUDA they are pinned (``serve/devices.py``), so moving one into a slot is an asynchronous copy on the
+current stream that later kernels wait for, while the host thread goes on (S-LoRA's host/device swapping).
+
+Adapters served at their true size (``serve/truesize.py``) bring their own class: their slot holds the method's
+own tensors, and ``on_acquire`` expands an adapter into LoRA tables when a request starts using it.
 """
 from __future__ import annotations
 
@@ -46,6 +53,14 @@ class PackedAdapter:
         self.blob = torch.cat([t.reshape(-1) for p in sorted(modules) for t in modules[p]])
         self.nbytes = self.blob.nbytes
 
+    def slot_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one pool slot for this adapter."""
+        return slot_layout(self.key)[0] * dtype.itemsize
+
+    def make_class(self, dtype: torch.dtype, device: torch.device) -> "ShapeClass":
+        """The pool class that holds adapters of this one's shape."""
+        return ShapeClass(self.key, dtype, device)
+
     def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per module (A^T, B^T), as views of the blob."""
         _, offsets = slot_layout(self.key)
@@ -56,14 +71,17 @@ class PackedAdapter:
 class ShapeClass:
     """The storage of one adapter shape, and the per-module tables viewing it."""
 
-    def __init__(self, key: tuple[ModuleShape, ...], dtype: torch.dtype):
-        self.key, self.dtype = key, dtype
-        self.slot_elems, self.offsets = slot_layout(key)
-        self.slot_bytes = self.slot_elems * torch.empty(0, dtype=dtype).element_size()
+    def __init__(self, key: tuple[ModuleShape, ...], dtype: torch.dtype, device: torch.device = torch.device("cpu")):
+        self.key, self.dtype, self.device = key, dtype, torch.device(device)
+        self.slot_elems, self.offsets = self.layout()
+        self.slot_bytes = self.slot_elems * dtype.itemsize
         self.ids: list[str] = []  # occupied slots, in slot order
         self.active = 0
-        self.storage = torch.empty(0, self.slot_elems, dtype=dtype)
+        self.storage = torch.empty(0, self.slot_elems, dtype=dtype, device=self.device)
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layout(self) -> tuple[int, dict]:
+        return slot_layout(self.key)
 
     @property
     def cap(self) -> int:
@@ -73,19 +91,30 @@ class ShapeClass:
     def nbytes(self) -> int:
         return self.cap * self.slot_bytes
 
+    @property
+    def in_use_bytes(self) -> int:
+        return self.active * self.slot_bytes
+
     def resize(self, cap: int) -> None:
         n = len(self.ids)
         assert cap >= n
-        storage = torch.empty(cap, self.slot_elems, dtype=self.dtype)
+        storage = torch.empty(cap, self.slot_elems, dtype=self.dtype, device=self.device)
         storage[:n] = self.storage[:n]
         self.storage = storage
+        self.tables = self.views(storage)
+
+    def views(self, storage: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         # A^T [cap, in, r] and B^T [cap, r, out]: strided views, the slot stride being a whole blob
-        self.tables = {p: (storage[:, a:b].unflatten(1, (i, r)), storage[:, b:e].unflatten(1, (r, o)))
-                       for (p, i, o, r), (a, b, e) in zip(self.key, self.offsets.values())}
+        return {p: (storage[:, a:b].unflatten(1, (i, r)), storage[:, b:e].unflatten(1, (r, o)))
+                for (p, i, o, r), (a, b, e) in zip(self.key, self.offsets.values())}
 
     def put(self, packed: PackedAdapter) -> None:
-        self.storage[len(self.ids)].copy_(packed.blob)
+        # from pinned host memory: asynchronous on CUDA, ordered before the kernels that read the slot
+        self.storage[len(self.ids)].copy_(packed.blob, non_blocking=True)
         self.ids.append(packed.aid)
+
+    def on_acquire(self, slot: int) -> None:
+        """An adapter entered the in-use prefix at ``slot`` (true-size classes expand it here)."""
 
     def swap(self, i: int, j: int) -> None:
         if i == j:
@@ -103,8 +132,9 @@ class ShapeClass:
 class AdapterPool:
     """Resident adapters under ``budget_bytes``, with reference counts and LRU eviction of idle ones."""
 
-    def __init__(self, budget_bytes: int, dtype: torch.dtype = torch.float32, growth: float = 0.5):
-        self.budget, self.dtype, self.growth = int(budget_bytes), dtype, growth
+    def __init__(self, budget_bytes: int, dtype: torch.dtype = torch.float32, growth: float = 0.5,
+                 device: torch.device = torch.device("cpu")):
+        self.budget, self.dtype, self.growth, self.device = int(budget_bytes), dtype, growth, torch.device(device)
         self.classes: dict[Hashable, ShapeClass] = {}
         self.home: dict[str, ShapeClass] = {}
         self.refs: dict[str, int] = {}
@@ -125,7 +155,7 @@ class AdapterPool:
         return sum(len(c.ids) * c.slot_bytes for c in list(self.classes.values()))
 
     def in_use_bytes(self) -> int:
-        return sum(c.active * c.slot_bytes for c in list(self.classes.values()))
+        return sum(c.in_use_bytes for c in list(self.classes.values()))
 
     def slot_of(self, aid: str) -> tuple[ShapeClass, int]:
         cls = self.home[aid]
@@ -138,7 +168,7 @@ class AdapterPool:
         cls = self.classes.get(packed.key)
         if cls is not None and len(cls.ids) < cls.cap:
             return True
-        need = ShapeClass(packed.key, self.dtype).slot_bytes
+        need = packed.slot_bytes(self.dtype)
         return self.in_use_bytes() + need <= self.budget
 
     def tables_for(self, path: str) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
@@ -150,7 +180,7 @@ class AdapterPool:
         """Make ``packed`` resident (idle), evicting idle adapters if the budget requires."""
         if packed.aid in self.home:
             return
-        cls = self._room_for(packed.key, packed.aid)
+        cls = self._room_for(packed)
         cls.put(packed)
         self.home[packed.aid] = cls
         self.refs[packed.aid] = 0
@@ -166,6 +196,7 @@ class AdapterPool:
             self.idle.pop(aid, None)
             cls.swap(cls.ids.index(aid), cls.active)
             cls.active += 1
+            cls.on_acquire(cls.active - 1)
 
     def release(self, aid: str) -> None:
         cls = self.home[aid]
@@ -198,8 +229,9 @@ class AdapterPool:
         if shrink and not cls.ids:
             del self.classes[cls.key]
 
-    def _room_for(self, key, aid: str) -> ShapeClass:
-        cls = self.classes.get(key) or self.classes.setdefault(key, ShapeClass(key, self.dtype))
+    def _room_for(self, packed: PackedAdapter) -> ShapeClass:
+        key, aid = packed.key, packed.aid
+        cls = self.classes.get(key) or self.classes.setdefault(key, packed.make_class(self.dtype, self.device))
         if cls.slot_bytes > self.budget:
             del self.classes[key]
             raise PoolFull(f"adapter '{aid}' needs {cls.slot_bytes:,} bytes; the whole pool budget is {self.budget:,}")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import quantized_kind
+from .devices import model_device
 from .kvcache import SlotKVCache
 from .ops import StepPlan, lora_add_, plan_step
 from .pool import AdapterPool
@@ -57,6 +58,7 @@ class ModelRunner:
         self.layer_types = types if self.window else None
         self.eager = self.config._attn_implementation == "eager"
         self.dtype = next(model.parameters()).dtype
+        self.device = model_device(model)  # every tensor a step builds goes here
         self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
         self._stepping = False
         self.hidden: dict[int, torch.Tensor] = {}  # prefill row -> final hidden states of its prompt [len, hidden]
@@ -108,10 +110,10 @@ class ModelRunner:
             cls_row.append(-1 if cls is None else index[cls.key])
             slot_row.append(slot)
         width = 1 if real is None else real.shape[1]
-        token_cls = torch.tensor(cls_row)[:, None].expand(-1, width)
+        token_cls = torch.tensor(cls_row, device=self.device)[:, None].expand(-1, width)
         if real is not None:
             token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
-        token_slot = torch.tensor(slot_row)[:, None].expand(-1, width)
+        token_slot = torch.tensor(slot_row, device=self.device)[:, None].expand(-1, width)
         self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
         paths = {p for k in keys for p, *_ in k}
         self.ensure_hooks(paths)
@@ -123,7 +125,7 @@ class ModelRunner:
         def finish(m):
             if not self.eager:
                 return m
-            return torch.zeros(m.shape, dtype=self.dtype).masked_fill_(~m, torch.finfo(self.dtype).min)
+            return torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill_(~m, torch.finfo(self.dtype).min)
 
         if self.layer_types is None:
             return finish(allowed)
@@ -138,11 +140,12 @@ class ModelRunner:
         rows ``keep_hidden`` keep their final hidden states in ``self.hidden`` (for ``prompt_logits``)."""
         n, width = len(prompts), max(len(p) for p in prompts)
         offsets = [width - len(p) for p in prompts]
-        ids = torch.zeros(n, width, dtype=torch.long)
+        ids = torch.zeros(n, width, dtype=torch.long, device="cpu")  # built on the host, then moved in one copy
         for b, p in enumerate(prompts):
-            ids[b, offsets[b]:] = torch.tensor(p, dtype=torch.long)
-        off = torch.tensor(offsets)[:, None]
-        cols = torch.arange(width)[None, :]
+            ids[b, offsets[b]:] = torch.tensor(p, dtype=torch.long, device="cpu")
+        ids = ids.to(self.device)
+        off = torch.tensor(offsets, device=self.device)[:, None]
+        cols = torch.arange(width, device=self.device)[None, :]
         positions = (cols - off).clamp(min=0)
         q = cols[:, :, None]
         k = cols[:, None, :]
@@ -185,15 +188,15 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[Optional[str]]) -> torch.Tensor:
         """One token for each of slots ``[0, n)``, at positions ``lengths``; returns next-token logits [n, vocab]."""
-        lens = torch.tensor(lengths, dtype=torch.long)
-        width = int(lens.max()) + 1
-        k = torch.arange(width)[None, None, None, :]
+        lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        width = max(lengths) + 1
+        k = torch.arange(width, device=self.device)[None, None, None, :]
         q = lens[:, None, None, None]
         masks = self._masks(k <= q, q, k)
         self._real = None
         self._set_adapters(adapters)
         self.cache.decode(lens)
-        ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         out = self._forward(input_ids=ids, position_ids=lens[:, None], attention_mask=masks, past_key_values=self.cache,
                             use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -90,8 +90,8 @@ def add_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
         return logits
     logits = logits.clone()
     for i, bias in rows:
-        ids = torch.tensor(list(bias), dtype=torch.long)
-        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 

@@ -60,7 +60,7 @@ def risk_coverage(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torc
                          f"{tuple(correct.shape)}")
     order = torch.argsort(confidence, descending=True, stable=True)
     errors = (~correct.bool())[order].to(torch.float64).cumsum(0)
-    selected = torch.arange(1, confidence.numel() + 1, dtype=torch.float64)
+    selected = torch.arange(1, confidence.numel() + 1, dtype=torch.float64, device=confidence.device)
     return errors / selected, selected / confidence.numel(), confidence[order]
 
 
@@ -88,6 +88,6 @@ def fit_window(confidence: torch.Tensor, correct: torch.Tensor, risk: float = 0.
     r, _, thresholds = risk_coverage(confidence, correct)
     tau = float(thresholds[_cut(r, risk, skip)])
     q = float((confidence <= tau).to(torch.float64).mean())
-    bounds = torch.tensor([max(q - width, 0.0), min(q + width, 1.0)], dtype=torch.float64)
+    bounds = torch.tensor([max(q - width, 0.0), min(q + width, 1.0)], dtype=torch.float64, device=confidence.device)
     low, high = torch.quantile(confidence, bounds).tolist()
     return Window(tau=tau, low=low, high=high, risk=risk, width=width)

@@ -29,6 +29,7 @@ from ..core.capabilities import CapabilityError
 from ..core.state import AdapterState
 from ..core.targets import LINEAR_TYPES
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_state
+from .devices import host_copy
 from .ops import pack_low_rank
 from .pool import PackedAdapter
 
@@ -119,8 +120,11 @@ class AdapterStore:
     """Registered adapters, the host cache and the prefetch thread (thread-safe)."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
-                 host_bytes: int = 4 << 30, prefetch: bool = True, allow_pickle: bool = False):
+                 host_bytes: int = 4 << 30, prefetch: bool = True, allow_pickle: bool = False,
+                 device: torch.device = torch.device("cpu"), true_size: bool = True):
         self.shapes, self.dtype, self.host_budget = shapes, dtype, int(host_bytes)
+        self.device = torch.device(device)  # the pool's: host copies are pinned for a CUDA GPU
+        self.true_size = true_size  # NOLA, LoRA-XS, ... from their own tensors (truesize.py), not as LoRA
         self.allow_pickle = allow_pickle
         self.entries: dict[str, AdapterEntry] = {}
         self.by_aid: dict[str, AdapterEntry] = {}
@@ -244,6 +248,7 @@ class AdapterStore:
                 self.stats["failures"] += 1
                 self.loaded.notify_all()
             raise AdapterFitError(message) from None
+        packed.blob = host_copy(packed.blob, self.device)  # pinned for a CUDA pool: asynchronous copies in
         with self._lock:
             self.stats["loads"] += 1
             self.stats["load_seconds"] += time.perf_counter() - start

@@ -15,24 +15,9 @@ from contextlib import nullcontext
 
 import torch
 
+from ..core.devices import resolve_device  # noqa: F401  (train's --device)
+
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """The torch device for a --device value."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be auto, cpu, cuda or mps, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but this torch build has no MPS support; use --device cpu or auto")
-    return torch.device(name)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
