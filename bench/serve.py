@@ -11,9 +11,10 @@ adapters (a byte budget), so the 1,000-adapter traces swap. Systems take turns r
 every round: ABBA), and every number is the median over repeats. Also measured: decode steps alone (interleaved), a torch.profiler
 table of one decode step, and greedy outputs compared with ``peft`` running each adapter alone.
 
-    HF_HUB_OFFLINE=1 python bench/serve.py [--quick] [--report-only] [--threads 1]
+    HF_HUB_OFFLINE=1 python bench/serve.py [--quick] [--report-only] [--threads 1] [--device cpu|cuda|mps|auto]
 
-writes docs/benchmarks/serving.md, .png and .json (``--quick``: runs/bench-serve/quick/). Finished runs are kept
+writes docs/benchmarks/serving.md, .png and .json (``--quick``: runs/bench-serve/quick/; another device than the
+CPU: runs/bench-serve/<device>/, where every system runs on that device and the peak device memory is recorded). Finished runs are kept
 in the JSON, so an interrupted run resumes where it stopped, and ``--report-only`` re-renders the page.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ MODEL, TARGETS, SLOTS, MAX_LEN = "llama-25m", ["q_proj", "k_proj", "v_proj", "o_
 RANKS = (8, 16, 32, 64)
 FULL = dict(requests=96, rate=16.0, in_len=(8, 128), out_len=(8, 64), repeats=3, adapters=1000, mixed=128,
             pool_adapters=64, scale=(5, 100, 1000), merge_repeats=2, scale_repeats=5, check=24, micro=30)
+DEVICE = torch.device("cpu")  # --device: every system's model, pool and KV cache
 QUICK = dict(FULL, requests=32, repeats=1, scale=(5, 1000), merge_repeats=1, scale_repeats=1, check=6, micro=5)
 
 
@@ -105,6 +107,7 @@ class Systems:
         self.models, self.tok = {}, None
         for system in ("lorakit", "base", "peft", "merge"):
             self.models[system], self.tok = zoo.load(MODEL, "causal_lm")
+            self.models[system].to(DEVICE)
         ref = self.models["base"].state_dict()
         assert all(torch.equal(ref[k], v) for m in self.models.values() for k, v in m.state_dict().items())
         self.shapes = linear_shapes(self.models["base"])
@@ -130,7 +133,7 @@ class Systems:
 
     def engine(self, system: str, folder: Path, pool_bytes: int, names: list[str], backend: str = "auto", model=None) -> Engine:
         config = EngineConfig(max_batch=SLOTS, max_len=MAX_LEN, pool_bytes=pool_bytes, backend=backend)
-        store = AdapterStore(self.shapes, prefetch=system == "lorakit")
+        store = AdapterStore(self.shapes, prefetch=system == "lorakit", device=DEVICE)
         store.scan(folder)
         model = model or self.models[system]
         if system == "peft":
@@ -155,16 +158,24 @@ def instrument(runner, log: dict) -> None:
     def timed_decode(tokens, lengths, adapters):
         start = time.perf_counter()
         out = decode(tokens, lengths, adapters)
+        sync()
         log["decode"].append((len(adapters), len(set(adapters)), time.perf_counter() - start))
         return out
 
     def timed_prefill(prompts, start, adapters):
         t = time.perf_counter()
         out = prefill(prompts, start, adapters)
+        sync()
         log["prefill"].append((len(prompts), time.perf_counter() - t))
         return out
 
     runner.decode, runner.prefill = timed_decode, timed_prefill
+
+
+def sync() -> None:
+    """Wait for the device, so a step's time is its own (asynchronous CUDA kernels)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def replay(engine: Engine, trace: list[dict], base: bool) -> tuple[list[Request], float]:
@@ -211,6 +222,7 @@ def measure(reqs: list[Request], t0: float, log: dict, engine: Engine, rss: tupl
         disk_loads=engine.store.stats["loads"], load_stall_seconds=s["load_stall_seconds"],
         rss_peak=rss[1], rss_rise=rss[1] - rss[0], cpu_seconds=cpu, tok_cpu_s=sum(len(r.output) for r in ok) / cpu,
         outputs=[r.output for r in reqs],
+        device=str(DEVICE), device_peak=torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else None,
     )
     runner = engine.runner
     if isinstance(runner, MergedRunner):
@@ -224,6 +236,8 @@ def run_once(systems: Systems, system: str, work: dict) -> dict:
     instrument(engine.runner, log)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     before, cpu = status_kib("VmRSS") * 1024, time.process_time()
     try:
         reqs, t0 = replay(engine, work["trace"], system == "base")
@@ -242,7 +256,7 @@ def decode_micro(systems: Systems, folder: Path, names: list[str], reps: int, po
     for system in ("lorakit", "lorakit-grouped", "base", "peft"):
         grouped = system == "lorakit-grouped"
         e = engines[system] = systems.engine("lorakit" if grouped else system, folder, pool_bytes, names,
-                                             "grouped" if grouped else "auto", zoo.load(MODEL, "causal_lm")[0] if grouped else None)
+                                             "grouped" if grouped else "auto", zoo.load(MODEL, "causal_lm")[0].to(DEVICE) if grouped else None)
         reqs = [e.submit(Request(rng.integers(3, 259, 64).tolist(), None if system == "base" else n,
                                  SamplingParams(max_tokens=MAX_LEN - 65, temperature=0, ignore_eos=True))) for n in names]
         while len(e.running) < len(reqs):
@@ -250,7 +264,7 @@ def decode_micro(systems: Systems, folder: Path, names: list[str], reps: int, po
         tokens, lengths = [r.output[-1] for r in e.running], [len(r.prompt) + len(r.output) - 1 for r in e.running]
         aids = [r.aid for r in e.running]
         for b in (1, 8, 32) if system not in ("peft", "lorakit-grouped") else (8, 32):
-            fns[f"{system}@{b}"] = (lambda e=e, b=b, t=tokens, ln=lengths, a=aids: e.runner.decode(t[:b], ln[:b], a[:b]))
+            fns[f"{system}@{b}"] = (lambda e=e, b=b, t=tokens, ln=lengths, a=aids: (e.runner.decode(t[:b], ln[:b], a[:b]), sync()))
     times = interleaved(fns, warmup=2, n=reps)
     out = {k: float(np.median(v)) for k, v in times.items()}
     out["profile"] = {s: profile_steps(fns[f"{s}@32"]) for s in ("lorakit", "base")}
@@ -284,7 +298,7 @@ def check_outputs(systems: Systems, samples: list[dict]) -> list[dict]:
     with torch.inference_mode():
         for s in samples:
             pm.set_adapter(s["adapter"])
-            ids = torch.tensor([s["prompt"]])
+            ids = torch.tensor([s["prompt"]], device=DEVICE)
             kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(s["lorakit"]),
                       do_sample=False, eos_token_id=None, pad_token_id=0)
             peft_out = pm.generate(**kw)[0, ids.shape[1]:].tolist()
@@ -330,8 +344,15 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="re-render the page from the saved JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for every system")
     parser.add_argument("--out", default=None, help="folder of the page (default docs/benchmarks, quick: runs/bench-serve/quick)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto: where every system runs")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else (WORK / "quick" if args.quick else ROOT / "docs" / "benchmarks")
+    global DEVICE
+    from lorakit.core.devices import resolve_device
+
+    DEVICE = resolve_device(args.device)
+    on_cpu = DEVICE.type == "cpu"
+    out = Path(args.out) if args.out else (WORK / "quick" if args.quick else ROOT / "docs" / "benchmarks") if on_cpu \
+        else WORK / str(DEVICE).replace(":", "-") / ("quick" if args.quick else "")
     result_path = out / "serving.json"
     if args.report_only:
         render(read_json(result_path), out)
