@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..core.capabilities import CapabilityError
 from ..core.state import AdapterState
 from ..core.targets import LINEAR_TYPES
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_state
+from . import truesize
 from .devices import host_copy
 from .ops import pack_low_rank
 from .pool import PackedAdapter
@@ -49,8 +51,10 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: torch.dtype, aid: str, source: str) -> PackedAdapter:
-    """Check ``state`` against the base model's layers and pack it; errors name the file, module and shapes."""
+def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: torch.dtype, aid: str, source: str,
+               true_size: bool = False, shared: Optional[dict] = None) -> PackedAdapter:
+    """Check ``state`` against the base model's layers and pack it; errors name the file, module and shapes.
+    With ``true_size``, methods of ``truesize.SPECS`` keep their own tensors (``shared`` dedupes frozen ones)."""
     if state.modules_to_save:
         raise AdapterFitError(
             f"{source}: the adapter saves whole modules ({', '.join(list(state.modules_to_save)[:4])}); the server "
@@ -58,15 +62,20 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         )
     if state.base_tensors:
         raise AdapterFitError(f"{source}: the adapter trains base-model biases (bias={state.config.bias!r}); merge it instead")
-    try:
-        state.require("servable", "serve it")
-    except CapabilityError as e:
-        raise AdapterFitError(f"{source}: {e}") from None
+    spec = truesize.spec_for(state) if true_size else None
+    if spec is None:
+        try:
+            state.require("servable", "serve it")
+        except CapabilityError as e:
+            raise AdapterFitError(f"{source}: {e}") from None
     modules = {}
     for path in sorted(state.modules()):
         if any(k.startswith("lora_embedding") for k in state.tensors[path]):
             raise AdapterFitError(f"{source}: module '{path}' is an embedding; the server adapts linear layers only")
-        low_rank = state.low_rank(path)
+        if spec is not None and path in shapes:  # the factors of RandLoRA and SHiRA take the layer's shape
+            low_rank = truesize.factors(state, spec, path, state.tensors[path], shapes[path][1], shapes[path][0])
+        else:
+            low_rank = state.low_rank(path) if spec is None else (None, None, None)
         if low_rank is None:
             raise AdapterFitError(
                 f"{source}: method '{state.config.method_name}' is not exactly low-rank on module '{path}'; merge it "
@@ -90,6 +99,8 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
             raise AdapterFitError(f"{source}: module '{path}': the adapter's weights overflow {dtype} once scaled")
     if not modules:
         raise AdapterFitError(f"{source}: the adapter adapts no module")
+    if spec is not None:
+        return truesize.TrueSizeAdapter(aid, state, spec, shapes, modules, {} if shared is None else shared)
     return PackedAdapter(aid, modules)
 
 
@@ -125,6 +136,7 @@ class AdapterStore:
         self.shapes, self.dtype, self.host_budget = shapes, dtype, int(host_bytes)
         self.device = torch.device(device)  # the pool's: host copies are pinned for a CUDA GPU
         self.true_size = true_size  # NOLA, LoRA-XS, ... from their own tensors (truesize.py), not as LoRA
+        self.shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # frozen tensors, one per content
         self.allow_pickle = allow_pickle
         self.entries: dict[str, AdapterEntry] = {}
         self.by_aid: dict[str, AdapterEntry] = {}
@@ -240,7 +252,7 @@ class AdapterStore:
                 packed = derived[1]([self.load(c) for c in derived[0]])
             else:
                 state = load_state(entry.path, allow_pickle=self.allow_pickle)
-                packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path))
+                packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path), self.true_size, self.shared)
         except Exception as e:
             message = f"merged adapter cannot be built: {e}" if derived else f"adapter '{entry.name}' cannot be loaded: {e}"
             with self._lock:
