@@ -8,9 +8,9 @@ would cost the LoRA pair's bytes. Here a pool slot holds the method's own tensor
 ``TrueSizeAdapter.blob``), and the tensors that all adapters of a class hold alike (LoRA-XS's frozen A and B,
 RandLoRA's saved bases) are stored once per class on the device (deduplicated by content). When a request starts
 using an adapter, ``TrueSizeClass.on_acquire`` expands it on the device into the LoRA tables the batched operator
-reads (a workspace row per adapter in use), with the method's own ``low_rank`` (or, for RandLoRA and SHiRA,
-the factors below) and ``ops.pack_low_rank``: the same tensors, computed the same way, as serving the export, so
-the outputs are the export's. The memory: resident adapters at their true size, plus one LoRA-sized workspace row
+reads (a workspace row per adapter in use; an idle adapter keeps its row until another adapter needs it), with
+the method's own ``low_rank`` (or, for RandLoRA and SHiRA, the factors below) and ``ops.pack_low_rank``: the
+same tensors, computed the same way, as serving the export, so the outputs are the export's. The memory: resident adapters at their true size, plus one LoRA-sized workspace row
 for each adapter that running requests use (counted in the pool's bytes), plus the shared tensors once.
 
 Deviation from the methods' own forwards (not from the export): RandLoRA's update runs as the two GEMMs of its
@@ -159,6 +159,7 @@ class TrueSizeClass(ShapeClass):
         super().__init__(template.key, torch.uint8, device)
         self.workspace = torch.zeros(0, self.lora.slot_elems, dtype=dtype, device=self.device)
         self.tables = self.lora.views(self.workspace)
+        self.expanded: list[Optional[str]] = []  # per workspace row: the adapter whose tables it holds
 
     def layout(self) -> tuple[int, dict]:
         return self.template.nbytes, {}
@@ -176,16 +177,21 @@ class TrueSizeClass(ShapeClass):
 
     def swap(self, i: int, j: int) -> None:
         super().swap(i, j)
-        if i != j and max(i, j) < self.workspace.shape[0]:
+        if i != j and max(i, j) < self.workspace.shape[0]:  # an idle adapter keeps its tables while its row lasts
             self.workspace[[i, j]] = self.workspace[[j, i]]
+            self.expanded[i], self.expanded[j] = self.expanded[j], self.expanded[i]
 
     def on_acquire(self, slot: int) -> None:
         if slot >= self.workspace.shape[0]:
             grown = torch.zeros(max(slot + 1, 2 * self.workspace.shape[0]), self.lora.slot_elems,
                                 dtype=self.lora_dtype, device=self.device)
             grown[:self.workspace.shape[0]] = self.workspace
+            self.expanded += [None] * (grown.shape[0] - self.workspace.shape[0])
             self.workspace = grown
             self.tables = self.lora.views(grown)
+        if self.expanded[slot] == self.ids[slot]:  # expanded when it was last in use, and its row kept since
+            return
+        self.expanded[slot] = self.ids[slot]
         for path, (at, bt) in self.template.expand(self.storage[slot], self.shared, self.lora_dtype).items():
             self.tables[path][0][slot].copy_(at)
             self.tables[path][1][slot].copy_(bt)
