@@ -10,8 +10,10 @@ RandLoRA's saved bases) are stored once per class on the device (deduplicated by
 using an adapter, ``TrueSizeClass.on_acquire`` expands it on the device into the LoRA tables the batched operator
 reads (a workspace row per adapter in use; an idle adapter keeps its row until another adapter needs it), with
 the method's own ``low_rank`` (or, for RandLoRA and SHiRA, the factors below) and ``ops.pack_low_rank``: the
-same tensors, computed the same way, as serving the export, so the outputs are the export's. The memory: resident adapters at their true size, plus one LoRA-sized workspace row
-for each adapter that running requests use (counted in the pool's bytes), plus the shared tensors once.
+same tensors, computed the same way, as serving the export, so the outputs are the export's. The memory: resident
+adapters at their true size, plus one LoRA-sized workspace row for each adapter that running requests use (counted
+in the pool's bytes), plus the shared tensors once. The first use of an adapter pays its expansion (NOLA draws its
+random bases again: k·r·(in + out) numbers per module).
 
 Deviation from the methods' own forwards (not from the export): RandLoRA's update runs as the two GEMMs of its
 forward with the scale folded into the up-projection; SHiRA's as a gather of the used input columns and one GEMM
