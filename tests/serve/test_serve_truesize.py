@@ -108,3 +108,4 @@ def test_lora_form_store_still_refuses_what_is_not_low_rank(tmp_path):
     with pytest.raises(AdapterFitError, match="randlora.*does not declare 'servable'"):
         store.load(store.entry("r").aid)
     store.close()
+

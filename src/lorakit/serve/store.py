@@ -62,6 +62,15 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         )
     if state.base_tensors:
         raise AdapterFitError(f"{source}: the adapter trains base-model biases (bias={state.config.bias!r}); merge it instead")
+    if getattr(state.config, "target_parameters", None):
+        raise AdapterFitError(
+            f"{source}: the adapter adapts parameters directly (target_parameters={list(state.config.target_parameters)}, "
+            "e.g. fused MoE expert weights). The server adds each request's update to linear layers' outputs token by "
+            "token; an expert's update acts inside the experts' own computation (before the activation, for the experts "
+            "each token is routed to), which this engine does not recompute per adapter, so it cannot serve it exactly. "
+            "Merge it into the base model (lorakit.merge(lorakit.load_peft(model, DIR)), then save_pretrained) and "
+            "serve that model with --model, or run it with the model directly"
+        )
     spec = truesize.spec_for(state) if true_size else None
     if spec is None:
         try:

@@ -72,8 +72,6 @@ SPECS = {
 
 def spec_for(state: AdapterState) -> Optional[Spec]:
     """The true-size recipe of ``state``'s method, or None (then it is served as LoRA, or refused)."""
-    if getattr(state.config, "target_parameters", None):
-        return None
     return SPECS.get(state.config.method_name)
 
 
