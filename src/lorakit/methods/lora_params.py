@@ -35,6 +35,17 @@ def expert_factors(tensors: dict[str, torch.Tensor], r: int) -> tuple[torch.Tens
     return a.reshape(experts, r, a.shape[1]), b.reshape(b.shape[0], r, experts).permute(2, 0, 1)
 
 
+def fold(w: torch.Tensor, tensors: dict[str, torch.Tensor], r: int, scaling: float, transposed: bool) -> torch.Tensor:
+    """W + ΔW for a parameter ``w`` (2-D, or a stack of experts), as PEFT's parametrisation computes it."""
+    if w.dim() == 2:
+        delta = tensors["lora_B.weight"] @ tensors["lora_A.weight"] * scaling
+        return w + (delta.T if transposed else delta).to(w.dtype)
+    a3, b3 = expert_factors(tensors, r)
+    lhs, rhs = (a3.transpose(-2, -1), b3.transpose(-2, -1)) if transposed else (b3, a3)
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        return torch.baddbmm(w, lhs.to(w.dtype), rhs.to(w.dtype), alpha=scaling)
+
+
 @METHODS.register()
 class LoRAParameter(LoRALayer):
     """LoRA on one parameter of a module (``target_parameters``): a 2-D weight or a 3-D stack of experts."""
@@ -101,15 +112,8 @@ class LoRAParameter(LoRALayer):
 
     def updated(self) -> torch.Tensor:
         """W + ΔW, as PEFT's parametrisation computes it."""
-        w = self.parameter()
-        if self.num_experts == 1:
-            delta = type(self).delta({"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight},
-                                     self.config, None)
-            return w + (delta.T if self.transposed else delta).to(w.dtype)
-        a3, b3 = expert_factors({"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}, self.r)
-        lhs, rhs = (a3.transpose(-2, -1), b3.transpose(-2, -1)) if self.transposed else (b3, a3)
-        with torch.autocast(device_type=w.device.type, enabled=False):
-            return torch.baddbmm(w, lhs.to(w.dtype), rhs.to(w.dtype), alpha=self.scaling)
+        tensors = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        return fold(self.parameter(), tensors, self.r, self.scaling, self.transposed)
 
     def forward(self, x, *args, **kwargs):
         if self.disabled or self.r == 0:
