@@ -1,50 +1,84 @@
-"""MoE bases in the server: adapters on attention layers serve peft's tokens; adapters on fused expert weights
-(PEFT's target_parameters) are refused with a reason (the engine does not recompute experts per adapter)."""
+"""MoE bases in the server: adapters on fused expert weights (PEFT's target_parameters) and on attention layers,
+mixed in one batch with the base model, serve the greedy tokens `peft` gives each adapter alone (tiny Mixtral,
+Qwen3-MoE and GPT-OSS built from configs)."""
 
 import pytest
 import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 
-PROMPTS = [[1, 5, 6, 7, 8], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35]]
+PROMPTS = [[1, 5, 6, 7, 8], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35], [1, 40, 41, 42], [1, 50, 51, 52, 53, 54]]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=260, hidden_size=16, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64))
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(
+        vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
+MODELS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss}
+
+
+def base(name):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MODELS[name]().eval()
 
 
 def greedy(n=6):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-
-def _mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return MixtralForCausalLM(MixtralConfig(
-            vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)).eval()
-
-
-def test_moe_base_serves_attention_adapters_and_refuses_expert_parameters(tmp_path):
-    """Over a tiny Mixtral: an adapter on the attention layers serves peft's tokens; one on the fused expert
-    weights (PEFT's target_parameters) is refused when it loads, naming target_parameters and what to do."""
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_expert_adapters_serve_peft_tokens_in_mixed_batches(tmp_path, model_name):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from lorakit.data import byte_tokenizer
 
-    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    get_peft_model(_mixtral(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                          init_lora_weights=False)).save_pretrained(tmp_path / "attn")
-    get_peft_model(_mixtral(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=experts,
-                                          init_lora_weights=False)).save_pretrained(tmp_path / "experts")
-    engine = Engine(_mixtral(), byte_tokenizer(), EngineConfig(max_batch=3, max_len=64, prefetch=False))
-    engine.add_adapter("attn", tmp_path / "attn")
-    with pytest.raises(ValueError, match=r"target_parameters=\[.*experts.*\].*cannot serve it exactly.*Merge it"):
-        engine.add_adapter("experts", tmp_path / "experts")
-    reqs = engine.drain([engine.submit(Request(p, a, greedy())) for p, a in zip(PROMPTS, ["attn", None, "attn"])])
+    configs = {"experts": dict(target_modules=["q_proj"], target_parameters=EXPERTS),
+               "down": dict(target_modules=[], target_parameters=["experts.down_proj"], r=3),
+               "attn": dict(target_modules=["q_proj", "v_proj"])}
+    for i, (name, kw) in enumerate(configs.items()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(i)
+            get_peft_model(base(model_name), LoraConfig(**{"r": 2, "lora_alpha": 4, **kw}, init_lora_weights=False)
+                           ).save_pretrained(tmp_path / name)
+    engine = Engine(base(model_name), byte_tokenizer(), EngineConfig(max_batch=3, max_len=64, prefetch=False))
+    for name in configs:
+        engine.add_adapter(name, tmp_path / name)
+    names = ["experts", None, "down", "attn", "experts"]
+    reqs = engine.drain([engine.submit(Request(p, a, greedy(4 + i))) for i, (p, a) in enumerate(zip(PROMPTS, names))])
     engine.stop()
-    peft = PeftModel.from_pretrained(_mixtral(), str(tmp_path / "attn")).eval()
-    for p, a, r in zip(PROMPTS, ["attn", None, "attn"], reqs):
-        with torch.inference_mode(), (peft.disable_adapter() if a is None else torch.enable_grad()):
-            ref = peft.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, len(p):].tolist()
+    outputs = {}
+    for i, (p, a, r) in enumerate(zip(PROMPTS, names, reqs)):
+        assert r.finish_reason == "length", r.error
+        model = PeftModel.from_pretrained(base(model_name), str(tmp_path / (a or "attn"))).eval()
+        with torch.inference_mode(), (model.disable_adapter() if a is None else torch.enable_grad()):
+            ref = model.generate(input_ids=torch.tensor([p]), max_new_tokens=4 + i, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            plain = base(model_name).generate(input_ids=torch.tensor([p]), max_new_tokens=4 + i, do_sample=False,
+                                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert r.output == ref, (a, p)
+        outputs[a] = (r.output, plain)
+    assert outputs["experts"][0] != outputs["experts"][1], "the expert adapter changes the tokens"

@@ -84,6 +84,7 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     from ..compress.quantize import QuantizeConfig, check_available, quantize_
     from .devices import resolve
     from .engine import Engine, EngineConfig
+    from .moe import parameter_shapes
     from .store import AdapterStore, linear_shapes
 
     where, torch_dtype = resolve(device, dtype)  # an absent device is refused before the model loads
@@ -101,7 +102,8 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     if quantization is not None:
         quantize_(base, quantization)
     cfg = EngineConfig(**config)
-    store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle, device=where)
+    store = AdapterStore(linear_shapes(base), cfg.lora_dtype, cfg.host_bytes, cfg.prefetch, allow_pickle, device=where,
+                         params=parameter_shapes(base))
     if adapters:
         store.scan(adapters)
     for name, path in entries.items():

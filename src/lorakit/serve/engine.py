@@ -25,6 +25,7 @@ import torch
 
 from . import combos
 from .devices import model_device
+from .moe import ParameterHooks, parameter_shapes
 from .guided import GuideError, GuideFactory, apply_guides
 from .logprobs import pick, prompt_records
 from .metrics import AdapterCounters
@@ -49,7 +50,9 @@ class Engine:
         self.device = model_device(model)
         self.pool = AdapterPool(c.pool_bytes, c.lora_dtype, device=self.device)
         self.runner = runner or ModelRunner(model, self.pool, c.max_batch, c.max_len, c.backend)
-        self.store = store or AdapterStore(self.runner.shapes, c.lora_dtype, c.host_bytes, c.prefetch, device=self.device)
+        self.store = store or AdapterStore(self.runner.shapes, c.lora_dtype, c.host_bytes, c.prefetch, device=self.device,
+                                           params=parameter_shapes(model))
+        self.parameter_hooks = ParameterHooks(self.runner) if self.runner.needs_pool else None  # MoE expert adapters
         self.max_prompt = c.max_prompt_tokens or c.max_len - 1
         self.max_new = c.max_tokens or c.max_len - 1
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
@@ -175,6 +178,8 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
         self.store.close()
+        if self.parameter_hooks is not None:
+            self.parameter_hooks.close()
         self.runner.close()  # the model is as it was given: no hooks, modes restored
 
     def _loop(self) -> None:

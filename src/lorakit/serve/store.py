@@ -30,7 +30,7 @@ from ..core.capabilities import CapabilityError
 from ..core.state import AdapterState
 from ..core.targets import LINEAR_TYPES
 from ..formats.peft import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, load_state
-from . import truesize
+from . import moe, truesize
 from .devices import host_copy
 from .ops import pack_low_rank
 from .pool import PackedAdapter
@@ -51,8 +51,25 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _parameter_factors(state: AdapterState, path: str, where: tuple[str, str], params, source: str):
+    """(A, B, r, scaling, transposed) of an adapter on a parameter, checked against the parameter's shape."""
+    shape, transposed = params[where[0]][where[1]]
+    config = state.module_config(path)
+    a, b = state.tensors[path]["lora_A.weight"], state.tensors[path]["lora_B.weight"]
+    experts = shape[0] if len(shape) == 3 else 1
+    out_f, in_f = (shape[2], shape[1]) if transposed else (shape[-2], shape[-1])
+    if tuple(a.shape) != (config.r * experts, in_f) or tuple(b.shape) != (out_f, config.r * experts):
+        raise AdapterFitError(
+            f"{source}: parameter '{where[0]}.{where[1]}' {tuple(shape)}: the adapter's lora_A {tuple(a.shape)} and "
+            f"lora_B {tuple(b.shape)} are not rank-{config.r} factors for {experts} expert(s) of {in_f} -> {out_f}. "
+            "Was the adapter trained for another base model?")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterFitError(f"{source}: parameter '{where[0]}.{where[1]}': the adapter's weights contain NaN or inf")
+    return a, b, config.r, config.scaling, transposed
+
+
 def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: torch.dtype, aid: str, source: str,
-               true_size: bool = False, shared: Optional[dict] = None) -> PackedAdapter:
+               true_size: bool = False, shared: Optional[dict] = None, params: Optional[dict] = None) -> PackedAdapter:
     """Check ``state`` against the base model's layers and pack it; errors name the file, module and shapes.
     With ``true_size``, methods of ``truesize.SPECS`` keep their own tensors (``shared`` dedupes frozen ones)."""
     if state.modules_to_save:
@@ -62,23 +79,22 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         )
     if state.base_tensors:
         raise AdapterFitError(f"{source}: the adapter trains base-model biases (bias={state.config.bias!r}); merge it instead")
-    if getattr(state.config, "target_parameters", None):
-        raise AdapterFitError(
-            f"{source}: the adapter adapts parameters directly (target_parameters={list(state.config.target_parameters)}, "
-            "e.g. fused MoE expert weights). The server adds each request's update to linear layers' outputs token by "
-            "token; an expert's update acts inside the experts' own computation (before the activation, for the experts "
-            "each token is routed to), which this engine does not recompute per adapter, so it cannot serve it exactly. "
-            "Merge it into the base model (lorakit.merge(lorakit.load_peft(model, DIR)), then save_pretrained) and "
-            "serve that model with --model, or run it with the model directly"
-        )
+    wanted = list(getattr(state.config, "target_parameters", None) or [])
+    targets = {p: moe.locate(p, wanted, params or {}) for p in state.modules() if p not in shapes} if wanted else {}
+    parameters = {}
+    for path, where in targets.items():  # adapters on parameters (fused MoE experts): served by serve/moe.py
+        if where is None:
+            raise AdapterFitError(f"{source}: module '{path}' is neither a linear layer nor a targeted parameter "
+                                  f"({', '.join(wanted)}) of the base model. Was the adapter trained for another model?")
+        parameters[where] = _parameter_factors(state, path, where, params, source)
     spec = truesize.spec_for(state) if true_size else None
-    if spec is None:
+    if spec is None and not wanted:  # target_parameters: LoRA, one low-rank pair per expert (checked below)
         try:
             state.require("servable", "serve it")
         except CapabilityError as e:
             raise AdapterFitError(f"{source}: {e}") from None
     modules = {}
-    for path in sorted(state.modules()):
+    for path in sorted(p for p in state.modules() if p not in targets):
         if any(k.startswith("lora_embedding") for k in state.tensors[path]):
             raise AdapterFitError(f"{source}: module '{path}' is an embedding; the server adapts linear layers only")
         if spec is not None and path in shapes:  # the factors of RandLoRA and SHiRA take the layer's shape
@@ -106,8 +122,10 @@ def pack_state(state: AdapterState, shapes: dict[str, tuple[int, int]], dtype: t
         modules[path] = pack_low_rank(a, b, scale, dtype)
         if not all(torch.isfinite(t).all() for t in modules[path]):
             raise AdapterFitError(f"{source}: module '{path}': the adapter's weights overflow {dtype} once scaled")
-    if not modules:
+    if not modules and not parameters:
         raise AdapterFitError(f"{source}: the adapter adapts no module")
+    if parameters:
+        return moe.ParameterAdapter(aid, modules, parameters)
     if spec is not None:
         return truesize.TrueSizeAdapter(aid, state, spec, shapes, modules, {} if shared is None else shared)
     return PackedAdapter(aid, modules)
@@ -141,8 +159,9 @@ class AdapterStore:
 
     def __init__(self, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
                  host_bytes: int = 4 << 30, prefetch: bool = True, allow_pickle: bool = False,
-                 device: torch.device = torch.device("cpu"), true_size: bool = True):
+                 device: torch.device = torch.device("cpu"), true_size: bool = True, params: Optional[dict] = None):
         self.shapes, self.dtype, self.host_budget = shapes, dtype, int(host_bytes)
+        self.params = params  # moe.parameter_shapes(model): what adapters on parameters (MoE experts) may target
         self.device = torch.device(device)  # the pool's: host copies are pinned for a CUDA GPU
         self.true_size = true_size  # NOLA, LoRA-XS, ... from their own tensors (truesize.py), not as LoRA
         self.shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # frozen tensors, one per content
@@ -261,7 +280,8 @@ class AdapterStore:
                 packed = derived[1]([self.load(c) for c in derived[0]])
             else:
                 state = load_state(entry.path, allow_pickle=self.allow_pickle)
-                packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path), self.true_size, self.shared)
+                packed = pack_state(state, self.shapes, self.dtype, aid, str(entry.path), self.true_size, self.shared,
+                                    self.params)
         except Exception as e:
             message = f"merged adapter cannot be built: {e}" if derived else f"adapter '{entry.name}' cannot be loaded: {e}"
             with self._lock:
