@@ -49,16 +49,32 @@ def _workload(engine):
                                                     prompt_logprobs=1)),
             Request(PROMPTS[1], None, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                     merge=(["a", "b"], [0.5, 0.5], "linear"))]
+    if engine.store.entry("xs") is not None:  # served at its true size (serve/truesize.py)
+        reqs.append(Request(PROMPTS[2], "xs", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
     done = engine.drain([engine.submit(r) for r in reqs])
     assert all(r.finish_reason == "length" for r in done), [r.error for r in done]
     return [(r.output, [round(t.logprob, 4) for t in r.logprobs],
              [None if t is None else round(t.logprob, 4) for t in r.prompt_logprobs or []]) for r in done]
 
 
+def _lora_xs(path):
+    import lorakit
+
+    base, _ = load_model("tiny-llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = lorakit.apply(base, lorakit.METHODS.get("lora_xs").config_class(r=4, target_modules=["q_proj", "v_proj"]))
+        for a in lorakit.adapters(model).values():
+            torch.nn.init.normal_(a.lora_R.weight, std=0.5)
+    lorakit.save_peft(model, path)
+    return path
+
+
 def test_the_engine_makes_no_tensor_without_naming_its_device(tmp_path):
     """With "meta" as the default device, any tensor that serve/ makes without ``device=`` is a meta tensor, and
     the step fails (meta tensors hold no values): the outputs must equal a normal run's."""
-    adapters = {"a": make_adapter(tmp_path / "a", r=4), "b": make_adapter(tmp_path / "b", r=8, seed=1, via="lorakit")}
+    adapters = {"a": make_adapter(tmp_path / "a", r=4), "b": make_adapter(tmp_path / "b", r=8, seed=1, via="lorakit"),
+                "xs": _lora_xs(tmp_path / "xs")}
     engine = _engine(adapters)
     expected = _workload(engine)
     engine.stop()

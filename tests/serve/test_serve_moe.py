@@ -82,3 +82,23 @@ def test_expert_adapters_serve_peft_tokens_in_mixed_batches(tmp_path, model_name
         assert r.output == ref, (a, p)
         outputs[a] = (r.output, plain)
     assert outputs["experts"][0] != outputs["experts"][1], "the expert adapter changes the tokens"
+
+
+def test_expert_adapters_make_no_tensor_without_a_device(tmp_path):
+    """As in test_serve_devices.py: with "meta" as torch's default device the outputs stay the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.data import byte_tokenizer
+
+    get_peft_model(base("mixtral"), LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS,
+                                               init_lora_weights=False)).save_pretrained(tmp_path / "experts")
+
+    def run(meta):
+        engine = Engine(base("mixtral"), byte_tokenizer(), EngineConfig(max_batch=3, max_len=64, prefetch=False))
+        engine.add_adapter("experts", tmp_path / "experts")
+        with torch.device("meta") if meta else torch.enable_grad():
+            reqs = engine.drain([engine.submit(Request(p, a, greedy())) for p, a in zip(PROMPTS, ["experts", None])])
+        engine.stop()
+        return [r.output for r in reqs]
+
+    assert run(True) == run(False)

@@ -73,7 +73,7 @@ class ParameterAdapter(PackedAdapter):
                                    *self.meta[(m, n)][2:]) for m, n in self.params)
         flat = [t.reshape(-1) for p in sorted(modules) for t in modules[p]]
         flat += [t.detach().float().reshape(-1) for k in self.params for t in parameters[k][:2]]
-        self.blob = torch.cat(flat) if flat else torch.zeros(0)
+        self.blob = torch.cat(flat) if flat else torch.zeros(0, device="cpu")
         self.nbytes = self.blob.nbytes
         self.linear = linear
 
@@ -138,8 +138,8 @@ class ParameterHooks:
 
     def _hook(self, path: str):
         def rerun(module, args, kwargs, output):
-            plan = getattr(self.runner, "_plan", None)
-            if plan is None or not getattr(self.runner, "_stepping", True) or getattr(self._inside, "on", False):
+            plan = self.runner._plan  # the step's token rows per pool class and slot (AttributeError if it moved)
+            if plan is None or not self.runner._stepping or getattr(self._inside, "on", False):
                 return None
             groups = []
             for cp in plan.classes:

@@ -105,9 +105,9 @@ class TrueSizeAdapter(PackedAdapter):
             own = sorted(n for n in tensors if n not in spec.shared)
             for name in own:
                 t = tensors[name].detach().contiguous()
-                raw = t.view(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+                raw = t.view(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8, device="cpu")
                 self.fields.append((path, name, t.dtype, tuple(t.shape), at))
-                parts += [raw, torch.zeros(_align(raw.numel()) - raw.numel(), dtype=torch.uint8)]
+                parts += [raw, raw.new_zeros(_align(raw.numel()) - raw.numel())]
                 at += _align(raw.numel())
             shared = {n: tensors[n].detach() for n in spec.shared if n in tensors}
             digests = tuple(sorted((n, _digest(t)) for n, t in shared.items()))
@@ -117,7 +117,7 @@ class TrueSizeAdapter(PackedAdapter):
                                              [f[1:4] for f in self.fields if f[0] == path])).encode()).hexdigest()[:16]
             key.append((*next(k for k in self.lora_key if k[0] == path), "true-size", signature))
         self.key = tuple(key)
-        self.blob = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+        self.blob = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device="cpu")
         self.nbytes = self.blob.nbytes
 
     def slot_bytes(self, dtype: torch.dtype) -> int:
