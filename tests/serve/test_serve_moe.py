@@ -102,3 +102,19 @@ def test_expert_adapters_make_no_tensor_without_a_device(tmp_path):
         return [r.output for r in reqs]
 
     assert run(True) == run(False)
+
+
+def test_a_merge_with_an_expert_adapter_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.data import byte_tokenizer
+
+    for i, kw in enumerate([dict(target_modules=[], target_parameters=EXPERTS), dict(target_modules=["q_proj"])]):
+        get_peft_model(base("mixtral"), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kw)
+                       ).save_pretrained(tmp_path / f"a{i}")
+    engine = Engine(base("mixtral"), byte_tokenizer(), EngineConfig(max_batch=3, max_len=64, prefetch=False))
+    for i in range(2):
+        engine.add_adapter(f"a{i}", tmp_path / f"a{i}")
+    req = engine.drain([engine.submit(Request(PROMPTS[0], None, greedy(), merge=(["a0", "a1"], [0.5, 0.5], "linear")))])[0]
+    engine.stop()
+    assert req.finish_reason == "error" and req.status == 400 and "adapt parameters" in req.error

@@ -67,6 +67,10 @@ def normalise(store, names: Sequence[str], weights: Optional[Sequence[float]], s
 def build(spec: MergeSpec, packed: Sequence[PackedAdapter], dtype: torch.dtype) -> PackedAdapter:
     """Merge the components' packed factors with ``lorakit.merging``'s task arithmetic, module by module."""
     merge = MERGERS.get("task_arithmetic").fn
+    experts = [p.aid for p in packed if getattr(p, "params", None)]
+    if experts:  # their expert factors are not LoRA tables: a merge of linear tables would drop them
+        raise ValueError(f"adapters {', '.join(experts)} adapt parameters (target_parameters, e.g. MoE experts); "
+                         "per-request merges combine linear-layer LoRA factors only: merge them offline")
     modules = [p.modules() for p in packed]
     weights = [w for _, w in spec.parts]
     out = {}
