@@ -25,10 +25,10 @@ import torch
 
 from . import combos
 from .devices import model_device
-from .moe import ParameterHooks, parameter_shapes
 from .guided import GuideError, GuideFactory, apply_guides
 from .logprobs import pick, prompt_records
 from .metrics import AdapterCounters
+from .moe import ParameterHooks, parameter_shapes
 from .pool import AdapterPool, PoolFull
 from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter, check_request
 from .runner import ModelRunner
