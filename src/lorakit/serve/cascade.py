@@ -229,15 +229,17 @@ class AdapterCascade:
         if self.tokenizer is None:
             raise ValueError("this cascade has no tokenizer; build it with tokenizer= or from a spec")
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = self({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        device = next(self.models[0].parameters()).device
+        out = self({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
         names = self.label_names or [str(i) for i in range(out.probs.shape[1])]
         return [{"label": names[int(p.argmax())], "probabilities": dict(zip(names, p.tolist())),
                  "confidence": float(c), "stages": int(s), "member_forwards": int(m)}
                 for p, c, s, m in zip(out.probs, out.confidence, out.stages, out.members)]
 
     @classmethod
-    def from_spec(cls, path: str | Path) -> "AdapterCascade":
-        """Load a cascade spec JSON (base model, member adapter directories, window) as written by ``write_spec``."""
+    def from_spec(cls, path: str | Path, device: str | torch.device = "cpu") -> "AdapterCascade":
+        """Load a cascade spec JSON (base model, member adapter directories, window) as written by ``write_spec``,
+        its members on ``device``."""
         from .. import zoo
 
         path = Path(path)
@@ -251,7 +253,7 @@ class AdapterCascade:
                              "'members' (adapter directories relative to the spec) and 'window'") from None
         labels = spec.get("label_names")
         base, tokenizer = zoo.load(base_model, "seq_cls", num_labels=len(labels) if labels else None)
-        return cls(base, members, window, tokenizer, spec.get("max_length", 128), labels)
+        return cls(base.to(device), members, window, tokenizer, spec.get("max_length", 128), labels)
 
 
 def write_spec(path: str | Path, base_model: str, members: Sequence[str | Path], window: Optional[Window],

@@ -111,7 +111,7 @@ def build_engine(model: str, adapters: Optional[str] = None, dtype: str = "float
     return Engine(base, tokenizer, cfg, store)
 
 
-def load_cascades(items: list[str]) -> dict:
+def load_cascades(items: list[str], device: str = "cpu") -> dict:
     """``NAME=SPEC`` options as name -> ``AdapterCascade``; a malformed option or spec is a user error."""
     from .cascade import AdapterCascade
 
@@ -122,7 +122,7 @@ def load_cascades(items: list[str]) -> dict:
             raise ValueError(f"--cascade {item!r}: expected NAME=SPEC.json")
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--cascade {name}={spec}: no such file")
-        cascades[name] = AdapterCascade.from_spec(spec)
+        cascades[name] = AdapterCascade.from_spec(spec, device)
         if cascades[name].window is None:
             raise ValueError(f"--cascade {name}={spec}: the spec has no calibrated window; calibrate it first")
     return cascades
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from .devices import resolve
     from .server import build_app
 
-    resolve(args.device, args.dtype)  # an absent device: one line, exit 2, before anything loads
+    where, _ = resolve(args.device, args.dtype)  # an absent device: one line, exit 2, before anything loads
     if args.adapters and not Path(args.adapters).is_dir():
         raise FileNotFoundError(f"--adapters {args.adapters}: no such directory")
     roots = args.lora_root or ([args.adapters] if args.adapters else [])
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora-root {r}: no such directory")
     if args.allow_runtime_lora and not roots:
         raise ValueError("--allow-runtime-lora needs --lora-root DIR (or --adapters DIR): where adapters may be loaded from")
-    cascades = load_cascades(args.cascade or [])
+    cascades = load_cascades(args.cascade or [], where)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = build_engine(
         args.model, args.adapters, args.dtype, args.seed, args.allow_pickle, args.quantize, args.library, args.device,
