@@ -162,9 +162,9 @@ def instrument(runner, log: dict) -> None:
         log["decode"].append((len(adapters), len(set(adapters)), time.perf_counter() - start))
         return out
 
-    def timed_prefill(prompts, start, adapters):
+    def timed_prefill(prompts, start, adapters, **kw):
         t = time.perf_counter()
-        out = prefill(prompts, start, adapters)
+        out = prefill(prompts, start, adapters, **kw)
         sync()
         log["prefill"].append((len(prompts), time.perf_counter() - t))
         return out
