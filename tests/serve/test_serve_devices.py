@@ -146,11 +146,12 @@ def test_half_precision_bases_serve_peft_tokens(tmp_path, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_pool_is_pinned_on_the_host_and_serves_cpu_tokens(tmp_path):
-    adapters = {"a": make_adapter(tmp_path / "a", r=4), "b": make_adapter(tmp_path / "b", r=8, seed=1)}
+    adapters = {"a": make_adapter(tmp_path / "a", r=4), "b": make_adapter(tmp_path / "b", r=8, seed=1),
+                "xs": _lora_xs(tmp_path / "xs")}
     cpu = _engine(adapters)
     expected = [r.output for r in cpu.drain([cpu.submit(Request(p, a, SamplingParams(max_tokens=6, temperature=0,
                                                                                       ignore_eos=True)))
-                                             for p, a in zip(PROMPTS, ["a", "b", None, "a"])])]
+                                             for p, a in zip(PROMPTS, ["a", "b", None, "xs"])])]
     cpu.stop()
     model, tok = load_model("tiny-llama")
     gpu = Engine(model.cuda(), tok, EngineConfig(max_batch=3, max_len=64, prefetch=False))
@@ -160,7 +161,7 @@ def test_cuda_pool_is_pinned_on_the_host_and_serves_cpu_tokens(tmp_path):
     assert gpu.store.load(gpu.store.entry("a").aid).blob.is_pinned()
     got = [r.output for r in gpu.drain([gpu.submit(Request(p, a, SamplingParams(max_tokens=6, temperature=0,
                                                                                   ignore_eos=True)))
-                                        for p, a in zip(PROMPTS, ["a", "b", None, "a"])])]
+                                        for p, a in zip(PROMPTS, ["a", "b", None, "xs"])])]
     assert all(c.storage.device.type == "cuda" for c in gpu.pool.classes.values())
     gpu.stop()
     assert got == expected
