@@ -57,10 +57,17 @@ class Probe:
 
 
 def project(layer, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
-    """``layer(x)`` with exactly ``adapter`` (None: none) on a PEFT LoRA layer (PEFT's per-row adapter choice)."""
+    """``layer(x)`` with exactly ``adapter`` (None: none) on its base weights, whichever adapters are active.
+
+    PEFT's LoRA rule, base(x) + B(A(x)) * scaling, with the scaling ``set_adapters`` gave; variants (DoRA) refused."""
     if not hasattr(layer, "lora_A"):
         return layer(x)
-    return layer(x, adapter_names=[adapter or "__base__"] * len(x))
+    out = layer.base_layer(x)
+    if adapter is None or adapter not in layer.lora_A:
+        return out
+    if adapter in getattr(layer, "lora_variant", {}):
+        raise ValueError(f"LoRA {adapter!r} is a LoRA variant (e.g. DoRA); region injection takes plain LoRAs only")
+    return out + layer.lora_B[adapter](layer.lora_A[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:

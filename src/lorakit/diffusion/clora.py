@@ -5,7 +5,7 @@ code gemlab-vt/CLoRA (``pipeline_clora.py``, ``utils.py``, the example notebook)
 Update rule, per step k: every branch b (the base model, then each LoRA alone) predicts eps_b at latent x and
 records its cross-attention maps A_b (mean over the layers at one resolution, heads and guidance copies). While
 k < until * T, x <- x - step_size * grad_x L, L the NT-Xent loss (temperature 0.5, cosine similarity) over the
-min-max normalised maps A_b[:, :, t] of every concept token t of every branch, labelled by concept: one concept's
+min-max normalised maps A_b[:, :, t] of every concept token t of every branch, labelled by concept word: one concept's
 maps across branches are positives, other concepts' maps negatives. At the steps ``refine_at`` (fractions of T) the
 update is repeated ``refine_iters`` more times. The eps_b of the last evaluation (before the last update) are fused:
 M_b = 1 where A_b at LoRA b's tokens exceeds ``threshold`` x its max (union over tokens), the base branch takes the
@@ -62,6 +62,10 @@ class CLoRA(AttentionComposer):
     temperature: float = 0.5
     background: bool = True
 
+    def reset(self, total_steps):
+        super().reset(total_steps)
+        self.losses: list[tuple[int, float]] = []  # (step, loss before each latent update)
+
     def branches(self) -> list[tuple[list[str], list[float], int]]:
         """(adapters, weights, concept index or -1 for the base) per branch."""
         loras = [([a], [w], i) for i, (a, w) in enumerate(zip(self.adapters, self.weights))]
@@ -73,9 +77,9 @@ class CLoRA(AttentionComposer):
         for j, tokens in enumerate(self.tokens):
             emb, labels = [], []
             for m in maps:
-                for c, positions in enumerate(tokens):
+                for c, positions in enumerate(tokens):  # LoRAs naming the same word share a concept
                     emb += [minmax(m[j, :, t]) for t in positions]
-                    labels += [c] * len(positions)
+                    labels += [self.concept_words.index(self.concept_words[c])] * len(positions)
             total = total + nt_xent(torch.stack(emb), torch.tensor(labels), self.temperature)
         return total
 
@@ -113,7 +117,9 @@ class CLoRA(AttentionComposer):
             with torch.enable_grad():
                 xg = moved.detach().requires_grad_(True)
                 eps, maps, grid = self.evaluate_all(run, xg, k, grad=True)
-                (grad,) = torch.autograd.grad(self.loss(maps), [xg], allow_unused=True)
+                loss = self.loss(maps)
+                (grad,) = torch.autograd.grad(loss, [xg], allow_unused=True)
+            self.losses.append((step, float(loss)))
             moved = moved - self.step_size * (grad if grad is not None else 0.0)
         if not update:
             eps, maps, grid = self.evaluate_all(run, x, k)

@@ -82,6 +82,7 @@ class Stats:
     steps: int = 0
     generations: int = 0
     calls: list = field(default_factory=list)  # (step, adapters, weights) of every evaluation
+    composer: Optional[Composer] = None  # the method's instance, for inspection
 
 
 def _scalar(timestep) -> float:
@@ -100,7 +101,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         raise KeyError(f"LoRA {missing[0]!r} is not loaded in the pipeline's {component}; loaded: "
                        f"{', '.join(sorted(loaded)) or '(none)'} (load it with load_lora_weights)")
     original = denoiser.forward
-    stats = Stats()
+    stats = Stats(composer=composer)
     seen = {"t": None}
     scheduler = pipe.scheduler
     scheduler_step = scheduler.step
