@@ -43,8 +43,7 @@ class Composer:
         if len(self.weights) != len(self.adapters):
             raise ValueError(f"{self.name}: {len(self.adapters)} LoRAs but {len(self.weights)} weights")
         if layout is not None and not self.uses_layout:
-            raise ValueError(f"method {self.name!r} takes no layout; layout-aware methods: "
-                             f"{', '.join(n for n in COMPOSERS if COMPOSERS.get(n).uses_layout) or '(none)'}")
+            raise no_layout(self.name)
         self.layout = layout
         for key, value in options.items():
             if not hasattr(self, key) or key.startswith("_"):
@@ -72,6 +71,12 @@ class Composer:
         ``on`` (default: the call's input) and, when ``rows`` is given, on those batch rows of every batched input
         (``on`` then holds just those rows)."""
         raise NotImplementedError
+
+
+def no_layout(method: str) -> ValueError:
+    """The error for a layout given to a method that takes none."""
+    return ValueError(f"method {method!r} takes no layout; layout-aware methods: "
+                      f"{', '.join(n for n in COMPOSERS if COMPOSERS.get(n).uses_layout) or '(none)'}")
 
 
 @dataclass
