@@ -31,7 +31,8 @@ def test_diffuse_writes_an_image(lora_files, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--method", "blend"], "unknown composition method 'blend'"),
     (["--prompt", "cross"], "2 LoRAs but the prompt 'cross' has 1 token"),
-    (["--method", "lora_composer", "--layout", "0,0,16,16;16,0,33,16"], "layout box 2 (16,0,33,16) is outside the 32x32"),
+    (["--method", "lora_composer", "--layout", "0,0,16,16;16,0,33,16"],
+     "layout box 2 (16,0,33,16) is outside the 32x32"),
     (["--method", "switch", "--layout", "0,0,16,16;16,0,32,16"], "takes no layout"),
     (["--weights", "1"], "--weights has 1 values for 2 LoRAs"),
 ])
