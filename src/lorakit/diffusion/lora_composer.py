@@ -98,7 +98,7 @@ class LoRAComposer(AttentionComposer):
                              "background LoRA")
         super().bind(pipe, denoiser)
         denoiser.set_adapters(self.adapters, self.weights)  # every LoRA's scale, used when injected alone
-        self.size = tuple(pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
+        self.size = tuple(denoiser.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
         full = (0, 0, self.size[1], self.size[0])
         self.regions = [i for i, b in enumerate(self.layout) if tuple(b) != full]
         self.background = [i for i in range(len(self.adapters)) if i not in self.regions]
