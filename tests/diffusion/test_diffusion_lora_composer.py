@@ -122,6 +122,13 @@ def test_refusals(loaded):
     with pytest.raises(ValueError, match="needs a layout"):
         with compose(pipe, names, "lora_composer", prompt=PROMPT):
             pass
+    with pytest.raises(ValueError, match=r"layout box 2 \(16,0,40,32\) is outside the 32x32 image"):
+        with compose(pipe, names, "lora_composer", prompt=PROMPT, layout=[LEFT, (16, 0, 40, 32)]):
+            pass
+    with pytest.raises(ValueError, match="1 layout boxes for 2 LoRAs"):
+        with compose(pipe, names, "lora_composer", prompt=PROMPT, layout=[LEFT]):
+            pass
+    assert "forward" not in vars(pipe.unet) and type(next(iter(pipe.unet.attn_processors.values()))) is not Probe
     with pytest.raises(ValueError, match="covers no cell of the 8x8 attention grid"):
         cells((0, 0, 3, 32), (32, 32), (8, 8))
     assert cells((1, 2, 17, 31), (32, 32), (8, 8)) == (1, 1, 7, 4)  # ceil the start, floor the end

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionComposer, images_mean, project
-from .compose import COMPOSERS
+from .compose import COMPOSERS, check_layout
 
 
 def cells(box, size, grid) -> tuple[int, int, int, int]:
@@ -96,9 +96,10 @@ class LoRAComposer(AttentionComposer):
         if self.layout is None:
             raise ValueError("lora_composer needs a layout: one box (x0,y0,x1,y1) per LoRA, the whole image for a "
                              "background LoRA")
+        self.size = tuple(denoiser.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
+        self.layout = check_layout(self.layout, len(self.adapters), self.size[0])
         super().bind(pipe, denoiser)
         denoiser.set_adapters(self.adapters, self.weights)  # every LoRA's scale, used when injected alone
-        self.size = tuple(denoiser.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
         full = (0, 0, self.size[1], self.size[0])
         self.regions = [i for i, b in enumerate(self.layout) if tuple(b) != full]
         self.background = [i for i in range(len(self.adapters)) if i not in self.regions]
