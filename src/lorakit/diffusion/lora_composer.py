@@ -10,7 +10,7 @@ average (concept injection). In self-attention, a query inside a box does not at
 (concept region mask). While refining, the latent takes a gradient step x <- x - 20 sqrt(s_k) grad L, s_k from 1
 down to 0.5 over the steps, on L = sum_i [8 max(0, 1 - topk-mean(G_i * smooth(A_i))) + 2 l1 of the box's row and
 column projections against those of A_i inside the box (fill) + 10 topk-mean of the self-attention from box i to
-outside it (isolation)], A_i LoRA i's map of its concept tokens (mean over layers at one resolution and heads, text
+outside it (isolation)], A_i LoRA i's map of each of its concept tokens (mean over layers at one resolution and heads, text
 branch), G_i a Gaussian over the box, smooth a 3x3 Gaussian (sigma 0.5), top-k over 20% of the box's cells;
 refining stops after half the steps, or from 10% of them on once the loss rises. Before the first step the latent
 inside each box is replaced by the latent under the box-sized window where A_i is largest, then the whole latent
@@ -63,23 +63,25 @@ def smooth(a: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(a[None, None], (1, 1, 1, 1), mode="reflect"), kernel[None, None].to(a))[0, 0]
 
 
-def box_loss(a: torch.Tensor, self_map: torch.Tensor, box) -> torch.Tensor:
-    """The official per-concept loss on its map a (h, w) and the self-attention (h*w, h*w) for a box in cells."""
-    h, w = a.shape
+def box_loss(maps: torch.Tensor, self_map: torch.Tensor, box) -> torch.Tensor:
+    """The official per-concept loss on its token maps (tokens, h, w) and the self-attention (h*w, h*w), box in cells.
+
+    Injection and fill terms per token, the isolation term once, as in the official code."""
+    h, w = maps.shape[-2:]
     r0, c0, r1, c1 = box
     inside = torch.zeros(h, w, dtype=torch.bool)
     inside[r0:r1, c0:c1] = True
     k = max(int(inside.sum() * 0.2), 1)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, r1 - r0), torch.linspace(-1, 1, c1 - c0), indexing="ij")
-    gauss = torch.zeros(h, w).to(a)
+    gauss = torch.zeros(h, w).to(maps)
     gauss[r0:r1, c0:c1] = torch.exp(-(xx ** 2 + yy ** 2) / 2)
-    a = smooth(a)
-    fg = 8 * (1 - (a * gauss).flatten().topk(k).values.mean()).clamp_min(0)
-    box = inside.to(a)
-    fill = 2 * F.l1_loss((a * box).amax(0), box.amax(0)) + 2 * F.l1_loss((a * box).amax(1), box.amax(1))
+    box, total = inside.to(maps), 0.0
+    for a in maps.reshape(-1, h, w):
+        a = smooth(a)
+        total = total + 8 * (1 - (a * gauss).flatten().topk(k).values.mean()).clamp_min(0)
+        total = total + 2 * F.l1_loss((a * box).amax(0), box.amax(0)) + 2 * F.l1_loss((a * box).amax(1), box.amax(1))
     flat = inside.flatten()
-    isolation = 10 * self_map[flat][:, ~flat].flatten().topk(k).values.mean()
-    return fg + fill + isolation
+    return total + 10 * self_map[flat][:, ~flat].flatten().topk(k).values.mean()
 
 
 @COMPOSERS.register()
@@ -145,8 +147,8 @@ class LoRAComposer(AttentionComposer):
     def concept_maps(self, store, n):
         grid = self.side(store)
         maps = [images_mean(store["region", (grid, r)], n) for r in range(len(self.regions))]  # (n, P, T) each
-        return grid, [[m[j][:, self.tokens[j][i]].sum(1).unflatten(0, grid) for m, i in zip(maps, self.regions)]
-                      for j in range(n)]
+        return grid, [[m[j][:, self.tokens[j][i]].T.unflatten(1, grid) for m, i in zip(maps, self.regions)]
+                      for j in range(n)]  # per image, per region: (tokens, h, w)
 
     def predict(self, step, run):
         x, k = self.latent()
@@ -159,7 +161,8 @@ class LoRAComposer(AttentionComposer):
             _, store = self.evaluate(run, names, scales, x, k, rows=rows)
             grid, maps = self.concept_maps(store, n)
             boxes = self.region_cells(grid)
-            moved = torch.stack([reinitialise(x[j], maps[j], boxes, x.shape[-1] // grid[1]) for j in range(n)])
+            scale = x.shape[-1] // grid[1]
+            moved = torch.stack([reinitialise(x[j], [a.sum(0) for a in maps[j]], boxes, scale) for j in range(n)])
         if self.refining is None:
             self.refining = torch.ones(n, dtype=torch.bool)
         if self.regions and step <= self.until * self.total_steps and self.refining.any():
