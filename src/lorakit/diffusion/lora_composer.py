@@ -11,10 +11,11 @@ average (concept injection). In self-attention, a query inside a box does not at
 down to 0.5 over the steps, on L = sum_i [sum over i's concept tokens of 8 max(0, 1 - topk-mean(G_i * smooth(A)))
 + 2 l1 of the box's row and column projections against those of A inside the box (fill), + 10 topk-mean of the
 self-attention from box i to outside it (isolation)], A LoRA i's map of one token (mean over layers at one
-resolution and heads, text branch), G_i a Gaussian over the box, smooth a 3x3 Gaussian (sigma 0.5), top-k over 20% of the box's cells;
-refining stops after half the steps, or from 10% of them on once the loss rises. Before the first step the latent
-inside each box is replaced by the latent under the box-sized window where its tokens' maps sum highest, then the whole latent
-is renormalised to its former mean and std (latent re-initialisation). All constants are the official code's.
+resolution and heads, text branch), G_i a Gaussian over the box, smooth a 3x3 Gaussian (sigma 0.5), top-k over
+20% of the box's cells; refining stops after half the steps, or from 10% of them on once the loss rises. Before the
+first step the latent inside each box is replaced by the latent under the box-sized window where its tokens' maps
+sum highest, then the whole latent is renormalised to its former mean and std (latent re-initialisation). All
+constants are the official code's.
 Deviations: one prompt for all (the official code gives each region its own prompt through its LoRA's text
 encoder; a concept's tokens are its word in the prompt); several background LoRAs are merged with their weights
 (the official code takes one); a self-attention key shared by the query's own box stays visible (the official mask
