@@ -97,6 +97,11 @@ class AttentionComposer(Composer):
         self.concept_words = words
 
     def bind(self, pipe, denoiser):
+        from diffusers import UNet2DConditionModel
+
+        if not isinstance(denoiser, UNet2DConditionModel):
+            raise ValueError(f"{self.name} steers a UNet's cross-attention (Stable Diffusion 1.x/2.x/XL and the like); "
+                             f"this pipeline's denoiser is a {type(denoiser).__name__}")
         if not self.prompts:
             raise ValueError(f"{self.name} needs the prompt to find each LoRA's concept tokens: "
                              f"compose(pipe, names, {self.name!r}, prompt=...)")
