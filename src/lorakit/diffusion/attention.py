@@ -113,6 +113,7 @@ class AttentionComposer(Composer):
         self.pending = None
 
     def unbind(self):
+        """Put the denoiser's own attention processors back."""
         self.denoiser.set_attn_processor(self.saved)
 
     # hooks the probes call; subclasses override the last two
@@ -127,13 +128,16 @@ class AttentionComposer(Composer):
         return h, w
 
     def record(self, cross: bool, grid, probs: torch.Tensor) -> None:
+        """Keep ``probs`` (batch, heads, positions, keys) while an evaluation records."""
         if self.recording and (cross or self.keeps_self):
             self.store.setdefault((cross, grid), []).append(probs)
 
     def self_bias(self, grid) -> Optional[torch.Tensor]:
+        """An additive bias on self-attention scores (positions, positions) on this grid, or None."""
         return None
 
     def rewrite(self, attn, query, context, out, grid) -> torch.Tensor:
+        """A cross-attention layer's output (batch, positions, channels), changed or not."""
         return out
 
     # the latent and the recorded maps

@@ -46,6 +46,7 @@ def nt_xent(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float =
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to [0, 1] (the official normalisation of each attention map)."""
     return (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
 
 
