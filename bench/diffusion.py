@@ -3,8 +3,11 @@
 For 2, 3 and 4 of the four concept LoRAs (cross, yellow, striped, framed) and prompt-seed pairs spread over every
 combination, each method generates the same images (same prompts, same initial noise); the judge reads each image.
 Reported per method and concept count: the share of images with every concept present, per-concept presence, the
-share with the object on the prompted side, denoiser evaluations and wall time per image. Each LoRA alone on its
-own concept is the ceiling row. Claims (thresholds fixed in CLAIMS before any run) are checked at the end.
+share with the object on the prompted side (for LoRA-Composer, given boxes on that side, its layout accuracy),
+denoiser evaluations and wall time per image. Each LoRA alone on its own concept is the ceiling row. CLoRA runs
+without its refinement iterations (``refine_iters=0``: one latent step per step in the first half) to fit the
+machine; LoRA-Composer gets the object LoRAs boxed on the prompted half and the others as whole-image
+(background) LoRAs. Claims (thresholds fixed in CLAIMS before any run) are checked at the end.
 
     python bench/diffusion.py --quick      # 48 pairs per concept count, 12 DDIM steps (about 10 minutes here)
     python bench/diffusion.py              # 100 pairs per concept count, 20 steps
@@ -29,7 +32,9 @@ from lorakit.diffusion.pipeline import ConceptPipeline  # noqa: E402
 from lorakit.diffusion.shapes import CONCEPTS, sample_scene  # noqa: E402
 
 OUT = Path("docs/benchmarks")
-METHODS = [("merge", {}), ("switch", {"every": 2}), ("composite", {}), ("cmlora", {}), ("cmlora", {"cache": False})]
+METHODS = [("merge", {}), ("switch", {"every": 2}), ("composite", {}), ("cmlora", {}), ("cmlora", {"cache": False}),
+           ("clora", {"refine_iters": 0}), ("lora_composer", {})]
+OBJECT = ("cross", "yellow")  # concepts of the object: boxed on the prompted side; the others cover the image
 # (claim, metric, method, relation, reference, threshold): fixed before the first run
 CLAIMS = [
     ("Composite composes better than Merge (3-4 concepts)", "all_present", "composite", ">", "merge", 0.0),
@@ -40,6 +45,20 @@ CLAIMS = [
      "cmlora-uncached", 0.75),
     ("CMLoRA's cache keeps composition within 0.10 of uncached (3 concepts)", "all_present", "cmlora", ">=",
      "cmlora-uncached", -0.10),
+    ("CLoRA composes better than Switch (3-4 concepts)", "all_present", "clora", ">", "switch", 0.0),
+    ("CLoRA composes better than Composite (3-4 concepts)", "all_present", "clora", ">", "composite", 0.0),
+    ("CLoRA: higher mean per-concept presence than Switch (3-4 concepts)", "concept_mean", "clora", ">", "switch", 0.0),
+    ("CLoRA: higher mean per-concept presence than Composite (3-4 concepts)", "concept_mean", "clora", ">",
+     "composite", 0.0),
+    ("LoRA-Composer composes better than Switch (3-4 concepts)", "all_present", "lora_composer", ">", "switch", 0.0),
+    ("LoRA-Composer composes better than Composite (3-4 concepts)", "all_present", "lora_composer", ">", "composite",
+     0.0),
+    ("LoRA-Composer: higher mean per-concept presence than Switch (3-4 concepts)", "concept_mean", "lora_composer",
+     ">", "switch", 0.0),
+    ("LoRA-Composer: higher mean per-concept presence than Composite (3-4 concepts)", "concept_mean",
+     "lora_composer", ">", "composite", 0.0),
+    ("LoRA-Composer's boxes put the object on its side >= 0.05 more often than Composite (2-4 concepts)", "place",
+     "lora_composer", ">=", "composite", 0.05),
 ]
 
 
@@ -55,13 +74,34 @@ def pairs(k: int, n: int, seed: int = 0) -> list[tuple[tuple[str, ...], str, int
             for i in range(n)]
 
 
+def layout(concepts, prompt: str) -> list[tuple[int, int, int, int]]:
+    """LoRA-Composer's boxes: object concepts on the prompted half, the others (background LoRAs) the whole image."""
+    half = (0, 0, 16, 32) if "left" in prompt.split() else (16, 0, 32, 32)
+    return [half if c in OBJECT else (0, 0, 32, 32) for c in concepts]
+
+
 def generate(pipe, concepts, prompts, seeds, method, options, steps):
-    """Images (N, 3, 32, 32) for one concept set, the composition's stats, and wall seconds."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    """Images (N, 3, 32, 32) for one concept set, the composition's stats (evaluations per generation), wall s."""
+    from lorakit.diffusion import COMPOSERS
+
+    kind = COMPOSERS.get(method)
+    groups = [list(range(len(prompts)))]
+    if kind.uses_layout:  # one layout per composition: a batch per side
+        groups = [[i for i, p in enumerate(prompts) if ("left" in p.split()) == left] for left in (True, False)]
+    images, evaluations, generations = [None] * len(prompts), 0, 0
     t0 = time.perf_counter()
-    with compose(pipe, list(concepts), method, **options) as stats:
-        images = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt").images
-    return images, stats, time.perf_counter() - t0
+    for group in filter(None, groups):
+        batch = [prompts[i] for i in group]
+        extra = {"prompt": batch} if hasattr(kind, "words") else {}
+        if kind.uses_layout:
+            extra["layout"] = layout(concepts, batch[0])
+        gens = [torch.Generator().manual_seed(seeds[i]) for i in group]
+        with compose(pipe, list(concepts), method, **options, **extra) as stats:
+            out = pipe(batch, num_inference_steps=steps, generator=gens, output_type="pt").images
+        for i, image in zip(group, out):
+            images[i] = image
+        evaluations, generations = evaluations + stats.evaluations, generations + stats.generations
+    return torch.stack(images), evaluations / generations, time.perf_counter() - t0
 
 
 def score(judge, images, concepts, prompts) -> list[dict]:
@@ -75,25 +115,26 @@ def score(judge, images, concepts, prompts) -> list[dict]:
 
 def summarise(rows, evals, walls, n_images) -> dict:
     concepts = sorted({c for r in rows for c in r["present"]})
+    per_concept = {c: float(np.mean([r["present"][c] for r in rows if c in r["present"]])) for c in concepts}
     return {"images": len(rows), "all_present": float(np.mean([r["all"] for r in rows])),
-            "per_concept": {c: float(np.mean([r["present"][c] for r in rows if c in r["present"]])) for c in concepts},
+            "per_concept": per_concept, "concept_mean": float(np.mean(list(per_concept.values()))),
             "place": float(np.mean([r["place"] for r in rows])), "evaluations": float(np.mean(evals)),
             "wall_per_image_s": float(np.median(walls)), "wall_total_s": float(np.sum(walls) * 1.0)}
 
 
-def run_k(pipe, judge, k, n, steps, grid, grid_prompts):
+def run_k(pipe, judge, k, n, steps, grid, grid_prompts, methods=METHODS):
     """Every method on the same k-concept pairs; returns {method label: summary}."""
     by_combo: dict = {}
     for combo, prompt, seed in pairs(k, n):
         by_combo.setdefault(combo, []).append((prompt, seed))
     results = {}
-    for method, options in METHODS:
+    for method, options in methods:
         rows, evals, walls = [], [], []
         for combo, items in by_combo.items():
             prompts, seeds = [p for p, _ in items], [s for _, s in items]
-            images, stats, wall = generate(pipe, combo, prompts, seeds, method, options, steps)
+            images, per_generation, wall = generate(pipe, combo, prompts, seeds, method, options, steps)
             rows += score(judge, images, combo, prompts)
-            evals.append(stats.evaluations / stats.generations)
+            evals.append(per_generation)
             walls.append(wall / len(prompts))
             if k == 3 and combo == next(iter(by_combo)):
                 grid.setdefault(label(method, options), images[:8])
@@ -134,7 +175,9 @@ def base_fidelity(pipe, judge, n, steps) -> dict:
 def check_claims(results: dict) -> list[dict]:
     rows = []
     for claim, metric, method, rel, ref, thr in CLAIMS:
-        ks = ["3"] if "(3 concepts)" in claim else ["3", "4"]
+        ks = ["3"] if "(3 concepts)" in claim else ["2", "3", "4"] if "(2-4 concepts)" in claim else ["3", "4"]
+        if any(m not in results[k] for k in ks for m in (method, ref)):
+            continue  # a method left out of this run (--methods)
         a = float(np.mean([results[k][method][metric] for k in ks]))
         b = float(np.mean([results[k][ref][metric] for k in ks]))
         value = a / b if rel == "<=" else a - b
@@ -163,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--pairs", type=int, default=None, help="prompt-seed pairs per concept count (overrides the mode)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (overrides the mode)")
+    p.add_argument("--methods", default=None, help="comma-separated method labels to run (default: all)")
     args = p.parse_args(argv)
     n, steps = (48, 12) if args.quick else (100, 20)
     n, steps = args.pairs or n, args.steps or steps
@@ -188,14 +232,16 @@ def main(argv=None) -> int:
     results = {"base": base_fidelity(pipe, judge, 48, steps), "alone": alone(pipe, judge, 24, steps)}
     print(f"  base model alone: {results['base']}", flush=True)
     print(f"  each LoRA alone: {results['alone']}", flush=True)
+    methods = [(m, o) for m, o in METHODS if args.methods is None or label(m, o) in args.methods.split(",")]
     for k in (2, 3, 4):
-        results[str(k)] = run_k(pipe, judge, k, n, steps, grid, grid_prompts)
+        results[str(k)] = run_k(pipe, judge, k, n, steps, grid, grid_prompts, methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(grid, out / "diffusion.png")
     data = {"command": command_line(), "machine": machine(), "load_average": load_average(),
             "settings": {"pairs_per_k": n, "steps": steps, "guidance": 3.0, "scheduler": "DDIM",
-                         "methods": [label(m, o) for m, o in METHODS], "switch_every": 2,
+                         "methods": [label(m, o) for m, o in methods], "switch_every": 2,
+                         "options": {label(m, o): o for m, o in methods},
                          "grid_rows": list(grid), "grid_prompts": grid_prompts},
             "results": results, "claims": check_claims(results), "wall_s": round(time.time() - start, 1)}
     write_json(out / "diffusion.json", data)

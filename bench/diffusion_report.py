@@ -26,6 +26,13 @@ def write_report(json_path: Path, md_path: Path) -> None:
              "", f"{s['pairs_per_k']} prompt-seed pairs per concept count (cycling over every combination of the "
              f"four LoRAs), {s['steps']} {s['scheduler']} steps, guidance {s['guidance']}, Switch every "
              f"{s['switch_every']} steps; every method sees the same prompts and initial noise.", "",
+             "CLoRA and LoRA-Composer (where run) take the options " + ", ".join(
+                 f"{m} `{o}`" for m, o in s.get("options", {}).items() if m in ("clora", "lora_composer")) +
+             "; CLoRA finds each LoRA's concept word in the prompt; LoRA-Composer gets the object LoRAs (cross, "
+             "yellow) boxed on the prompted half of the image and the others (striped, framed) as whole-image "
+             "background LoRAs, so its 'object on prompted side' column is its layout accuracy. Denoiser evaluations "
+             "count forward passes; at their latent-update steps CLoRA also backpropagates through its N + 1 and "
+             "LoRA-Composer through one (the wall time includes it).", "",
              "The base model alone on base prompts (no LoRA): the judge reads back the prompted " +
              ", ".join(f"{k} {v:.2f}" for k, v in res["base"].items()) + " (chance: shape 0.25, colour 0.25, "
              "position 0.5).", "",

@@ -31,7 +31,8 @@ def test_diffuse_writes_an_image(lora_files, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--method", "blend"], "unknown composition method 'blend'"),
     (["--prompt", "cross"], "2 LoRAs but the prompt 'cross' has 1 token"),
-    (["--method", "switch", "--layout", "0,0,16,16;16,0,33,16"], "layout box 2 (16,0,33,16) is outside the 32x32"),
+    (["--method", "lora_composer", "--layout", "0,0,16,16;16,0,33,16"],
+     "layout box 2 (16,0,33,16) is outside the 32x32"),
     (["--method", "switch", "--layout", "0,0,16,16;16,0,32,16"], "takes no layout"),
     (["--weights", "1"], "--weights has 1 values for 2 LoRAs"),
 ])
@@ -60,3 +61,22 @@ def test_diffuse_refuses_a_lora_for_another_network(lora_files, tmp_path, capsys
                         "-o", tmp_path / "x.png")
     assert code == 2 and "another network" in err and "(64, 32)" in err and "(2, 16)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, evaluations", [
+    (["--method", "lora_composer", "--layout", "0,0,16,32;16,0,32,32"], 5),  # re-init, refine, predict; refine, predict
+    (["--method", "clora", "--option", "refine_iters=0"], 6),  # base + 2 LoRAs per step
+])
+def test_diffuse_attention_methods(lora_files, tmp_path, capsys, extra, evaluations):
+    root, files = lora_files
+    out = tmp_path / "out.png"
+    code, stdout, err = _run(capsys, "--model", root / "model", "--lora", files["cross"], "--lora", files["yellow"],
+                             "--prompt", "yellow cross left", "--steps", 2, "-o", out, *extra)
+    assert code == 0, err
+    assert f"{evaluations} denoiser evaluations" in stdout
+
+
+def test_diffuse_refuses_a_layout_before_loading(tmp_path, capsys):
+    code, _, err = _run(capsys, "--model", tmp_path / "missing", "--lora", tmp_path, "--prompt", "cross",
+                        "--method", "clora", "--layout", "0,0,16,16", "-o", tmp_path / "x.png")
+    assert code == 2 and "method 'clora' takes no layout; layout-aware methods: lora_composer" in err

@@ -94,3 +94,27 @@ def test_composite_on_stable_diffusion_averages_per_lora_predictions(sd_with_lor
     u, c = ((eps[0] + eps[1]) / 2).chunk(2)
     want = pipe.scheduler.step(u + 5.0 * (c - u), t, latents).prev_sample
     torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-5)
+
+
+def test_attention_methods_on_stable_diffusion(sd_with_loras):
+    """CLoRA and LoRA-Composer through Stable Diffusion's loop, CLIP tokens (start token, word pieces) and VAE."""
+    pipe, names = sd_with_loras
+    prompt = "a yellow cross"
+    with compose(pipe, names, "clora", prompt=prompt, step_size=0, threshold=2.0):  # no LoRA mask: the base
+        base_only = pipe(prompt, num_inference_steps=3, height=16, width=16, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.unet.disable_adapters()
+    base = pipe(prompt, num_inference_steps=3, height=16, width=16, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.unet.enable_adapters()
+    torch.testing.assert_close(base_only, base, rtol=0, atol=2e-5)
+    with compose(pipe, names, "clora", prompt=prompt, refine_iters=1) as stats:
+        moved = pipe(prompt, num_inference_steps=3, height=16, width=16, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert stats.composer.tokens == [[[8, 9, 10, 11, 12], [2, 3, 4, 5, 6, 7]]]  # cross, yellow: after <start> "a"
+    assert torch.isfinite(moved).all() and not torch.allclose(moved, base, atol=1e-4)
+    with compose(pipe, names, "lora_composer", prompt=prompt, layout=[(0, 0, 8, 16), (8, 0, 16, 16)]) as stats:
+        boxed = pipe(prompt, num_inference_steps=3, height=16, width=16, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(boxed).all() and stats.evaluations == 3 + 2 + 1  # steps 0, 1 (<= T/2) refine
+    assert "step" not in vars(pipe.scheduler)

@@ -18,11 +18,13 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline directory (model_index.json)")
     p.add_argument("--lora", action="append", required=True, metavar="PATH",
                    help="LoRA file or directory with pytorch_lora_weights.safetensors; repeat for each concept")
-    p.add_argument("--method", default="merge", help="composition method: merge, switch, composite, cmlora")
+    p.add_argument("--method", default="merge",
+                   help="composition method: merge, switch, composite, cmlora, clora, lora_composer")
     p.add_argument("--prompt", required=True, help="the text prompt; it should name each LoRA's concept")
     p.add_argument("--weights", default=None, help="comma-separated weight per LoRA (default: 1 each)")
     p.add_argument("--layout", default=None,
-                   help="one box per LoRA, 'x0,y0,x1,y1;x0,y0,x1,y1' in pixels (layout-aware methods only)")
+                   help="one box per LoRA, 'x0,y0,x1,y1;x0,y0,x1,y1' in pixels; lora_composer only (the whole "
+                        "image for a background LoRA)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. every=3 (switch) or cache=0 (cmlora)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -76,13 +78,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from . import COMPOSERS, check_layout, check_prompt, compose, load_loras
+    from .compose import no_layout
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix.lower() != ".png":
         raise ValueError(f"-o {out}: expected a .png file")
-    COMPOSERS.get(args.method)  # an unknown method is refused before anything loads
+    method = COMPOSERS.get(args.method)  # an unknown method is refused before anything loads
+    if args.layout and not method.uses_layout:
+        raise no_layout(args.method)
     n = len(args.lora)
     weights = _floats(args.weights, "--weights") if args.weights else None
     if weights is not None and len(weights) != n:
@@ -93,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")
     options = _options(args.option)
+    if hasattr(method, "words"):  # attention-based methods find each LoRA's concept word in the prompt
+        options["prompt"] = args.prompt
     pipe = load_pipeline(args.model)
     if layout is not None:
         size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 2)

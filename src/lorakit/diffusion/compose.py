@@ -7,7 +7,10 @@ returns their combination. The pipeline's own loop, scheduler and guidance stay 
 guidance is linear, so averaging the batched [uncond, text] predictions equals averaging after guidance.
 
 A new generation is recognised by the timestep going up (denoising walks it down), which resets the composer.
-After the block the denoiser's own forward is back, with the composed LoRAs active at their weights (a merge).
+Methods that act on the latent itself (CLoRA, LoRA-Composer) get it in ``update_latents``, called with the latent
+the pipeline hands to ``scheduler.step`` (wrapped while the block is open); methods that change attention install
+processors in ``bind`` and take them out in ``unbind``. After the block the denoiser's own forward, processors and
+scheduler are back, with the composed LoRAs active at their weights (a merge).
 """
 from __future__ import annotations
 
@@ -40,21 +43,40 @@ class Composer:
         if len(self.weights) != len(self.adapters):
             raise ValueError(f"{self.name}: {len(self.adapters)} LoRAs but {len(self.weights)} weights")
         if layout is not None and not self.uses_layout:
-            raise ValueError(f"method {self.name!r} takes no layout; layout-aware methods: "
-                             f"{', '.join(n for n in COMPOSERS if COMPOSERS.get(n).uses_layout) or '(none)'}")
+            raise no_layout(self.name)
         self.layout = layout
         for key, value in options.items():
             if not hasattr(self, key) or key.startswith("_"):
                 raise TypeError(f"method {self.name!r} has no option {key!r}")
             setattr(self, key, type(getattr(self, key))(value))
 
+    def bind(self, pipe, denoiser) -> None:
+        """Called when the block opens (install attention processors here)."""
+
+    def unbind(self) -> None:
+        """Called when the block closes (undo ``bind``)."""
+
+    def update_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latent the scheduler steps from, given the pipeline's; unchanged unless a method moves it."""
+        return latents
+
     def reset(self, total_steps: int) -> None:
         """Called when a generation starts; ``total_steps`` is the scheduler's number of steps."""
         self.total_steps = total_steps
 
     def predict(self, step: int, run: Run) -> torch.Tensor:
-        """The combined noise prediction at denoising step ``step`` (0-based)."""
+        """The combined noise prediction at denoising step ``step`` (0-based); ``self.sample`` is the call's input.
+
+        ``run(names, scales, on=None, rows=None)`` evaluates the denoiser with exactly ``names`` active, on
+        ``on`` (default: the call's input) and, when ``rows`` is given, on those batch rows of every batched input
+        (``on`` then holds just those rows)."""
         raise NotImplementedError
+
+
+def no_layout(method: str) -> ValueError:
+    """The error for a layout given to a method that takes none."""
+    return ValueError(f"method {method!r} takes no layout; layout-aware methods: "
+                      f"{', '.join(n for n in COMPOSERS if COMPOSERS.get(n).uses_layout) or '(none)'}")
 
 
 @dataclass
@@ -65,6 +87,7 @@ class Stats:
     steps: int = 0
     generations: int = 0
     calls: list = field(default_factory=list)  # (step, adapters, weights) of every evaluation
+    composer: Optional[Composer] = None  # the method's instance, for inspection
 
 
 def _scalar(timestep) -> float:
@@ -83,8 +106,13 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         raise KeyError(f"LoRA {missing[0]!r} is not loaded in the pipeline's {component}; loaded: "
                        f"{', '.join(sorted(loaded)) or '(none)'} (load it with load_lora_weights)")
     original = denoiser.forward
-    stats = Stats()
+    stats = Stats(composer=composer)
     seen = {"t": None}
+    scheduler = pipe.scheduler
+    scheduler_step = scheduler.step
+
+    def stepped(model_output, timestep, sample, *args, **kwargs):
+        return scheduler_step(model_output, timestep, composer.update_latents(sample), *args, **kwargs)
 
     def forward(sample, timestep, *args, return_dict: bool = True, **kwargs):
         t = _scalar(timestep)
@@ -99,7 +127,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         step = stats.steps
         composer.slot += 1
 
-        def run(names: Sequence[str], scales: Sequence[float]) -> torch.Tensor:
+        def run(names: Sequence[str], scales: Sequence[float], on=None, rows=None) -> torch.Tensor:
             stats.evaluations += 1
             stats.calls.append((step, tuple(names), tuple(scales)))
             if names:
@@ -107,19 +135,39 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
                 denoiser.set_adapters(list(names), list(scales))
             else:
                 denoiser.disable_adapters()
-            return original(sample, timestep, *args, return_dict=False, **kwargs)[0]
+            a, kw, x = args, kwargs, sample
+            if rows is not None:  # ``on``, when given with rows, holds those rows already
+                a, kw, x = _rows(args, sample.shape[0], rows), _rows(kwargs, sample.shape[0], rows), sample[rows]
+            x = x if on is None else on
+            return original(x, timestep, *a, return_dict=False, **kw)[0]
 
+        composer.sample = sample
         eps = composer.predict(step, run)
         return _wrap(eps, component) if return_dict else (eps,)
 
+    composer.bind(pipe, denoiser)
     denoiser.forward = forward
+    scheduler.step = stepped
     try:
         yield stats
     finally:
         del denoiser.forward  # the instance attribute goes; the class's forward shows again
+        del scheduler.step
+        composer.unbind()
         denoiser.enable_adapters()
         denoiser.set_adapters(composer.adapters, composer.weights)
     stats.steps += 1
+
+
+def _rows(value, batch: int, rows):
+    """``value`` (a tensor, or a tuple/list/dict holding some) with batched tensors cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _rows(v, batch, rows) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, batch, rows) for v in value)
+    return value
 
 
 def _wrap(eps: torch.Tensor, component: str):
