@@ -13,7 +13,7 @@ The packed step (``packed(step)``, a ``PackedStep``) is the fast path: one seque
 the decode tokens of slots ``[0, n)`` first, then each new prompt in full. ``update`` writes every token's key and
 value into its slot and column, and the attention function registered here as ``lorakit_slots`` reads the slots:
 decode queries attend over their own row up to the longest decode length (a mask per row), prompts over their own
-new keys (causal, right-padded only inside attention). The linear layers thus see every real token once and nothing
+new keys (causal, one call per prompt). The linear layers thus see every real token once and nothing
 else, prefill and decode share one forward, and the model's own mask builder is skipped (transformers builds no
 mask for an attention implementation it does not know).
 """
@@ -39,8 +39,7 @@ class PackedStep:
     pre_start: int  # slot of the first prompt
     pre_slot: torch.Tensor  # [P] slot offset (from pre_start) of each prompt token
     pre_col: torch.Tensor  # [P] its column (position)
-    pre_n: int  # prompts
-    pre_width: int  # the longest prompt
+    pre_lens: list[int]  # tokens of each prompt
 
     @classmethod
     def build(cls, dec_lengths: list[int], pre_start: int, pre_lengths: list[int]) -> "PackedStep":
@@ -53,7 +52,7 @@ class PackedStep:
         slot = torch.repeat_interleave(torch.arange(len(pre_lengths)), lens)
         starts = torch.cumsum(lens, 0) - lens
         col = torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
-        return cls(len(dec_lengths), dec_len, mask, pre_start, slot, col, len(pre_lengths), max(pre_lengths, default=0))
+        return cls(len(dec_lengths), dec_len, mask, pre_start, slot, col, list(pre_lengths))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -75,14 +74,13 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = F.scaled_dot_product_attention(q[:step.n_dec, :, None], k[:step.n_dec, :, :width], v[:step.n_dec, :, :width],
                                              attn_mask=step.dec_mask, scale=scaling, enable_gqa=gqa)
         parts.append(out[:, :, 0])
-    if step.pre_n:
-        lo, hi, w = step.pre_start, step.pre_start + step.pre_n, step.pre_width
-        qp = q.new_zeros(step.pre_n, w, *q.shape[1:])
-        qp[step.pre_slot, step.pre_col] = q[step.n_dec:]
-        # right padding: a real query's causal window holds only real keys of its own prompt
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2), k[lo:hi, :, :w], v[lo:hi, :, :w], is_causal=True,
+    start = step.n_dec
+    for n in step.pre_lens:  # each prompt over its own new keys (``update`` returned them), causal: no padding
+        span = slice(start, start + n)
+        out = F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span], is_causal=True,
                                              scale=scaling, enable_gqa=gqa)
-        parts.append(out.transpose(1, 2)[step.pre_slot, step.pre_col])
+        parts.append(out[0].transpose(0, 1))
+        start += n
     return torch.cat(parts)[None], None
 
 
@@ -132,7 +130,7 @@ class SlotKVCache:
                 rows = torch.arange(n)
                 k[rows, :, step.dec_len] = key_states[0, :, :n].transpose(0, 1)
                 v[rows, :, step.dec_len] = value_states[0, :, :n].transpose(0, 1)
-            if step.pre_n:
+            if step.pre_lens:
                 slots = step.pre_slot + step.pre_start
                 k[slots, :, step.pre_col] = key_states[0, :, n:].transpose(0, 1)
                 v[slots, :, step.pre_col] = value_states[0, :, n:].transpose(0, 1)

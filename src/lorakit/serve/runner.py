@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core.adapter import quantized_kind
 from .kvcache import ATTENTION, PackedStep, SlotKVCache
-from .ops import StepPlan, lora_add_, plan_step
+from .ops import StepPlan, lora_add_, plan_split, plan_step
 from .pool import AdapterPool
 from .store import linear_shapes
 
@@ -66,6 +66,7 @@ class ModelRunner:
         self.eager = self.config._attn_implementation == "eager"
         self.dtype = next(model.parameters()).dtype
         self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
+        self._decode_rows = 0  # decode tokens at the head of a packed step
         self._stepping = False
         self.hidden: dict[int, torch.Tensor] = {}  # prefill row -> final hidden states of its prompt [len, hidden]
         self.rowwise_calls = 0  # LLM.int8 layer calls rerun per request (outliers in a batched step)
@@ -145,7 +146,10 @@ class ModelRunner:
             if real is not None:
                 token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
             token_slot = torch.tensor(slot_row)[:, None].expand(-1, width)
-        self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
+        if real is not None and real.dim() == 1:  # the decode tokens (first) and the prompts planned apart
+            self._plan = plan_split(token_cls, token_slot, keys, self._decode_rows)
+        else:
+            self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
         paths = {p for k in keys for p, *_ in k}
         self.ensure_hooks(paths)
         self._tables = {p: self.pool.tables_for(p) for p in paths}
@@ -246,7 +250,7 @@ class ModelRunner:
         ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], dtype=torch.long)[None]
         counts = torch.tensor([1] * n + sizes, dtype=torch.long)
         ends = torch.cumsum(counts, 0)
-        self._real = None
+        self._real, self._decode_rows = None, n
         self._set_adapters([*adapters, *prompt_adapters], counts)
         self.cache.packed(plan)
         kept: list[torch.Tensor] = []
