@@ -196,13 +196,12 @@ def vllm_result(reply: dict, trace: list[dict]) -> dict:
 def startup_probe(model_dir: str, adapters: str) -> int:
     """``--probe-startup``: lorakit's start-up in this fresh process (as a server: model, engine, adapter scan), then
     answers ``first`` commands (the time to first serve an adapter) as ``bench/serve_vllm.py`` does."""
-    cpu = time.process_time()
     torch.set_num_threads(1)
     model, tok = zoo.load(model_dir, "causal_lm")
     store = AdapterStore(linear_shapes(model))
     store.scan(Path(adapters))
     engine = Engine(model, tok, EngineConfig(max_batch=SLOTS, max_len=MAX_LEN), store).start()
-    print("@@ " + json.dumps(dict(ready=True, startup_cpu_s=time.process_time() - cpu, threads=torch.get_num_threads())), flush=True)
+    print("@@ " + json.dumps(dict(ready=True, startup_cpu_s=time.process_time(), threads=torch.get_num_threads())), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] != "first":
