@@ -120,6 +120,8 @@ class Systems:
         self.shapes = linear_shapes(self.models["base"])
         self.peft = None
         self.peft_load = dict(adapters=0, seconds=0.0)
+        self.hosts: dict[str, object] = {}  # adapter folder -> lorakit's host cache of packed adapters
+        self.vllm: dict[str, Child] = {}
 
     def peft_model(self, names: list[str]):
         """The PeftModel holding every adapter a run needs (loaded once, kept across runs)."""
@@ -142,6 +144,8 @@ class Systems:
         config = EngineConfig(max_batch=SLOTS, max_len=MAX_LEN, pool_bytes=pool_bytes, backend=backend)
         store = AdapterStore(self.shapes, prefetch=system == "lorakit")
         store.scan(folder)
+        if system == "lorakit":  # the host cache outlives a run, as in a long-running server (and vLLM's CPU LoRA cache)
+            store.host = self.hosts.setdefault(str(folder), store.host)
         model = model or self.models[system]
         if system == "peft":
             pm = self.peft_model(sorted(set(names)))
@@ -467,7 +471,6 @@ def main(argv=None) -> int:
     todo = [(w, s, rep) for r in rounds for w, s, rep in r if f"{w}/{s}/{rep}" not in res["runs"]]
     used = {t["adapter"] for w in works.values() for t in w["trace"]}
     unseen = [n for n in names["a"] if n not in used][:2]  # adapters no trace names: served for the first time
-    systems.vllm = {}
     if use_vllm and (any(s.startswith("vllm") for _, s, _ in todo) or "startup" not in res):
         model_dir = WORK / "llama-25m-hf"
         systems.models["base"].save_pretrained(model_dir)  # the same weights for vLLM

@@ -306,7 +306,9 @@ def render(res: dict, out: Path) -> None:
         f"({res['adapter_bytes_r8'] / 2**20:.2f} MiB each) and {cfg['mixed']} of ranks 8/16/32/64 round-robin, LoRA on "
         "q/k/v/o of every layer, alpha = 2r, seeded random A and B (B non-zero).",
         f"- Active pool: {cfg['pool_adapters']} adapters' worth of bytes (for the mixed set, {cfg['pool_adapters']} of its mean "
-        f"size); {32} KV slots (batch at most 32), context {256}; adapters load on lorakit's prefetch thread.",
+        f"size); {32} KV slots (batch at most 32), context {256}; adapters load on lorakit's prefetch thread into its host "
+        "cache of packed adapters, which lives across runs (as a running server's does; vLLM's CPU LoRA cache, "
+        "`max_cpu_loras`, lives in its process likewise), so the first run of a trace reads the files and the later ones mostly not.",
         f"- Traces (seeded, saved as JSONL under runs/bench-serve/traces/): {cfg['requests']} requests, Poisson arrivals at "
         f"{cfg['rate']:g} req/s (above every system's capacity, so throughput is capacity), prompts of {cfg['in_len'][0]}-"
         f"{cfg['in_len'][1]} random tokens, {cfg['out_len'][0]}-{cfg['out_len'][1]} output tokens (uniform, EOS ignored), "
@@ -317,9 +319,12 @@ def render(res: dict, out: Path) -> None:
         "TTFT counts from the scheduled arrival; TPOT is (finish - first token) / (tokens - 1). SLO attainment is the share "
         "of all requests whose TTFT is within the threshold (unfinished ones count as misses).",
         "- Systems, each in the same engine loop, KV cache and scheduler (`lorakit.serve.baselines`): **lorakit** (batched LoRA "
-        "operator over the active pool); **PEFT adapter_names** (a `PeftModel` holding every adapter of the trace, loaded "
+        "operator over the active pool, packed steps: decode tokens and unpadded prompts in one forward); **PEFT adapter_names** (a `PeftModel` holding every adapter of the trace, loaded "
         "beforehand, called with one adapter name per row); **merge-and-swap** (one adapter per batch, merged into the weights "
-        "before it and restored after; S-LoRA's PEFT baseline); **base model** (the same trace with no adapters).",
+        "before it and restored after; S-LoRA's PEFT baseline); **base model** (the same trace with no adapters, lorakit's "
+        "engine). PEFT's `adapter_names` takes one adapter per batch row, so that system runs the engine's padded path "
+        "(left-padded prefill, then a decode forward); the others run packed steps. In the table, a step that holds prompts "
+        "counts as prefill time, and its decode rows still count in the batch sizes.",
         f"- Repeats: {cfg['repeats']} (merge-and-swap: {cfg.get('merge_repeats')}; lorakit on the zipf-N traces: "
         f"{cfg.get('scale_repeats', cfg['repeats'])}); systems take turns, the order reversed every other round (ABBA), so "
         "that a drift in the machine's load hits all of them alike; numbers are medians. Peak RSS is the process's peak resident set during a run (reset before it) and its rise "
