@@ -42,17 +42,17 @@ class PackedStep:
     pre_lens: list[int]  # tokens of each prompt
 
     @classmethod
-    def build(cls, dec_lengths: list[int], pre_start: int, pre_lengths: list[int]) -> "PackedStep":
+    def build(cls, dec_lengths: list[int], pre_start: int, pre_lengths: list[int], device=None) -> "PackedStep":
         dec_len = torch.tensor(dec_lengths, dtype=torch.long)
         mask = None
         if dec_lengths:
             k = torch.arange(max(dec_lengths) + 1)
-            mask = (k[None, :] <= dec_len[:, None])[:, None, None, :]
+            mask = (k[None, :] <= dec_len[:, None])[:, None, None, :].to(device)
         lens = torch.tensor(pre_lengths, dtype=torch.long)
         slot = torch.repeat_interleave(torch.arange(len(pre_lengths)), lens)
         starts = torch.cumsum(lens, 0) - lens
         col = torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens)
-        return cls(len(dec_lengths), dec_len, mask, pre_start, slot, col, list(pre_lengths))
+        return cls(len(dec_lengths), dec_len.to(device), mask, pre_start, slot.to(device), col.to(device), list(pre_lengths))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -99,6 +99,11 @@ class SlotKVCache:
         self._mode = None
 
     @property
+    def device(self) -> Optional[torch.device]:
+        """Where the cache lives (None before the first forward allocates it)."""
+        return next((t.device for t in self.keys if t is not None), None)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys + self.values if t is not None)
 
@@ -127,7 +132,7 @@ class SlotKVCache:
             step = self._mode[1]
             n = step.n_dec
             if n:
-                rows = torch.arange(n)
+                rows = torch.arange(n, device=k.device)
                 k[rows, :, step.dec_len] = key_states[0, :, :n].transpose(0, 1)
                 v[rows, :, step.dec_len] = value_states[0, :, :n].transpose(0, 1)
             if step.pre_lens:

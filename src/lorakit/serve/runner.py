@@ -246,8 +246,9 @@ class ModelRunner:
         """One packed forward: a token for each of slots ``[0, len(tokens))`` at positions ``lengths``, and
         ``prompts`` into slots ``start...``; returns (next-token logits of the decode rows, of the prompts)."""
         n, sizes = len(tokens), [len(p) for p in prompts]
-        plan = PackedStep.build(list(lengths), start, sizes)
-        ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], dtype=torch.long)[None]
+        device = self.cache.device or next(self.model.parameters()).device
+        plan = PackedStep.build(list(lengths), start, sizes, device)
+        ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], dtype=torch.long, device=device)[None]
         counts = torch.tensor([1] * n + sizes, dtype=torch.long)
         ends = torch.cumsum(counts, 0)
         self._real, self._decode_rows = None, n
@@ -261,7 +262,7 @@ class ModelRunner:
         self.config._attn_implementation = ATTENTION
         try:
             out = self._forward(input_ids=ids, position_ids=plan.positions[None], past_key_values=self.cache,
-                                use_cache=True, logits_to_keep=ends - 1, lorakit_step=(self.cache, plan))
+                                use_cache=True, logits_to_keep=(ends - 1).to(device), lorakit_step=(self.cache, plan))
         finally:
             self.config._attn_implementation = attn
             if hook is not None:
