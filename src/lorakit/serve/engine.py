@@ -211,11 +211,14 @@ class Engine:
         start = time.perf_counter()
         self._take_inbox()
         admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
         ran = bool(admitted or self.running)
-        if self.running:
-            self._decode()
+        if ran and getattr(self.runner, "packed", False):
+            self._mixed(admitted)
+        elif ran:
+            if admitted:
+                self._prefill(admitted)
+            if self.running:
+                self._decode()
         if ran:
             self.stats["step_seconds"] += time.perf_counter() - start
         return ran
@@ -240,18 +243,20 @@ class Engine:
         if c.prefetch and ahead:
             self.store.want(ahead)
         admitted: list[Request] = []
-        width = 0
+        width = 0  # padded: the longest admitted prompt; packed: their tokens
+        packed = getattr(self.runner, "packed", False)
         for req in list(self.waiting):
             if len(self.running) + len(admitted) >= c.max_batch:
                 break
             w = max(width, len(req.prompt))
-            if admitted and w * (len(admitted) + 1) > c.max_prefill_tokens:
+            tokens = width + len(req.prompt) if packed else w * (len(admitted) + 1)  # padded: w per prompt
+            if admitted and tokens > c.max_prefill_tokens:
                 break
             if req.aid is not None and not self._make_resident(req):
                 continue
             self.waiting.remove(req)
             admitted.append(req)
-            width = w
+            width = tokens if packed else w
         return admitted
 
     def _make_resident(self, req: Request) -> bool:
@@ -298,11 +303,28 @@ class Engine:
         req.holds_adapter = True
         return True
 
+    def _mixed(self, admitted: list[Request]) -> None:
+        """One packed forward: a token for every running request and the prompts of the admitted ones."""
+        reqs, start = list(self.running), len(self.running)
+        self.running.extend(admitted)  # first, so that a failing forward fails them too
+        scored = [i for i, r in enumerate(admitted) if r.params.prompt_logprobs is not None]
+        lengths = [len(r.prompt) + len(r.output) - 1 for r in reqs]
+        dec, pre = self.runner.step([r.output[-1] for r in reqs], lengths, [r.aid for r in reqs],
+                                    [r.prompt for r in admitted], start, [r.aid for r in admitted], keep_hidden=scored)
+        if reqs:
+            self.stats["decode_steps"] += 1
+            self._sample(reqs, dec)
+        if admitted:
+            self._prefilled(admitted, pre, scored)
+
     def _prefill(self, admitted: list[Request]) -> None:
         start = len(self.running)
         self.running.extend(admitted)  # first, so that a failing forward fails them too
         scored = [i for i, r in enumerate(admitted) if r.params.prompt_logprobs is not None]
         logits = self.runner.prefill([r.prompt for r in admitted], start, [r.aid for r in admitted], keep_hidden=scored)
+        self._prefilled(admitted, logits, scored)
+
+    def _prefilled(self, admitted: list[Request], logits: torch.Tensor, scored: list[int]) -> None:
         self.stats["prefill_steps"] += 1
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in admitted)
         for r in admitted:

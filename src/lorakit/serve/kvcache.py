@@ -8,12 +8,84 @@ tensor and a decode step writes each row's new token at its own column. Running 
 The model calls ``update`` once per layer; before each forward the runner says what the call is:
 ``prefill(start, offsets, lengths)`` (left-padded prompts going into fresh slots; attention sees only the new
 tokens) or ``decode(lengths)`` (one token per running slot, written at column ``lengths[b]``).
+
+The packed step (``packed(step)``, a ``PackedStep``) is the fast path: one sequence of ``T`` tokens with no padding,
+the decode tokens of slots ``[0, n)`` first, then each new prompt in full. ``update`` writes every token's key and
+value into its slot and column, and the attention function registered here as ``lorakit_slots`` reads the slots:
+decode queries attend over their own row up to the longest decode length (a mask per row), prompts over their own
+new keys (causal, one call per prompt). The linear layers thus see every real token once and nothing
+else, prefill and decode share one forward, and the model's own mask builder is skipped (transformers builds no
+mask for an attention implementation it does not know).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION = "lorakit_slots"
+
+
+@dataclass
+class PackedStep:
+    """Where each token of a packed forward goes: ``n_dec`` decode tokens, then prompts of ``pre_lens`` tokens."""
+
+    n_dec: int
+    dec_len: torch.Tensor  # [n_dec] column of each decode token (its position)
+    dec_mask: Optional[torch.Tensor]  # [n_dec, 1, 1, width] keys each decode token sees; None: no decode tokens
+    pre_start: int  # slot of the first prompt
+    pre_slot: torch.Tensor  # [P] slot offset (from pre_start) of each prompt token
+    pre_col: torch.Tensor  # [P] its column (position)
+    pre_lens: list[int]  # tokens of each prompt
+
+    @classmethod
+    def build(cls, dec_lengths: list[int], pre_start: int, pre_lengths: list[int], device=None) -> "PackedStep":
+        host = torch.device("cpu")  # built on the host, then moved in one copy each
+        dec_len = torch.tensor(dec_lengths, dtype=torch.long, device=host)
+        mask = None
+        if dec_lengths:
+            k = torch.arange(max(dec_lengths) + 1, device=host)
+            mask = (k[None, :] <= dec_len[:, None])[:, None, None, :].to(device)
+        lens = torch.tensor(pre_lengths, dtype=torch.long, device=host)
+        slot = torch.repeat_interleave(torch.arange(len(pre_lengths), device=host), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        col = torch.arange(int(lens.sum()), device=host) - torch.repeat_interleave(starts, lens)
+        return cls(len(dec_lengths), dec_len.to(device), mask, pre_start, slot.to(device), col.to(device), list(pre_lengths))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[T] position of every token of the step."""
+        return torch.cat([self.dec_len, self.pre_col])
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, lorakit_step=None, **kwargs):
+    """Attention of a packed step (``query [1, heads, T, dim]``) over the slots of ``lorakit_step``'s cache."""
+    if lorakit_step is None:
+        raise RuntimeError("the lorakit_slots attention runs only inside lorakit's packed forward")
+    cache, step = lorakit_step
+    k, v = cache.keys[module.layer_idx], cache.values[module.layer_idx]
+    q = query[0].transpose(0, 1)  # [T, heads, dim]
+    gqa = q.shape[1] != k.shape[1]
+    parts = []
+    if step.n_dec:
+        width = step.dec_mask.shape[-1]
+        out = F.scaled_dot_product_attention(q[:step.n_dec, :, None], k[:step.n_dec, :, :width], v[:step.n_dec, :, :width],
+                                             attn_mask=step.dec_mask, scale=scaling, enable_gqa=gqa)
+        parts.append(out[:, :, 0])
+    start = step.n_dec
+    for n in step.pre_lens:  # each prompt over its own new keys (``update`` returned them), causal: no padding
+        span = slice(start, start + n)
+        out = F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span], is_causal=True,
+                                             scale=scaling, enable_gqa=gqa)
+        parts.append(out[0].transpose(0, 1))
+        start += n
+    return torch.cat(parts)[None], None
+
+
+AttentionInterface.register(ATTENTION, slot_attention)
 
 
 class SlotKVCache:
@@ -28,12 +100,21 @@ class SlotKVCache:
         self._mode = None
 
     @property
+    def device(self) -> Optional[torch.device]:
+        """Where the cache lives (None before the first forward allocates it)."""
+        return next((t.device for t in self.keys if t is not None), None)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys + self.values if t is not None)
 
     def prefill(self, start: int, offsets: list[int], lengths: list[int]) -> None:
         """The next forward holds ``len(lengths)`` prompts, left-padded by ``offsets``, for slots from ``start``."""
         self._mode = ("prefill", start, offsets, lengths)
+
+    def packed(self, step: PackedStep) -> None:
+        """The next forward is a packed step (``slot_attention`` reads the slots)."""
+        self._mode = ("packed", step)
 
     def decode(self, lengths: torch.Tensor) -> None:
         """The next forward holds one new token for each of slots ``[0, len(lengths))``."""
@@ -48,6 +129,18 @@ class SlotKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self._tensors(layer_idx, key_states)
+        if self._mode[0] == "packed":
+            step = self._mode[1]
+            n = step.n_dec
+            if n:
+                rows = torch.arange(n, device=k.device)
+                k[rows, :, step.dec_len] = key_states[0, :, :n].transpose(0, 1)
+                v[rows, :, step.dec_len] = value_states[0, :, :n].transpose(0, 1)
+            if step.pre_lens:
+                slots = step.pre_slot + step.pre_start
+                k[slots, :, step.pre_col] = key_states[0, :, n:].transpose(0, 1)
+                v[slots, :, step.pre_col] = value_states[0, :, n:].transpose(0, 1)
+            return key_states, value_states
         if self._mode[0] == "prefill":
             _, start, offsets, lengths = self._mode
             for b, (off, n) in enumerate(zip(offsets, lengths)):

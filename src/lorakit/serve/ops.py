@@ -79,6 +79,17 @@ def plan_step(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequenc
     return StepPlan(n, plans)
 
 
+def plan_split(token_class: torch.Tensor, token_slot: torch.Tensor, keys: Sequence[Hashable], split: int) -> StepPlan:
+    """``plan_step`` for tokens ``[0, split)`` and ``[split, T)`` apart (a packed step's decode tokens, one per
+    request, and its prompts), so that each part gets its own backend: ``bmm`` for the first, segments for the rest."""
+    if split <= 0 or split >= token_class.numel():
+        return plan_step(token_class, token_slot, keys)
+    head, tail = token_class.clone(), token_class.clone()
+    head[split:] = -1
+    tail[:split] = -1
+    return StepPlan(int(token_class.numel()), plan_step(head, token_slot, keys).classes + plan_step(tail, token_slot, keys).classes)
+
+
 def padded_rank(r: int, dtype: torch.dtype) -> int:
     """``r`` rounded up so a row of ``r`` elements is a multiple of 16 bytes (zero columns: exact)."""
     unit = max(1, 16 // dtype.itemsize)

@@ -3,10 +3,17 @@
 The base weights are never modified, and ``close`` leaves the model as it came (hooks removed, each module's
 train/eval mode restored): a forward hook on every adapted Linear / Conv1D layer adds the batched
 LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables.
-One base GEMM serves all requests. Attention runs on ``SlotKVCache`` with explicit positions and masks, built
-here: prefill takes left-padded prompts (the last column is every row's last prompt token, so only it reaches
-the LM head), decode one token per running slot. Models whose layers mix full and sliding-window attention
-(Gemma 3) get one mask per layer type.
+One base GEMM serves all requests. Attention runs on ``SlotKVCache``.
+
+Two ways to run a step. Packed (``step``, the default where it is exact): the step's decode tokens and new prompts
+as one unpadded sequence, with explicit positions, the cache's ``lorakit_slots`` attention reading each request's
+own slot, and the LM head applied to the last token of each prompt and to every decode token only (``logits_to_keep``
+as indices). Whether a model packs is checked once, at start-up, by running two short prompts both ways and
+comparing the logits: a model whose attention does not go through transformers' attention interface, or does more
+than plain softmax attention (sliding windows, Gemma 3; soft-capping), and LLM.int8 bases (below), use the padded
+path: prefill takes left-padded prompts (the last column is every row's last prompt token, so only it reaches
+the LM head), decode one token per running slot, with explicit masks (one per layer type for models whose layers
+mix full and sliding-window attention).
 
 Prompt log-probabilities (echo with logprobs) need the logits at every prompt position, which the LM head is not
 asked for (a [tokens, vocabulary] tensor can be gigabytes): a hook keeps the final hidden states of the rows that
@@ -28,8 +35,8 @@ from torch import nn
 
 from ..core.adapter import quantized_kind
 from .devices import model_device
-from .kvcache import SlotKVCache
-from .ops import StepPlan, lora_add_, plan_step
+from .kvcache import ATTENTION, PackedStep, SlotKVCache
+from .ops import StepPlan, lora_add_, plan_split, plan_step
 from .pool import AdapterPool
 from .store import linear_shapes
 
@@ -38,6 +45,7 @@ class ModelRunner:
     """Prefill and decode forwards over slots, with per-request adapters from ``pool``."""
 
     needs_pool = True  # the engine makes each request's adapter resident in the pool before admitting it
+    packs = True  # may run packed steps (a runner whose forward needs one row per request sets False)
 
     def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
         self._modes = {m: m.training for m in model.modules()}  # restored by close()
@@ -60,11 +68,34 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = model_device(model)  # every tensor a step builds goes here
         self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
+        self._decode_rows = 0  # decode tokens at the head of a packed step
         self._stepping = False
         self.hidden: dict[int, torch.Tensor] = {}  # prefill row -> final hidden states of its prompt [len, hidden]
         self.rowwise_calls = 0  # LLM.int8 layer calls rerun per request (outliers in a batched step)
         self._rowwise = [m.register_forward_hook(self._per_request) for m in self.modules.values()
                          if quantized_kind(m) is not None and getattr(getattr(m, "state", None), "threshold", 0) > 0]
+        self.packed = False
+        self.packed = self.packs and not self._rowwise and self.window is None and self._packs_exactly()
+
+    def _packs_exactly(self) -> bool:
+        """Two prompts prefilled and decoded padded, then packed (a decode and a prefill in one step): same logits?"""
+        p0, p1 = [1, 5, 6, 7], [1, 9]
+        try:
+            padded = self.prefill([p0, p1], 0, [None, None])
+            padded_dec = self.decode([3, 4], [len(p0), len(p1)], [None, None])
+            self.packed = True
+            first = self.step([], [], [], [p0], 0, [None])[1]
+            dec0, pre1 = self.step([3], [len(p0)], [None], [p1], 1, [None])
+            dec1 = self.step([5, 4], [len(p0) + 1, len(p1)], [None, None], [], 2, [])[0][1:]
+            got, want = torch.cat([first, pre1, dec0, dec1]), torch.cat([padded, padded_dec])
+            tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+            return bool(torch.allclose(got, want, atol=tol, rtol=tol))
+        except Exception:  # noqa: BLE001 - any model the packed attention does not fit runs padded
+            return False
+        finally:
+            self.packed = False
+            for slot in (0, 1):
+                self.clear(slot)
 
     def _per_request(self, module, args, output):
         """LLM.int8's outlier columns span the step: with outliers in it, each request's rows again on their own."""
@@ -109,12 +140,19 @@ class ModelRunner:
                 keys.append(cls.key)
             cls_row.append(-1 if cls is None else index[cls.key])
             slot_row.append(slot)
-        width = 1 if real is None else real.shape[1]
-        token_cls = torch.tensor(cls_row, device=self.device)[:, None].expand(-1, width)
-        if real is not None:
-            token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
-        token_slot = torch.tensor(slot_row, device=self.device)[:, None].expand(-1, width)
-        self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
+        if real is not None and real.dim() == 1:  # a packed step: row b holds real[b] consecutive tokens
+            token_cls = torch.tensor(cls_row, device=self.device).repeat_interleave(real)
+            token_slot = torch.tensor(slot_row, device=self.device).repeat_interleave(real)
+        else:
+            width = 1 if real is None else real.shape[1]
+            token_cls = torch.tensor(cls_row, device=self.device)[:, None].expand(-1, width)
+            if real is not None:
+                token_cls = token_cls.masked_fill(~real, -1)  # padding takes no adapter
+            token_slot = torch.tensor(slot_row, device=self.device)[:, None].expand(-1, width)
+        if real is not None and real.dim() == 1:  # the decode tokens (first) and the prompts planned apart
+            self._plan = plan_split(token_cls, token_slot, keys, self._decode_rows)
+        else:
+            self._plan = plan_step(token_cls.reshape(-1), token_slot.reshape(-1), keys)
         paths = {p for k in keys for p, *_ in k}
         self.ensure_hooks(paths)
         self._tables = {p: self.pool.tables_for(p) for p in paths}
@@ -138,6 +176,8 @@ class ModelRunner:
                 keep_hidden: Sequence[int] = ()) -> torch.Tensor:
         """Run prompts into slots ``start...``; returns the logits after each prompt's last token [n, vocab]; the
         rows ``keep_hidden`` keep their final hidden states in ``self.hidden`` (for ``prompt_logits``)."""
+        if self.packed:
+            return self.step([], [], [], prompts, start, adapters, keep_hidden)[1]
         n, width = len(prompts), max(len(p) for p in prompts)
         offsets = [width - len(p) for p in prompts]
         ids = torch.zeros(n, width, dtype=torch.long, device="cpu")  # built on the host, then moved in one copy
@@ -188,8 +228,10 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[Optional[str]]) -> torch.Tensor:
         """One token for each of slots ``[0, n)``, at positions ``lengths``; returns next-token logits [n, vocab]."""
+        if self.packed:
+            return self.step(tokens, lengths, adapters, [], len(tokens), [])[0]
         lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        width = max(lengths) + 1
+        width = int(lens.max()) + 1
         k = torch.arange(width, device=self.device)[None, None, None, :]
         q = lens[:, None, None, None]
         masks = self._masks(k <= q, q, k)
@@ -200,6 +242,38 @@ class ModelRunner:
         out = self._forward(input_ids=ids, position_ids=lens[:, None], attention_mask=masks, past_key_values=self.cache,
                             use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int], lengths: Sequence[int], adapters: Sequence[Optional[str]],
+             prompts: Sequence[Sequence[int]], start: int, prompt_adapters: Sequence[Optional[str]],
+             keep_hidden: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed forward: a token for each of slots ``[0, len(tokens))`` at positions ``lengths``, and
+        ``prompts`` into slots ``start...``; returns (next-token logits of the decode rows, of the prompts)."""
+        n, sizes = len(tokens), [len(p) for p in prompts]
+        device = self.cache.device or self.device
+        plan = PackedStep.build(list(lengths), start, sizes, device)
+        ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], dtype=torch.long, device=device)[None]
+        counts = torch.tensor([1] * n + sizes, dtype=torch.long, device=device)
+        ends = torch.cumsum(counts, 0)
+        self._real, self._decode_rows = None, n
+        self._set_adapters([*adapters, *prompt_adapters], counts)
+        self.cache.packed(plan)
+        kept: list[torch.Tensor] = []
+        hook = None
+        if keep_hidden:
+            hook = self.model.base_model.register_forward_hook(lambda m, a, out: kept.append(out[0]))
+        attn = self.config._attn_implementation
+        self.config._attn_implementation = ATTENTION
+        try:
+            out = self._forward(input_ids=ids, position_ids=plan.positions[None], past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=(ends - 1).to(device), lorakit_step=(self.cache, plan))
+        finally:
+            self.config._attn_implementation = attn
+            if hook is not None:
+                hook.remove()
+        self.hidden = {b: kept[0][0, int(ends[n + b] - sizes[b]):int(ends[n + b])] for b in keep_hidden}
+        logits = out.logits[0].float()
+        return logits[:n], logits[n:]
 
     def _forward(self, **inputs):
         self._stepping = True  # the per-request hooks act on the runner's steps only, not on other calls of the model

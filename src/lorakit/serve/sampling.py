@@ -97,6 +97,8 @@ def add_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Te
 
 def unusable_rows(logits: torch.Tensor) -> list[int]:
     """Rows of ``logits [n, vocab]`` with NaN or +inf, or nothing finite: no token can be chosen from them."""
+    if bool(torch.isfinite(logits.sum())):  # one pass: any NaN or infinity makes the sum non-finite
+        return []
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
     return bad.nonzero().flatten().tolist()
 
