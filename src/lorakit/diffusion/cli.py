@@ -18,11 +18,13 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline directory (model_index.json)")
     p.add_argument("--lora", action="append", required=True, metavar="PATH",
                    help="LoRA file or directory with pytorch_lora_weights.safetensors; repeat for each concept")
-    p.add_argument("--method", default="merge", help="composition method: merge, switch, composite, cmlora")
+    p.add_argument("--method", default="merge", help="composition method: merge, switch, composite, cmlora, autolora")
     p.add_argument("--prompt", required=True, help="the text prompt; it should name each LoRA's concept")
     p.add_argument("--weights", default=None, help="comma-separated weight per LoRA (default: 1 each)")
     p.add_argument("--layout", default=None,
                    help="one box per LoRA, 'x0,y0,x1,y1;x0,y0,x1,y1' in pixels (layout-aware methods only)")
+    p.add_argument("--gates", default=None, metavar="FILE",
+                   help="trained fusion gates (autolora; from `lorakit diffuse-gates`)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. every=3 (switch) or cache=0 (cmlora)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -31,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output image (.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
+    from .gates_cli import add_parser as add_gates_parser
+
+    add_gates_parser(sub)
 
 
 def _options(items: list[str]) -> dict:
@@ -93,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")
     options = _options(args.option)
+    if args.gates:
+        options["gates"] = args.gates
     pipe = load_pipeline(args.model)
     if layout is not None:
         size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 2)

@@ -48,6 +48,12 @@ class Composer:
                 raise TypeError(f"method {self.name!r} has no option {key!r}")
             setattr(self, key, type(getattr(self, key))(value))
 
+    def open(self, denoiser) -> None:
+        """Called once as the composition starts, with the denoiser it stands in for."""
+
+    def close(self) -> None:
+        """Called once as the composition ends, also when ``open`` or a step failed."""
+
     def reset(self, total_steps: int) -> None:
         """Called when a generation starts; ``total_steps`` is the scheduler's number of steps."""
         self.total_steps = total_steps
@@ -96,6 +102,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
             stats.steps += 1
             composer.slot = -1
         seen["t"] = t
+        composer.timestep = timestep
         step = stats.steps
         composer.slot += 1
 
@@ -114,8 +121,10 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
 
     denoiser.forward = forward
     try:
+        composer.open(denoiser)
         yield stats
     finally:
+        composer.close()
         del denoiser.forward  # the instance attribute goes; the class's forward shows again
         denoiser.enable_adapters()
         denoiser.set_adapters(composer.adapters, composer.weights)
