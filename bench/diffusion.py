@@ -140,7 +140,7 @@ def autolora_gates(pipe, gates_file: str | None, steps: int, out: Path) -> dict:
     """AutoLoRA's gates for the four LoRAs: read from ``gates_file``, or trained here and saved to ``out``."""
     from tqdm import tqdm
 
-    from lorakit.diffusion.autolora import load_gates
+    from lorakit.diffusion.gates import load_gates
     from lorakit.diffusion.autolora_train import train_gates
 
     if gates_file:

@@ -11,7 +11,8 @@ from diffusion_testbed import fresh_pipeline, make_lora, unet_inputs
 
 from lorakit.cli import main
 from lorakit.diffusion import compose
-from lorakit.diffusion.autolora import Gates, gated, load_gates, time_features
+from lorakit.diffusion.autolora import gated
+from lorakit.diffusion.gates import Gates, load_gates, time_features
 from lorakit.diffusion.autolora_train import gated_loss, scenes_for, train_gates
 
 NAMES = ["cross", "yellow"]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .autolora import Gates, gated
+from .autolora import gated
+from .gates import Gates
 from .shapes import CONCEPTS, sample_scene
 
 EMPTY_PROMPTS = 0.3
