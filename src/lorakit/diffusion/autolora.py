@@ -42,16 +42,17 @@ def _fused_forward(layer, gate: LayerGate, pairs, timestep):
     def forward(x, *args, **kwargs):
         base = layer.base_layer(x, *args, **kwargs)
         present = [(a, i) for a, i in pairs if a in layer.lora_A and a in layer.active_adapters]
-        if not present:
+        if not present or layer.disable_adapters:
             return base
         outs = torch.stack([layer.lora_B[a](layer.lora_A[a](layer.lora_dropout[a](x))) * layer.scaling[a]
                             for a, _ in present])
         t = timestep().to(base.device).flatten().expand(base.shape[0]) if timestep().numel() == 1 else timestep()
         index = torch.tensor([i for _, i in present], device=base.device)
         if conv:  # channels last for the gate: (B, C, H, W) -> (B, H, W, C)
-            base_c, outs_c = base.movedim(1, -1), outs.movedim(2, -1)
-            return base + (gate(base_c, outs_c, index, time_features(t)) * outs_c).sum(0).movedim(-1, 1)
-        return base + (gate(base, outs, index, time_features(t)) * outs).sum(0)
+            base, outs = base.movedim(1, -1), outs.movedim(2, -1)
+        weights = gate(base, outs, index, time_features(t)).to(outs.dtype)  # the gate computes in float32
+        y = base + (weights * outs).sum(0)
+        return y.movedim(-1, 1) if conv else y
 
     return forward
 
@@ -92,7 +93,7 @@ class AutoLoRA(Composer):
         if self._gates is None and not self.gates:
             raise ValueError("autolora needs trained gates: pass gates=FILE (lorakit diffuse --gates FILE); "
                              "train them with `lorakit diffuse-gates`")
-        gates = self._gates or load_gates(self.gates)
+        gates = self._gates if self._gates is not None else load_gates(self.gates)
         self._open = gated(denoiser, gates, self.adapters, lambda: torch.as_tensor(self.timestep).flatten())
         self._open.__enter__()
 
