@@ -217,3 +217,23 @@ def test_cli_trains_gates_and_generates_with_them(lora_files, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gates_refuse_modules_without_a_gate_and_honour_disabled_adapters():
+    narrow = fresh_pipeline()  # LoRAs on the attention queries only: gates for those modules alone
+    for i, name in enumerate(NAMES):
+        make_lora(narrow, name, seed=10 + i, targets=["to_q"])
+    gates = Gates.for_denoiser(narrow.unet, NAMES)
+    assert gates.layers and all(n.endswith("to_q") for n in gates.layers)
+    pipe = two_loras()
+    with pytest.raises(ValueError, match="made for another network: it has no gate for module '.*conv1'"):
+        gates.check(pipe.unet, NAMES)
+    x, t, c = unet_inputs()
+    full = Gates.for_denoiser(pipe.unet, NAMES)
+    with torch.no_grad():
+        pipe.unet.disable_adapters()
+        base = pipe.unet(x, t, encoder_hidden_states=c).sample
+        with gated(pipe.unet, full, NAMES, lambda: t.flatten()):
+            ours = pipe.unet(x, t, encoder_hidden_states=c).sample
+        pipe.unet.enable_adapters()
+    torch.testing.assert_close(ours, base, rtol=0, atol=0)
