@@ -38,6 +38,14 @@ def write_report(json_path: Path, md_path: Path) -> None:
              "position 0.5).", "",
              "Each LoRA alone on prompts with its own concept (the ceiling): " +
              ", ".join(f"{c} {v:.2f}" for c, v in res["alone"].items()) + ".", ""]
+    g = res.get("autolora_gates", {})
+    if "steps" in g:
+        lines += [f"AutoLoRA's gates (all four LoRAs; any subset of two or more fused per step) trained here for "
+                  f"{g['steps']} steps of {g['batch']} concept scenes in {g['seconds']} s: denoising loss "
+                  f"{g['loss_first_tenth']:.4f} (first tenth) -> {g['loss_last_tenth']:.4f} (last tenth). Its "
+                  "wall time per image below excludes this training.", ""]
+    elif g:
+        lines += [f"AutoLoRA's gates read from `{g['file']}`.", ""]
     for k in ("2", "3", "4"):
         concepts = sorted({c for r in res[k].values() for c in r["per_concept"]})
         rows = [[m, f"{r['all_present']:.2f}", *(f"{r['per_concept'][c]:.2f}" for c in concepts), f"{r['place']:.2f}",

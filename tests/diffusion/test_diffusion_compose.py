@@ -188,5 +188,5 @@ def test_the_denoiser_is_restored_after_the_block(loaded):
     with compose(pipe, names, "switch"):
         pass
     assert "forward" not in vars(pipe.unet)
-    assert {"clora", "cmlora", "composite", "lora_composer", "merge", "switch"} <= set(COMPOSERS.names())
+    assert {"autolora", "clora", "cmlora", "composite", "lora_composer", "merge", "switch"} <= set(COMPOSERS.names())
     torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=c).sample, eps_alone(pipe, names, [1, 1], x, t, c))

@@ -19,12 +19,14 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="PATH",
                    help="LoRA file or directory with pytorch_lora_weights.safetensors; repeat for each concept")
     p.add_argument("--method", default="merge",
-                   help="composition method: merge, switch, composite, cmlora, clora, lora_composer")
+                   help="composition method: merge, switch, composite, cmlora, clora, lora_composer, autolora")
     p.add_argument("--prompt", required=True, help="the text prompt; it should name each LoRA's concept")
     p.add_argument("--weights", default=None, help="comma-separated weight per LoRA (default: 1 each)")
     p.add_argument("--layout", default=None,
                    help="one box per LoRA, 'x0,y0,x1,y1;x0,y0,x1,y1' in pixels; lora_composer only (the whole "
                         "image for a background LoRA)")
+    p.add_argument("--gates", default=None, metavar="FILE",
+                   help="trained fusion gates (autolora; from `lorakit diffuse-gates`)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. every=3 (switch) or cache=0 (cmlora)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -33,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output image (.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
+    from .gates_cli import add_parser as add_gates_parser
+
+    add_gates_parser(sub)
 
 
 def _options(items: list[str]) -> dict:
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args.option)
     if hasattr(method, "words"):  # attention-based methods find each LoRA's concept word in the prompt
         options["prompt"] = args.prompt
+    if args.gates:
+        options["gates"] = args.gates
     pipe = load_pipeline(args.model)
     if layout is not None:
         size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 2)

@@ -124,6 +124,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
             stats.steps += 1
             composer.slot = -1
         seen["t"] = t
+        composer.timestep = timestep
         step = stats.steps
         composer.slot += 1
 
