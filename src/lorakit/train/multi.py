@@ -191,10 +191,11 @@ def adapters_of(wrapped: dict) -> dict[str, nn.Module]:
 
 class MultiTrainer:
     """Jobs that join (`add`) and leave (they finish, fail or are `stop`ped) while the others train; `step` runs one
-    round, `run` runs rounds until no job is left. ``max_tokens``: padded tokens per shared micro-batch."""
+    round, `run` runs rounds until no job is left. ``max_tokens``: padded tokens per shared micro-batch; ``backend``:
+    "jobs" (`multi_kernel`) or one of the serving operator's (`multi_lora.BatchedLoRA`)."""
 
     def __init__(self, model: nn.Module, *, max_tokens: int = 1024, fused: bool = True, collate_fn=None,
-                 disable_dropout: bool = False):
+                 disable_dropout: bool = False, backend: str = "jobs"):
         if wrapped_modules(model):
             raise ValueError("MultiTrainer takes the plain base model; unwrap(model) first")
         active = base_dropout(model, disable=disable_dropout)
@@ -206,7 +207,7 @@ class MultiTrainer:
         for p in model.parameters():
             p.requires_grad_(False)
         fingerprint.remember(model)
-        self.hooks, self.max_tokens, self.collate_fn = MultiLoRA(model, fused=fused), max_tokens, collate_fn
+        self.hooks, self.max_tokens, self.collate_fn = MultiLoRA(model, fused, backend), max_tokens, collate_fn
         self.runs: dict[str, _JobRun] = {}
         self.results: dict[str, JobResult] = {}
         self.closed: dict[str, _JobRun] = {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..serve import ops
+from .multi_kernel import job_segment_lora
 
 
 class BatchedLoRA(torch.autograd.Function):
@@ -140,9 +141,16 @@ class Routing:
         n_tok = attention_mask.numel() if attention_mask is not None else -1
         return cls(segments, len(jobs), n_tok, token_plan, ops.plan_step(rc, rs, keys), slots)
 
+    def spans(self, path: str, per_row: int) -> list:
+        """(first, end, LoRA layer) of each job segment that adapts ``path``, in units of ``per_row`` per row."""
+        key = (path, per_row)
+        if key not in self.cache:
+            self.cache[key] = [(a * per_row, b * per_row, j.lora[path]) for j, a, b in self.segments if path in j.lora]
+        return self.cache[key]
+
     def tables(self, path: str) -> dict:
         """{class key: (A^T [k, in, r], (s·B)^T [k, r, out])} of the classes that adapt module ``path``."""
-        if path not in self.cache:
+        if path not in self.cache:  # the serving operator's tables (backends other than "jobs")
             self.cache[path] = {key: _table([j.lora[path] for j in jobs]) for key, jobs in self.slots.items()
                                 if path in jobs[0].lora}
         return self.cache[path]
@@ -165,7 +173,7 @@ def _pad(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
 class MultiLoRA:
     """Forward hooks on one base model's target and head modules; inactive (the plain base) unless routed."""
 
-    def __init__(self, model: nn.Module, fused: bool = True, backend: str = "segments"):
+    def __init__(self, model: nn.Module, fused: bool = True, backend: str = "jobs"):
         self.model, self.fused, self.backend = model, fused, backend
         self.routing: Optional[Routing] = None
         self.single: Optional[JobAdapters] = None
@@ -222,7 +230,11 @@ class MultiLoRA:
             if plan is None:
                 raise ValueError(f"module '{path}' got {n} rows of features; the micro-batch has {r.num_rows} rows and "
                                  f"{r.num_tokens} tokens, so its rows cannot be matched to jobs")
-            flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused, self.backend)
+            if self.backend == "jobs":
+                spans = r.spans(path, 1 if plan is r.row_plan else n // r.num_rows)
+                flat = job_segment_lora(out.reshape(n, -1), x.reshape(n, -1), spans, self.fused)
+            else:
+                flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused, self.backend)
             return flat.view(out.shape)
         return hook
 
