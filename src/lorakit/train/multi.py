@@ -2,9 +2,10 @@
 
 Each job has its own adapter (rank, targets, alpha), data, seed and `TrainConfig` (lr, steps, batch size,
 schedule, clipping, checkpoints). One round is one optimiser step of every running job: the rows of all their
-micro-batches are bin-packed by tokens into shared micro-batches, each run through the base once, with every
-row's tokens routed to its job's adapter (`multi_lora.BatchedLoRA`, the serving engine's operator with a
-backward); per-job losses are summed, so one backward gives every job exactly its own gradient.
+micro-batches are bin-packed by tokens into shared micro-batches (`multi_pack`), each run through the base
+once, with every row's tokens routed to its job's adapter (`multi_kernel`, the per-job segment kernel, or
+`multi_lora.BatchedLoRA`, the serving engine's operator with a backward); per-job losses are summed, so one
+backward gives every job exactly its own gradient.
 
 Exactness: a job's adapter equals what `fit` trains alone (seeded `apply`, then `fit`) from the same base,
 seed and data: the same per-epoch order (`DistributedSampler`, seed), initial weights (`apply` under
@@ -13,7 +14,8 @@ accumulation) and optimiser, schedule and clipping per job. Only the floating-po
 Checkpoints are `fit`'s own files, keyed by the names `fit` uses, so either can resume the other's.
 
 Deviations from the paper: LoRAFusion pipelines jobs across GPUs and solves a MILP for balanced micro-batches;
-here one process packs first-fit-decreasing by padded tokens. Jobs are plain LoRA on linear layers (plus
+here one process cuts the length-sorted rows into micro-batches by dynamic programming (padded tokens plus a
+per-micro-batch overhead). Jobs are plain LoRA on linear layers (plus
 ``modules_to_save`` heads, routed by row) in fp32 without dropout; anything else is refused, naming the job and
 the field. A job whose loss or gradient norm is not finite, or whose data is malformed, stops alone; the others
 continue unchanged.

@@ -12,8 +12,13 @@ epilogue: no separate [tokens, out] delta tensor and no extra add); ``fused=Fals
 once and shared by every hooked module. Jobs that adapt the same modules form one class whatever their ranks
 (lower ranks zero-padded: on CPU a rank-4 and a rank-16 product cost about the same, both memory-bound), and
 padding tokens take their row's adapter as in a solo run, so a micro-batch's tokens are already in slot order:
-the ``segments`` backend then slices them with no gather or scatter (measured fastest for training shapes,
-bench/multi_job.py). Padding is kept small by packing rows of similar length together instead.
+the ``segments`` backend then slices them with no gather or scatter. Padding is kept small by packing rows of
+similar length together instead.
+
+``MultiLoRA``'s default backend, ``"jobs"``, skips the tables and plans: each job's tokens are one run, and
+`multi_kernel.job_segment_lora` updates them with the job's own A and B (fewer products in the backward, no
+stacked tables; faster at training shapes, bench/multi_job.py). The serving operator stays selectable
+(``backend="segments"``, ``"bmm"``, ``"grouped"``) and is tested to give the same jobs.
 """
 from __future__ import annotations
 
