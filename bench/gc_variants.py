@@ -127,6 +127,14 @@ def render(data: dict) -> str:
         ok = "-" if v in ("lora", "floor") else ("yes" if t <= 1.4 and p <= 0.5 else "no")
         lines.append(f"| {label} | {1e3 * data['median_cpu_s'][v]:.0f} | {t:.2f} | "
                      f"{data['peak_rss_rise'][v] / 2**20:.0f} | {p:.2f} | {ok} |")
+    lines += ["", "Why the time does not fall below ~1.5x with every block recomputed: the base is frozen, so the "
+              "backward computes no weight gradient of it and costs about what the forward costs; recomputing every "
+              "block adds one forward to a step of one forward and one backward. Leaving a block out saves its "
+              "recompute but stores its activations: the last block's are alive at the start of the backward "
+              "either way (its recompute would follow its forward at once), so storing it costs the least memory; "
+              "the first block's add to the peak through the whole backward. Selective checkpointing runs on the "
+              "non-reentrant implementation, whose peak is already higher here, and saving the products' outputs "
+              "keeps most of the memory."]
     return "\n".join(lines) + "\n"
 
 
