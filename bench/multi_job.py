@@ -6,8 +6,10 @@ own rank (4, 8, 16 in turn), lr, batch size (8 or 16), seed and 64-example train
 plus a classification head per job, a fixed number of optimiser steps each. Systems, each timed from the loaded
 base to every adapter trained (setup included):
 - ``sequential``: lorakit's normal path per job, one after another (seeded ``apply``, ``fit``, ``unwrap``);
-- ``multi``: ``lorakit.train.multi.MultiTrainer`` (shared micro-batches, batched operator, fused epilogue);
-- ``multi_unfused``: the same with the LoRA update added as a separate tensor (whether the fusion pays);
+- ``multi``: ``lorakit.train.multi.MultiTrainer`` (shared micro-batches, the per-job segment kernel of
+  ``lorakit.train.multi_kernel``, fused epilogue);
+- ``multi_serve_op``: the same trainer on the serving engine's batched operator with its backward
+  (``backend="segments"``: what the kernel replaced);
 - ``peft``: one ``PeftModel`` holding every job's adapter and head, rows routed by ``adapter_names`` (PEFT
   refuses ``adapter_names`` in training mode, so the model runs in eval mode: dropout is 0, the computation is the
   same), the same micro-batches, per-job losses, AdamW, schedule and clipping as ``multi``.
@@ -17,7 +19,7 @@ process (median of ``--repeats``); peak memory is the rise of peak RSS over the 
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/multi_job.py [--quick] [--profile]
 
-writes docs/benchmarks/multi-job.md and .json (``--quick``: fewer steps and repeats; the same jobs).
+writes docs/benchmarks/multi-job.md, .json and .png (``--quick``: fewer steps and repeats; the same jobs).
 """
 from __future__ import annotations
 
@@ -88,6 +90,26 @@ def tokens(jobs: list[Job]) -> int:
     return total
 
 
+def padded_tokens(jobs: list[Job]) -> dict[str, int]:
+    """Tokens run through the base, padding included: each job's own batches (sequential, PEFT's and lorakit's
+    micro-batches are the shared ones)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lorakit.train.loop import epoch_groups
+
+    seq, rounds = 0, {}
+    for j in jobs:
+        s = DistributedSampler(j.train_data, num_replicas=1, rank=0, shuffle=True, seed=j.config.seed)
+        groups = epoch_groups(s, 0, j.config)[: j.config.max_steps]
+        for step, g in enumerate(groups):
+            for m in g:
+                lens = [len(j.train_data[i]["input_ids"]) for i in m]
+                seq += len(lens) * max(lens)
+                rounds.setdefault(step, []).extend(lens)
+    shared = sum(len(b) * max(b) for lens in rounds.values() for b in pack(lens, MAX_TOKENS, length=lambda n: n))
+    return {"sequential": seq, "shared": shared}
+
+
 def run_sequential(model, jobs):
     """lorakit's normal path, one job after another: each job's trained tensors by name."""
     out = {}
@@ -100,8 +122,8 @@ def run_sequential(model, jobs):
     return out
 
 
-def run_multi(model, jobs, fused=True):
-    trainer = MultiTrainer(model, max_tokens=MAX_TOKENS, fused=fused)
+def run_multi(model, jobs, backend="jobs"):
+    trainer = MultiTrainer(model, max_tokens=MAX_TOKENS, backend=backend)
     for j in jobs:
         trainer.add(j)
     results = trainer.run()
@@ -109,8 +131,8 @@ def run_multi(model, jobs, fused=True):
     return {n: {k: p.detach().clone() for k, p in run.named.items()} for n, run in trainer.closed.items()}
 
 
-def run_multi_unfused(model, jobs):
-    return run_multi(model, jobs, fused=False)
+def run_multi_serve_op(model, jobs):
+    return run_multi(model, jobs, backend="segments")
 
 
 def run_peft(model, jobs):
@@ -198,7 +220,7 @@ def initial_states(model, jobs):
     return out
 
 
-SYSTEMS = {"sequential": run_sequential, "multi": run_multi, "multi_unfused": run_multi_unfused, "peft": run_peft}
+SYSTEMS = {"sequential": run_sequential, "multi": run_multi, "multi_serve_op": run_multi_serve_op, "peft": run_peft}
 
 
 def _mem_setup(n, steps):
@@ -214,15 +236,15 @@ def _mem_multi(state):
     run_multi(*state)
 
 
-def _mem_multi_unfused(state):
-    run_multi_unfused(*state)
+def _mem_multi_serve_op(state):
+    run_multi_serve_op(*state)
 
 
 def _mem_peft(state):
     run_peft(*state)
 
 
-MEM = {"sequential": _mem_sequential, "multi": _mem_multi, "multi_unfused": _mem_multi_unfused, "peft": _mem_peft}
+MEM = {"sequential": _mem_sequential, "multi": _mem_multi, "multi_serve_op": _mem_multi_serve_op, "peft": _mem_peft}
 
 
 def max_diff(a, b):
@@ -235,6 +257,7 @@ def measure(n: int, steps: int, repeats: int) -> dict:
         p.requires_grad_(False)
     jobs = make_jobs(n, steps, tok)
     real = tokens(jobs)
+    padded = padded_tokens(jobs)
     times, cpu = {s: [] for s in SYSTEMS}, {s: [] for s in SYSTEMS}
     results = {}
     for rep in range(repeats):
@@ -247,7 +270,7 @@ def measure(n: int, steps: int, repeats: int) -> dict:
             cpu[system].append(time.process_time() - c0)
             print(f"N={n} {system}: {times[system][-1]:.2f}s wall, {cpu[system][-1]:.2f}s CPU", flush=True)
     ref = results["sequential"]
-    row = {"jobs": n, "steps": steps, "tokens": real, "seconds": times,
+    row = {"jobs": n, "steps": steps, "tokens": real, "padded_tokens": padded, "seconds": times,
            "median_s": {s: float(np.median(t)) for s, t in times.items()}}
     row["cpu_seconds"] = cpu
     row["median_cpu_s"] = {s: float(np.median(t)) for s, t in cpu.items()}
@@ -267,6 +290,7 @@ def op_backends(repeats: int = 15) -> list[dict]:
     """Forward + backward of one adapted 384x384 layer (MiniLM's width), rank 16, tokens in slot order: the batched
     operator's backends, fused (in place) and not, against a per-slot loop of dense products; CPU ms, median."""
     from lorakit.serve import ops
+    from lorakit.train.multi_kernel import job_segment_lora
     from lorakit.train.multi_lora import batched_lora
 
     torch.manual_seed(0)
@@ -288,9 +312,19 @@ def op_backends(repeats: int = 15) -> list[dict]:
             (x @ w.T + torch.cat(outs)).sum().backward()
 
         cases = {"base layer only": lambda: (x @ w.T).sum().backward(), "per-slot loop (autograd)": loop}
+        layers, start = [], 0
+        for i, c in enumerate(counts.tolist()):
+            layer = torch.nn.Module()
+            layer.lora_A, layer.lora_B = torch.nn.Linear(384, 16, bias=False), torch.nn.Linear(16, 384, bias=False)
+            layer.scaling = 2.0
+            layers.append((start, start + c, layer))
+            start += c
+        for fused in (True, False):
+            cases[f"per-job segments (training kernel){'' if fused else ', unfused'}"] = (
+                lambda f=fused: job_segment_lora(x @ w.T, x, layers, f).sum().backward())
         for backend in ("segments", "bmm", "grouped"):
             for fused in (True, False):
-                cases[f"{backend}{'' if fused else ', unfused'}"] = (
+                cases[f"serving operator: {backend}{'' if fused else ', unfused'}"] = (
                     lambda b=backend, f=fused: batched_lora(x @ w.T, x, plan, {"c": (at, bt)}, f, b).sum().backward())
         for name, fn in cases.items():
             fn()
@@ -346,10 +380,11 @@ def main() -> None:
     data["op"] = op_backends()
     if args.profile:
         data["profile"] = profile(max(args.jobs), steps)
-    from multi_job_report import render
+    from multi_job_report import plot, render
 
     write_json(Path(args.out + ".json"), data)
     Path(args.out + ".md").write_text(render(data))
+    plot(data, Path(args.out + ".png"))
     print(render(data))
 
 

@@ -6,6 +6,7 @@ from lorakit import load_peft
 from lorakit.serve import ops
 from lorakit.train import TrainConfig, fit
 from lorakit.train.multi import Job, JobError, MultiTrainer, check_job, train_many
+from lorakit.train.multi_kernel import job_segment_lora
 from lorakit.train.multi_lora import batched_lora
 from lorakit.train.multi_pack import pack
 
@@ -60,6 +61,39 @@ def test_batched_lora_backward_gradcheck_one_class_in_order(backend):
                                     (y, x, a, b))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_job_segment_kernel_gradcheck_and_reference(fused):
+    """Jobs of ranks 2, 3, 1 with their own scales; tokens 9-11 belong to a job that does not adapt the module."""
+    torch.manual_seed(2)
+    din, dout, bounds, ranks = 6, 5, [(0, 4), (4, 9), (12, 15)], [2, 3, 1]
+    layers = []
+    for r, scale in zip(ranks, (0.5, 2.0, 1.0)):
+        layer = torch.nn.Module()
+        layer.lora_A = torch.nn.Linear(din, r, bias=False).double()
+        layer.lora_B = torch.nn.Linear(r, dout, bias=False).double()
+        layer.scaling = scale
+        layers.append(layer)
+    spans = [(a, b, layer) for (a, b), layer in zip(bounds, layers)]
+    x = torch.randn(15, din, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(15, dout, dtype=torch.float64, requires_grad=True)
+    weights = [w for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)]
+    assert torch.autograd.gradcheck(lambda y, x: job_segment_lora(y.clone(), x, spans, fused), (y, x))
+    # every gradient (the weights' too) against autograd through the per-token reference
+    per_token = [None] * 15
+    for (a, b), layer in zip(bounds, layers):
+        for t in range(a, b):
+            per_token[t] = (layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    want = y + ops.reference_delta(x, per_token)
+    got = job_segment_lora(y.clone(), x, spans, fused)
+    assert torch.allclose(got, want)
+    dy = torch.randn_like(want)
+    g_want = torch.autograd.grad(want, [x, y, *weights], dy)
+    g_got = torch.autograd.grad(got, [x, y, *weights], dy)
+    for w, g in zip(g_want, g_got):
+        assert torch.allclose(w, g)
+    assert g_got[0][9:12].abs().max() == 0 and g_got[0][:9].abs().min() > 0
+
+
 def test_pack_respects_the_token_budget_and_keeps_every_row():
     rows = [3, 9, 4, 4, 1, 7, 30, 2, 2, 8]
     bins = pack(list(range(len(rows))), 16, length=lambda i: rows[i])
@@ -67,7 +101,38 @@ def test_pack_respects_the_token_budget_and_keeps_every_row():
     for b in bins:
         assert len(b) * max(rows[i] for i in b) <= 16 or len(b) == 1
     assert [6] in bins  # longer than the budget: a micro-batch of its own
-    assert len(bins) <= 6  # first-fit decreasing: 9+7 | 8 | 4,4,3 | 2,2,2,1 ... not one row each
+    assert len(bins) <= 6  # not one row each: the overhead per micro-batch counts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_is_the_cheapest_of_all_packings(seed):
+    """Against every set partition of up to 7 rows: no packing within the budget costs less (padded tokens plus the
+    overhead per micro-batch), so cutting the sorted order into runs loses nothing."""
+    import random
+
+    rng = random.Random(seed)
+    lens = [rng.randint(1, 12) for _ in range(7)]
+    budget, overhead = 24, rng.choice([0, 5, 20])
+
+    def cost(bins):
+        return sum(len(b) * max(lens[i] for i in b) + overhead for b in bins)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            yield [[first]] + p
+            for k in range(len(p)):
+                yield p[:k] + [[first] + p[k]] + p[k + 1:]
+
+    fits = [p for p in partitions(list(range(7))) if all(len(b) * max(lens[i] for i in b) <= budget or len(b) == 1
+                                                        for b in p)]
+    got = pack(list(range(7)), budget, length=lambda i: lens[i], overhead=overhead)
+    assert sorted(i for b in got for i in b) == list(range(7))
+    assert all(len(b) * max(lens[i] for i in b) <= budget for b in got)
+    assert cost(got) == min(cost(p) for p in fits)
 
 
 def _three(kind):
@@ -77,11 +142,12 @@ def _three(kind):
 
 
 @pytest.mark.parametrize("kind", ["causal_lm", "classification"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_each_job_equals_its_solo_fit(kind, fused):
-    """Different ranks, lrs, batch sizes, seeds, data and accumulation; classification trains a head per job."""
+@pytest.mark.parametrize("fused,backend", [(True, "jobs"), (False, "jobs"), (True, "segments")])
+def test_each_job_equals_its_solo_fit(kind, fused, backend):
+    """Different ranks, lrs, batch sizes, seeds, data and accumulation; classification trains a head per job. Both
+    kernels: the trainer's per-job segments and the serving operator with its backward."""
     model = base(kind)
-    trainer = MultiTrainer(model, max_tokens=64, fused=fused)  # small budget: a job's rows span micro-batches
+    trainer = MultiTrainer(model, max_tokens=64, fused=fused, backend=backend)  # small budget: a job's rows span micro-batches
     jobs = _three(kind)
     for j in jobs:
         trainer.add(j)

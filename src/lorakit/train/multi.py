@@ -2,9 +2,10 @@
 
 Each job has its own adapter (rank, targets, alpha), data, seed and `TrainConfig` (lr, steps, batch size,
 schedule, clipping, checkpoints). One round is one optimiser step of every running job: the rows of all their
-micro-batches are bin-packed by tokens into shared micro-batches, each run through the base once, with every
-row's tokens routed to its job's adapter (`multi_lora.BatchedLoRA`, the serving engine's operator with a
-backward); per-job losses are summed, so one backward gives every job exactly its own gradient.
+micro-batches are bin-packed by tokens into shared micro-batches (`multi_pack`), each run through the base
+once, with every row's tokens routed to its job's adapter (`multi_kernel`, the per-job segment kernel, or
+`multi_lora.BatchedLoRA`, the serving engine's operator with a backward); per-job losses are summed, so one
+backward gives every job exactly its own gradient.
 
 Exactness: a job's adapter equals what `fit` trains alone (seeded `apply`, then `fit`) from the same base,
 seed and data: the same per-epoch order (`DistributedSampler`, seed), initial weights (`apply` under
@@ -13,7 +14,8 @@ accumulation) and optimiser, schedule and clipping per job. Only the floating-po
 Checkpoints are `fit`'s own files, keyed by the names `fit` uses, so either can resume the other's.
 
 Deviations from the paper: LoRAFusion pipelines jobs across GPUs and solves a MILP for balanced micro-batches;
-here one process packs first-fit-decreasing by padded tokens. Jobs are plain LoRA on linear layers (plus
+here one process cuts the length-sorted rows into micro-batches by dynamic programming (padded tokens plus a
+per-micro-batch overhead). Jobs are plain LoRA on linear layers (plus
 ``modules_to_save`` heads, routed by row) in fp32 without dropout; anything else is refused, naming the job and
 the field. A job whose loss or gradient norm is not finite, or whose data is malformed, stops alone; the others
 continue unchanged.
@@ -191,10 +193,11 @@ def adapters_of(wrapped: dict) -> dict[str, nn.Module]:
 
 class MultiTrainer:
     """Jobs that join (`add`) and leave (they finish, fail or are `stop`ped) while the others train; `step` runs one
-    round, `run` runs rounds until no job is left. ``max_tokens``: padded tokens per shared micro-batch."""
+    round, `run` runs rounds until no job is left. ``max_tokens``: padded tokens per shared micro-batch; ``backend``:
+    "jobs" (`multi_kernel`) or one of the serving operator's (`multi_lora.BatchedLoRA`)."""
 
     def __init__(self, model: nn.Module, *, max_tokens: int = 1024, fused: bool = True, collate_fn=None,
-                 disable_dropout: bool = False):
+                 disable_dropout: bool = False, backend: str = "jobs"):
         if wrapped_modules(model):
             raise ValueError("MultiTrainer takes the plain base model; unwrap(model) first")
         active = base_dropout(model, disable=disable_dropout)
@@ -206,7 +209,7 @@ class MultiTrainer:
         for p in model.parameters():
             p.requires_grad_(False)
         fingerprint.remember(model)
-        self.hooks, self.max_tokens, self.collate_fn = MultiLoRA(model, fused=fused), max_tokens, collate_fn
+        self.hooks, self.max_tokens, self.collate_fn = MultiLoRA(model, fused, backend), max_tokens, collate_fn
         self.runs: dict[str, _JobRun] = {}
         self.results: dict[str, JobResult] = {}
         self.closed: dict[str, _JobRun] = {}

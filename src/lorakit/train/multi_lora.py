@@ -12,8 +12,13 @@ epilogue: no separate [tokens, out] delta tensor and no extra add); ``fused=Fals
 once and shared by every hooked module. Jobs that adapt the same modules form one class whatever their ranks
 (lower ranks zero-padded: on CPU a rank-4 and a rank-16 product cost about the same, both memory-bound), and
 padding tokens take their row's adapter as in a solo run, so a micro-batch's tokens are already in slot order:
-the ``segments`` backend then slices them with no gather or scatter (measured fastest for training shapes,
-bench/multi_job.py). Padding is kept small by packing rows of similar length together instead.
+the ``segments`` backend then slices them with no gather or scatter. Padding is kept small by packing rows of
+similar length together instead.
+
+``MultiLoRA``'s default backend, ``"jobs"``, skips the tables and plans: each job's tokens are one run, and
+`multi_kernel.job_segment_lora` updates them with the job's own A and B (fewer products in the backward, no
+stacked tables; faster at training shapes, bench/multi_job.py). The serving operator stays selectable
+(``backend="segments"``, ``"bmm"``, ``"grouped"``) and is tested to give the same jobs.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..serve import ops
+from .multi_kernel import job_segment_lora
 
 
 class BatchedLoRA(torch.autograd.Function):
@@ -140,9 +146,16 @@ class Routing:
         n_tok = attention_mask.numel() if attention_mask is not None else -1
         return cls(segments, len(jobs), n_tok, token_plan, ops.plan_step(rc, rs, keys), slots)
 
+    def spans(self, path: str, per_row: int) -> list:
+        """(first, end, LoRA layer) of each job segment that adapts ``path``, in units of ``per_row`` per row."""
+        key = (path, per_row)
+        if key not in self.cache:
+            self.cache[key] = [(a * per_row, b * per_row, j.lora[path]) for j, a, b in self.segments if path in j.lora]
+        return self.cache[key]
+
     def tables(self, path: str) -> dict:
         """{class key: (A^T [k, in, r], (s·B)^T [k, r, out])} of the classes that adapt module ``path``."""
-        if path not in self.cache:
+        if path not in self.cache:  # the serving operator's tables (backends other than "jobs")
             self.cache[path] = {key: _table([j.lora[path] for j in jobs]) for key, jobs in self.slots.items()
                                 if path in jobs[0].lora}
         return self.cache[path]
@@ -165,7 +178,7 @@ def _pad(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
 class MultiLoRA:
     """Forward hooks on one base model's target and head modules; inactive (the plain base) unless routed."""
 
-    def __init__(self, model: nn.Module, fused: bool = True, backend: str = "segments"):
+    def __init__(self, model: nn.Module, fused: bool = True, backend: str = "jobs"):
         self.model, self.fused, self.backend = model, fused, backend
         self.routing: Optional[Routing] = None
         self.single: Optional[JobAdapters] = None
@@ -222,7 +235,11 @@ class MultiLoRA:
             if plan is None:
                 raise ValueError(f"module '{path}' got {n} rows of features; the micro-batch has {r.num_rows} rows and "
                                  f"{r.num_tokens} tokens, so its rows cannot be matched to jobs")
-            flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused, self.backend)
+            if self.backend == "jobs":
+                spans = r.spans(path, 1 if plan is r.row_plan else n // r.num_rows)
+                flat = job_segment_lora(out.reshape(n, -1), x.reshape(n, -1), spans, self.fused)
+            else:
+                flat = batched_lora(out.reshape(n, -1), x.reshape(n, -1), plan, r.tables(path), self.fused, self.backend)
             return flat.view(out.shape)
         return hook
 
