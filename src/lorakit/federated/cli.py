@@ -38,6 +38,9 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
             help_text = f"one of {', '.join(STRATEGIES.names())} {help_text}"
         if f.name == "checkpoint_dir":
             help_text = "where the server checkpoints each round (default: OUT/checkpoint; fed app: none)"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=help_text.replace("(default: False)", "(off by default)"))
+            continue
         p.add_argument(flag, type=type(f.default), default=None, help=help_text)
 
 

@@ -3,6 +3,8 @@
 Only adapter tensors (and ``modules_to_save``) leave the node. For restarting strategies (FLoRA) the node keeps
 the sum of the merged round updates in ``context.state`` and folds it into its base weights every round.
 Node config: ``partition-id`` (which shard), optionally ``rank`` (overrides the run config's client ranks).
+The reply's arrays keep the order of the global adapter received (Flower's clipping mods compare the two key
+lists); ``mods.lorakit_mods`` adds client-side DP clipping and SecAgg+ where the run config asks for them.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from flwr.clientapp import ClientApp
 
 from ..core.state import AdapterState
 from .experiment import Experiment, Settings, stable_seed
+from .mods import lorakit_mods
 from .protocol import add_to_base, fold_deltas, receive, unpack_updates
 from .records import config_from_record, config_record, from_arrays, to_arrays
 
-app = ClientApp()
+app = ClientApp(mods=[lorakit_mods])
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,8 +71,12 @@ def train(msg: Message, context: Context) -> Message:
     exp = experiment_for(Settings.from_config(context.run_config))
     state, num_examples, loss, base_round = local_round(exp, msg, context)
     partition = int(context.node_config["partition-id"])
+    arrays = to_arrays(state, skip=exp.rule.shared)
+    received = list(msg.content["global"].keys())
+    if set(received) == set(arrays.keys()):  # the global's order (restarting strategies send the head only)
+        arrays = ArrayRecord({k: arrays[k] for k in received})
     content = RecordDict({
-        "arrays": to_arrays(state, skip=exp.rule.shared),
+        "arrays": arrays,
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
         "adapter": config_record(state.config, **{"base-round": base_round, "partition-id": partition,
                                                    "base-id": exp.base_id}),

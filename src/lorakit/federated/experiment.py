@@ -27,6 +27,7 @@ from ..data.encode import collate
 from ..train import evaluate, fit
 from .aggregation import STRATEGIES
 from .dp import check_options as check_dp
+from .secagg import check_options as check_secagg
 from .optimisers import check_options, proximal
 from .partition import dirichlet_split
 
@@ -64,10 +65,12 @@ class Settings:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to each client's loss
-    dp: str = ""  # "server-fixed" | "server-adaptive": Flower's central-DP wrapper (dp.py)
+    dp: str = ""  # "server-fixed" | "server-adaptive" | "client-fixed" | "client-adaptive": Flower's DP wrapper (dp.py)
     dp_noise: float = 0.0  # the noise multiplier z (noise std z * clip / sampled nodes)
     dp_clip: float = 1.0  # the clipping norm C (the initial one for server-adaptive)
     dp_delta: float = 1e-5  # the delta at which the summary reports epsilon
+    secagg: bool = False  # Flower's SecAgg+: the server sees only the weighted sum of the masked adapters (secagg.py)
+    secagg_clip_range: float = 8.0  # SecAgg+ quantises values in [-range, range]; clients refuse values beyond it
 
     def __post_init__(self):
         if not self.dirichlet_alpha > 0:
@@ -76,6 +79,8 @@ class Settings:
             raise ValueError(f"proximal-mu must be >= 0, found {self.proximal_mu}")
         if self.dp:
             check_dp(self)
+        if self.secagg:
+            check_secagg(self)
         if self.server_opt:
             check_options(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
             if STRATEGIES.get(self.strategy).restart:
@@ -93,7 +98,10 @@ class Settings:
             if name not in fields:
                 known = ", ".join(sorted(f.replace("_", "-") for f in fields))
                 raise ValueError(f"unknown run config key {key!r}; known keys: {known}")
-            values[name] = type(getattr(cls, name))(value)
+            kind = type(getattr(cls, name))
+            if kind is bool and isinstance(value, str):  # "true"/"false" from a command line or a node config
+                value = value.strip().lower() in ("1", "true", "yes")
+            values[name] = kind(value)
         return cls(**values)
 
     def to_config(self) -> dict:

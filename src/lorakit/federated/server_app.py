@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.state import AdapterState
-from . import checkpoint, dp
+from . import checkpoint, dp, secagg
 from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import identity_problems, problems
 from .experiment import Experiment, Settings, stable_seed
@@ -54,13 +54,15 @@ class LoRAStrategy(FedAvg):
                                              frozen=self.rule.shared)
             self.state.opt = self.optimiser.state  # checkpointed with the rest of the server state
         self.private, self.prescreened = (dp.wrap(self, s) if s.dp else None), None
+        self.secure = secagg.SecureRound(self) if s.secagg else None
 
-    def outgoing(self, node_id: int, server_round: int) -> RecordDict:
-        """The message body for one node: the global adapter and the round updates it lacks."""
+    def outgoing(self, node_id: int, server_round: int, config=None) -> RecordDict:
+        """The message body for one node: the global adapter and the round updates it lacks (plus ``config``,
+        e.g. the clipping norm a client-side DP wrapper sends)."""
         g = self.state.adapter
         body = AdapterState(g.config, {}, g.modules_to_save, g.base_tensors) if self.rule.restart else g
         content = RecordDict({"global": to_arrays(body, skip=self.rule.shared),
-                              "config": config_record(g.config, **{"server-round": server_round})})
+                              "config": config_record(g.config, **{**dict(config or {}), "server-round": server_round})})
         if self.rule.restart:
             arrays, configs = pack_updates(self.state.history, self.state.synced.get(str(node_id), 0))
             if len(configs):
@@ -78,7 +80,7 @@ class LoRAStrategy(FedAvg):
             random.setstate(state)
         messages = []
         for node_id in sorted(node_ids):
-            content = self.outgoing(node_id, server_round)
+            content = self.outgoing(node_id, server_round, config)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         sizes = [payload(r) for m in messages for r in m.content.array_records.values()]
         self.sent[server_round] = {k: sum(x[k] for x in sizes) for k in ("wire", "tensors")}
@@ -183,6 +185,8 @@ class LoRAStrategy(FedAvg):
         current = to_arrays(previous, skip=self.rule.shared)
         messages = self.private.configure_train(rnd, current, ConfigRecord(), grid)
         screened = self.prescreened = self.screen(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+        if s.dp.startswith("client"):  # the sensitivity bound needs every update clipped: check, do not trust
+            screened["accepted"] = [a for a in screened["accepted"] if not self.unclipped(rnd, a, current, screened)]
         good = [a[0] for a in screened["accepted"]]
         for msg in good:  # Flower clips reply - current array by array, in order: align the keys (checked equal)
             arrays = msg.content["arrays"]
@@ -193,16 +197,51 @@ class LoRAStrategy(FedAvg):
         if arrays is None:
             return dict(metrics) if metrics is not None else {
                 "accepted": len(good), "rejected": len(screened["rejected"]), "failed": screened["failed"], "skipped": 1}
-        noisy = from_arrays(arrays, previous.config)
-        for path, tensors in noisy.tensors.items():  # the shared tensors were not sent, so not noised
-            for key in self.rule.shared:
-                if key in previous.tensors[path]:
-                    tensors[key] = previous.tensors[path][key].clone()
+        noisy = self.with_shared(arrays, previous)  # the shared tensors were not sent, so not noised
         self.state.adapter = self.optimiser.step(previous, noisy) if self.optimiser is not None else noisy
         zs = [r["dp-noise-multiplier"] for r in self.state.log if "dp-noise-multiplier" in r]
         z = dp.round_noise(s, len(good))
         return {**dict(metrics), "dp-noise-multiplier": z, "dp-clip": float(self.private.clipping_norm),
                 "epsilon": dp.epsilon([*zs, z], s.dp_delta), "dp-delta": s.dp_delta}
+
+    def with_shared(self, arrays: ArrayRecord, previous: AdapterState) -> AdapterState:
+        """The adapter in ``arrays`` with the tensors every party holds (not sent) taken from ``previous``."""
+        state = from_arrays(arrays, previous.config)
+        for path, tensors in state.tensors.items():
+            for key in self.rule.shared:
+                if key in previous.tensors[path]:
+                    tensors[key] = previous.tensors[path][key].clone()
+        return state
+
+    def secure_round(self, rnd: int, grid: Grid) -> dict:
+        """One round through SecAgg+: the server gets only the weighted mean of the accepted adapters."""
+        s, previous = self.exp.settings, self.state.adapter
+        mean, info = self.secure(rnd, grid, to_arrays(previous, skip=self.rule.shared))
+        accepted, self.last_rejections = info["accepted"], info["rejected"]
+        metrics = {"accepted": len(accepted), "rejected": len(info["rejected"]), "failed": info["failed"],
+                   "uplink-bytes": info["bytes-up"], "downlink-bytes": info["bytes-down"]}
+        if mean is None or len(accepted) < s.min_replies:
+            LOG.warning("round %d: %d update(s) securely aggregated, fewer than min-replies=%d; the global adapter "
+                        "stays", rnd, len(accepted), s.min_replies)
+            return {**metrics, "skipped": 1}
+        new = self.with_shared(mean, previous)
+        self.state.adapter = self.optimiser.step(previous, new) if self.optimiser is not None else new
+        counts = [float(m.content["metrics"]["num-examples"]) for m in accepted]
+        losses = [float(m.content["metrics"]["train-loss"]) for m in accepted]
+        loss = sum(n * x for n, x in zip(counts, losses)) / sum(counts)
+        bound = secagg.error_bound(counts, self.secure.max_weight, s.secagg_clip_range)
+        return {**metrics, "skipped": 0, "train-loss": loss, "secagg-error-bound": bound}
+
+    def unclipped(self, rnd: int, accepted: tuple, current: ArrayRecord, screened: dict) -> bool:
+        """Reject (and log) an accepted reply whose update is longer than the clipping norm sent this round."""
+        msg = accepted[0]
+        norm = dp.unclipped(msg.content["arrays"], current, float(self.private.clipping_norm))
+        if norm is None:
+            return False
+        reason = f"update norm {norm:.6g} exceeds the clipping norm {self.private.clipping_norm:.6g} (not clipped)"
+        screened["rejected"].append({"node": str(msg.metadata.src_node_id), "reasons": [reason]})
+        LOG.warning("round %d: rejected the update of node %s: %s", rnd, msg.metadata.src_node_id, reason)
+        return True
 
     def global_model(self):
         """The base model with the merged round updates and the global adapter on it."""
@@ -232,7 +271,9 @@ class LoRAStrategy(FedAvg):
         for rnd in range(self.state.round + 1, s.num_rounds + 1):
             began = time.time()
             self.last_rejections = []
-            if self.private is None:
+            if self.secure is not None:
+                metrics = self.secure_round(rnd, grid)
+            elif self.private is None:
                 messages = self.configure_train(rnd, None, ConfigRecord(), grid)
                 _, metrics = self.aggregate_train(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
             else:
