@@ -54,3 +54,21 @@ def test_loopback_deployment_runs_the_apps_and_survives_a_node_that_leaves(tmp_p
     assert all(r["accepted"] == 2 and r["skipped"] == 0 for r in rounds[2:])
     reference = run_in_process(toy(strategy="flora", num_clients=3, num_rounds=1)).state.log
     assert _accuracies(rounds[:2]) == _accuracies(reference)
+
+
+def test_secagg_in_the_simulation_engine_gives_the_plain_global_within_the_quantisation_error(tmp_path):
+    import numpy as np
+
+    from lorakit.federated import checkpoint, secagg
+    from lorakit.federated.experiment import Experiment
+    from lorakit.federated.records import to_arrays
+
+    settings = toy(num_clients=3, num_rounds=1, secagg=True, checkpoint_dir=str(tmp_path / "ckpt"))
+    history = runner.simulate(settings, workdir=str(tmp_path), timeout=600)
+    assert history["rounds"][1]["accepted"] == 3 and history["rounds"][1]["skipped"] == 0
+    secure = {k: a.numpy() for k, a in to_arrays(checkpoint.load(settings.checkpoint_dir).adapter).items()}
+    plain = {k: a.numpy() for k, a in to_arrays(run_in_process(toy(num_clients=3, num_rounds=1)).state.adapter).items()}
+    shards = Experiment(settings).shards
+    bound = secagg.error_bound([len(s) for s in shards], max(len(s) for s in shards), settings.secagg_clip_range)
+    diff = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in plain)
+    assert 0 < diff <= bound + 1e-7

@@ -73,8 +73,12 @@ def check_settings(settings: Settings) -> None:
     from .. import zoo
 
     STRATEGIES.get(settings.strategy)
-    if settings.task not in ("tweets", "toy"):
-        raise ValueError(f"unknown task {settings.task!r}; the federated experiment knows 'tweets' and 'toy'")
+    from .experiment import TASKS
+
+    if settings.task not in TASKS:
+        raise ValueError(f"unknown task {settings.task!r}; the federated experiment knows {', '.join(TASKS)}")
+    if settings.data and not Path(settings.data).exists():
+        raise FileNotFoundError(f"--data {settings.data}: no such file or directory")
     if settings.task != "toy" and settings.model not in zoo.names() and not Path(settings.model).is_dir():
         raise ValueError(f"unknown model {settings.model!r}: not a zoo name ({', '.join(zoo.names())}) and not a "
                          "local Hugging Face model directory")
