@@ -5,7 +5,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from lorakit.federated import aggregate
-from lorakit.federated.client_app import train as lorakit_train
+from lorakit.federated.client_app import personalise, train as lorakit_train
 from lorakit.federated.experiment import Experiment, Settings
 from lorakit.federated.local import InProcessGrid
 from lorakit.federated.mods import lorakit_mods
@@ -33,6 +33,7 @@ def client_app(fault=None, sent=None, outer=()) -> ClientApp:
             sent.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]), reply))
         return reply
 
+    app.query("personalise")(personalise)
     return app
 
 

@@ -21,7 +21,7 @@ CAUSAL_MODELS = ("tiny-llama", "llama-25m", "gemma-270m", "tiny-gpt2")
 
 
 def records(data: str, max_train: int, max_eval: int, seed: int):
-    """(train, test) chat records, each with an integer ``category``."""
+    """(train, test, number of categories): chat records, each with an integer ``category``."""
     from ..data import load_task
 
     if data:
@@ -35,11 +35,11 @@ def records(data: str, max_train: int, max_eval: int, seed: int):
         chat = lambda r: {"messages": [{"role": "user", "content": INSTRUCTION.format(text=r["text"])},  # noqa: E731
                                        {"role": "assistant", "content": task.label_names[r["label"]]}]}
         train, test = [chat(r) for r in task.train], [chat(r) for r in task.test]
-    keys = sorted({str(r.get("category", r["messages"][-1]["content"])) for r in train})
-    index = {k: i for i, k in enumerate(keys)}
-    for r in train:
-        r["category"] = index[str(r.get("category", r["messages"][-1]["content"]))]
-    return train, test, len(keys)
+    key = lambda r: str(r.get("category", r["messages"][-1]["content"]))  # noqa: E731
+    index = {k: i for i, k in enumerate(sorted({key(r) for r in train}))}
+    for r in (*train, *test):
+        r["category"] = index.get(key(r), -1)  # -1: a held-out category no client trains on
+    return train, test, len(index)
 
 
 def load(model: str, data: str, seed: int, max_train: int, max_eval: int, max_length: int) -> SimpleNamespace:
@@ -58,7 +58,8 @@ def load(model: str, data: str, seed: int, max_train: int, max_eval: int, max_le
         base=net, tokenizer=tokenizer, pad_id=pad_id(tokenizer), num_classes=classes,
         train=list(encode(strip(train), tokenizer, kind="causal_lm", max_length=max_length)),
         test=list(encode(strip(test), tokenizer, kind="causal_lm", max_length=max_length)),
-        test_records=strip(test), categories=[r["category"] for r in train])
+        test_records=strip(test), categories=[r["category"] for r in train],
+        test_categories=[r["category"] for r in test])
 
 
 def generation(model, tokenizer, test_records: list[dict], count: int, max_new_tokens: int = 12) -> dict[str, float]:

@@ -10,6 +10,7 @@ Every party derives the same model, adapter init and split from the seed, so onl
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -173,8 +174,9 @@ def _task(task: str, model: str, data: str, seed: int, max_train: int, max_eval:
     if task == "toy":
         torch.manual_seed(seed)
         train = toy_examples(max_train, seed)
-        return SimpleNamespace(base=ToyClassifier(), train=train, test=toy_examples(max_eval, seed + 1), num_classes=3,
-                               pad_id=0, categories=[f["labels"] for f in train], tokenizer=None)
+        test = toy_examples(max_eval, seed + 1)
+        return SimpleNamespace(base=ToyClassifier(), train=train, test=test, num_classes=3, pad_id=0, tokenizer=None,
+                               categories=[f["labels"] for f in train], test_categories=[f["labels"] for f in test])
     if task != "tweets":
         raise ValueError(f"unknown task {task!r}; the federated experiment knows {', '.join(TASKS)}")
     from .. import zoo
@@ -183,9 +185,10 @@ def _task(task: str, model: str, data: str, seed: int, max_train: int, max_eval:
     loaded = load_task("tweets", max_train=max_train, max_eval=max_eval, seed=seed)
     net, tokenizer = zoo.load(model, task="seq_cls", num_labels=loaded.num_labels, seed=seed)
     encoded = loaded.encode(tokenizer, max_length=max_length)
-    train = list(encoded["train"])
-    return SimpleNamespace(base=net, train=train, test=list(encoded["test"]), num_classes=loaded.num_labels,
-                           pad_id=encoded["train"].pad_token_id, categories=[f["labels"] for f in train], tokenizer=None)
+    train, test = list(encoded["train"]), list(encoded["test"])
+    return SimpleNamespace(base=net, train=train, test=test, num_classes=loaded.num_labels, tokenizer=None,
+                           pad_id=encoded["train"].pad_token_id, categories=[f["labels"] for f in train],
+                           test_categories=[f["labels"] for f in test])
 
 
 class Experiment:
@@ -254,6 +257,24 @@ class Experiment:
 
             out.update(generation(model, self.loaded.tokenizer, self.loaded.test_records, self.settings.gen_examples))
         return out
+
+    def client_score(self, model: nn.Module, partition: int) -> float:
+        """Held-out accuracy (chat: exact match) per category, weighted by the category's share of the shard."""
+        t, s = self.loaded, self.settings
+        mix = collections.Counter(self.categories[i] for i in self.shards[partition])
+        score = total = 0.0
+        for category, n in sorted(mix.items()):
+            idx = [i for i, c in enumerate(t.test_categories) if c == category]
+            if not idx:
+                continue
+            if s.task == "chat":
+                from .chat_task import generation
+
+                acc = generation(model, t.tokenizer, [t.test_records[i] for i in idx], s.gen_examples)["accuracy"]
+            else:
+                acc = evaluate(model, [self.test[i] for i in idx], batch_size=64, collate_fn=self.collate)["accuracy"]
+            score, total = score + n * acc, total + n
+        return score / total if total else float("nan")
 
 
 def share_a(model: nn.Module, seed: int, max_rank: int) -> None:

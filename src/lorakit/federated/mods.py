@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.client.mod import secaggplus_mod
 
@@ -50,6 +50,8 @@ def as_fitres(call_next, limit: float):
 def lorakit_mods(msg: Message, ctxt: Context, call_next) -> Message:
     """Apply the run's client-side DP clipping and SecAgg+ mods around the ClientApp."""
     config = ctxt.run_config
+    if msg.metadata.message_type != MessageType.TRAIN:  # e.g. personalise: nothing is clipped or aggregated
+        return call_next(msg, ctxt)
     chain = call_next
     dp_mod = DP_MODS.get(str(config.get("dp", "")))
     if dp_mod is not None:

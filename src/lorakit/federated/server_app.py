@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.state import AdapterState
-from . import checkpoint, dp, secagg
+from . import checkpoint, dp, personal, secagg
 from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import identity_problems, problems
 from .experiment import Experiment, Settings, stable_seed
@@ -43,8 +43,12 @@ class LoRAStrategy(FedAvg):
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_replies,
                          min_available_nodes=s.min_replies)
         self.exp, self.rule = experiment, experiment.rule
-        fresh = experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed)
-        self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
+        fresh = AdapterState.from_model(experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed))
+        self.personal = personal.names(s)
+        if self.personal:
+            personal.check_options(s, [*fresh.tensors, *fresh.modules_to_save])
+        # the agreed modules and shapes, the shared tensors; the personal part (FedPer) stays on the clients
+        self.reference, self.personal_init = personal.split(fresh, self.personal)
         self.state = checkpoint.ServerState(0, self.reference.clone())
         self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
         self.on_round = None  # called with each round's record (progress), when set
@@ -249,7 +253,7 @@ class LoRAStrategy(FedAvg):
         deltas: dict = {}
         for update in self.state.history.values():
             fold_deltas(deltas, model, update)
-        return self.state.adapter.load_into(add_to_base(model, deltas))
+        return personal.join(self.state.adapter, self.personal_init).load_into(add_to_base(model, deltas))
 
     def start(self, grid: Grid, initial_arrays=None, num_rounds=None, timeout=None, train_config=None,
               evaluate_config=None, evaluate_fn=None) -> Result:
@@ -290,9 +294,31 @@ class LoRAStrategy(FedAvg):
             if s.checkpoint_dir:
                 checkpoint.save(self.state, s.checkpoint_dir)
             self.write_history()
+        if self.personal and self.state.round == s.num_rounds and not any("personalised" in r for r in self.state.log):
+            self.personalise(grid)
+            self.write_history()
         result = Result()
         result.arrays = to_arrays(self.state.adapter)
         return result
+
+    def personalise(self, grid: Grid) -> None:
+        """Send the final global adapter to every node; each writes its personalised adapter and scores it."""
+        s = self.exp.settings
+        messages = [Message(content=self.outgoing(n, s.num_rounds + 1), message_type=personal.MESSAGE, dst_node_id=n)
+                    for n in sorted(grid.get_node_ids())]
+        clients = []
+        for reply in grid.send_and_receive(messages, timeout=s.reply_timeout):
+            if reply.has_error():
+                LOG.warning("personalise: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            clients.append({"partition": int(m["partition-id"]), "personal-accuracy": float(m["personal-accuracy"]),
+                            "global-accuracy": float(m["global-accuracy"])})
+        clients.sort(key=lambda c: c["partition"])
+        if s.personal_dir and clients:
+            personal.write_users(s.personal_dir, [c["partition"] for c in clients])
+        self.state.log.append({"round": s.num_rounds, "personalised": clients})
+        LOG.info("personalised adapters: %s", clients)
 
     def write_history(self) -> None:
         if self.exp.settings.out_dir:
