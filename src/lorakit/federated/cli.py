@@ -122,6 +122,8 @@ def save_final_adapter(settings: Settings, out: Path) -> str:
     state = checkpoint.load(settings.checkpoint_dir)
     if state is None:
         return f"no checkpoint in {settings.checkpoint_dir}: the final adapter was not kept"
+    if settings.personal:
+        return f"global adapter: {settings.checkpoint_dir} (without the personal modules, which stay per client)"
     if state.history:
         return (f"global model: {settings.checkpoint_dir} (strategy {settings.strategy!r} folds each round's update "
                 "into the base weights, so no single adapter holds it)")
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args, out_dir=str((out / "server").resolve()))
     if args.checkpoint_dir is None:
         settings = dataclasses.replace(settings, checkpoint_dir=str((out / "checkpoint").resolve()))
+    if settings.personal and not settings.personal_dir:
+        settings = dataclasses.replace(settings, personal_dir=str((out / "personal").resolve()))
     check_settings(settings)
     _check_out(out, settings, args.resume, args.overwrite)
     if not args.resume and out.exists():  # checked: --overwrite was given
@@ -164,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps({"settings": settings.to_config(), "rounds": rounds}, indent=1))
     os.replace(tmp, out / "history.json")
     print(f"history: {out / 'history.json'}\n{save_final_adapter(settings, out)}")
+    if settings.personal:
+        print(f"personalised adapters: {settings.personal_dir} (serve them with --adapters {settings.personal_dir} "
+              f"--user-adapters {Path(settings.personal_dir) / 'users.json'})")
     return 0
 
 
