@@ -75,6 +75,21 @@ def test_a_reply_the_server_refuses_is_unmasked_as_a_dropout_and_the_round_goes_
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= bound + 1e-7
 
 
+@pytest.mark.parametrize("kind", ["rank", "shape"])
+def test_a_masked_vector_of_another_shape_is_rejected_before_the_sum(kind, caplog):
+    def reshape(msg, context, reply):  # the node trained (and masks) tensors of another rank or shape
+        return BAD[kind](reply) if int(context.node_config["partition-id"]) == 2 else reply
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        secure, _, _ = run(toy(num_rounds=1, secagg=True), fault=reshape)
+    record = secure.state.log[1]
+    assert (record["accepted"], record["rejected"], record["skipped"]) == (3, 1, 0)
+    assert "masked vector shapes" in record["rejections"][0]["reasons"][0]
+    plain, _, _ = run(toy(num_rounds=1), fault=reshape)
+    got, want = _arrays(secure), _arrays(plain)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= _bound(toy(secagg=True), [0, 1, 3]) + 1e-7
+
+
 def test_a_client_with_nan_refuses_to_send_and_secagg_goes_on_without_it(caplog):
     def nan(msg, context, reply):
         return BAD["nan"](reply) if int(context.node_config["partition-id"]) == 3 else reply
