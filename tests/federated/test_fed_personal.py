@@ -44,8 +44,12 @@ def test_personal_modules_never_leave_a_node_and_the_export_joins_them_with_the_
     assert any(c["personal-accuracy"] != c["global-accuracy"] for c in clients)
 
 
+def test_a_restarting_strategy_is_refused_with_personal_modules():
+    with pytest.raises(ValueError, match="restarting strategy 'flora'"):
+        toy(personal="value", strategy="flora")
+
+
 @pytest.mark.parametrize("changes,match", [
-    (dict(personal="value", strategy="flora"), "restarting strategy 'flora'"),
     (dict(personal="o_proj"), "o_proj name no adapted or saved module"),
     (dict(personal="query,value,classifier"), "nothing would be federated"),
 ])

@@ -82,6 +82,12 @@ def check_settings(settings: Settings) -> None:
     if settings.task != "toy" and settings.model not in zoo.names() and not Path(settings.model).is_dir():
         raise ValueError(f"unknown model {settings.model!r}: not a zoo name ({', '.join(zoo.names())}) and not a "
                          "local Hugging Face model directory")
+    if settings.personal:  # the module names need the adapter: build it once here, before an engine starts
+        from .experiment import Experiment
+        from .personal import check_options
+
+        fresh = Experiment(settings).fresh_state()
+        check_options(settings, [*fresh.tensors, *fresh.modules_to_save])
 
 
 def _check_out(out: Path, settings: Settings, resume: bool, overwrite: bool) -> None:

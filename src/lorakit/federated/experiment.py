@@ -30,6 +30,7 @@ from ..data.encode import collate
 from ..train import evaluate, fit
 from .aggregation import STRATEGIES
 from .dp import check_options as check_dp
+from .personal import check_strategy as check_personal
 from .secagg import check_options as check_secagg
 from .optimisers import check_options, proximal
 from .partition import dirichlet_split
@@ -93,6 +94,8 @@ class Settings:
             check_dp(self)
         if self.secagg:
             check_secagg(self)
+        if self.personal:
+            check_personal(self)
         if self.server_opt:
             check_options(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
             if STRATEGIES.get(self.strategy).restart:
@@ -229,6 +232,12 @@ class Experiment:
         if "lora_A.weight" in self.rule.shared:
             share_a(model, self.settings.seed, self.settings.max_rank)
         return model
+
+    def fresh_state(self):
+        """The adapter every party starts from (max rank, the run's seed), as an AdapterState."""
+        from ..core.state import AdapterState
+
+        return AdapterState.from_model(self.add_adapter(self.base_model(), self.settings.max_rank, self.settings.seed))
 
     def train_local(self, model: nn.Module, partition: int, server_round: int) -> tuple[int, float]:
         """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``,

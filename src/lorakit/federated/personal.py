@@ -55,10 +55,18 @@ def join(shared: AdapterState, mine: AdapterState) -> AdapterState:
                         {**shared.modules_to_save, **mine.modules_to_save}, shared.base_tensors)
 
 
-def check_options(settings, module_names: list[str]) -> None:
-    """Refuse personal module names the adapter does not have, or a restarting strategy."""
+def check_strategy(settings) -> None:
+    """Refuse personalisation with a restarting strategy (no adapter on the original base holds the result)."""
     from .aggregation import STRATEGIES
 
+    if STRATEGIES.get(settings.strategy).restart:
+        raise ValueError(f"personal cannot be combined with the restarting strategy {settings.strategy!r}: it folds "
+                         "each round's update into the base, so no adapter on the original base holds a client's "
+                         "model; use fedit, ffa_lora, lora_fair or zero_pad")
+
+
+def check_options(settings, module_names: list[str]) -> None:
+    """Refuse personal module names the adapter does not have, or that name every module."""
     personal = names(settings)
     unknown = sorted(n for n in personal if not any(is_personal(p, {n}) for p in module_names))
     if unknown:
@@ -66,10 +74,6 @@ def check_options(settings, module_names: list[str]) -> None:
                          f"{', '.join(sorted({p.rsplit('.', 1)[-1] for p in module_names}))}")
     if all(is_personal(p, personal) for p in module_names):
         raise ValueError("personal names every adapted module: nothing would be federated")
-    if STRATEGIES.get(settings.strategy).restart:
-        raise ValueError(f"personal cannot be combined with the restarting strategy {settings.strategy!r}: it folds "
-                         "each round's update into the base, so no adapter on the original base holds a client's "
-                         "model; use fedit, ffa_lora, lora_fair or zero_pad")
 
 
 def write_users(directory: str | os.PathLike, clients: list[int]) -> Path:

@@ -43,7 +43,7 @@ class LoRAStrategy(FedAvg):
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_replies,
                          min_available_nodes=s.min_replies)
         self.exp, self.rule = experiment, experiment.rule
-        fresh = AdapterState.from_model(experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed))
+        fresh = experiment.fresh_state()
         self.personal = personal.names(s)
         if self.personal:
             personal.check_options(s, [*fresh.tensors, *fresh.modules_to_save])
