@@ -114,3 +114,15 @@ def test_each_client_is_served_its_own_adapter_over_loopback_with_its_peft_outpu
             row = ref[len(ids) - 1 + j]
             assert int(row.argmax()) == tok  # greedy under this client's PEFT adapter
             assert lp["token_logprobs"][j] == pytest.approx(row[tok].item(), abs=1e-4)
+
+
+def test_fed_run_writes_the_personalised_adapters_under_out(tmp_path, capsys):
+    args = ["run", "--engine", "inprocess", "--task", "toy", "--num-clients", "3", "--num-rounds", "1", "--local-steps",
+            "2", "--max-train", "120", "--max-eval", "60", "--rank", "4", "--personal", "value", "-o", str(tmp_path)]
+    assert cli_main(args) == 0
+    users = json.loads((tmp_path / "personal" / "users.json").read_text())
+    assert sorted(users) == ["client-0", "client-1", "client-2"]
+    assert all((tmp_path / "personal" / name / "adapter_config.json").is_file() for name in users.values())
+    out = capsys.readouterr().out
+    assert "client 2: personalised accuracy" in out and "--user-adapters" in out
+    assert not (tmp_path / "adapter").exists()  # the global part alone is no complete adapter

@@ -28,6 +28,16 @@ from .experiment import Settings
 ENGINES = ("simulation", "deployment", "inprocess")
 
 
+HELP = {
+    "dp": "server-fixed, server-adaptive, client-fixed or client-adaptive: Flower's DP clipping wrappers ",
+    "secagg": "Flower's SecAgg+: the server sees only the masked weighted sum (fedit, ffa_lora) ",
+    "personal": "module names whose adapters stay on each client (FedPer), e.g. o_proj or classifier ",
+    "personal_dir": "where each client writes its personalised PEFT adapter (fed run: OUT/personal) ",
+    "task": "tweets, toy or chat (instruction tuning of a causal LM) ",
+    "data": "task chat: a chat JSONL file or directory ",
+}
+
+
 def _settings_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         if f.name in ("out_dir",):
@@ -38,8 +48,9 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
             help_text = f"one of {', '.join(STRATEGIES.names())} {help_text}"
         if f.name == "checkpoint_dir":
             help_text = "where the server checkpoints each round (default: OUT/checkpoint; fed app: none)"
+        help_text = HELP.get(f.name, "") + help_text
         if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", default=None, help=help_text.replace("(default: False)", "(off by default)"))
+            p.add_argument(flag, action="store_true", default=None, help=HELP.get(f.name, "") + "(default: off)")
             continue
         p.add_argument(flag, type=type(f.default), default=None, help=help_text)
 
@@ -113,7 +124,12 @@ HEADER = f"{'round':>5} {'accuracy':>9} {'accepted':>9} {'up KiB':>8} {'down KiB
 
 
 def print_round(record: dict) -> None:
-    """One row of the progress table."""
+    """One row of the progress table (after a personalised run: one row per client)."""
+    if "personalised" in record:
+        for c in record["personalised"]:
+            print(f"client {c['partition']}: personalised accuracy {c['personal-accuracy']:.4f}, "
+                  f"global part alone {c['global-accuracy']:.4f}", flush=True)
+        return
     print(f"{record['round']:>5} {record.get('accuracy', float('nan')):>9.4f} {record.get('accepted', '-'):>9} "
           f"{record.get('uplink-bytes', 0) / 1024:>8.1f} {record.get('downlink-bytes', 0) / 1024:>9.1f}", flush=True)
 

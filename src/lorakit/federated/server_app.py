@@ -296,6 +296,8 @@ class LoRAStrategy(FedAvg):
             self.write_history()
         if self.personal and self.state.round == s.num_rounds and not any("personalised" in r for r in self.state.log):
             self.personalise(grid)
+            if self.on_round is not None:
+                self.on_round(self.state.log[-1])
             self.write_history()
         result = Result()
         result.arrays = to_arrays(self.state.adapter)
