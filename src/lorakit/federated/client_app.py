@@ -3,7 +3,9 @@
 Only adapter tensors (and ``modules_to_save``) leave the node. For restarting strategies (FLoRA) the node keeps
 the sum of the merged round updates in ``context.state`` and folds it into its base weights every round.
 Node config: ``partition-id`` (which shard), optionally ``rank`` (overrides the run config's client ranks).
-The reply's arrays keep the order of the global adapter received (Flower's clipping mods compare the two key
+With personal modules (FedPer) the node keeps their part in ``context.state`` and never sends it; the
+``query.personalise`` message after the last round makes it write its personalised adapter. The reply's arrays
+keep the order of the global adapter received (Flower's clipping mods compare the two key
 lists); ``mods.lorakit_mods`` adds client-side DP clipping and SecAgg+ where the run config asks for them.
 """
 from __future__ import annotations

@@ -6,6 +6,9 @@ each node the global adapter (and, for restarting strategies, the round updates 
 rejects and logs bad ones, and aggregates the rest when at least ``min-replies`` are left; otherwise the round
 keeps the previous global adapter; with ``server-opt`` the aggregate is then taken as a pseudo-gradient by
 FedAdam / FedYogi / FedAdagrad (``optimisers``). ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
+Rounds go through Flower's DP wrappers (``dp``: server- or client-side clipping) or SecAgg+ (``secagg``) when the
+run config asks; with personal modules (``personal``, FedPer) they never reach the server, and after the last
+round every node is sent the final global adapter to write its personalised one.
 """
 from __future__ import annotations
 
