@@ -83,7 +83,7 @@ def test_a_node_that_skips_the_clipping_is_rejected_and_the_round_goes_on(caplog
     assert strategy.state.log[2]["epsilon"] == pytest.approx(dp.epsilon([0.375, 0.375], 1e-5))
 
 
-@pytest.mark.parametrize("kind", ["nan", "base", "method", "shape"])
+@pytest.mark.parametrize("kind", ["nan", "base", "method", "shape", "rank"])
 def test_bad_updates_under_client_dp_are_rejected_and_logged(kind, caplog):
     def corrupt(msg, ctxt, call_next):
         reply = call_next(msg, ctxt)

@@ -126,3 +126,20 @@ def test_fed_run_writes_the_personalised_adapters_under_out(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "client 2: personalised accuracy" in out and "--user-adapters" in out
     assert not (tmp_path / "adapter").exists()  # the global part alone is no complete adapter
+
+
+@pytest.mark.parametrize("kind", ["nan", "rank", "base"])
+def test_bad_updates_are_rejected_with_personal_modules_and_the_round_goes_on(kind, caplog):
+    import logging
+
+    from test_fed_faults import BAD
+
+    def corrupt(msg, context, reply):
+        return BAD[kind](reply) if int(context.node_config["partition-id"]) == 0 else reply
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy, sent, _ = run(toy(num_rounds=1, personal="value"), fault=corrupt)
+    record = strategy.state.log[1]
+    assert (record["accepted"], record["rejected"]) == (3, 1) and "rejected the update of node 1" in caplog.text
+    want = aggregate_of(strategy, sent, 1, {1, 2, 3})
+    assert torch.allclose(update_of(strategy.state.adapter, "query"), update_of(want, "query"), atol=1e-6)
