@@ -5,9 +5,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from lorakit.federated import aggregate
-from lorakit.federated.client_app import train as lorakit_train
+from lorakit.federated.client_app import personalise, train as lorakit_train
 from lorakit.federated.experiment import Experiment, Settings
 from lorakit.federated.local import InProcessGrid
+from lorakit.federated.mods import lorakit_mods
 from lorakit.federated.server_app import LoRAStrategy
 
 
@@ -18,9 +19,10 @@ def toy(**changes) -> Settings:
     return Settings(**{**base, **changes})
 
 
-def client_app(fault=None, sent=None) -> ClientApp:
-    """lorakit's ClientApp, with ``fault(msg, context, reply) -> reply`` applied and replies kept in ``sent``."""
-    app = ClientApp()
+def client_app(fault=None, sent=None, outer=()) -> ClientApp:
+    """lorakit's ClientApp (with its mods), with ``fault(msg, context, reply) -> reply`` applied inside the mods
+    and replies kept in ``sent``; ``outer`` mods run outside lorakit's (they see what leaves the node)."""
+    app = ClientApp(mods=[*outer, lorakit_mods])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -31,6 +33,7 @@ def client_app(fault=None, sent=None) -> ClientApp:
             sent.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]), reply))
         return reply
 
+    app.query("personalise")(personalise)
     return app
 
 
@@ -49,7 +52,7 @@ def around_rounds(strategy, before=None, after=None) -> None:
     strategy.configure_train = configure
 
 
-def run(settings, fault=None, grid=None, seen=None):
+def run(settings, fault=None, grid=None, seen=None, outer=()):
     """Run ``settings`` in process with ``fault`` applied to replies; returns (strategy, replies sent, grid)."""
     sent = []
 
@@ -58,7 +61,7 @@ def run(settings, fault=None, grid=None, seen=None):
             seen[(int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]))] = msg
         return fault(msg, context, reply) if fault else reply
 
-    grid = grid or InProcessGrid(client_app(hook, sent), settings.num_clients, settings.to_config())
+    grid = grid or InProcessGrid(client_app(hook, sent, outer), settings.num_clients, settings.to_config())
     strategy = LoRAStrategy(Experiment(settings))
     strategy.start(grid)
     return strategy, sent, grid

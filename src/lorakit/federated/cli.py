@@ -28,6 +28,16 @@ from .experiment import Settings
 ENGINES = ("simulation", "deployment", "inprocess")
 
 
+HELP = {
+    "dp": "server-fixed, server-adaptive, client-fixed or client-adaptive: Flower's DP clipping wrappers ",
+    "secagg": "Flower's SecAgg+: the server sees only the masked weighted sum (fedit, ffa_lora) ",
+    "personal": "module names whose adapters stay on each client (FedPer), e.g. o_proj or classifier ",
+    "personal_dir": "where each client writes its personalised PEFT adapter (fed run: OUT/personal) ",
+    "task": "tweets, toy or chat (instruction tuning of a causal LM) ",
+    "data": "task chat: a chat JSONL file or directory ",
+}
+
+
 def _settings_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         if f.name in ("out_dir",):
@@ -38,6 +48,10 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
             help_text = f"one of {', '.join(STRATEGIES.names())} {help_text}"
         if f.name == "checkpoint_dir":
             help_text = "where the server checkpoints each round (default: OUT/checkpoint; fed app: none)"
+        help_text = HELP.get(f.name, "") + help_text
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=HELP.get(f.name, "") + "(default: off)")
+            continue
         p.add_argument(flag, type=type(f.default), default=None, help=help_text)
 
 
@@ -70,11 +84,21 @@ def check_settings(settings: Settings) -> None:
     from .. import zoo
 
     STRATEGIES.get(settings.strategy)
-    if settings.task not in ("tweets", "toy"):
-        raise ValueError(f"unknown task {settings.task!r}; the federated experiment knows 'tweets' and 'toy'")
+    from .experiment import TASKS
+
+    if settings.task not in TASKS:
+        raise ValueError(f"unknown task {settings.task!r}; the federated experiment knows {', '.join(TASKS)}")
+    if settings.data and not Path(settings.data).exists():
+        raise FileNotFoundError(f"--data {settings.data}: no such file or directory")
     if settings.task != "toy" and settings.model not in zoo.names() and not Path(settings.model).is_dir():
         raise ValueError(f"unknown model {settings.model!r}: not a zoo name ({', '.join(zoo.names())}) and not a "
                          "local Hugging Face model directory")
+    if settings.personal:  # the module names need the adapter: build it once here, before an engine starts
+        from .experiment import Experiment
+        from .personal import check_options
+
+        fresh = Experiment(settings).fresh_state()
+        check_options(settings, [*fresh.tensors, *fresh.modules_to_save])
 
 
 def _check_out(out: Path, settings: Settings, resume: bool, overwrite: bool) -> None:
@@ -100,7 +124,12 @@ HEADER = f"{'round':>5} {'accuracy':>9} {'accepted':>9} {'up KiB':>8} {'down KiB
 
 
 def print_round(record: dict) -> None:
-    """One row of the progress table."""
+    """One row of the progress table (after a personalised run: one row per client)."""
+    if "personalised" in record:
+        for c in record["personalised"]:
+            print(f"client {c['partition']}: personalised accuracy {c['personal-accuracy']:.4f}, "
+                  f"global part alone {c['global-accuracy']:.4f}", flush=True)
+        return
     print(f"{record['round']:>5} {record.get('accuracy', float('nan')):>9.4f} {record.get('accepted', '-'):>9} "
           f"{record.get('uplink-bytes', 0) / 1024:>8.1f} {record.get('downlink-bytes', 0) / 1024:>9.1f}", flush=True)
 
@@ -115,6 +144,8 @@ def save_final_adapter(settings: Settings, out: Path) -> str:
     state = checkpoint.load(settings.checkpoint_dir)
     if state is None:
         return f"no checkpoint in {settings.checkpoint_dir}: the final adapter was not kept"
+    if settings.personal:
+        return f"global adapter: {settings.checkpoint_dir} (without the personal modules, which stay per client)"
     if state.history:
         return (f"global model: {settings.checkpoint_dir} (strategy {settings.strategy!r} folds each round's update "
                 "into the base weights, so no single adapter holds it)")
@@ -141,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args, out_dir=str((out / "server").resolve()))
     if args.checkpoint_dir is None:
         settings = dataclasses.replace(settings, checkpoint_dir=str((out / "checkpoint").resolve()))
+    if settings.personal and not settings.personal_dir:
+        settings = dataclasses.replace(settings, personal_dir=str((out / "personal").resolve()))
     check_settings(settings)
     _check_out(out, settings, args.resume, args.overwrite)
     if not args.resume and out.exists():  # checked: --overwrite was given
@@ -157,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps({"settings": settings.to_config(), "rounds": rounds}, indent=1))
     os.replace(tmp, out / "history.json")
     print(f"history: {out / 'history.json'}\n{save_final_adapter(settings, out)}")
+    if settings.personal:
+        print(f"personalised adapters: {settings.personal_dir} (serve them with --adapters {settings.personal_dir} "
+              f"--user-adapters {Path(settings.personal_dir) / 'users.json'})")
     return 0
 
 

@@ -3,6 +3,10 @@
 Only adapter tensors (and ``modules_to_save``) leave the node. For restarting strategies (FLoRA) the node keeps
 the sum of the merged round updates in ``context.state`` and folds it into its base weights every round.
 Node config: ``partition-id`` (which shard), optionally ``rank`` (overrides the run config's client ranks).
+With personal modules (FedPer) the node keeps their part in ``context.state`` and never sends it; the
+``query.personalise`` message after the last round makes it write its personalised adapter. The reply's arrays
+keep the order of the global adapter received (Flower's clipping mods compare the two key
+lists); ``mods.lorakit_mods`` adds client-side DP clipping and SecAgg+ where the run config asks for them.
 """
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ from flwr.clientapp import ClientApp
 
 from ..core.state import AdapterState
 from .experiment import Experiment, Settings, stable_seed
+from .mods import lorakit_mods
+from . import personal
 from .protocol import add_to_base, fold_deltas, receive, unpack_updates
 from .records import config_from_record, config_record, from_arrays, to_arrays
 
-app = ClientApp()
+app = ClientApp(mods=[lorakit_mods])
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,8 +51,8 @@ def merged_base(exp: Experiment, content: RecordDict, store: RecordDict):
     return add_to_base(model, deltas), done
 
 
-def local_round(exp: Experiment, msg: Message, context: Context) -> tuple[AdapterState, int, float, int]:
-    """Build this node's model, take in the global adapter, train; returns (adapter, examples, loss, base round)."""
+def node_model(exp: Experiment, msg: Message, context: Context):
+    """This node's model with the global adapter received (and its personal part); returns (model, base round)."""
     s, rule = exp.settings, exp.rule
     server_round = int(msg.content["config"]["server-round"])
     partition = int(context.node_config["partition-id"])
@@ -57,9 +63,26 @@ def local_round(exp: Experiment, msg: Message, context: Context) -> tuple[Adapte
     exp.add_adapter(model, rank, seed)
     own = AdapterState.from_model(model)
     incoming = from_arrays(msg.content["global"], config_from_record(msg.content["config"]))
-    receive(own, incoming).load_into(model)
-    num_examples, loss = exp.train_local(model, partition, server_round)
-    return AdapterState.from_model(model), num_examples, loss, base_round
+    state = receive(own, incoming)
+    if "personal" in context.state:  # FedPer: the personal part this node trained in earlier rounds
+        state = personal.join(state, from_arrays(context.state["personal"], state.config))
+    state.load_into(model)
+    return model, base_round
+
+
+def local_round(exp: Experiment, msg: Message, context: Context) -> tuple[AdapterState, int, float, int]:
+    """Build this node's model, take in the global adapter, train; returns (adapter, examples, loss, base round).
+
+    With personal modules, their part is kept in ``context.state`` and left out of the returned adapter."""
+    model, base_round = node_model(exp, msg, context)
+    partition = int(context.node_config["partition-id"])
+    num_examples, loss = exp.train_local(model, partition, int(msg.content["config"]["server-round"]))
+    state = AdapterState.from_model(model)
+    mine = personal.names(exp.settings)
+    if mine:
+        state, own = personal.split(state, mine)
+        context.state["personal"] = to_arrays(own)
+    return state, num_examples, loss, base_round
 
 
 @app.train()
@@ -68,10 +91,40 @@ def train(msg: Message, context: Context) -> Message:
     exp = experiment_for(Settings.from_config(context.run_config))
     state, num_examples, loss, base_round = local_round(exp, msg, context)
     partition = int(context.node_config["partition-id"])
+    arrays = to_arrays(state, skip=exp.rule.shared)
+    received = list(msg.content["global"].keys())
+    if set(received) == set(arrays.keys()):  # the global's order (restarting strategies send the head only)
+        arrays = ArrayRecord({k: arrays[k] for k in received})
     content = RecordDict({
-        "arrays": to_arrays(state, skip=exp.rule.shared),
+        "arrays": arrays,
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
         "adapter": config_record(state.config, **{"base-round": base_round, "partition-id": partition,
                                                    "base-id": exp.base_id}),
     })
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("personalise")
+def personalise(msg: Message, context: Context) -> Message:
+    """After the last round: join the final global adapter with this node's personal part, write it as a PEFT
+    adapter (``personal-dir/client-<k>``), and score the personalised and the global model on this node's mix."""
+    from ..core import fingerprint
+    from ..formats.peft import save_state
+
+    exp = experiment_for(Settings.from_config(context.run_config))
+    s, partition = exp.settings, int(context.node_config["partition-id"])
+    if "personal" not in context.state:
+        raise RuntimeError(f"node of partition {partition} holds no personal adapter (it trained in no round)")
+    model, _ = node_model(exp, msg, context)
+    mine = AdapterState.from_model(model)
+    scores = {"personal-accuracy": exp.client_score(model, partition)}
+    fresh = exp.add_adapter(exp.base_model(), mine.config.r, s.seed)
+    _, init = personal.split(AdapterState.from_model(fresh), personal.names(s))
+    personal.join(personal.split(mine, personal.names(s))[0], init).load_into(fresh)
+    scores["global-accuracy"] = exp.client_score(fresh, partition)
+    if s.personal_dir:
+        name = s.model if s.task != "toy" else None
+        save_state(mine.replace(base_model_name_or_path=name), f"{s.personal_dir}/client-{partition}",
+                   base=fingerprint.record(exp.base_model()))
+    content = RecordDict({"metrics": MetricRecord({**scores, "partition-id": partition})})
     return Message(content=content, reply_to=msg)

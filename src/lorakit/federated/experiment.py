@@ -3,17 +3,20 @@
 ``Settings`` is the run config (Flower's ``[tool.flwr.app.config]``, kebab-case keys); ``Experiment`` turns it
 into a base model, adapter configs, client shards (Dirichlet label skew), local training and evaluation.
 Tasks: ``tweets`` (the packaged MiniLM on the bundled three-class tweet sentiment, ``lorakit.zoo`` and
-``lorakit.data``) and ``toy`` (a tiny seeded classifier on synthetic token sequences, for tests). Local training
-is ``lorakit.train.fit`` and evaluation ``lorakit.train.evaluate``.
+``lorakit.data``), ``toy`` (a tiny seeded classifier on synthetic token sequences, for tests) and ``chat``
+(instruction tuning of a causal LM, ``chat_task``; its defaults are ``tiny-llama`` and ``q_proj,v_proj``). Local
+training is ``lorakit.train.fit`` and evaluation ``lorakit.train.evaluate`` (plus generation for ``chat``).
 Every party derives the same model, adapter init and split from the seed, so only adapter tensors travel.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Mapping
 
 import torch
@@ -27,6 +30,8 @@ from ..data.encode import collate
 from ..train import evaluate, fit
 from .aggregation import STRATEGIES
 from .dp import check_options as check_dp
+from .personal import check_strategy as check_personal
+from .secagg import check_options as check_secagg
 from .optimisers import check_options, proximal
 from .partition import dirichlet_split
 
@@ -35,8 +40,9 @@ from .partition import dirichlet_split
 class Settings:
     """The run config with its defaults: the bundled experiment (tweets over 10 clients, sized for a CPU)."""
 
-    task: str = "tweets"
-    model: str = "minilm"
+    task: str = "tweets"  # "tweets" | "toy" | "chat"
+    model: str = "minilm"  # for task chat: a causal LM (default tiny-llama)
+    data: str = ""  # task chat: a chat JSONL file or directory (default: the bundled tweets as instructions)
     strategy: str = "fedit"
     num_rounds: int = 20
     num_clients: int = 10
@@ -64,18 +70,32 @@ class Settings:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to each client's loss
-    dp: str = ""  # "server-fixed" | "server-adaptive": Flower's central-DP wrapper (dp.py)
+    dp: str = ""  # "server-fixed" | "server-adaptive" | "client-fixed" | "client-adaptive": Flower's DP wrapper (dp.py)
     dp_noise: float = 0.0  # the noise multiplier z (noise std z * clip / sampled nodes)
     dp_clip: float = 1.0  # the clipping norm C (the initial one for server-adaptive)
     dp_delta: float = 1e-5  # the delta at which the summary reports epsilon
+    secagg: bool = False  # Flower's SecAgg+: the server sees only the weighted sum of the masked adapters (secagg.py)
+    secagg_clip_range: float = 8.0  # SecAgg+ quantises values in [-range, range]; clients refuse values beyond it
+    personal: str = ""  # FedPer: module names whose adapter (or saved module) stays on each client (personal.py)
+    personal_dir: str = ""  # where each client writes its personalised adapter (client-<k>/) after the last round
+    gen_examples: int = 32  # task chat: held-out records answered greedily for the generation metric
 
     def __post_init__(self):
+        if self.task == "chat":  # the classification defaults name an encoder and its modules
+            if self.model == "minilm":
+                object.__setattr__(self, "model", "tiny-llama")
+            if self.targets == "query,value":
+                object.__setattr__(self, "targets", "q_proj,v_proj")
         if not self.dirichlet_alpha > 0:
             raise ValueError(f"dirichlet-alpha must be > 0 (smaller: more label skew), found {self.dirichlet_alpha}")
         if not self.proximal_mu >= 0:
             raise ValueError(f"proximal-mu must be >= 0, found {self.proximal_mu}")
         if self.dp:
             check_dp(self)
+        if self.secagg:
+            check_secagg(self)
+        if self.personal:
+            check_personal(self)
         if self.server_opt:
             check_options(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau)
             if STRATEGIES.get(self.strategy).restart:
@@ -93,7 +113,10 @@ class Settings:
             if name not in fields:
                 known = ", ".join(sorted(f.replace("_", "-") for f in fields))
                 raise ValueError(f"unknown run config key {key!r}; known keys: {known}")
-            values[name] = type(getattr(cls, name))(value)
+            kind = type(getattr(cls, name))
+            if kind is bool and isinstance(value, str):  # "true"/"false" from a command line or a node config
+                value = value.strip().lower() in ("1", "true", "yes")
+            values[name] = kind(value)
         return cls(**values)
 
     def to_config(self) -> dict:
@@ -140,21 +163,35 @@ def toy_examples(n: int, seed: int, vocab: int = 64, length: int = 12, classes: 
     return [{"input_ids": ids[i].tolist(), "attention_mask": [1] * length, "labels": int(labels[i])} for i in range(n)]
 
 
+TASKS = ("tweets", "toy", "chat")
+
+
 @functools.lru_cache(maxsize=2)
-def _task(task: str, model: str, seed: int, max_train: int, max_eval: int, max_length: int):
-    """(base model, train features, test features, number of classes, padding id), built once per process."""
+def _task(task: str, model: str, data: str, seed: int, max_train: int, max_eval: int, max_length: int):
+    """The base model, train / test features, number of classes, padding id (and for chat: tokenizer, test
+    records, categories), built once per process."""
+    if task == "chat":
+        from . import chat_task
+
+        return chat_task.load(model, data, seed, max_train, max_eval, max_length)
     if task == "toy":
         torch.manual_seed(seed)
-        return ToyClassifier(), toy_examples(max_train, seed), toy_examples(max_eval, seed + 1), 3, 0
+        train = toy_examples(max_train, seed)
+        test = toy_examples(max_eval, seed + 1)
+        return SimpleNamespace(base=ToyClassifier(), train=train, test=test, num_classes=3, pad_id=0, tokenizer=None,
+                               categories=[f["labels"] for f in train], test_categories=[f["labels"] for f in test])
     if task != "tweets":
-        raise ValueError(f"unknown task {task!r}; the federated experiment knows 'tweets' and 'toy'")
+        raise ValueError(f"unknown task {task!r}; the federated experiment knows {', '.join(TASKS)}")
     from .. import zoo
     from ..data import load_task
 
-    data = load_task("tweets", max_train=max_train, max_eval=max_eval, seed=seed)
-    net, tokenizer = zoo.load(model, task="seq_cls", num_labels=data.num_labels, seed=seed)
-    encoded = data.encode(tokenizer, max_length=max_length)
-    return net, list(encoded["train"]), list(encoded["test"]), data.num_labels, encoded["train"].pad_token_id
+    loaded = load_task("tweets", max_train=max_train, max_eval=max_eval, seed=seed)
+    net, tokenizer = zoo.load(model, task="seq_cls", num_labels=loaded.num_labels, seed=seed)
+    encoded = loaded.encode(tokenizer, max_length=max_length)
+    train, test = list(encoded["train"]), list(encoded["test"])
+    return SimpleNamespace(base=net, train=train, test=test, num_classes=loaded.num_labels, tokenizer=None,
+                           pad_id=encoded["train"].pad_token_id, categories=[f["labels"] for f in train],
+                           test_categories=[f["labels"] for f in test])
 
 
 class Experiment:
@@ -163,8 +200,10 @@ class Experiment:
     def __init__(self, settings: Settings):
         self.settings = s = settings
         self.rule = STRATEGIES.get(s.strategy)
-        self._base, self.train, self.test, self.num_classes, self.pad_id = _task(s.task, s.model, s.seed, s.max_train, s.max_eval, s.max_length)
-        self.shards = dirichlet_split([f["labels"] for f in self.train], s.num_clients, s.dirichlet_alpha, s.seed, min_size=2)
+        self.loaded = t = _task(s.task, s.model, s.data, s.seed, s.max_train, s.max_eval, s.max_length)
+        self._base, self.train, self.test, self.num_classes, self.pad_id = t.base, t.train, t.test, t.num_classes, t.pad_id
+        self.categories = t.categories
+        self.shards = dirichlet_split(t.categories, s.num_clients, s.dirichlet_alpha, s.seed, min_size=2)
 
     @functools.cached_property
     def base_id(self) -> str:
@@ -183,7 +222,7 @@ class Experiment:
         s = self.settings
         r = rank or s.rank
         return LoRAConfig(r=r, lora_alpha=s.lora_alpha * r / s.rank, target_modules=s.targets.split(","),
-                          modules_to_save=["classifier"])
+                          modules_to_save=None if s.task == "chat" else ["classifier"])
 
     def add_adapter(self, model: nn.Module, rank: int, init_seed: int) -> nn.Module:
         """Apply a fresh adapter of ``rank``; with a shared-A strategy A is the shared seeded init, frozen."""
@@ -193,6 +232,12 @@ class Experiment:
         if "lora_A.weight" in self.rule.shared:
             share_a(model, self.settings.seed, self.settings.max_rank)
         return model
+
+    def fresh_state(self):
+        """The adapter every party starts from (max rank, the run's seed), as an AdapterState."""
+        from ..core.state import AdapterState
+
+        return AdapterState.from_model(self.add_adapter(self.base_model(), self.settings.max_rank, self.settings.seed))
 
     def train_local(self, model: nn.Module, partition: int, server_round: int) -> tuple[int, float]:
         """``local_steps`` AdamW steps (constant learning rate) on the client's shard with ``lorakit.train.fit``,
@@ -214,8 +259,31 @@ class Experiment:
         return collate(features, self.pad_id)
 
     def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
-        """Accuracy and mean loss on the test examples."""
-        return evaluate(model, self.test, batch_size=batch_size, collate_fn=self.collate)
+        """Accuracy and mean loss on the test examples (chat: answer loss, and the generation metric)."""
+        out = evaluate(model, self.test, batch_size=batch_size, collate_fn=self.collate)
+        if self.settings.task == "chat":
+            from .chat_task import generation
+
+            out.update(generation(model, self.loaded.tokenizer, self.loaded.test_records, self.settings.gen_examples))
+        return out
+
+    def client_score(self, model: nn.Module, partition: int) -> float:
+        """Held-out accuracy (chat: exact match) per category, weighted by the category's share of the shard."""
+        t, s = self.loaded, self.settings
+        mix = collections.Counter(self.categories[i] for i in self.shards[partition])
+        score = total = 0.0
+        for category, n in sorted(mix.items()):
+            idx = [i for i, c in enumerate(t.test_categories) if c == category]
+            if not idx:
+                continue
+            if s.task == "chat":
+                from .chat_task import generation
+
+                acc = generation(model, t.tokenizer, [t.test_records[i] for i in idx], s.gen_examples)["accuracy"]
+            else:
+                acc = evaluate(model, [self.test[i] for i in idx], batch_size=64, collate_fn=self.collate)["accuracy"]
+            score, total = score + n * acc, total + n
+        return score / total if total else float("nan")
 
 
 def share_a(model: nn.Module, seed: int, max_rank: int) -> None:

@@ -6,6 +6,7 @@ and the fast tests drive the very same app code through it; ``runner`` runs it o
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import uuid
 from typing import Iterable, Mapping, Optional
@@ -62,8 +63,9 @@ class InProcessGrid(Grid):
             if node in self.offline:
                 continue
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            delivered = copy.deepcopy(msg)  # as over a wire: the node gets its own copy of a shared body
             try:
-                replies.append(self.client_app(msg, self.contexts[node]))
+                replies.append(self.client_app(delivered, self.contexts[node]))
             except Exception as e:  # noqa: BLE001 - as Flower's runtimes: a failing ClientApp is an error reply
                 replies.append(Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
         return replies

@@ -6,6 +6,9 @@ each node the global adapter (and, for restarting strategies, the round updates 
 rejects and logs bad ones, and aggregates the rest when at least ``min-replies`` are left; otherwise the round
 keeps the previous global adapter; with ``server-opt`` the aggregate is then taken as a pseudo-gradient by
 FedAdam / FedYogi / FedAdagrad (``optimisers``). ``start`` resumes from ``checkpoint-dir`` and checkpoints every round.
+Rounds go through Flower's DP wrappers (``dp``: server- or client-side clipping) or SecAgg+ (``secagg``) when the
+run config asks; with personal modules (``personal``, FedPer) they never reach the server, and after the last
+round every node is sent the final global adapter to write its personalised one.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from ..core.state import AdapterState
-from . import checkpoint, dp
+from . import checkpoint, dp, personal, secagg
 from .aggregation import B_KEYS, aggregate, aggregation_error
 from .checks import identity_problems, problems
 from .experiment import Experiment, Settings, stable_seed
@@ -43,8 +46,12 @@ class LoRAStrategy(FedAvg):
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_replies,
                          min_available_nodes=s.min_replies)
         self.exp, self.rule = experiment, experiment.rule
-        fresh = experiment.add_adapter(experiment.base_model(), s.max_rank, s.seed)
-        self.reference = AdapterState.from_model(fresh)  # the agreed modules and shapes; the shared tensors
+        fresh = experiment.fresh_state()
+        self.personal = personal.names(s)
+        if self.personal:
+            personal.check_options(s, [*fresh.tensors, *fresh.modules_to_save])
+        # the agreed modules and shapes, the shared tensors; the personal part (FedPer) stays on the clients
+        self.reference, self.personal_init = personal.split(fresh, self.personal)
         self.state = checkpoint.ServerState(0, self.reference.clone())
         self.sent: dict[int, dict] = {}  # round -> bytes sent (wire and raw tensor bytes)
         self.on_round = None  # called with each round's record (progress), when set
@@ -54,13 +61,15 @@ class LoRAStrategy(FedAvg):
                                              frozen=self.rule.shared)
             self.state.opt = self.optimiser.state  # checkpointed with the rest of the server state
         self.private, self.prescreened = (dp.wrap(self, s) if s.dp else None), None
+        self.secure = secagg.SecureRound(self) if s.secagg else None
 
-    def outgoing(self, node_id: int, server_round: int) -> RecordDict:
-        """The message body for one node: the global adapter and the round updates it lacks."""
+    def outgoing(self, node_id: int, server_round: int, config=None) -> RecordDict:
+        """The message body for one node: the global adapter and the round updates it lacks (plus ``config``,
+        e.g. the clipping norm a client-side DP wrapper sends)."""
         g = self.state.adapter
         body = AdapterState(g.config, {}, g.modules_to_save, g.base_tensors) if self.rule.restart else g
         content = RecordDict({"global": to_arrays(body, skip=self.rule.shared),
-                              "config": config_record(g.config, **{"server-round": server_round})})
+                              "config": config_record(g.config, **{**dict(config or {}), "server-round": server_round})})
         if self.rule.restart:
             arrays, configs = pack_updates(self.state.history, self.state.synced.get(str(node_id), 0))
             if len(configs):
@@ -78,7 +87,7 @@ class LoRAStrategy(FedAvg):
             random.setstate(state)
         messages = []
         for node_id in sorted(node_ids):
-            content = self.outgoing(node_id, server_round)
+            content = self.outgoing(node_id, server_round, config)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         sizes = [payload(r) for m in messages for r in m.content.array_records.values()]
         self.sent[server_round] = {k: sum(x[k] for x in sizes) for k in ("wire", "tensors")}
@@ -183,6 +192,8 @@ class LoRAStrategy(FedAvg):
         current = to_arrays(previous, skip=self.rule.shared)
         messages = self.private.configure_train(rnd, current, ConfigRecord(), grid)
         screened = self.prescreened = self.screen(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
+        if s.dp.startswith("client"):  # the sensitivity bound needs every update clipped: check, do not trust
+            screened["accepted"] = [a for a in screened["accepted"] if not self.unclipped(rnd, a, current, screened)]
         good = [a[0] for a in screened["accepted"]]
         for msg in good:  # Flower clips reply - current array by array, in order: align the keys (checked equal)
             arrays = msg.content["arrays"]
@@ -193,16 +204,51 @@ class LoRAStrategy(FedAvg):
         if arrays is None:
             return dict(metrics) if metrics is not None else {
                 "accepted": len(good), "rejected": len(screened["rejected"]), "failed": screened["failed"], "skipped": 1}
-        noisy = from_arrays(arrays, previous.config)
-        for path, tensors in noisy.tensors.items():  # the shared tensors were not sent, so not noised
-            for key in self.rule.shared:
-                if key in previous.tensors[path]:
-                    tensors[key] = previous.tensors[path][key].clone()
+        noisy = self.with_shared(arrays, previous)  # the shared tensors were not sent, so not noised
         self.state.adapter = self.optimiser.step(previous, noisy) if self.optimiser is not None else noisy
         zs = [r["dp-noise-multiplier"] for r in self.state.log if "dp-noise-multiplier" in r]
         z = dp.round_noise(s, len(good))
         return {**dict(metrics), "dp-noise-multiplier": z, "dp-clip": float(self.private.clipping_norm),
                 "epsilon": dp.epsilon([*zs, z], s.dp_delta), "dp-delta": s.dp_delta}
+
+    def with_shared(self, arrays: ArrayRecord, previous: AdapterState) -> AdapterState:
+        """The adapter in ``arrays`` with the tensors every party holds (not sent) taken from ``previous``."""
+        state = from_arrays(arrays, previous.config)
+        for path, tensors in state.tensors.items():
+            for key in self.rule.shared:
+                if key in previous.tensors[path]:
+                    tensors[key] = previous.tensors[path][key].clone()
+        return state
+
+    def secure_round(self, rnd: int, grid: Grid) -> dict:
+        """One round through SecAgg+: the server gets only the weighted mean of the accepted adapters."""
+        s, previous = self.exp.settings, self.state.adapter
+        mean, info = self.secure(rnd, grid, to_arrays(previous, skip=self.rule.shared))
+        accepted, self.last_rejections = info["accepted"], info["rejected"]
+        metrics = {"accepted": len(accepted), "rejected": len(info["rejected"]), "failed": info["failed"],
+                   "uplink-bytes": info["bytes-up"], "downlink-bytes": info["bytes-down"]}
+        if mean is None or len(accepted) < s.min_replies:
+            LOG.warning("round %d: %d update(s) securely aggregated, fewer than min-replies=%d; the global adapter "
+                        "stays", rnd, len(accepted), s.min_replies)
+            return {**metrics, "skipped": 1}
+        new = self.with_shared(mean, previous)
+        self.state.adapter = self.optimiser.step(previous, new) if self.optimiser is not None else new
+        counts = [float(m.content["metrics"]["num-examples"]) for m in accepted]
+        losses = [float(m.content["metrics"]["train-loss"]) for m in accepted]
+        loss = sum(n * x for n, x in zip(counts, losses)) / sum(counts)
+        bound = secagg.error_bound(counts, self.secure.max_weight, s.secagg_clip_range)
+        return {**metrics, "skipped": 0, "train-loss": loss, "secagg-error-bound": bound}
+
+    def unclipped(self, rnd: int, accepted: tuple, current: ArrayRecord, screened: dict) -> bool:
+        """Reject (and log) an accepted reply whose update is longer than the clipping norm sent this round."""
+        msg = accepted[0]
+        norm = dp.unclipped(msg.content["arrays"], current, float(self.private.clipping_norm))
+        if norm is None:
+            return False
+        reason = f"update norm {norm:.6g} exceeds the clipping norm {self.private.clipping_norm:.6g} (not clipped)"
+        screened["rejected"].append({"node": str(msg.metadata.src_node_id), "reasons": [reason]})
+        LOG.warning("round %d: rejected the update of node %s: %s", rnd, msg.metadata.src_node_id, reason)
+        return True
 
     def global_model(self):
         """The base model with the merged round updates and the global adapter on it."""
@@ -210,7 +256,7 @@ class LoRAStrategy(FedAvg):
         deltas: dict = {}
         for update in self.state.history.values():
             fold_deltas(deltas, model, update)
-        return self.state.adapter.load_into(add_to_base(model, deltas))
+        return personal.join(self.state.adapter, self.personal_init).load_into(add_to_base(model, deltas))
 
     def start(self, grid: Grid, initial_arrays=None, num_rounds=None, timeout=None, train_config=None,
               evaluate_config=None, evaluate_fn=None) -> Result:
@@ -232,7 +278,9 @@ class LoRAStrategy(FedAvg):
         for rnd in range(self.state.round + 1, s.num_rounds + 1):
             began = time.time()
             self.last_rejections = []
-            if self.private is None:
+            if self.secure is not None:
+                metrics = self.secure_round(rnd, grid)
+            elif self.private is None:
                 messages = self.configure_train(rnd, None, ConfigRecord(), grid)
                 _, metrics = self.aggregate_train(rnd, grid.send_and_receive(messages, timeout=s.reply_timeout))
             else:
@@ -249,9 +297,33 @@ class LoRAStrategy(FedAvg):
             if s.checkpoint_dir:
                 checkpoint.save(self.state, s.checkpoint_dir)
             self.write_history()
+        if self.personal and self.state.round == s.num_rounds and not any("personalised" in r for r in self.state.log):
+            self.personalise(grid)
+            if self.on_round is not None:
+                self.on_round(self.state.log[-1])
+            self.write_history()
         result = Result()
         result.arrays = to_arrays(self.state.adapter)
         return result
+
+    def personalise(self, grid: Grid) -> None:
+        """Send the final global adapter to every node; each writes its personalised adapter and scores it."""
+        s = self.exp.settings
+        messages = [Message(content=self.outgoing(n, s.num_rounds + 1), message_type=personal.MESSAGE, dst_node_id=n)
+                    for n in sorted(grid.get_node_ids())]
+        clients = []
+        for reply in grid.send_and_receive(messages, timeout=s.reply_timeout):
+            if reply.has_error():
+                LOG.warning("personalise: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            clients.append({"partition": int(m["partition-id"]), "personal-accuracy": float(m["personal-accuracy"]),
+                            "global-accuracy": float(m["global-accuracy"])})
+        clients.sort(key=lambda c: c["partition"])
+        if s.personal_dir and clients:
+            personal.write_users(s.personal_dir, [c["partition"] for c in clients])
+        self.state.log.append({"round": s.num_rounds, "personalised": clients})
+        LOG.info("personalised adapters: %s", clients)
 
     def write_history(self) -> None:
         if self.exp.settings.out_dir:
