@@ -121,6 +121,14 @@ def _prepare(package: str) -> Path:
     return work
 
 
+def _refresh(work: Path) -> None:
+    """The current src/ and tests/ in a kept work folder; mutmut makes new mutants of source files changed since."""
+    shutil.copytree(ROOT / "src", work / "src", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # copy2 keeps unchanged files' times
+    shutil.rmtree(work / "tests")
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def _configure(package: str, files: list[str] | None, tests: list[str] | None = None) -> None:
     from mutmut import configuration
 
@@ -203,14 +211,18 @@ def _keep_other_files(report: dict, old: dict) -> dict:
     rerun = set(report["mutated"])
     kept = [m for m in old["mutants"] if not any(fnmatch.fnmatch(m["file"], f) for f in rerun)]
     report["mutants"] = sorted(kept + report["mutants"], key=lambda m: (old["mutated"].index(m["file"])
-                                                                        if m["file"] in old["mutated"] else 0))
+                                                                        if m["file"] in old["mutated"] else len(old["mutated"])))
     report["counts"] = {}
     for m in report["mutants"]:
         report["counts"][m["status"]] = report["counts"].get(m["status"], 0) + 1
     report["earlier_survivors"] = {n: d for n, d in report["earlier_survivors"].items()
                                    if not any(n.startswith(f[4:-3].replace("/", ".") + ".") for f in rerun)}
-    report["mutated"] = old["mutated"]
-    report["rerun_seconds"], report["seconds"] = old.get("rerun_seconds", 0) + report["seconds"], old["seconds"]
+    first = [f for f in report["mutated"] if f not in old["mutated"]]
+    report["mutated"] = old["mutated"] + first
+    if first:  # the first run of these files: part of the package's full run time
+        report["seconds"], report["rerun_seconds"] = old["seconds"] + report["seconds"], old.get("rerun_seconds", 0)
+    else:
+        report["rerun_seconds"], report["seconds"] = old.get("rerun_seconds", 0) + report["seconds"], old["seconds"]
     return report
 
 
@@ -250,6 +262,9 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
                  and fnmatch.fnmatch(m["name"], only or "*")]
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    elif files and (WORK / package / "mutants").exists():  # more files of a package: its work folder is kept
+        work = WORK / package
+        _refresh(work)
     else:
         work = _prepare(package)
     os.chdir(work)
@@ -261,6 +276,8 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
 
     start = time.time()
     try:
+        if files and not rerun:  # the given files afresh, even where the work folder holds earlier results
+            again = [f[4:-3].replace("/", ".") + ".*" for f in files]
         if (not rerun or again) and not collect_only:
             mm._run(again, max_children)
     except SystemExit as e:
