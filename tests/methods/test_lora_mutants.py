@@ -66,12 +66,13 @@ def test_dropout_applies_to_the_adapter_input_in_training_only():
 
 
 def test_no_dropout_at_zero():
-    """lora_dropout 0: the adapter's input is the layer's input, in training too (PEFT builds nn.Identity)."""
-    model = _randomised(lorakit.apply(nn.Sequential(nn.Linear(16, 4)), lorakit.LoRAConfig(r=2, target_modules=["0"])))
+    """lora_dropout 0: the adapter's input is the layer's input, in training too (catches dropout at another p)."""
+    base = nn.Linear(16, 4)
+    model = _randomised(lorakit.apply(nn.Sequential(base), lorakit.LoRAConfig(r=2, target_modules=["0"])))
     model.train()
     x = torch.randn(8, 16)
-    torch.testing.assert_close(model(x), model(x))
-    assert isinstance(lorakit.adapters(model)["0"].lora_dropout, nn.Identity)
+    layer = lorakit.adapters(model)["0"]
+    torch.testing.assert_close(model(x), base(x) + layer.scaling * layer.lora_B(layer.lora_A(x)))
 
 
 @pytest.mark.parametrize("kind", ["linear", "embedding", "conv"])
