@@ -2,7 +2,7 @@
 
     python tools/mutation.py merging [--max-children 1]     # one package
     python tools/mutation.py all                            # every package, one after the other
-    python tools/mutation.py merging --rerun                # the last run's survivors only, with the current tests
+    python tools/mutation.py merging --rerun                # the last run's survivors (and every mutant of a function changed since) with the current tests
     python tools/mutation.py init --files src/lorakit/init/eva.py   # one file afresh; the other files' results are kept
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
@@ -127,6 +127,29 @@ def _refresh(work: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # copy2 keeps unchanged files' times
     shutil.rmtree(work / "tests")
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _changed_functions(work: Path, patterns: list[str]) -> list[str]:
+    """Mutant-name globs of the package's functions whose source differs from the work folder's copy (a fix since)."""
+    import ast
+
+    def functions(text: str) -> dict[str, str]:
+        out = {}
+        for node in ast.parse(text).body:
+            for inner, cls in ([(node, None)] if not isinstance(node, ast.ClassDef)
+                               else [(n, node.name) for n in node.body]):
+                if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"xǁ{cls}ǁ{inner.name}" if cls else f"x_{inner.name}"] = ast.dump(inner)
+        return out
+
+    found = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        rel, copy = str(path.relative_to(ROOT)), work / path.relative_to(ROOT)
+        if any(fnmatch.fnmatch(rel, p) for p in patterns) and copy.exists() and copy.read_bytes() != path.read_bytes():
+            old, new = functions(copy.read_text()), functions(path.read_text())
+            module = rel[4:-3].replace("/", ".")
+            found += [f"{module}.{name}*" for name, body in new.items() if old.get(name) != body]
+    return found
 
 
 def _configure(package: str, files: list[str] | None, tests: list[str] | None = None) -> None:
@@ -260,8 +283,9 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         explained = {n for n, v in notes.items() if isinstance(v, dict) and {"equivalent", "accepted"} & set(v)}
         again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained
                  and fnmatch.fnmatch(m["name"], only or "*")]
-        shutil.rmtree(work / "tests")
-        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if not collect_only:  # functions changed since (a fix): all their mutants run again, with the new source
+            again += _changed_functions(work, files or PACKAGES[package][0])
+            _refresh(work)
     elif files and (WORK / package / "mutants").exists():  # more files of a package: its work folder is kept
         work = WORK / package
         _refresh(work)
