@@ -152,6 +152,16 @@ def _changed_functions(work: Path, patterns: list[str]) -> list[str]:
     return found
 
 
+def _unrun(work: Path, patterns: list[str]) -> list[str]:
+    """Mutants of the package's files in the work folder without a result (their function changed in an earlier run)."""
+    names = []
+    for meta in sorted((work / "mutants" / "src").rglob("*.py.meta")):
+        rel = str(meta.relative_to(work / "mutants").with_suffix(""))
+        if any(fnmatch.fnmatch(rel, p) for p in patterns):
+            names += [k for k, v in json.loads(meta.read_text())["exit_code_by_key"].items() if v is None]
+    return names
+
+
 def _configure(package: str, files: list[str] | None, tests: list[str] | None = None) -> None:
     from mutmut import configuration
 
@@ -284,18 +294,23 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained
                  and fnmatch.fnmatch(m["name"], only or "*")]
         if not collect_only:  # functions changed since (a fix): all their mutants run again, with the new source
-            again += _changed_functions(work, files or PACKAGES[package][0])
+            again += _changed_functions(work, files or PACKAGES[package][0]) + _unrun(work, files or PACKAGES[package][0])
             _refresh(work)
-    elif files and (WORK / package / "mutants").exists():  # more files of a package: its work folder is kept
+        mutate = files
+    elif files and (WORK / package / "mutants").exists() and previous.exists():  # more files: the work folder is kept
         work = WORK / package
         _refresh(work)
+        # mutmut overwrites the mutants of files it is not told to mutate with plain copies: name the earlier ones too
+        earlier = json.loads(previous.read_text())["mutated"]
+        mutate = earlier + [f for f in files if f not in earlier]
     else:
         work = _prepare(package)
+        mutate = files
     os.chdir(work)
     os.environ.pop("PYTHONPATH", None)  # the mutated copy under mutants/src must be what the tests import
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != (ROOT / "src").resolve()]
     _patch_mutmut()
-    _configure(package, files, tests)
+    _configure(package, mutate, tests)
     from mutmut import __main__ as mm
 
     start = time.time()
