@@ -135,3 +135,30 @@ def test_rslora_scale_is_alpha_over_sqrt_b_in_forward_and_delta():
     torch.testing.assert_close(lorakit.AdapterState.from_model(model).delta("0"), want)
     x = torch.randn(3, 8)
     torch.testing.assert_close(model(x), base(x) + x @ want.T)
+
+
+def test_a_module_rank_below_active_rank_is_refused_by_module():
+    """Catches: the module's own rank (rank_pattern) not looked up, or the message lost."""
+    with pytest.raises(ValueError, match=r"^module '1': DyLoRAConfig.active_rank must be in \[1, r=2\], found 3$"):
+        lorakit.apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+                      DyLoRAConfig(r=4, active_rank=3, rank_pattern={"1": 2}, target_modules=["0", "1"]))
+
+
+def test_layer_errors_name_the_module():
+    """Catches: the module path not handed to the layer (its errors would name no module)."""
+    with pytest.raises(ValueError, match="^module '0': init_lora_weights='bogus'"):
+        lorakit.apply(nn.Sequential(nn.Linear(4, 4)), DyLoRAConfig(r=4, init_lora_weights="bogus", target_modules=["0"]))
+
+
+def test_bf16_base_keeps_its_dtype_with_float32_factors():
+    """Catches: the input not cast to the factors' dtype, or the update not cast back to the base's."""
+    base = nn.Linear(8, 6).to(torch.bfloat16)
+    model = lorakit.apply(nn.Sequential(base), DyLoRAConfig(r=4, active_rank=2, target_modules=["0"]))
+    perturb_(model)
+    layer = lorakit.adapters(model)["0"]
+    assert layer.lora_A.weight.dtype == torch.float32
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    want = base(x).float() + x.float() @ lorakit.AdapterState.from_model(model).delta("0").T
+    torch.testing.assert_close(out.float(), want, rtol=0.02, atol=0.02)
