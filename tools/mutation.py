@@ -303,6 +303,10 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         # mutmut overwrites the mutants of files it is not told to mutate with plain copies: name the earlier ones too
         earlier = json.loads(previous.read_text())["mutated"]
         mutate = earlier + [f for f in files if f not in earlier]
+        for copy in (work / "mutants" / "src").rglob("*.py"):  # plain copies of files mutated now for the first time
+            rel = str(copy.relative_to(work / "mutants"))
+            if any(fnmatch.fnmatch(rel, f) for f in files) and not copy.with_suffix(".py.meta").exists():
+                copy.unlink()
     else:
         work = _prepare(package)
         mutate = files
