@@ -307,6 +307,8 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
             rel = str(copy.relative_to(work / "mutants"))
             if any(fnmatch.fnmatch(rel, f) for f in files) and not copy.with_suffix(".py.meta").exists():
                 copy.unlink()
+        if mutate != earlier:  # which tests reach the new files' functions: mutmut records it in a full stats run only
+            (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     else:
         work = _prepare(package)
         mutate = files
