@@ -1,0 +1,110 @@
+"""What every adapter layer owes its base, checked across methods where the conformance suite does not look:
+factors built on the base's device (the meta device, as for deferred initialisation) and in its dtype (float64),
+float32 factors over a bf16 base with the base's dtype handed back, and dropout on the adapter's input in
+training only. Each case is a one-layer model; the reference is the base layer with W + delta."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit.methods.block_lora import BlockLoRAConfig
+from lorakit.methods.bone import BoneConfig
+from lorakit.methods.dylora import DyLoRAConfig
+from lorakit.methods.loldu import LoLDUConfig
+from lorakit.methods.lora_sb import LoRASBConfig
+from lorakit.methods.lora_xs import LoRAXSConfig
+from lorakit.methods.shira import SHiRAConfig
+from lorakit.testing import perturb_
+
+T = ["0"]
+# name -> (config, base layer, input); dropout cases take the config's dropout field
+CASES = {
+    "lora": (lambda **kw: lorakit.LoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "lora_conv": (lambda **kw: lorakit.LoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Conv2d(3, 4, 3), (1, 3, 6, 6)),
+    "dylora": (lambda **kw: DyLoRAConfig(r=4, active_rank=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "block_lora": (lambda **kw: BlockLoRAConfig(r=2, block_num=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "loldu": (lambda **kw: LoLDUConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "bone": (lambda **kw: BoneConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "bone_bat": (lambda **kw: BoneConfig(r=2, init_weights="bat", target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "lora_xs": (lambda **kw: LoRAXSConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "lora_sb": (lambda **kw: LoRASBConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "shira": (lambda **kw: SHiRAConfig(r=1, random_seed=0, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+}
+ON_META = ["lora", "lora_conv", "dylora", "block_lora", "bone", "bone_bat", "shira"]  # no decomposition of W at init
+DROPOUT = {"lora": "lora_dropout", "dylora": "lora_dropout", "block_lora": "lora_dropout", "bone": "miss_dropout",
+           "lora_xs": "lora_dropout", "lora_sb": "lora_dropout"}
+
+
+def _build(name, dtype=torch.float32, device=None, **kw):
+    config, layer, shape = CASES[name]
+    torch.manual_seed(0)
+    base = layer().to(dtype) if device is None else layer().to_empty(device=device)
+    model = lorakit.apply(nn.Sequential(base), config(**kw))
+    if device is None:
+        perturb_(model)
+    return base, model, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+
+def _merged(base, model, x):
+    """The base layer's function with W + delta."""
+    delta = lorakit.AdapterState.from_model(model).delta("0", base.weight.detach())
+    if isinstance(base, nn.Conv2d):
+        return F.conv2d(x, base.weight + delta, base.bias, base.stride, base.padding)
+    return F.linear(x, base.weight + delta, base.bias)
+
+
+def _adapter_tensors(model):
+    return dict(lorakit.adapters(model)["0"].adapter_tensors())
+
+
+@pytest.mark.parametrize("name", ON_META)
+def test_adapter_is_built_on_the_base_layers_device(name):
+    """Catches: the factors created on the default device instead of the base weight's."""
+    _, model, _ = _build(name, device="meta")
+    assert {t.device.type for t in _adapter_tensors(model).values()} == {"meta"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_float64_base_gets_float64_adapter_tensors(name):
+    """Catches: adapter tensors built in torch's default dtype (float32) instead of the base's."""
+    base, model, x = _build(name, torch.float64)
+    tensors = _adapter_tensors(model)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float64}
+    out = model(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _merged(base, model, x.double()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_base_computes_in_float32_and_returns_bf16(name):
+    """Catches: the input not cast to the adapter's dtype (a dtype error), or the update not cast back."""
+    base, model, x = _build(name, torch.bfloat16)
+    assert {t.dtype for t in _adapter_tensors(model).values() if t.is_floating_point()} == {torch.float32}
+    out = model(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    full = _merged(base.float(), model, x.to(torch.bfloat16).float())
+    torch.testing.assert_close(out.float(), full, rtol=0.03, atol=0.03)
+
+
+@pytest.mark.parametrize("name", list(DROPOUT))
+def test_dropout_acts_in_training_only(name):
+    """Catches: dropout never built for p > 0 (the condition inverted or moved), or applied in eval."""
+    base, model, x = _build(name, **{DROPOUT[name]: 0.5})
+    x = torch.randn(64, x.shape[-1], generator=torch.Generator().manual_seed(2))
+    model.eval()
+    torch.testing.assert_close(model(x), _merged(base, model, x))
+    model.train()
+    assert not torch.allclose(model(x), _merged(base, model, x))
+    _, plain, _ = _build(name)
+    plain.train()
+    torch.testing.assert_close(plain(x), _merged(plain[0].base_layer, plain, x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_adapter_knows_its_module_path(name):
+    """The path names the module in the layer's errors and in the printed model (catches: the path not handed
+    on to the Adapter base class)."""
+    _, model, _ = _build(name)
+    adapter = lorakit.adapters(model)["0"]
+    assert adapter.module_path == "0" and "path='0'" in repr(adapter)
