@@ -21,6 +21,7 @@ T = ["0"]
 # name -> (config, base layer, input); dropout cases take the config's dropout field
 CASES = {
     "lora": (lambda **kw: lorakit.LoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "lora_embedding": (lambda **kw: lorakit.LoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Embedding(10, 6), None),
     "lora_conv": (lambda **kw: lorakit.LoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Conv2d(3, 4, 3), (1, 3, 6, 6)),
     "dylora": (lambda **kw: DyLoRAConfig(r=4, active_rank=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "block_lora": (lambda **kw: BlockLoRAConfig(r=2, block_num=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
@@ -31,7 +32,7 @@ CASES = {
     "lora_sb": (lambda **kw: LoRASBConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "shira": (lambda **kw: SHiRAConfig(r=1, random_seed=0, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
 }
-ON_META = ["lora", "lora_conv", "dylora", "block_lora", "bone", "bone_bat", "shira"]  # no decomposition of W at init
+ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "bone", "bone_bat", "shira"]  # no decomposition of W at init
 DROPOUT = {"lora": "lora_dropout", "dylora": "lora_dropout", "block_lora": "lora_dropout", "bone": "miss_dropout",
            "lora_xs": "lora_dropout", "lora_sb": "lora_dropout"}
 
@@ -43,12 +44,15 @@ def _build(name, dtype=torch.float32, device=None, **kw):
     model = lorakit.apply(nn.Sequential(base), config(**kw))
     if device is None:
         perturb_(model)
-    return base, model, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 4, 9], [0, 4, 2]])
+    return base, model, ids if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
 
 def _merged(base, model, x):
     """The base layer's function with W + delta."""
     delta = lorakit.AdapterState.from_model(model).delta("0", base.weight.detach())
+    if isinstance(base, nn.Embedding):
+        return F.embedding(x, base.weight + delta)
     if isinstance(base, nn.Conv2d):
         return F.conv2d(x, base.weight + delta, base.bias, base.stride, base.padding)
     return F.linear(x, base.weight + delta, base.bias)
@@ -71,9 +75,10 @@ def test_float64_base_gets_float64_adapter_tensors(name):
     base, model, x = _build(name, torch.float64)
     tensors = _adapter_tensors(model)
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float64}
-    out = model(x.double())
+    x = x.double() if x.is_floating_point() else x
+    out = model(x)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, _merged(base, model, x.double()))
+    torch.testing.assert_close(out, _merged(base, model, x))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -81,9 +86,10 @@ def test_bf16_base_computes_in_float32_and_returns_bf16(name):
     """Catches: the input not cast to the adapter's dtype (a dtype error), or the update not cast back."""
     base, model, x = _build(name, torch.bfloat16)
     assert {t.dtype for t in _adapter_tensors(model).values() if t.is_floating_point()} == {torch.float32}
-    out = model(x.to(torch.bfloat16))
+    half = x.to(torch.bfloat16) if x.is_floating_point() else x
+    out = model(half)
     assert out.dtype == torch.bfloat16
-    full = _merged(base.float(), model, x.to(torch.bfloat16).float())
+    full = _merged(base.float(), model, half.float() if x.is_floating_point() else x)
     torch.testing.assert_close(out.float(), full, rtol=0.03, atol=0.03)
 
 

@@ -131,3 +131,8 @@ def test_sparse_embedding_trains_like_a_dense_one():
     assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) == 2
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+def test_grouped_convolution_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^module '0': LoRA on grouped convolutions \(groups=2\) is not supported$"):
+        lorakit.apply(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), lorakit.LoRAConfig(r=2, target_modules=["0"]))
