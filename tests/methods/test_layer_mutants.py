@@ -2,6 +2,8 @@
 factors built on the base's device (the meta device, as for deferred initialisation) and in its dtype (float64),
 float32 factors over a bf16 base with the base's dtype handed back, and dropout on the adapter's input in
 training only. Each case is a one-layer model; the reference is the base layer with W + delta."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,8 +67,11 @@ def _adapter_tensors(model):
 @pytest.mark.parametrize("name", ON_META)
 def test_adapter_is_built_on_the_base_layers_device(name):
     """Catches: the factors created on the default device instead of the base weight's."""
-    _, model, _ = _build(name, device="meta")
+    base, model, _ = _build(name, device="meta")
     assert {t.device.type for t in _adapter_tensors(model).values()} == {"meta"}
+    adapter = lorakit.adapters(model)["0"]
+    delta = type(adapter).delta(_adapter_tensors(model), adapter.config, base.weight)
+    assert delta.device.type == "meta" and delta.shape == base.weight.shape
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -114,3 +119,29 @@ def test_adapter_knows_its_module_path(name):
     _, model, _ = _build(name)
     adapter = lorakit.adapters(model)["0"]
     assert adapter.module_path == "0" and "path='0'" in repr(adapter)
+
+
+@pytest.mark.parametrize("name", ["lora", "dylora", "block_lora", "loldu", "lora_xs", "lora_sb"])
+def test_rank_one_adapts(name):
+    """Catches: a rank-1 adapter treated as an empty one (the base output returned)."""
+    config, layer, shape = CASES[name]
+    base = layer()
+    kw = {"active_rank": 1} if name == "dylora" else {}
+    model = lorakit.apply(nn.Sequential(base), dataclasses.replace(config(), r=1, **kw))
+    perturb_(model)
+    x = torch.randn(shape)
+    out = model(x)
+    assert not torch.allclose(out, base(x))
+    torch.testing.assert_close(out, _merged(base, model, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bone", "shira"])
+def test_delta_without_the_base_weight_is_refused(name):
+    """These updates take their shape from the base weight; delta(..., None) says so."""
+    _, model, _ = _build(name)
+    adapter = lorakit.adapters(model)["0"]
+    want = {"bone": "Bone's update takes its shape (and, for 'bat', its values) from the base weight; pass base_weight",
+            "shira": "SHiRA's ΔW takes its shape from the base weight: pass base_weight"}[name]
+    with pytest.raises(ValueError) as err:
+        type(adapter).delta(_adapter_tensors(model), adapter.config, None)
+    assert str(err.value) == want
