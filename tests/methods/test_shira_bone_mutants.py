@@ -63,3 +63,13 @@ def test_index_pairs_are_exact_past_float32_integers():
     pairs = _as_pairs(flat, in_f)
     assert pairs.dtype == torch.int32
     assert pairs.tolist() == [[4095, 4095, 0, 1], [4096, 4096, 5, 0]]
+
+
+def test_bone_init_false_draws_kaiming_uniform_with_a_sqrt5():
+    """init_weights=False: M ~ U(-1/sqrt(out), 1/sqrt(out)), nn.Linear's Kaiming-uniform with a = sqrt(5) on the
+    [r, out] block (as PEFT). Catches: another slope a, hence another bound."""
+    torch.manual_seed(0)
+    model = lorakit.apply(nn.Sequential(nn.Linear(64, 64)), BoneConfig(r=8, init_weights=False, target_modules=["0"]))
+    block = lorakit.adapters(model)["0"].miss_block.detach()
+    bound = 1 / 64 ** 0.5
+    assert 0.95 * bound < block.abs().max() <= bound
