@@ -40,12 +40,13 @@ def _shira_state(dtype=torch.float32):
 
 def test_switch_into_a_bf16_layer_casts_the_values():
     """Catches: float32 values added into a bf16 weight without a cast (index_add_ refuses mixed dtypes)."""
+    torch.manual_seed(0)
     state = _shira_state()
     target = nn.Sequential(nn.Linear(8, 6)).to(torch.bfloat16)
     before = target[0].weight.detach().clone()
     saved = switch_in(target, state, scale=0.5)
-    want = (before.float() + 0.5 * state.delta("0", before)).to(torch.bfloat16)
-    torch.testing.assert_close(target[0].weight.detach(), want)
+    want = before + (0.5 * state.delta("0", before)).to(torch.bfloat16)  # each entry: one bf16 addition
+    torch.testing.assert_close(target[0].weight.detach(), want, rtol=0, atol=0)
     switch_out(target, saved)
     assert torch.equal(target[0].weight.detach(), before)
 
