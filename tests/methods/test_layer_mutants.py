@@ -16,6 +16,8 @@ from lorakit.methods.dylora import DyLoRAConfig
 from lorakit.methods.loldu import LoLDUConfig
 from lorakit.methods.lora_sb import LoRASBConfig
 from lorakit.methods.lora_xs import LoRAXSConfig
+from lorakit.methods.nola import NOLAConfig
+from lorakit.methods.randlora import RandLoRAConfig
 from lorakit.methods.shira import SHiRAConfig
 from lorakit.testing import perturb_
 
@@ -33,10 +35,12 @@ CASES = {
     "lora_xs": (lambda **kw: LoRAXSConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "lora_sb": (lambda **kw: LoRASBConfig(r=3, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "shira": (lambda **kw: SHiRAConfig(r=1, random_seed=0, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "nola": (lambda **kw: NOLAConfig(r=2, num_basis_A=8, num_basis_B=8, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "randlora": (lambda **kw: RandLoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
 }
-ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "loldu", "bone", "bone_bat", "lora_xs", "lora_sb", "shira"]
+ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "loldu", "bone", "bone_bat", "lora_xs", "lora_sb", "shira", "randlora"]  # not nola: its key is read with .item()
 DROPOUT = {"lora": "lora_dropout", "dylora": "lora_dropout", "block_lora": "lora_dropout", "bone": "miss_dropout",
-           "lora_xs": "lora_dropout", "lora_sb": "lora_dropout"}
+           "lora_xs": "lora_dropout", "lora_sb": "lora_dropout", "nola": "lora_dropout", "randlora": "randlora_dropout"}
 
 
 def _build(name, dtype=torch.float32, device=None, **kw):
@@ -136,13 +140,14 @@ def test_rank_one_adapts(name):
     torch.testing.assert_close(out, _merged(base, model, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["bone", "shira"])
+@pytest.mark.parametrize("name", ["bone", "shira", "randlora"])
 def test_delta_without_the_base_weight_is_refused(name):
     """These updates take their shape from the base weight; delta(..., None) says so."""
     _, model, _ = _build(name)
     adapter = lorakit.adapters(model)["0"]
     want = {"bone": "Bone's update takes its shape (and, for 'bat', its values) from the base weight; pass base_weight",
-            "shira": "SHiRA's ΔW takes its shape from the base weight: pass base_weight"}[name]
+            "shira": "SHiRA's ΔW takes its shape from the base weight: pass base_weight",
+            "randlora": "RandLoRA slices its shared bases by the layer's shape: pass base_weight"}[name]
     with pytest.raises(ValueError) as err:
         type(adapter).delta(_adapter_tensors(model), adapter.config, None)
     assert str(err.value) == want
