@@ -37,6 +37,8 @@ CASES = {
     "shira": (lambda **kw: SHiRAConfig(r=1, random_seed=0, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "nola": (lambda **kw: NOLAConfig(r=2, num_basis_A=8, num_basis_B=8, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "randlora": (lambda **kw: RandLoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "randlora_saved": (lambda **kw: RandLoRAConfig(r=2, save_projection=True, target_modules=T, **kw),
+                       lambda: nn.Linear(8, 6), (3, 8)),
 }
 ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "loldu", "bone", "bone_bat", "lora_xs", "lora_sb", "shira", "randlora"]  # not nola: its key is read with .item()
 DROPOUT = {"lora": "lora_dropout", "dylora": "lora_dropout", "block_lora": "lora_dropout", "bone": "miss_dropout",

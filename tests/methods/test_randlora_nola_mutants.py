@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.methods.randlora import RandLoRAConfig, shared_bases
+from lorakit.methods.randlora import RandLoRAConfig, RandLoRALinear, shared_bases
 from lorakit.testing import perturb_
 
 
@@ -32,3 +33,23 @@ def test_bases_of_an_unapplied_config_are_refused_by_name():
         shared_bases(RandLoRAConfig(r=2), torch.device("cpu"), torch.float32)
     assert str(err.value) == ("RandLoRA's bases are sized from the model: apply the config to a model "
                               "(lorakit.apply / load_peft)")
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_largest_shape_is_the_elementwise_max_of_out_and_in(conv1d):
+    """Conv1D stores [in, out]; the bases are sized by [max out, max in] over the targeted layers (as PEFT).
+    Catches: a layer's shape read in the wrong orientation, or one max taken over the wrong axis."""
+    # (out 6, in 8) and (out 10, in 4); Conv1D(nf=out, nx=in) stores [in, out]
+    layers = [Conv1D(6, 8), Conv1D(10, 4)] if conv1d else [nn.Linear(8, 6), nn.Linear(4, 10)]
+    model = lorakit.apply(nn.Sequential(*layers), RandLoRAConfig(r=2, target_modules=["0", "1"], fan_in_fan_out=conv1d))
+    assert list(lorakit.adapters(model)["0"].config.largest_shape) == [10, 8]
+
+
+def test_a_layer_built_directly_sizes_its_bases_from_itself():
+    """RandLoRALinear(layer, config) without apply: the config's largest_shape comes from this layer."""
+    layer = RandLoRALinear(nn.Linear(8, 6), RandLoRAConfig(r=2), "x")
+    assert list(layer.config.largest_shape) == [6, 8]
+    perturb_(layer)
+    x = torch.randn(3, 8)
+    delta = RandLoRALinear.delta(dict(layer.adapter_tensors()), layer.config, layer.base_layer.weight.detach())
+    torch.testing.assert_close(layer(x), F.linear(x, layer.base_layer.weight + delta, layer.base_layer.bias))
