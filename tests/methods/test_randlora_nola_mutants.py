@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
+from lorakit.methods.nola import NOLAConfig, _draw, nola_factors
 from lorakit.methods.randlora import RandLoRAConfig, RandLoRALinear, shared_bases
 from lorakit.testing import perturb_
 
@@ -53,3 +54,13 @@ def test_a_layer_built_directly_sizes_its_bases_from_itself():
     x = torch.randn(3, 8)
     delta = RandLoRALinear.delta(dict(layer.adapter_tensors()), layer.config, layer.base_layer.weight.detach())
     torch.testing.assert_close(layer(x), F.linear(x, layer.base_layer.weight + delta, layer.base_layer.bias))
+
+
+def test_nola_fixed_a0_is_the_stream_zero_draw_at_linears_bound():
+    """With α = 0, A is A0 = U(-1, 1)(seed, stream 0) / sqrt(in), nn.Linear's bound, apart from the α bases
+    (stream 1). Files store only the coefficients and the seed, so this draw must not change. Catches: another
+    stream or scale."""
+    tensors = {"nola_alpha": torch.zeros(5), "nola_beta": torch.zeros(4), "nola_key": torch.tensor([17, 6, 16])}
+    a, b = nola_factors(tensors, NOLAConfig(r=3, num_basis_A=5, num_basis_B=4))
+    torch.testing.assert_close(a, _draw(17, 0, (3, 16), a) / 4.0)
+    assert a.abs().max() <= 0.25 and a.abs().max() > 0.2 and torch.count_nonzero(b) == 0
