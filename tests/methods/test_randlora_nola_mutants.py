@@ -64,3 +64,21 @@ def test_nola_fixed_a0_is_the_stream_zero_draw_at_linears_bound():
     a, b = nola_factors(tensors, NOLAConfig(r=3, num_basis_A=5, num_basis_B=4))
     torch.testing.assert_close(a, _draw(17, 0, (3, 16), a) / 4.0)
     assert a.abs().max() <= 0.25 and a.abs().max() > 0.2 and torch.count_nonzero(b) == 0
+
+
+def test_nola_factors_follow_the_stored_recipe():
+    """A file holds (α, β, seed, out, in) only: A = A0 + Σ α_i A_i / sqrt(k), B = Σ β_j B_j / sqrt(l), every draw
+    U(-1, 1) from torch.Generator().manual_seed(3·seed + stream), stream 0 for A0, 1 for the A_i, 2 for the B_j.
+    Written out here independently; catches any change to the generator, the range, the streams or the signs."""
+    g = torch.Generator().manual_seed(1)
+    alpha, beta = torch.randn(5, generator=g), torch.randn(4, generator=g)
+    a, b = nola_factors({"nola_alpha": alpha, "nola_beta": beta, "nola_key": torch.tensor([11, 6, 16])},
+                        NOLAConfig(r=3, num_basis_A=5, num_basis_B=4))
+
+    def uniform(stream, shape):
+        return torch.rand(shape, generator=torch.Generator().manual_seed(3 * 11 + stream)) * 2 - 1
+
+    want_a = uniform(0, (3, 16)) / 4.0 + torch.einsum("k,kij->ij", alpha, uniform(1, (5, 3, 16))) / 5 ** 0.5
+    want_b = torch.einsum("k,kij->ij", beta, uniform(2, (4, 6, 3))) / 2.0
+    torch.testing.assert_close(a, want_a)
+    torch.testing.assert_close(b, want_b)
