@@ -82,3 +82,15 @@ def test_nola_factors_follow_the_stored_recipe():
     want_b = torch.einsum("k,kij->ij", beta, uniform(2, (4, 6, 3))) / 2.0
     torch.testing.assert_close(a, want_a)
     torch.testing.assert_close(b, want_b)
+
+
+def test_nola_layer_seed_derivation():
+    """Each layer's seed is (nola_seed · 1,000,003 + crc32(path)) mod 2^40, so one config gives the same adapter
+    everywhere; pinned with a nola_seed whose product passes 2^40."""
+    import zlib
+
+    seed = 2**31 - 1
+    model = lorakit.apply(nn.Sequential(nn.Linear(4, 3)), NOLAConfig(r=2, num_basis_A=4, num_basis_B=4, nola_seed=seed,
+                                                                     target_modules=["0"]))
+    key = lorakit.adapters(model)["0"].nola_key.tolist()
+    assert key == [(seed * 1_000_003 + zlib.crc32(b"0")) % 2**40, 3, 4]
