@@ -13,6 +13,7 @@ import lorakit
 from lorakit.methods.block_lora import BlockLoRAConfig
 from lorakit.methods.bone import BoneConfig
 from lorakit.methods.dylora import DyLoRAConfig
+from lorakit.methods.ffa_lora import FFALoRAConfig
 from lorakit.methods.loldu import LoLDUConfig
 from lorakit.methods.lora_sb import LoRASBConfig
 from lorakit.methods.lora_xs import LoRAXSConfig
@@ -37,12 +38,15 @@ CASES = {
     "shira": (lambda **kw: SHiRAConfig(r=1, random_seed=0, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "nola": (lambda **kw: NOLAConfig(r=2, num_basis_A=8, num_basis_B=8, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "randlora": (lambda **kw: RandLoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "dora": (lambda **kw: lorakit.DoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
+    "ffa_lora": (lambda **kw: FFALoRAConfig(r=2, target_modules=T, **kw), lambda: nn.Linear(8, 6), (3, 8)),
     "randlora_saved": (lambda **kw: RandLoRAConfig(r=2, save_projection=True, target_modules=T, **kw),
                        lambda: nn.Linear(8, 6), (3, 8)),
 }
-ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "loldu", "bone", "bone_bat", "lora_xs", "lora_sb", "shira", "nola", "randlora"]
+ON_META = ["lora", "lora_embedding", "lora_conv", "dylora", "block_lora", "loldu", "bone", "bone_bat", "lora_xs", "lora_sb", "shira", "nola", "randlora", "dora", "ffa_lora"]
 DROPOUT = {"lora": "lora_dropout", "dylora": "lora_dropout", "block_lora": "lora_dropout", "bone": "miss_dropout",
-           "lora_xs": "lora_dropout", "lora_sb": "lora_dropout", "nola": "lora_dropout", "randlora": "randlora_dropout"}
+           "lora_xs": "lora_dropout", "lora_sb": "lora_dropout", "nola": "lora_dropout", "randlora": "randlora_dropout",
+           "dora": "lora_dropout", "ffa_lora": "lora_dropout"}
 
 
 def _build(name, dtype=torch.float32, device=None, **kw):
