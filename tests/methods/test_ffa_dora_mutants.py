@@ -1,0 +1,39 @@
+"""FFA-LoRA's frozen A is a recipe every client regenerates (pinned here, written out independently), and its
+refusal names the module."""
+import math
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.methods.ffa_lora import FFALoRAConfig, frozen_a
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", "Gaussian"])
+def test_frozen_a_recipe(init):
+    """A = U(-1/sqrt(in), 1/sqrt(in)) (or N(0, 1)/r for 'gaussian') from torch.Generator seeded with
+    crc32('<ffa_seed>/<module path>'). Catches: another seed, path, range or scale (clients would disagree)."""
+    config = FFALoRAConfig(r=3, ffa_seed=7, init_lora_weights=init)
+    a = frozen_a(config, "layers.0.q", 16)
+    g = torch.Generator().manual_seed(zlib.crc32(b"7/layers.0.q"))
+    if init is True:
+        want = torch.rand(3, 16, generator=g) * (2 / math.sqrt(16)) - 1 / math.sqrt(16)
+    else:
+        want = torch.randn(3, 16, generator=g) / 3
+    torch.testing.assert_close(a, want)
+
+
+def test_frozen_a_is_in_the_adapter_and_b_starts_at_zero():
+    model = lorakit.apply(nn.Sequential(nn.Linear(16, 4)), FFALoRAConfig(r=3, ffa_seed=7, target_modules=["0"]))
+    layer = lorakit.adapters(model)["0"]
+    torch.testing.assert_close(layer.lora_A.weight, frozen_a(layer.config, "0", 16))
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+def test_unsupported_init_is_refused_by_module():
+    with pytest.raises(ValueError) as err:
+        lorakit.apply(nn.Sequential(nn.Linear(4, 4)), FFALoRAConfig(r=2, init_lora_weights="pissa", target_modules=["0"]))
+    assert str(err.value) == ("module '0': FFA-LoRA supports init_lora_weights True, False or 'gaussian', "
+                              "found 'pissa'")
