@@ -37,3 +37,20 @@ def test_unsupported_init_is_refused_by_module():
         lorakit.apply(nn.Sequential(nn.Linear(4, 4)), FFALoRAConfig(r=2, init_lora_weights="pissa", target_modules=["0"]))
     assert str(err.value) == ("module '0': FFA-LoRA supports init_lora_weights True, False or 'gaussian', "
                               "found 'pissa'")
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "GAUSSIAN"])
+def test_supported_inits_are_accepted(init):
+    """Catches: False or 'gaussian' (any case) refused."""
+    model = lorakit.apply(nn.Sequential(nn.Linear(8, 4)), FFALoRAConfig(r=2, init_lora_weights=init, target_modules=["0"]))
+    layer = lorakit.adapters(model)["0"]
+    torch.testing.assert_close(layer.lora_A.weight, frozen_a(layer.config, "0", 8))
+
+
+def test_reset_parameters_regenerates_a_in_place():
+    model = lorakit.apply(nn.Sequential(nn.Linear(8, 4)), FFALoRAConfig(r=2, target_modules=["0"]))
+    layer = lorakit.adapters(model)["0"]
+    with torch.no_grad():
+        layer.lora_A.weight.mul_(3)
+    layer.reset_parameters()
+    torch.testing.assert_close(layer.lora_A.weight, frozen_a(layer.config, "0", 8))

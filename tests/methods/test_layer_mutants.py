@@ -134,7 +134,7 @@ def test_adapter_knows_its_module_path(name):
     assert adapter.module_path == "0" and "path='0'" in repr(adapter)
 
 
-@pytest.mark.parametrize("name", ["lora", "dylora", "block_lora", "loldu", "lora_xs", "lora_sb"])
+@pytest.mark.parametrize("name", ["lora", "dylora", "block_lora", "loldu", "lora_xs", "lora_sb", "dora"])
 def test_rank_one_adapts(name):
     """Catches: a rank-1 adapter treated as an empty one (the base output returned)."""
     config, layer, shape = CASES[name]
@@ -148,14 +148,15 @@ def test_rank_one_adapts(name):
     torch.testing.assert_close(out, _merged(base, model, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["bone", "shira", "randlora"])
+@pytest.mark.parametrize("name", ["bone", "shira", "randlora", "dora"])
 def test_delta_without_the_base_weight_is_refused(name):
     """These updates take their shape from the base weight; delta(..., None) says so."""
     _, model, _ = _build(name)
     adapter = lorakit.adapters(model)["0"]
     want = {"bone": "Bone's update takes its shape (and, for 'bat', its values) from the base weight; pass base_weight",
             "shira": "SHiRA's ΔW takes its shape from the base weight: pass base_weight",
-            "randlora": "RandLoRA slices its shared bases by the layer's shape: pass base_weight"}[name]
+            "randlora": "RandLoRA slices its shared bases by the layer's shape: pass base_weight",
+            "dora": "DoRA's update depends on the base weight: pass base_weight"}[name]
     with pytest.raises(ValueError) as err:
         type(adapter).delta(_adapter_tensors(model), adapter.config, None)
     assert str(err.value) == want
