@@ -1,5 +1,5 @@
 """FFA-LoRA's frozen A is a recipe every client regenerates (pinned here, written out independently), and its
-refusal names the module."""
+refusal names the module; DoRA's forward with dropout active, and its magnitude reset in place."""
 import math
 import zlib
 
@@ -9,6 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit.methods.ffa_lora import FFALoRAConfig, frozen_a
+from lorakit.testing import perturb_
 
 
 @pytest.mark.parametrize("init", [True, "gaussian", "Gaussian"])
@@ -54,3 +55,46 @@ def test_reset_parameters_regenerates_a_in_place():
         layer.lora_A.weight.mul_(3)
     layer.reset_parameters()
     torch.testing.assert_close(layer.lora_A.weight, frozen_a(layer.config, "0", 8))
+
+
+class _FixedMask(nn.Module):
+    """A dropout stand-in with a known mask (inverted-dropout scaling by 2)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask * 2
+
+
+def test_dora_with_dropout_in_training_matches_peft_form():
+    """With dropout active the update sees the dropped input x_d, the base output the full one (PEFT's form):
+    y = W x + b + g (W x_d + s B A x_d) − W x_d, g = m / |W + s B A| per output. Catches any slip in that path."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    model = lorakit.apply(nn.Sequential(base), lorakit.DoRAConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["0"]))
+    perturb_(model)
+    layer = lorakit.adapters(model)["0"]
+    mask = (torch.arange(8) % 3 != 0).float()
+    layer.lora_dropout = _FixedMask(mask)
+    model.train()
+    x = torch.randn(5, 8)
+    xd = x * mask * 2
+    w, s = base.weight.detach(), layer.scaling
+    ba = (layer.lora_B.weight @ layer.lora_A.weight).detach()
+    g = layer.lora_magnitude_vector.detach() / (w + s * ba).norm(dim=1)
+    want = base(x) + g * (xd @ w.T + s * xd @ ba.T) - xd @ w.T
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_reset_keeps_the_magnitude_parameter():
+    """A second reset rewrites the magnitude in place (an optimiser holding it keeps working)."""
+    model = lorakit.apply(nn.Sequential(nn.Linear(8, 6)), lorakit.DoRAConfig(r=2, target_modules=["0"]))
+    layer = lorakit.adapters(model)["0"]
+    magnitude = layer.lora_magnitude_vector
+    with torch.no_grad():
+        magnitude.mul_(3)
+    layer.reset_parameters()
+    assert layer.lora_magnitude_vector is magnitude
+    torch.testing.assert_close(magnitude.detach(), layer.base_layer.weight.detach().norm(dim=1))
