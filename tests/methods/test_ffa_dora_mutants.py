@@ -98,3 +98,19 @@ def test_dora_reset_keeps_the_magnitude_parameter():
     layer.reset_parameters()
     assert layer.lora_magnitude_vector is magnitude
     torch.testing.assert_close(magnitude.detach(), layer.base_layer.weight.detach().norm(dim=1))
+
+
+def test_dora_with_dropout_over_a_bf16_base_returns_bf16():
+    """Catches: the base weight not cast to the float32 input in the dropout path, or the output not cast back."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6).to(torch.bfloat16)
+    model = lorakit.apply(nn.Sequential(base), lorakit.DoRAConfig(r=2, lora_dropout=0.5, target_modules=["0"]))
+    perturb_(model)
+    layer = lorakit.adapters(model)["0"]
+    layer.lora_dropout = _FixedMask(torch.ones(8) / 2)  # keeps every input: the same function as without dropout
+    model.train()
+    x = torch.randn(5, 8).to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    model.eval()
+    torch.testing.assert_close(out.float(), model(x).float(), rtol=0.02, atol=0.02)
