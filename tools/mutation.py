@@ -2,7 +2,7 @@
 
     python tools/mutation.py merging [--max-children 1]     # one package
     python tools/mutation.py all                            # every package, one after the other
-    python tools/mutation.py merging --rerun                # the last run's survivors only, with the current tests
+    python tools/mutation.py merging --rerun                # the last run's survivors (and every mutant of a function changed since) with the current tests
     python tools/mutation.py init --files src/lorakit/init/eva.py   # one file afresh; the other files' results are kept
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
@@ -121,6 +121,47 @@ def _prepare(package: str) -> Path:
     return work
 
 
+def _refresh(work: Path) -> None:
+    """The current src/ and tests/ in a kept work folder; mutmut makes new mutants of source files changed since."""
+    shutil.copytree(ROOT / "src", work / "src", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # copy2 keeps unchanged files' times
+    shutil.rmtree(work / "tests")
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _changed_functions(work: Path, patterns: list[str]) -> list[str]:
+    """Mutant-name globs of the package's functions whose source differs from the work folder's copy (a fix since)."""
+    import ast
+
+    def functions(text: str) -> dict[str, str]:
+        out = {}
+        for node in ast.parse(text).body:
+            for inner, cls in ([(node, None)] if not isinstance(node, ast.ClassDef)
+                               else [(n, node.name) for n in node.body]):
+                if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"xǁ{cls}ǁ{inner.name}" if cls else f"x_{inner.name}"] = ast.dump(inner)
+        return out
+
+    found = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        rel, copy = str(path.relative_to(ROOT)), work / path.relative_to(ROOT)
+        if any(fnmatch.fnmatch(rel, p) for p in patterns) and copy.exists() and copy.read_bytes() != path.read_bytes():
+            old, new = functions(copy.read_text()), functions(path.read_text())
+            module = rel[4:-3].replace("/", ".")
+            found += [f"{module}.{name}*" for name, body in new.items() if old.get(name) != body]
+    return found
+
+
+def _unrun(work: Path, patterns: list[str]) -> list[str]:
+    """Mutants of the package's files in the work folder without a result (their function changed in an earlier run)."""
+    names = []
+    for meta in sorted((work / "mutants" / "src").rglob("*.py.meta")):
+        rel = str(meta.relative_to(work / "mutants").with_suffix(""))
+        if any(fnmatch.fnmatch(rel, p) for p in patterns):
+            names += [k for k, v in json.loads(meta.read_text())["exit_code_by_key"].items() if v is None]
+    return names
+
+
 def _configure(package: str, files: list[str] | None, tests: list[str] | None = None) -> None:
     from mutmut import configuration
 
@@ -203,14 +244,18 @@ def _keep_other_files(report: dict, old: dict) -> dict:
     rerun = set(report["mutated"])
     kept = [m for m in old["mutants"] if not any(fnmatch.fnmatch(m["file"], f) for f in rerun)]
     report["mutants"] = sorted(kept + report["mutants"], key=lambda m: (old["mutated"].index(m["file"])
-                                                                        if m["file"] in old["mutated"] else 0))
+                                                                        if m["file"] in old["mutated"] else len(old["mutated"])))
     report["counts"] = {}
     for m in report["mutants"]:
         report["counts"][m["status"]] = report["counts"].get(m["status"], 0) + 1
     report["earlier_survivors"] = {n: d for n, d in report["earlier_survivors"].items()
                                    if not any(n.startswith(f[4:-3].replace("/", ".") + ".") for f in rerun)}
-    report["mutated"] = old["mutated"]
-    report["rerun_seconds"], report["seconds"] = old.get("rerun_seconds", 0) + report["seconds"], old["seconds"]
+    first = [f for f in report["mutated"] if f not in old["mutated"]]
+    report["mutated"] = old["mutated"] + first
+    if first:  # the first run of these files: part of the package's full run time
+        report["seconds"], report["rerun_seconds"] = old["seconds"] + report["seconds"], old.get("rerun_seconds", 0)
+    else:
+        report["rerun_seconds"], report["seconds"] = old.get("rerun_seconds", 0) + report["seconds"], old["seconds"]
     return report
 
 
@@ -248,19 +293,36 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         explained = {n for n, v in notes.items() if isinstance(v, dict) and {"equivalent", "accepted"} & set(v)}
         again = [m["name"] for m in old["mutants"] if m["status"] not in ("killed", "timeout") and m["name"] not in explained
                  and fnmatch.fnmatch(m["name"], only or "*")]
-        shutil.rmtree(work / "tests")
-        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if not collect_only:  # functions changed since (a fix): all their mutants run again, with the new source
+            again += _changed_functions(work, files or PACKAGES[package][0]) + _unrun(work, files or PACKAGES[package][0])
+            _refresh(work)
+        mutate = files
+    elif files and (WORK / package / "mutants").exists() and previous.exists():  # more files: the work folder is kept
+        work = WORK / package
+        _refresh(work)
+        # mutmut overwrites the mutants of files it is not told to mutate with plain copies: name the earlier ones too
+        earlier = json.loads(previous.read_text())["mutated"]
+        mutate = earlier + [f for f in files if f not in earlier]
+        for copy in (work / "mutants" / "src").rglob("*.py"):  # plain copies of files mutated now for the first time
+            rel = str(copy.relative_to(work / "mutants"))
+            if any(fnmatch.fnmatch(rel, f) for f in files) and not copy.with_suffix(".py.meta").exists():
+                copy.unlink()
+        if mutate != earlier:  # which tests reach the new files' functions: mutmut records it in a full stats run only
+            (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     else:
         work = _prepare(package)
+        mutate = files
     os.chdir(work)
     os.environ.pop("PYTHONPATH", None)  # the mutated copy under mutants/src must be what the tests import
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != (ROOT / "src").resolve()]
     _patch_mutmut()
-    _configure(package, files, tests)
+    _configure(package, mutate, tests)
     from mutmut import __main__ as mm
 
     start = time.time()
     try:
+        if files and not rerun:  # the given files afresh, even where the work folder holds earlier results
+            again = [f[4:-3].replace("/", ".") + ".*" for f in files]
         if (not rerun or again) and not collect_only:
             mm._run(again, max_children)
     except SystemExit as e:

@@ -46,7 +46,7 @@ def _grads(model):
 
 
 def test_embedding_options_match_peft_forward_and_gradients(tmp_path):
-    """Catches: padding_idx, max_norm, norm_type, scale_grad_by_freq or sparse not passed to the lookup of A."""
+    """Catches: padding_idx, max_norm, norm_type or scale_grad_by_freq not passed to the lookup of A."""
     base, ours, theirs = _pair(["emb"], tmp_path=tmp_path)
     ids, image = _inputs()
     a, _ = ours(ids, image)

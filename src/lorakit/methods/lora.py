@@ -161,7 +161,8 @@ class LoRAEmbedding(LoRALayer):
         if self.disabled or self.r == 0:
             return result
         e = innermost(self.base_layer)  # another adapter's layer when the model carries several
-        after_a = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        # a dense lookup even over a sparse=True base: A's transpose cannot take a sparse gradient (PEFT fails there)
+        after_a = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq)
         update = after_a @ self.lora_embedding_B.T * self.scaling
         if self.embed_scale is not None:  # the base scales its lookup (Gemma 3, BART): ΔW merged into W is scaled too
             update = update * self.embed_scale.to(update.dtype)
