@@ -56,7 +56,8 @@ def train_loram(args: argparse.Namespace) -> int:
     model, tokenizer, task = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
     print(f"lorakit train: pruning a training copy of {args.model} ({config.ratio:.0%} of head groups and FFN channels, "
           f"{config.criterion}{', ' + args.quantize if args.quantize else ''})")
-    small, recovery = prune_for_training(model, config)
+    small, recovery = prune_for_training(model, config, inplace=True)  # the full base is not resident while training
+    del model
     apply(small, jobs.method_config("lora", args.rank, args.alpha, args.dropout, jobs._targets(args.targets), args.kind))
     splits = task.encode(tokenizer, args.max_length)
     out = Path(args.out)
@@ -65,6 +66,7 @@ def train_loram(args: argparse.Namespace) -> int:
                  output_dir=str(out), seed=args.seed)
     adapter = save_recovered(small, recovery, out / "adapter")
     del small
+    model = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)[0]
     load_recovered(model, adapter)
     test = evaluate(model, splits["test"], batch_size=64)
     summary = {"adapter": str(adapter), "method": "loram", "full_base_fingerprint": recovery.full_fingerprint,
