@@ -16,7 +16,8 @@ from .quantize import KINDS
 def add_train_arguments(p: argparse.ArgumentParser, plain_train) -> None:
     """``--quantize`` and the LoRAM options on ``lorakit train``; ``plain_train(args)`` runs the usual job."""
     p.add_argument("--quantize", choices=KINDS, default=None,
-                   help="train over a quantised base (QLoRA): nf4, fp4, int8 (bitsandbytes), torchao-int8, torchao-int4")
+                   help="train over a quantised base (QLoRA): nf4, fp4, int8 (bitsandbytes), torchao-int8, torchao-int4; "
+                        "with --bf16, QLoRA's set-up: bf16 compute and the rest of the base (embeddings, norms) in bf16")
     p.add_argument("--loram-ratio", type=float, default=0.5,
                    help="--method loram: fraction of head groups and FFN channels pruned in the training copy")
     p.add_argument("--loram-criterion", choices=["magnitude", "random"], default="magnitude")
@@ -25,13 +26,13 @@ def add_train_arguments(p: argparse.ArgumentParser, plain_train) -> None:
 
 def train(args: argparse.Namespace, plain_train) -> int:
     """Route ``lorakit train``: LoRAM, a quantised base, or the plain job."""
-    from .quantize import QuantizeConfig, check_available, quantize_
+    from .quantize import check_available, quantize_
 
     if args.method == "loram":
         return train_loram(args)
     if args.quantize is None:
         return plain_train(args)
-    config = QuantizeConfig(args.quantize)
+    config = quantize_config(args)
     check_available(config)  # before loading anything
     from .. import jobs
 
@@ -41,6 +42,17 @@ def train(args: argparse.Namespace, plain_train) -> int:
 
     jobs.train_job(args, prepare=prepare)
     return 0
+
+
+def quantize_config(args: argparse.Namespace):
+    """``--quantize KIND``; with ``--bf16`` the paper's set-up: bf16 compute, unquantised weights stored in bf16."""
+    import torch
+
+    from .quantize import QuantizeConfig
+
+    if not getattr(args, "bf16", False) or args.quantize.startswith("torchao"):
+        return QuantizeConfig(args.quantize)
+    return QuantizeConfig(args.quantize, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
 
 
 def train_loram(args: argparse.Namespace) -> int:
