@@ -47,8 +47,8 @@ def _splits():
     return task.num_labels, task.encode(tok, SETUP["max_length"])
 
 
-def _base(seed: int, labels: int):
-    return zoo.load(SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
+def _base(seed: int, labels: int, name: str = ""):
+    return zoo.load(name or SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
 
 
 def _lora(model):
@@ -96,8 +96,17 @@ def row_loram(seed, labels, splits, steps, ratio):
 
 # -- memory probes (module-level: they run in a forkserver child) -------------------------------------------
 def _prepare(model, kind: str):
-    """Quantise for the qlora kinds: ``qlora-nf4``, ``qlora-int8``; ``qlora-nf4-bf16`` also keeps the rest in bf16."""
-    if kind.startswith("qlora"):
+    """The base a memory row trains on. ``qlora-nf4``, ``qlora-int8``: linear layers quantised, the rest fp32;
+    ``qlora-nf4-bf16``: QLoRA's set-up (bf16 compute, embeddings and norms in bf16); ``lora-bf16``: the whole base
+    in bf16; ``loram-R``: R of the FFN channels and head groups pruned (in place); ``qloram-R``: pruned, then QLoRA's
+    set-up. A ``+gc`` suffix (gradient checkpointing) is handled by the caller."""
+    kind = kind.split("+")[0]
+    if kind.startswith(("loram", "qloram")):
+        model = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])), inplace=True)[0]
+        kind = "qlora-nf4-bf16" if kind.startswith("qloram") else "lora"
+    if kind == "lora-bf16":
+        model.to(torch.bfloat16)
+    elif kind.startswith("qlora"):
         bits = kind.split("-")[1]
         half = kind.endswith("-bf16")
         quantize_(model, QuantizeConfig(bits, compute_dtype=torch.bfloat16 if half else torch.float32,
@@ -114,16 +123,13 @@ def _imported(*args):
 
 
 def _train_peak(args):
-    """Load and prepare a model, drop what loading left behind, reset the peak, then train a few steps."""
-    kind, steps, labels = args
+    """Load and prepare a model, drop what loading left behind, reset the peak, then train a few steps.
+
+    ``args``: (kind, steps, labels) or (kind, steps, labels, model name); a ``+gc`` kind checkpoints gradients."""
+    kind, steps, labels, name = (tuple(args) + ("",))[:4]
     torch.manual_seed(0)
-    model = _base(0, labels)
-    _prepare(model, kind)
-    if kind.startswith("loram"):
-        model, _ = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])))
-    _lora(model)
-    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
-             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+    model = training_model(kind, labels, name)
+    batch = _random_batch(model, labels)
     opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -134,12 +140,26 @@ def _train_peak(args):
         opt.zero_grad(set_to_none=True)
 
 
-def _prune_step_setup(metric, labels):
+def training_model(kind: str, labels: int, name: str = ""):
+    """The base prepared for ``kind``, with LoRA, in training mode (gradient checkpointing for ``+gc``)."""
+    model = _lora(_prepare(_base(0, labels, name), kind)).train()
+    if kind.endswith("+gc"):
+        from lorakit.train.precision import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def _random_batch(model, labels: int) -> dict:
+    return {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
+            "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+
+
+def _prune_step_setup(metric, labels, name=""):
     torch.manual_seed(0)
-    model = _lora(_base(0, labels))
+    model = _lora(_base(0, labels, name))
     pruner = LoRAPrune(model, LoRAPruneConfig(metric=metric), 10) if metric != "none" else None
-    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
-             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+    batch = _random_batch(model, labels)
     model(**batch).loss.backward()  # a first step outside the measurement: lazy allocations happen here
     if pruner:
         pruner.update_scores()
@@ -154,13 +174,11 @@ def _prune_step_run(state):
         pruner.update_scores()
 
 
-def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5")) -> dict:
+def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"), name="") -> dict:
     """Bytes of every parameter and buffer (quantisation state included) of the model each row trains."""
     out = {}
     for kind in kinds:
-        model = _prepare(_base(0, labels), kind)
-        if kind.startswith("loram"):
-            model = prune_for_training(model, LoRAMConfig(ratio=0.5))[0]
+        model = _prepare(_base(0, labels, name), kind)
         total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
         for m in model.modules():  # bitsandbytes keeps scales outside the parameters
             state = getattr(getattr(m, "weight", None), "quant_state", None)
@@ -171,16 +189,60 @@ def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"))
     return out
 
 
-def memory(labels, quick) -> dict:
+TRAIN_KINDS = ("lora", "qlora-nf4", "qlora-int8", "loram-0.5")
+
+
+def memory(labels, quick, name="", kinds=TRAIN_KINDS, tensors=False) -> dict:
+    """Peak RSS of training each kind and of one pruning step per metric (child processes); with ``tensors`` also
+    the peak of live tensor bytes in a profiled step, split by category (``tensor_peak``)."""
     steps = 3 if quick else 5
-    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels)}
-    for kind in ("lora", "qlora-nf4", "qlora-int8", "loram-0.5"):
-        out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels)
+    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels, [k for k in kinds if "+" not in k], name)}
+    for kind in kinds:
+        out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 2 if name else steps, labels, name)
         print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
-    for metric in ("none", "lora", "grad", "magnitude"):
-        out["prune_step_rise"][metric] = peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels)
+        if tensors:
+            out.setdefault("tensor_peak", {})[kind] = in_child(tensor_peak, kind, labels, name)
+            print(f"  tensor peak {kind}: {out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
+    for metric in ("none", "lora", "grad", "magnitude"):  # MiniLM's rises are a few MiB: the median of 3 probes
+        out["prune_step_rise"][metric] = int(np.median([peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels,
+                                                                      name) for _ in range(1 if name else 3)]))
         print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
     return out
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh forkserver child (module-level ``fn``), so its allocations never mix with others."""
+    import concurrent.futures
+    import multiprocessing as mp
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def tensor_peak(kind: str, labels: int, name: str = "") -> dict:
+    """The peak of live tensor bytes during one training step (after a warm-up step), by the categories of
+    torch.profiler's memory timeline (parameters, activations, optimiser state, ...): where the peak goes."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = training_model(kind, labels, name)
+    batch = _random_batch(model, labels)
+    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    names = ["unknown"] + [c.name.lower() if c is not None else "uncategorised" for c in _CATEGORY_TO_INDEX]
+    at = max(sizes, key=sum)
+    return {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
 
 
 # -- timing -------------------------------------------------------------------------------------------------
@@ -229,8 +291,8 @@ def score_correlation(labels, splits) -> list[float]:
     return [spearman(lora.scores[b.path]["channels"], grad.scores[b.path]["channels"]) for b in lora.blocks]
 
 
-def add_memory(kind: str, quick: bool) -> None:
-    """Add one training-memory probe to the saved results and rewrite the page."""
+def redo_memory(quick: bool) -> None:
+    """Measure the MiniLM memory rows again (peak RSS and tensor peaks) into the saved results; rewrite the page."""
     from common import read_json
     from compression_report import write_page
 
@@ -238,12 +300,11 @@ def add_memory(kind: str, quick: bool) -> None:
     if result is None:
         raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
     labels = load_task(SETUP["task"], kind="classification").num_labels
-    result["memory"]["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 3 if quick else 5, labels)
-    result["memory"]["weights"].update({kind: weight_bytes(labels, [kind])[kind]})
-    result["commands_added"] = result.get("commands_added", []) + [command_line()]
+    start = time.time()
+    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",), tensors=True)
+    result["memory_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
     write_json(OUT / "compression.json", result)
     write_page(result, OUT)
-    print(f"{kind}: {result['memory']['train_peak'][kind] / 2**20:.0f} MiB")
 
 
 def measure_stages(labels, splits, quick, pruned_models) -> dict:
@@ -291,14 +352,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--add-memory", default=None, help="measure one more training-memory kind (e.g. qlora-nf4-bf16) "
-                    "and add it to the existing docs/benchmarks/compression.json")
     ap.add_argument("--stages-only", action="store_true", help="measure speed, memory and correlation only")
+    ap.add_argument("--memory-only", action="store_true", help="measure the memory rows again into compression.json")
     ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
                     help="write the page from the saved rows and stages (the wall time of the two passes)")
     args = ap.parse_args(argv)
-    if args.add_memory:
-        return add_memory(args.add_memory, args.quick)
+    if args.memory_only:
+        torch.set_num_threads(1)
+        return redo_memory(args.quick)
     if args.stages_only or args.assemble:
         torch.set_num_threads(1)
         steps = args.steps or (40 if args.quick else 150)
