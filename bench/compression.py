@@ -192,21 +192,28 @@ def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"),
 TRAIN_KINDS = ("lora", "qlora-nf4", "qlora-int8", "loram-0.5")
 
 
-def memory(labels, quick, name="", kinds=TRAIN_KINDS, tensors=False) -> dict:
+def memory(labels, quick, name="", kinds=TRAIN_KINDS, tensors=False, out=None, save=None) -> dict:
     """Peak RSS of training each kind and of one pruning step per metric (child processes); with ``tensors`` also
-    the peak of live tensor bytes in a profiled step, split by category (``tensor_peak``)."""
-    steps = 3 if quick else 5
-    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels, [k for k in kinds if "+" not in k], name)}
+    the peak of live tensor bytes in a profiled step, split by category (``tensor_peak``). Rows already in ``out``
+    are kept; ``save(out)`` runs after every probe (a killed run keeps what it measured)."""
+    steps = 2 if name else 3 if quick else 5
+    out = out or {"train_peak": {}, "prune_step_rise": {}}
+    if not name:  # resident bytes per kind (MiniLM only: each costs a model load)
+        out["weights"] = weight_bytes(labels, [k for k in kinds if "+" not in k], name)
     for kind in kinds:
-        out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 2 if name else steps, labels, name)
-        print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
-        if tensors:
-            out.setdefault("tensor_peak", {})[kind] = in_child(tensor_peak, kind, labels, name)
+        if kind not in out["train_peak"]:
+            out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels, name)
+            print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
+        if tensors and kind not in out.setdefault("tensor_peak", {}):
+            out["tensor_peak"][kind] = in_child(tensor_peak, kind, labels, name)
             print(f"  tensor peak {kind}: {out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
+        save and save(out)
     for metric in ("none", "lora", "grad", "magnitude"):  # MiniLM's rises are a few MiB: the median of 3 probes
-        out["prune_step_rise"][metric] = int(np.median([peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels,
-                                                                      name) for _ in range(1 if name else 3)]))
-        print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
+        if metric not in out["prune_step_rise"]:
+            out["prune_step_rise"][metric] = int(np.median([
+                peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels, name) for _ in range(1 if name else 3)]))
+            print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
+            save and save(out)
     return out
 
 

@@ -33,15 +33,18 @@ from lorakit.train import evaluate, fit  # noqa: E402
 
 NAME, LABELS = "gemma-270m", 3
 STAGES = ("memory", "time", "accuracy")
-MEMORY_KINDS = ("lora", "lora+gc", "lora-bf16", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16", "qlora-nf4-bf16+gc",
-                "loram-0.5", "qloram-0.5")
-TIME_KINDS = ("lora", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16", "lora+gc", "qlora-nf4-bf16+gc")
+MEMORY_KINDS = ("lora", "qlora-nf4-bf16", "lora+gc", "qlora-nf4-bf16+gc", "qlora-nf4", "qlora-int8", "loram-0.5",
+                "qloram-0.5")
+TIME_KINDS = ("lora", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16")
 ACCURACY_KINDS = ("lora", "qlora-nf4", "qlora-nf4-bf16")
 ACCURACY = dict(task="tweets", max_train=1000, max_eval=200, max_length=48, batch_size=8, lr=5e-4)
 
 
 def stage_memory(quick: bool) -> dict:
-    return c.memory(LABELS, quick, NAME, MEMORY_KINDS, tensors=True)
+    """Both memory measures per kind, and LoRAPrune's scoring step; continues a killed run from its saved rows."""
+    saved = (read_json(_part("memory")) or {}).get("memory")
+    return c.memory(LABELS, quick, NAME, MEMORY_KINDS, tensors=True, out=saved,
+                    save=lambda out: _save("memory", {"memory": out}))
 
 
 def stage_time(n: int) -> dict:
@@ -125,7 +128,7 @@ def main(argv=None) -> None:
     if args.stage == "memory":
         part = {"memory": stage_memory(args.quick)}
     elif args.stage == "time":
-        part = stage_time(3 if args.quick else 5)
+        part = stage_time(2 if args.quick else 3)
     else:
         part = stage_accuracy(list(range(args.seeds)), args.steps)
     part[f"{args.stage}_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}

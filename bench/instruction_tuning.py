@@ -36,7 +36,7 @@ from lorakit.train.generation import generation_metrics  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 TEMPLATE = ("What part of speech is the word this dictionary definition defines? Answer adj, adv, noun or verb.\n"
             "Definition: {text}\nAnswer:")
-SETUP = dict(task="wordnet-pos", max_train=2000, max_eval=100, max_length=64, batch_size=8, lr=1e-3, r=8, alpha=16,
+SETUP = dict(task="wordnet-pos", max_train=2000, max_eval=60, max_length=64, batch_size=8, lr=1e-3, r=8, alpha=16,
              targets="all-linear", max_new_tokens=6)
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 
@@ -118,8 +118,8 @@ def write_page(result: dict) -> str:
         "Per seed: " + "; ".join(f"seed {k}: loss {a['loss']:.3f}, exact {a['exact_match']:.2f}, F1 {a['token_f1']:.2f}, "
                                  f"train {a['train_s']} s" for k, a in result["after"].items()) + ".", "",
         "The same kind of run from the command line (plain `{text}\\nAnswer:` prompt): `lorakit train --model gemma-270m "
-        "--task wordnet-pos --kind causal_lm --targets all-linear --max-steps 60 --batch-size 8 --max-length 64 "
-        "--eval-generate 100 -o runs/gemma-pos`.", "",
+        "--task wordnet-pos --kind causal_lm --targets all-linear --max-steps 30 --batch-size 8 --max-length 64 "
+        "--eval-generate 60 -o runs/gemma-pos`.", "",
     ]
     (OUT / "instruction-tuning.md").write_text("\n".join(lines))
     return "\n".join(lines)
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-270m")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default=None, help="directory for the page and JSON (default docs/benchmarks)")
     args = ap.parse_args(argv)
     global OUT
