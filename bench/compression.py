@@ -122,24 +122,6 @@ def _imported(*args):
     return args
 
 
-def _train_peak(args):
-    """Load and prepare a model, drop what loading left behind, reset the peak, then train a few steps.
-
-    ``args``: (kind, steps, labels) or (kind, steps, labels, model name); a ``+gc`` kind checkpoints gradients."""
-    kind, steps, labels, name = (tuple(args) + ("",))[:4]
-    torch.manual_seed(0)
-    model = training_model(kind, labels, name)
-    batch = _random_batch(model, labels)
-    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: resident weights + training
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
 def training_model(kind: str, labels: int, name: str = ""):
     """The base prepared for ``kind``, with LoRA, in training mode (gradient checkpointing for ``+gc``)."""
     model = _lora(_prepare(_base(0, labels, name), kind)).train()
@@ -192,22 +174,28 @@ def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"),
 TRAIN_KINDS = ("lora", "qlora-nf4", "qlora-int8", "loram-0.5")
 
 
-def memory(labels, quick, name="", kinds=TRAIN_KINDS, tensors=False, out=None, save=None) -> dict:
-    """Peak RSS of training each kind and of one pruning step per metric (child processes); with ``tensors`` also
-    the peak of live tensor bytes in a profiled step, split by category (``tensor_peak``). Rows already in ``out``
-    are kept; ``save(out)`` runs after every probe (a killed run keeps what it measured)."""
-    steps = 2 if name else 3 if quick else 5
-    out = out or {"train_peak": {}, "prune_step_rise": {}}
+def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, workers=1) -> dict:
+    """Per kind, in a fresh child process: the peak RSS of training and the tensor peak of a profiled step
+    (``probe``); then the peak RSS rise of one pruning step per metric. Rows already in ``out`` are kept;
+    ``save(out)`` runs after every probe, so a killed run keeps what it measured. Memory does not depend on the
+    machine's load, so ``workers`` children may run at once."""
+    import concurrent.futures
+    import multiprocessing as mp
+
+    steps = 1 if name else 3 if quick else 5
+    out = out or {"train_peak": {}, "tensor_peak": {}, "prune_step_rise": {}}
     if not name:  # resident bytes per kind (MiniLM only: each costs a model load)
         out["weights"] = weight_bytes(labels, [k for k in kinds if "+" not in k], name)
-    for kind in kinds:
-        if kind not in out["train_peak"]:
-            out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels, name)
-            print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
-        if tensors and kind not in out.setdefault("tensor_peak", {}):
-            out["tensor_peak"][kind] = in_child(tensor_peak, kind, labels, name)
-            print(f"  tensor peak {kind}: {out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
-        save and save(out)
+    todo = [k for k in kinds if k not in out["train_peak"]]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"),
+                                                max_tasks_per_child=1) as pool:
+        jobs = {pool.submit(probe, kind, steps, labels, name): kind for kind in todo}
+        for job in concurrent.futures.as_completed(jobs):
+            kind = jobs[job]
+            out["train_peak"][kind], out["tensor_peak"][kind] = job.result()
+            print(f"  {kind}: peak RSS {out['train_peak'][kind] / 2**20:.0f} MiB, tensors "
+                  f"{out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
+            save and save(out)
     for metric in ("none", "lora", "grad", "magnitude"):  # MiniLM's rises are a few MiB: the median of 3 probes
         if metric not in out["prune_step_rise"]:
             out["prune_step_rise"][metric] = int(np.median([
@@ -217,22 +205,19 @@ def memory(labels, quick, name="", kinds=TRAIN_KINDS, tensors=False, out=None, s
     return out
 
 
-def in_child(fn, *args):
-    """``fn(*args)`` in a fresh forkserver child (module-level ``fn``), so its allocations never mix with others."""
-    import concurrent.futures
-    import multiprocessing as mp
-
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver")) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def tensor_peak(kind: str, labels: int, name: str = "") -> dict:
-    """The peak of live tensor bytes during one training step (after a warm-up step), by the categories of
-    torch.profiler's memory timeline (parameters, activations, optimiser state, ...): where the peak goes."""
+def probe(kind: str, steps: int, labels: int, name: str = "") -> tuple[int, dict]:
+    """Run in a fresh child: the peak RSS over ``steps`` training steps above the RSS before the model loads
+    (what loading left behind dropped first), then the peak of live tensor bytes in one more, profiled step, by
+    the categories of torch.profiler's memory timeline (parameters, activations, optimiser state, ...)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
+    from common import status_kib
+
+    _imported()
     torch.set_num_threads(1)
+    gc.collect()
+    before = status_kib("VmRSS")
     torch.manual_seed(0)
     model = training_model(kind, labels, name)
     batch = _random_batch(model, labels)
@@ -243,13 +228,18 @@ def tensor_peak(kind: str, labels: int, name: str = "") -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: resident weights + training
+    for _ in range(steps):
+        step()
+    rss = (status_kib("VmHWM") - before) * 1024
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
     names = ["unknown"] + [c.name.lower() if c is not None else "uncategorised" for c in _CATEGORY_TO_INDEX]
     at = max(sizes, key=sum)
-    return {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
+    return rss, {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
 
 
 # -- timing -------------------------------------------------------------------------------------------------
@@ -308,7 +298,7 @@ def redo_memory(quick: bool) -> None:
         raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
     labels = load_task(SETUP["task"], kind="classification").num_labels
     start = time.time()
-    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",), tensors=True)
+    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",))
     result["memory_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
     write_json(OUT / "compression.json", result)
     write_page(result, OUT)

@@ -43,8 +43,8 @@ ACCURACY = dict(task="tweets", max_train=1000, max_eval=200, max_length=48, batc
 def stage_memory(quick: bool) -> dict:
     """Both memory measures per kind, and LoRAPrune's scoring step; continues a killed run from its saved rows."""
     saved = (read_json(_part("memory")) or {}).get("memory")
-    return c.memory(LABELS, quick, NAME, MEMORY_KINDS, tensors=True, out=saved,
-                    save=lambda out: _save("memory", {"memory": out}))
+    return c.memory(LABELS, quick, NAME, MEMORY_KINDS, out=saved, save=lambda out: _save("memory", {"memory": out}),
+                    workers=2)
 
 
 def stage_time(n: int) -> dict:
