@@ -56,8 +56,9 @@ def scores(model, tok, task, splits) -> dict:
     return out
 
 
-def run(name: str, seeds: list[int], steps: int, partial: Path) -> dict:
-    """Scores before tuning (once) and after LoRA tuning (per seed); partial results kept in ``partial``."""
+def run(name: str, seeds: list[int], steps: int, partial: Path, publish=None) -> dict:
+    """Scores before tuning (once) and after LoRA tuning (per seed); partial results kept in ``partial``, and
+    ``publish(done)`` called after every seed (the page shows the seeds finished so far)."""
     task, tok, splits = _task(name)
     done = read_json(partial) or {}
     if "before" not in done:
@@ -78,6 +79,7 @@ def run(name: str, seeds: list[int], steps: int, partial: Path) -> dict:
         done.setdefault("after", {})[str(seed)] = after
         write_json(partial, done)
         print(f"seed {seed}: {after}", flush=True)
+        publish and publish(done)
     return done
 
 
@@ -140,11 +142,17 @@ def main(argv=None) -> None:
     hf_logging.set_verbosity_error()
     start = time.time()
     seeds = list(range(args.seeds))
-    done = run(args.model, seeds, args.steps, OUT / f".instruction-tuning-{args.model}.partial.json")
-    result = {"setup": {**SETUP, "model": args.model, "steps": args.steps, "seeds": seeds}, "command": command_line(),
-              "machine": machine(), "wall_time_s": round(time.time() - start), **done}
-    write_json(OUT / "instruction-tuning.json", result)
-    print(write_page(result))
+
+    def publish(done: dict) -> None:
+        finished = sorted(int(k) for k in done.get("after", {}))
+        result = {"setup": {**SETUP, "model": args.model, "steps": args.steps, "seeds": finished},
+                  "command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start), **done}
+        write_json(OUT / "instruction-tuning.json", result)
+        write_page(result)
+
+    done = run(args.model, seeds, args.steps, OUT / f".instruction-tuning-{args.model}.partial.json", publish)
+    publish(done)
+    print((OUT / "instruction-tuning.md").read_text())
 
 
 if __name__ == "__main__":
