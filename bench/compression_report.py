@@ -188,7 +188,7 @@ def gemma_lines(g: dict) -> list[str]:
     lines = ["## gemma-270m", "",
              f"Gemma 3 270M (268M parameters, 168M of them in the 262,144 x 640 embedding table) as a 3-way sequence "
              f"classifier, LoRA r {s['r']} on all linear layers; memory and time rows train the same {s['batch_size']} x "
-             f"{s['max_length']}-token batch with AdamW. Kinds: lora (fp32 base); lora-bf16 (whole base bf16); qlora-nf4, "
+             f"{s['max_length']}-token batch with AdamW. Kinds: lora (fp32 base); qlora-nf4, "
              "qlora-int8 (linear layers quantised, rest fp32, fp32 compute); qlora-nf4-bf16 (QLoRA's set-up: nf4, bf16 "
              "compute, embeddings and norms bf16; adapter and optimiser fp32; `lorakit train --quantize nf4 --bf16`); "
              "loram-0.5 (50% of FFN channels pruned: the 270M model has one key/value head, so no head groups); "
@@ -201,12 +201,12 @@ def gemma_lines(g: dict) -> list[str]:
     lines += [f"| {c} | {t} | {m} | {'yes' if ok else '**no**'} |" for c, t, m, ok in gemma_claims(g)]
     mem = g.get("memory")
     if mem:
-        rss, ten, w = mem["train_peak"], mem["tensor_peak"], mem["weights"]
-        lines += ["", "| kind | weights | peak RSS (ratio) | tensor peak (ratio) | parameters + packed weights at the "
-                  "peak | activations at the peak |", "|---|---:|---:|---:|---:|---:|"]
+        rss, ten = mem["train_peak"], mem["tensor_peak"]
+        lines += ["", "| kind | peak RSS (ratio) | tensor peak (ratio) | parameters + packed weights at the "
+                  "peak | activations at the peak |", "|---|---:|---:|---:|---:|"]
         for kind in rss:
             cat = ten[kind]["by_category"]
-            lines.append(f"| {kind} | {_mib(w[kind]) if kind in w else '—'} | {_mib(rss[kind])} "
+            lines.append(f"| {kind} | {_mib(rss[kind])} "
                          f"({rss[kind] / rss['lora']:.2f}) | {_mib(ten[kind]['total'])} "
                          f"({ten[kind]['total'] / ten['lora']['total']:.2f}) | "
                          f"{_mib(cat.get('parameter', 0) + cat.get('input', 0))} | {_mib(cat.get('activation', 0))} |")
