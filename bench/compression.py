@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, interleaved, machine, peak_rss_rise, ratio_ci, summary, write_json  # noqa: E402
+from common import command_line, interleaved, machine, ratio_ci, summary, write_json  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
@@ -149,13 +149,6 @@ def _prune_step_setup(metric, labels, name=""):
     return model, pruner, batch
 
 
-def _prune_step_run(state):
-    model, pruner, batch = state
-    model(**batch).loss.backward()
-    if pruner:
-        pruner.update_scores()
-
-
 def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"), name="") -> dict:
     """Bytes of every parameter and buffer (quantisation state included) of the model each row trains."""
     out = {}
@@ -178,12 +171,13 @@ def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, worke
     """Per kind, in a fresh child process: the peak RSS of training and the tensor peak of a profiled step
     (``probe``); then the peak RSS rise of one pruning step per metric. Rows already in ``out`` are kept;
     ``save(out)`` runs after every probe, so a killed run keeps what it measured. Memory does not depend on the
-    machine's load, so ``workers`` children may run at once."""
+    machine's load, so ``workers`` children may run at once. LoRAPrune's scoring step: the tensor peak per metric
+    (``prune_step_peak``; the RSS rise of earlier runs was within the allocator's reuse of the warm-up step)."""
     import concurrent.futures
     import multiprocessing as mp
 
     steps = 1 if name else 3 if quick else 5
-    out = out or {"train_peak": {}, "tensor_peak": {}, "prune_step_rise": {}}
+    out = out or {"train_peak": {}, "tensor_peak": {}}
     if not name:  # resident bytes per kind (MiniLM only: each costs a model load)
         out["weights"] = weight_bytes(labels, [k for k in kinds if "+" not in k], name)
     todo = [k for k in kinds if k not in out["train_peak"]]
@@ -196,22 +190,52 @@ def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, worke
             print(f"  {kind}: peak RSS {out['train_peak'][kind] / 2**20:.0f} MiB, tensors "
                   f"{out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
             save and save(out)
-    for metric in ("none", "lora", "grad", "magnitude"):  # MiniLM's rises are a few MiB: the median of 3 probes
-        if metric not in out["prune_step_rise"]:
-            out["prune_step_rise"][metric] = int(np.median([
-                peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels, name) for _ in range(1 if name else 3)]))
-            print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
+        peaks = out.setdefault("prune_step_peak", {})
+        jobs = {pool.submit(prune_probe, m, labels, name): m for m in PRUNE_METRICS if m not in peaks}
+        for job in concurrent.futures.as_completed(jobs):
+            peaks[jobs[job]] = job.result()
+            print(f"  pruning step {jobs[job]}: tensor peak {peaks[jobs[job]]['total'] / 2**20:.0f} MiB", flush=True)
             save and save(out)
     return out
+
+
+PRUNE_METRICS = ("none", "lora", "grad", "magnitude")
+
+
+def prune_probe(metric: str, labels: int, name: str = "") -> dict:
+    """Run in a fresh child: the tensor peak of one scored step (forward, backward, LoRAPrune's scoring under
+    ``metric``; "none": no pruner) after a warm-up step, and ``held``: the gradient state the metric holds for
+    scoring at the end of the backward pass (LoRA factor gradients, or the full weight gradients G)."""
+    torch.set_num_threads(1)
+    model, pruner, batch = _prune_step_setup(metric, labels, name)
+    held = {}
+
+    def step():
+        model(**batch).loss.backward()
+        held["bytes"] = sum(t.numel() * t.element_size() for g in pruner.grads.values() for t in g.values()) if pruner else 0
+        if pruner:
+            pruner.update_scores()
+
+    return {**_profiled_peak(step), "held": held["bytes"]}
+
+
+def _profiled_peak(fn) -> dict:
+    """The peak of live tensor bytes while ``fn()`` runs, by torch.profiler's memory-timeline categories."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    names = ["unknown"] + [c.name.lower() if c is not None else "uncategorised" for c in _CATEGORY_TO_INDEX]
+    at = max(sizes, key=sum)
+    return {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
 
 
 def probe(kind: str, steps: int, labels: int, name: str = "") -> tuple[int, dict]:
     """Run in a fresh child: the peak RSS over ``steps`` training steps above the RSS before the model loads
     (what loading left behind dropped first), then the peak of live tensor bytes in one more, profiled step, by
     the categories of torch.profiler's memory timeline (parameters, activations, optimiser state, ...)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
-
     from common import status_kib
 
     _imported()
@@ -234,12 +258,7 @@ def probe(kind: str, steps: int, labels: int, name: str = "") -> tuple[int, dict
     for _ in range(steps):
         step()
     rss = (status_kib("VmHWM") - before) * 1024
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    names = ["unknown"] + [c.name.lower() if c is not None else "uncategorised" for c in _CATEGORY_TO_INDEX]
-    at = max(sizes, key=sum)
-    return rss, {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
+    return rss, _profiled_peak(step)
 
 
 # -- timing -------------------------------------------------------------------------------------------------
@@ -289,7 +308,8 @@ def score_correlation(labels, splits) -> list[float]:
 
 
 def redo_memory(quick: bool) -> None:
-    """Measure the MiniLM memory rows again (peak RSS and tensor peaks) into the saved results; rewrite the page."""
+    """Measure the MiniLM memory rows again (peak RSS and tensor peaks; rows already measured by this code are
+    kept) into the saved results; rewrite the page."""
     from common import read_json
     from compression_report import write_page
 
@@ -298,7 +318,8 @@ def redo_memory(quick: bool) -> None:
         raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
     labels = load_task(SETUP["task"], kind="classification").num_labels
     start = time.time()
-    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",))
+    saved = result["memory"] if "tensor_peak" in result["memory"] else None  # continue a run of this code
+    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",), out=saved)
     result["memory_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
     write_json(OUT / "compression.json", result)
     write_page(result, OUT)
