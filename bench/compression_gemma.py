@@ -36,7 +36,7 @@ STAGES = ("memory", "time", "accuracy")
 MEMORY_KINDS = ("lora", "qlora-nf4-bf16", "lora+gc", "qlora-nf4-bf16+gc", "qlora-nf4", "qlora-int8", "loram-0.5",
                 "qloram-0.5")
 TIME_KINDS = ("lora", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16")
-ACCURACY_KINDS = ("lora", "qlora-nf4", "qlora-nf4-bf16")
+ACCURACY_KINDS = ("lora", "qlora-nf4-bf16", "qlora-nf4")
 ACCURACY = dict(task="tweets", max_train=1000, max_eval=200, max_length=48, batch_size=8, lr=5e-4)
 
 
