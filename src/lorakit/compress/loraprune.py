@@ -152,8 +152,8 @@ class LoRAPrune:
     def row_scores(self, path: str) -> Optional[torch.Tensor]:
         """Σ_in I for each output row of the producer at ``path`` under the configured metric (None: no gradient yet)."""
         layer = self.model.get_submodule(path)
-        grads = self.grads.get(path) if self.config.metric != "magnitude" else {}
-        if grads is None or (self.config.metric != "magnitude" and not grads):
+        grads = self.grads.get(path)
+        if self.config.metric != "magnitude" and not grads:
             return None
         with torch.no_grad():
             base = dense_weight(layer.base_layer if isinstance(layer, Adapter) else layer)
