@@ -11,6 +11,8 @@ and 10% cool-down; every ``prune_freq`` steps each block masks its lowest-scorin
 the producer outputs, so o_proj/down_proj see zeros), and LoRA keeps training to recover. ``finalize`` merges
 the adapter and slices the pruned rows and columns out: a plain Hugging Face model, smaller on disk and faster.
 
+Scores are computed in blocks of ``CHUNK`` output rows (the same numbers; the transients are a block, never a
+whole weight), so the LoRA metric's memory is the factor gradients it keeps.
 ``metric="grad"`` scores with the true weight gradient (|G ⊙ W|, hooks accumulate G = Σ dY^T X: the memory the
 paper avoids) and ``metric="magnitude"`` with |W|; both are the paper's baselines and use the same schedule.
 
