@@ -112,7 +112,7 @@ def write_page(result: dict) -> str:
         f"`{TEMPLATE!r}` and the label name as the completion (loss on the completion only). Generation: greedy, "
         f"at most {s['max_new_tokens']} new tokens, exact match after stripping whitespace, token F1. Before: the "
         "base model (identical for every seed); after: mean ± 95% t-interval over seeds.", "",
-        f"Command: `{result['command']}`; wall time {result['wall_time_s']} s. Machine: {result['machine']['cpu']}, "
+        f"Command: `{result['command']}`; wall time of the last pass {result['wall_time_s']} s (a run continues from the seeds saved by earlier passes; training time per seed below). Machine: {result['machine']['cpu']}, "
         f"{result['machine']['threads']} torch thread(s), load {result['machine']['load']} (a shared machine: times "
         "are long and not comparable across pages).", "",
         "| claim | threshold | measured | met |", "|---|---|---|---|", *claims, "",
