@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, interleaved, machine, peak_rss_rise, ratio_ci, summary, write_json  # noqa: E402
+from common import command_line, interleaved, machine, ratio_ci, summary, write_json  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
@@ -47,8 +47,8 @@ def _splits():
     return task.num_labels, task.encode(tok, SETUP["max_length"])
 
 
-def _base(seed: int, labels: int):
-    return zoo.load(SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
+def _base(seed: int, labels: int, name: str = ""):
+    return zoo.load(name or SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
 
 
 def _lora(model):
@@ -96,8 +96,17 @@ def row_loram(seed, labels, splits, steps, ratio):
 
 # -- memory probes (module-level: they run in a forkserver child) -------------------------------------------
 def _prepare(model, kind: str):
-    """Quantise for the qlora kinds: ``qlora-nf4``, ``qlora-int8``; ``qlora-nf4-bf16`` also keeps the rest in bf16."""
-    if kind.startswith("qlora"):
+    """The base a memory row trains on. ``qlora-nf4``, ``qlora-int8``: linear layers quantised, the rest fp32;
+    ``qlora-nf4-bf16``: QLoRA's set-up (bf16 compute, embeddings and norms in bf16); ``lora-bf16``: the whole base
+    in bf16; ``loram-R``: R of the FFN channels and head groups pruned (in place); ``qloram-R``: pruned, then QLoRA's
+    set-up. A ``+gc`` suffix (gradient checkpointing) is handled by the caller."""
+    kind = kind.split("+")[0]
+    if kind.startswith(("loram", "qloram")):
+        model = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])), inplace=True)[0]
+        kind = "qlora-nf4-bf16" if kind.startswith("qloram") else "lora"
+    if kind == "lora-bf16":
+        model.to(torch.bfloat16)
+    elif kind.startswith("qlora"):
         bits = kind.split("-")[1]
         half = kind.endswith("-bf16")
         quantize_(model, QuantizeConfig(bits, compute_dtype=torch.bfloat16 if half else torch.float32,
@@ -113,33 +122,26 @@ def _imported(*args):
     return args
 
 
-def _train_peak(args):
-    """Load and prepare a model, drop what loading left behind, reset the peak, then train a few steps."""
-    kind, steps, labels = args
-    torch.manual_seed(0)
-    model = _base(0, labels)
-    _prepare(model, kind)
-    if kind.startswith("loram"):
-        model, _ = prune_for_training(model, LoRAMConfig(ratio=float(kind.split("-")[1])))
-    _lora(model)
-    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
-             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
-    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: resident weights + training
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def training_model(kind: str, labels: int, name: str = ""):
+    """The base prepared for ``kind``, with LoRA, in training mode (gradient checkpointing for ``+gc``)."""
+    model = _lora(_prepare(_base(0, labels, name), kind)).train()
+    if kind.endswith("+gc"):
+        from lorakit.train.precision import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    return model
 
 
-def _prune_step_setup(metric, labels):
+def _random_batch(model, labels: int) -> dict:
+    return {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
+            "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+
+
+def _prune_step_setup(metric, labels, name=""):
     torch.manual_seed(0)
-    model = _lora(_base(0, labels))
+    model = _lora(_base(0, labels, name))
     pruner = LoRAPrune(model, LoRAPruneConfig(metric=metric), 10) if metric != "none" else None
-    batch = {"input_ids": torch.randint(1000, 20000, (SETUP["batch_size"], SETUP["max_length"])),
-             "labels": torch.randint(0, labels, (SETUP["batch_size"],))}
+    batch = _random_batch(model, labels)
     model(**batch).loss.backward()  # a first step outside the measurement: lazy allocations happen here
     if pruner:
         pruner.update_scores()
@@ -147,20 +149,11 @@ def _prune_step_setup(metric, labels):
     return model, pruner, batch
 
 
-def _prune_step_run(state):
-    model, pruner, batch = state
-    model(**batch).loss.backward()
-    if pruner:
-        pruner.update_scores()
-
-
-def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5")) -> dict:
+def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"), name="") -> dict:
     """Bytes of every parameter and buffer (quantisation state included) of the model each row trains."""
     out = {}
     for kind in kinds:
-        model = _prepare(_base(0, labels), kind)
-        if kind.startswith("loram"):
-            model = prune_for_training(model, LoRAMConfig(ratio=0.5))[0]
+        model = _prepare(_base(0, labels, name), kind)
         total = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers()))
         for m in model.modules():  # bitsandbytes keeps scales outside the parameters
             state = getattr(getattr(m, "weight", None), "quant_state", None)
@@ -171,16 +164,101 @@ def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"))
     return out
 
 
-def memory(labels, quick) -> dict:
-    steps = 3 if quick else 5
-    out = {"train_peak": {}, "prune_step_rise": {}, "weights": weight_bytes(labels)}
-    for kind in ("lora", "qlora-nf4", "qlora-int8", "loram-0.5"):
-        out["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, steps, labels)
-        print(f"  train peak {kind}: {out['train_peak'][kind] / 2**20:.0f} MiB", flush=True)
-    for metric in ("none", "lora", "grad", "magnitude"):
-        out["prune_step_rise"][metric] = peak_rss_rise(_prune_step_setup, _prune_step_run, metric, labels)
-        print(f"  pruning step {metric}: {out['prune_step_rise'][metric] / 2**20:.0f} MiB", flush=True)
+TRAIN_KINDS = ("lora", "qlora-nf4", "qlora-int8", "loram-0.5")
+
+
+def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, workers=1) -> dict:
+    """Per kind, in a fresh child process: the peak RSS of training and the tensor peak of a profiled step
+    (``probe``); then the peak RSS rise of one pruning step per metric. Rows already in ``out`` are kept;
+    ``save(out)`` runs after every probe, so a killed run keeps what it measured. Memory does not depend on the
+    machine's load, so ``workers`` children may run at once. LoRAPrune's scoring step: the tensor peak per metric
+    (``prune_step_peak``; the RSS rise of earlier runs was within the allocator's reuse of the warm-up step)."""
+    import concurrent.futures
+    import multiprocessing as mp
+
+    steps = 1 if name else 3 if quick else 5
+    out = out or {"train_peak": {}, "tensor_peak": {}}
+    if not name:  # resident bytes per kind (MiniLM only: each costs a model load)
+        out["weights"] = weight_bytes(labels, [k for k in kinds if "+" not in k], name)
+    todo = [k for k in kinds if k not in out["train_peak"]]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"),
+                                                max_tasks_per_child=1) as pool:
+        jobs = {pool.submit(probe, kind, steps, labels, name): kind for kind in todo}
+        for job in concurrent.futures.as_completed(jobs):
+            kind = jobs[job]
+            out["train_peak"][kind], out["tensor_peak"][kind] = job.result()
+            print(f"  {kind}: peak RSS {out['train_peak'][kind] / 2**20:.0f} MiB, tensors "
+                  f"{out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
+            save and save(out)
+        peaks = out.setdefault("prune_step_peak", {})
+        jobs = {pool.submit(prune_probe, m, labels, name): m for m in PRUNE_METRICS if m not in peaks}
+        for job in concurrent.futures.as_completed(jobs):
+            peaks[jobs[job]] = job.result()
+            print(f"  pruning step {jobs[job]}: tensor peak {peaks[jobs[job]]['total'] / 2**20:.0f} MiB", flush=True)
+            save and save(out)
     return out
+
+
+PRUNE_METRICS = ("none", "lora", "grad", "magnitude")
+
+
+def prune_probe(metric: str, labels: int, name: str = "") -> dict:
+    """Run in a fresh child: the tensor peak of one scored step (forward, backward, LoRAPrune's scoring under
+    ``metric``; "none": no pruner) after a warm-up step, and ``held``: the gradient state the metric holds for
+    scoring at the end of the backward pass (LoRA factor gradients, or the full weight gradients G)."""
+    torch.set_num_threads(1)
+    model, pruner, batch = _prune_step_setup(metric, labels, name)
+    held = {}
+
+    def step():
+        model(**batch).loss.backward()
+        held["bytes"] = sum(t.numel() * t.element_size() for g in pruner.grads.values() for t in g.values()) if pruner else 0
+        if pruner:
+            pruner.update_scores()
+
+    return {**_profiled_peak(step), "held": held["bytes"]}
+
+
+def _profiled_peak(fn) -> dict:
+    """The peak of live tensor bytes while ``fn()`` runs, by torch.profiler's memory-timeline categories."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    names = ["unknown"] + [c.name.lower() if c is not None else "uncategorised" for c in _CATEGORY_TO_INDEX]
+    at = max(sizes, key=sum)
+    return {"total": int(sum(at)), "by_category": {names[i]: int(v) for i, v in enumerate(at) if v}}
+
+
+def probe(kind: str, steps: int, labels: int, name: str = "") -> tuple[int, dict]:
+    """Run in a fresh child: the peak RSS over ``steps`` training steps above the RSS before the model loads
+    (what loading left behind dropped first), then the peak of live tensor bytes in one more, profiled step, by
+    the categories of torch.profiler's memory timeline (parameters, activations, optimiser state, ...)."""
+    from common import status_kib
+
+    _imported()
+    torch.set_num_threads(1)
+    gc.collect()
+    before = status_kib("VmRSS")
+    torch.manual_seed(0)
+    model = training_model(kind, labels, name)
+    batch = _random_batch(model, labels)
+    opt = torch.optim.AdamW(lorakit.trainable_parameters(model).values(), lr=1e-3)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: resident weights + training
+    for _ in range(steps):
+        step()
+    rss = (status_kib("VmHWM") - before) * 1024
+    return rss, _profiled_peak(step)
 
 
 # -- timing -------------------------------------------------------------------------------------------------
@@ -229,8 +307,9 @@ def score_correlation(labels, splits) -> list[float]:
     return [spearman(lora.scores[b.path]["channels"], grad.scores[b.path]["channels"]) for b in lora.blocks]
 
 
-def add_memory(kind: str, quick: bool) -> None:
-    """Add one training-memory probe to the saved results and rewrite the page."""
+def redo_memory(quick: bool) -> None:
+    """Measure the MiniLM memory rows again (peak RSS and tensor peaks; rows already measured by this code are
+    kept) into the saved results; rewrite the page."""
     from common import read_json
     from compression_report import write_page
 
@@ -238,12 +317,12 @@ def add_memory(kind: str, quick: bool) -> None:
     if result is None:
         raise SystemExit(f"{OUT / 'compression.json'}: run the benchmark first")
     labels = load_task(SETUP["task"], kind="classification").num_labels
-    result["memory"]["train_peak"][kind] = peak_rss_rise(_imported, _train_peak, kind, 3 if quick else 5, labels)
-    result["memory"]["weights"].update({kind: weight_bytes(labels, [kind])[kind]})
-    result["commands_added"] = result.get("commands_added", []) + [command_line()]
+    start = time.time()
+    saved = result["memory"] if "tensor_peak" in result["memory"] else None  # continue a run of this code
+    result["memory"] = memory(labels, quick, kinds=TRAIN_KINDS + ("qlora-nf4-bf16",), out=saved)
+    result["memory_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
     write_json(OUT / "compression.json", result)
     write_page(result, OUT)
-    print(f"{kind}: {result['memory']['train_peak'][kind] / 2**20:.0f} MiB")
 
 
 def measure_stages(labels, splits, quick, pruned_models) -> dict:
@@ -291,14 +370,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--add-memory", default=None, help="measure one more training-memory kind (e.g. qlora-nf4-bf16) "
-                    "and add it to the existing docs/benchmarks/compression.json")
     ap.add_argument("--stages-only", action="store_true", help="measure speed, memory and correlation only")
+    ap.add_argument("--memory-only", action="store_true", help="measure the memory rows again into compression.json")
     ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
                     help="write the page from the saved rows and stages (the wall time of the two passes)")
     args = ap.parse_args(argv)
-    if args.add_memory:
-        return add_memory(args.add_memory, args.quick)
+    if args.memory_only:
+        torch.set_num_threads(1)
+        return redo_memory(args.quick)
     if args.stages_only or args.assemble:
         torch.set_num_threads(1)
         steps = args.steps or (40 if args.quick else 150)

@@ -72,3 +72,21 @@ def test_train_method_loram_recovers_an_adapter_for_the_full_base(tmp_path):
     full, _ = zoo.load("tiny-llama", task="seq_cls", num_labels=2)
     model = peft.PeftModel.from_pretrained(full, out / "adapter")  # an ordinary PEFT directory for the full base
     assert model.base_model.model.model.layers[0].mlp.up_proj.lora_B["default"].weight.shape[0] == 128
+
+
+def test_quantize_with_bf16_is_qloras_setup_and_trains(tmp_path):
+    import argparse
+
+    from lorakit.compress.cli import quantize_config
+
+    pytest.importorskip("bitsandbytes")
+    assert quantize_config(argparse.Namespace(quantize="nf4", bf16=False)).dtype is None
+    paper = quantize_config(argparse.Namespace(quantize="nf4", bf16=True))
+    assert (paper.kind, paper.compute_dtype, paper.dtype) == ("nf4", torch.bfloat16, torch.bfloat16)
+    assert quantize_config(argparse.Namespace(quantize="torchao-int8", bf16=True)).dtype is None
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny-llama", "--task", _task(tmp_path / "t.csv"), "--quantize", "nf4", "--bf16",
+            "--targets", "q_proj,v_proj", "-r", "4", "--max-steps", "2", "--batch-size", "8", "-o", str(out)]
+    assert main(argv) == 0
+    state = lorakit.load_state(out / "adapter")
+    assert all(t.dtype == torch.float32 for named in state.tensors.values() for t in named.values())

@@ -35,6 +35,15 @@ def test_the_pruned_copy_is_smaller_and_the_full_base_untouched():
     assert recovery.modules["model.layers.0.mlp.down_proj"]["full"] == 128
 
 
+def test_inplace_pruning_slices_the_given_model_into_the_same_pruned_weights():
+    copied, recovery = prune_for_training(tiny_llama(), LoRAMConfig(ratio=0.5))
+    full = tiny_llama()
+    small, same = prune_for_training(full, LoRAMConfig(ratio=0.5), inplace=True)
+    assert small is full and full.config.intermediate_size == 64  # no second model: the given one is pruned
+    assert same == recovery
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in small.state_dict().items())
+
+
 def test_recovered_update_is_zero_on_pruned_coordinates_and_peft_loads_it_on_the_full_base(tmp_path):
     peft = pytest.importorskip("peft")
     full, small, recovery = _train_small()

@@ -53,6 +53,28 @@ def test_lora_scores_are_the_papers_estimate_from_lora_gradients_only():
     assert all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
 
 
+@pytest.mark.parametrize("metric", ["lora", "grad", "magnitude"])
+def test_row_chunked_scores_equal_the_whole_weight_formula(monkeypatch, metric):
+    import lorakit.compress.loraprune as module
+
+    monkeypatch.setattr(module, "CHUNK", 7)  # chunks that do not divide the 128 rows
+    model, pruner = _trained_pruner(metric=metric, steps=4)
+    path = "model.layers.1.mlp.gate_proj"
+    layer = model.get_submodule(path)
+    batch = {k: torch.stack([d[k] for d in lm_data(8)]) for k in ("input_ids", "labels")}
+    model.zero_grad()
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        w = layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        if metric == "magnitude":
+            expected = w.abs().sum(1)
+        else:
+            a, b, ga, gb = layer.lora_A.weight, layer.lora_B.weight, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+            g = pruner.grads[path]["W"] if metric == "grad" else gb @ a + b @ ga - gb @ ga
+            expected = (g * w).abs().sum(1)
+    torch.testing.assert_close(pruner.row_scores(path), expected, rtol=1e-5, atol=1e-8)
+
+
 def test_masked_training_model_equals_the_sliced_merged_model_and_transformers_loads_it(tmp_path):
     from transformers import AutoModelForCausalLM
 

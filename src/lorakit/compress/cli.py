@@ -16,7 +16,8 @@ from .quantize import KINDS
 def add_train_arguments(p: argparse.ArgumentParser, plain_train) -> None:
     """``--quantize`` and the LoRAM options on ``lorakit train``; ``plain_train(args)`` runs the usual job."""
     p.add_argument("--quantize", choices=KINDS, default=None,
-                   help="train over a quantised base (QLoRA): nf4, fp4, int8 (bitsandbytes), torchao-int8, torchao-int4")
+                   help="train over a quantised base (QLoRA): nf4, fp4, int8 (bitsandbytes), torchao-int8, torchao-int4; "
+                        "with --bf16, QLoRA's set-up: bf16 compute and the rest of the base (embeddings, norms) in bf16")
     p.add_argument("--loram-ratio", type=float, default=0.5,
                    help="--method loram: fraction of head groups and FFN channels pruned in the training copy")
     p.add_argument("--loram-criterion", choices=["magnitude", "random"], default="magnitude")
@@ -25,13 +26,13 @@ def add_train_arguments(p: argparse.ArgumentParser, plain_train) -> None:
 
 def train(args: argparse.Namespace, plain_train) -> int:
     """Route ``lorakit train``: LoRAM, a quantised base, or the plain job."""
-    from .quantize import QuantizeConfig, check_available, quantize_
+    from .quantize import check_available, quantize_
 
     if args.method == "loram":
         return train_loram(args)
     if args.quantize is None:
         return plain_train(args)
-    config = QuantizeConfig(args.quantize)
+    config = quantize_config(args)
     check_available(config)  # before loading anything
     from .. import jobs
 
@@ -41,6 +42,17 @@ def train(args: argparse.Namespace, plain_train) -> int:
 
     jobs.train_job(args, prepare=prepare)
     return 0
+
+
+def quantize_config(args: argparse.Namespace):
+    """``--quantize KIND``; with ``--bf16`` the paper's set-up: bf16 compute, unquantised weights stored in bf16."""
+    import torch
+
+    from .quantize import QuantizeConfig
+
+    if not getattr(args, "bf16", False) or args.quantize.startswith("torchao"):
+        return QuantizeConfig(args.quantize)
+    return QuantizeConfig(args.quantize, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
 
 
 def train_loram(args: argparse.Namespace) -> int:
@@ -56,7 +68,8 @@ def train_loram(args: argparse.Namespace) -> int:
     model, tokenizer, task = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)
     print(f"lorakit train: pruning a training copy of {args.model} ({config.ratio:.0%} of head groups and FFN channels, "
           f"{config.criterion}{', ' + args.quantize if args.quantize else ''})")
-    small, recovery = prune_for_training(model, config)
+    small, recovery = prune_for_training(model, config, inplace=True)  # the full base is not resident while training
+    del model
     apply(small, jobs.method_config("lora", args.rank, args.alpha, args.dropout, jobs._targets(args.targets), args.kind))
     splits = task.encode(tokenizer, args.max_length)
     out = Path(args.out)
@@ -65,6 +78,7 @@ def train_loram(args: argparse.Namespace) -> int:
                  output_dir=str(out), seed=args.seed)
     adapter = save_recovered(small, recovery, out / "adapter")
     del small
+    model = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)[0]
     load_recovered(model, adapter)
     test = evaluate(model, splits["test"], batch_size=64)
     summary = {"adapter": str(adapter), "method": "loram", "full_base_fingerprint": recovery.full_fingerprint,

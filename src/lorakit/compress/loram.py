@@ -92,8 +92,13 @@ def _plan(model: nn.Module, config: LoRAMConfig) -> Plan:
     return plan
 
 
-def prune_for_training(model: nn.Module, config: LoRAMConfig = LoRAMConfig()) -> tuple[nn.Module, Recovery]:
-    """A pruned (and, with ``config.quantize``, quantised) copy of ``model`` to train LoRA on, and its Recovery."""
+def prune_for_training(model: nn.Module, config: LoRAMConfig = LoRAMConfig(),
+                       inplace: bool = False) -> tuple[nn.Module, Recovery]:
+    """A pruned (and, with ``config.quantize``, quantised) copy of ``model`` to train LoRA on, and its Recovery.
+
+    ``inplace=True`` prunes ``model`` itself: no second full-size copy exists while pruning, and none is kept
+    while training (LoRAM's point); load the full base again to recover the adapter onto it.
+    """
     if any(type(m).__module__.startswith("lorakit") for m in model.modules()):
         raise ValueError("prune the plain base model: it carries a lorakit adapter (merge or unwrap it first)")
     full = blocks(model)
@@ -102,7 +107,7 @@ def prune_for_training(model: nn.Module, config: LoRAMConfig = LoRAMConfig()) ->
     modules = {p: {"axis": axis, "kept": index.tolist(), "full": int(sizes[p][0 if axis == "rows" else 1])}
                for p, (axis, index) in kept_rows(plan, full).items()}
     recovery = Recovery(modules, fingerprint(model), config=dataclasses.asdict(config))
-    small = apply_plan(copy.deepcopy(model), plan)
+    small = apply_plan(model if inplace else copy.deepcopy(model), plan)
     recovery.pruned_fingerprint = fingerprint(small)
     if config.quantize:
         quantize_(small, config.quantize)

@@ -11,6 +11,8 @@ and 10% cool-down; every ``prune_freq`` steps each block masks its lowest-scorin
 the producer outputs, so o_proj/down_proj see zeros), and LoRA keeps training to recover. ``finalize`` merges
 the adapter and slices the pruned rows and columns out: a plain Hugging Face model, smaller on disk and faster.
 
+Scores are computed in blocks of ``CHUNK`` output rows (the same numbers; the transients are a block, never a
+whole weight), so the LoRA metric's memory is the factor gradients it keeps.
 ``metric="grad"`` scores with the true weight gradient (|G ⊙ W|, hooks accumulate G = Σ dY^T X: the memory the
 paper avoids) and ``metric="magnitude"`` with |W|; both are the paper's baselines and use the same schedule.
 
@@ -37,6 +39,7 @@ from ..core.apply import merge
 from .structure import Block, Plan, apply_plan, blocks, rows_of
 
 METRICS = ("lora", "grad", "magnitude")
+CHUNK = 256  # output rows scored at once
 
 
 def check_ratio(ratio: float, name: str = "sparsity") -> float:
@@ -151,22 +154,35 @@ class LoRAPrune:
     def row_scores(self, path: str) -> Optional[torch.Tensor]:
         """Σ_in I for each output row of the producer at ``path`` under the configured metric (None: no gradient yet)."""
         layer = self.model.get_submodule(path)
+        grads = self.grads.get(path)
+        if self.config.metric != "magnitude" and not grads:
+            return None
         with torch.no_grad():
-            weight = dense_weight(layer.base_layer if isinstance(layer, Adapter) else layer).float()
-            if isinstance(layer, Adapter):
-                weight = weight + layer.delta_weight().float()
-            if self.config.metric == "magnitude":
-                return weight.abs().sum(1)
-            grads = self.grads.get(path)
-            if not grads:
-                return None
-            if self.config.metric == "grad":
-                g_hat = grads["W"]
-            else:
+            base = dense_weight(layer.base_layer if isinstance(layer, Adapter) else layer)
+            factors = _factors(layer, base.shape)
+            delta = layer.delta_weight() if isinstance(layer, Adapter) and factors is None else None
+            if self.config.metric == "lora":
                 a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
                 ga, gb = grads["lora_A"].float(), grads["lora_B"].float()
-                g_hat = gb @ a + b @ ga - gb @ ga
-            return (g_hat * weight).abs().sum(1)
+            out = torch.empty(base.shape[0], dtype=torch.float32, device=base.device)
+            # Row chunks: the transients (W0 + s B A, G_hat, their product) are CHUNK x in, never a whole weight.
+            for lo in range(0, base.shape[0], CHUNK):
+                rows = slice(lo, lo + CHUNK)
+                weight = base[rows].float()
+                if factors is not None:
+                    fa, fb, scale = factors
+                    weight = weight + scale * (fb[rows].float() @ fa.float())
+                elif delta is not None:
+                    weight = weight + delta[rows].float()
+                if self.config.metric == "magnitude":
+                    out[rows] = weight.abs().sum(1)
+                    continue
+                if self.config.metric == "grad":
+                    g_hat = grads["W"][rows]
+                else:  # G_hat = g_B A + B g_A - g_B g_A, restricted to these rows
+                    g_hat = gb[rows] @ a + b[rows] @ ga - gb[rows] @ ga
+                out[rows] = (g_hat * weight).abs().sum(1)
+            return out
 
     def update_scores(self) -> None:
         """Fold the scores of the last step into the moving average, and forget the captured gradients."""
@@ -235,6 +251,16 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     """Spearman's rank correlation of two score vectors (no ties expected)."""
     rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def _factors(layer: nn.Module, shape: torch.Size):
+    """(A, B, scale) of an adapter whose ΔW = scale · B A is laid out like the base weight, else None."""
+    if not isinstance(layer, Adapter):
+        return None
+    factors = type(layer).low_rank({k: v.detach() for k, v in layer.adapter_tensors().items()}, layer.config)
+    if factors is None or (factors[1].shape[0], factors[0].shape[1]) != tuple(shape):
+        return None
+    return factors
 
 
 def _is_lora(module: nn.Module) -> bool:
