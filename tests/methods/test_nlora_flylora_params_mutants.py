@@ -9,7 +9,7 @@ from torch import nn
 import lorakit
 from lorakit.core.config import LoRAConfig
 from lorakit.methods.flylora import FlyLoRAConfig
-from lorakit.methods.lora_params import LoRAParameter, expert_factors
+from lorakit.methods.lora_params import LoRAParameter, expert_factors, fold
 from lorakit.methods.nlora import NLoRAConfig, NLoRALinear
 
 
@@ -77,8 +77,26 @@ def test_slora_init_bound_and_full_rank_allowed():
     is allowed. Catches: another a; r == min refused."""
     torch.manual_seed(0)
     a = nlora(mode="slora").lora_A.weight
-    assert a.abs().max() <= 1 / math.sqrt(64) and a.abs().max() > 0.9 / math.sqrt(64)
+    assert a.abs().max() <= 1 / math.sqrt(64) and a.abs().max() > 0.95 / math.sqrt(64)
     assert nlora(r=16).r == 16
+    with pytest.raises(ValueError, match=r"^module '0': rank r=17 exceeds min\(out, in\)=16$"):
+        nlora(r=17)
+
+
+def test_nlora_residual_delta_dtype_and_fan_in_fan_out():
+    """The start s·C N0 R is taken in the factors' dtype (a pinv core too) and transposed for fan_in_fan_out.
+    Catches: the base or the pinv core left in another dtype; the start not transposed."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    t = {"lora_A.weight": torch.randn(2, 5), "lora_N.weight": torch.randn(2, 2), "lora_B.weight": torch.randn(6, 2)}
+    cfg = dict(r=2, lora_alpha=2, residual=True, nystrom_core="pinv")
+    got = NLoRALinear.delta(t, NLoRAConfig(**cfg), w)
+    assert got.dtype == torch.float32
+    flipped = NLoRALinear.delta(t, NLoRAConfig(fan_in_fan_out=True, **cfg), w.T.contiguous())
+    plain = NLoRALinear.delta(t, NLoRAConfig(fan_in_fan_out=True, **{**cfg, "residual": False}), w.T.contiguous())
+    w32 = w.float()
+    start = w32[:, :2] @ torch.linalg.pinv(w32[:2, :2]) @ w32[:2]
+    torch.testing.assert_close(flipped, plain - start.T)
 
 
 class Experts(nn.Module):
@@ -123,7 +141,7 @@ def test_parameter_dtype_layout_rank_one():
     the normal/swapped shapes or the passed layout altered."""
     torch.manual_seed(0)
     layer = LoRAParameter(Experts((3, 5, 4), torch.float64), LoRAConfig(r=1), "m", "weight")
-    assert layer.lora_A.weight.dtype == torch.float64 and not layer.transposed
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float64 and not layer.transposed
     assert layer.lora_A.weight.shape == (3, 4) and layer.lora_B.weight.shape == (5, 3)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 4, dtype=torch.float64)
@@ -144,3 +162,34 @@ def test_square_stack_delta_uses_the_layers_layout():
     tensors = {k: v.detach() for k, v in layer.adapter_tensors().items()}
     torch.testing.assert_close(layer.delta_weight(), torch.einsum("ore,eri->eoi", tensors["lora_B.weight"].reshape(4, 2, 2),
                                                                   tensors["lora_A.weight"].reshape(2, 2, 4)) * layer.scaling)
+
+
+class Scaled(Experts):
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+def test_parameter_keywords_bf16_rank_one_and_refusals():
+    """Keyword arguments reach the module (adapter on and off); a bf16 parameter folds and merges in bf16; rank 1
+    over one expert keeps its low-rank form; an unreadable stack and a NaN update are refused by name.
+    Catches: kwargs dropped, the casts to W's dtype dropped, max(r, 2), the layout check weakened, messages lost."""
+    torch.manual_seed(0)
+    layer = LoRAParameter(Scaled((3, 5, 4)), LoRAConfig(r=2), "m", "weight")
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer(x, scale=2.0), 2 * layer(x))
+    layer.disabled = True
+    torch.testing.assert_close(layer(x, scale=2.0), 2 * layer(x))
+    w = torch.randn(5, 4, dtype=torch.bfloat16)
+    t = {"lora_A.weight": torch.randn(1, 4), "lora_B.weight": torch.randn(5, 1)}
+    assert fold(w, t, 1, 1.0, False).dtype == torch.bfloat16
+    half = LoRAParameter(Experts((2, 5, 4), torch.bfloat16), LoRAConfig(r=2), "m", "weight")
+    assert half.delta_weight().dtype == torch.bfloat16
+    assert LoRAParameter.low_rank(t, LoRAConfig(r=1)) is not None
+    with pytest.raises(ValueError, match=r"cannot tell the layout of a \(3, 7, 7\) stack from factors for \(3, 5, 4\)"):
+        LoRAParameter.delta({"lora_A.weight": torch.randn(6, 4), "lora_B.weight": torch.randn(5, 6)}, LoRAConfig(r=2),
+                            torch.zeros(3, 7, 7))
+    with torch.no_grad():
+        half.lora_B.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="^module 'm': the adapter's update has NaN or inf; refusing to merge$"):
+        half.merged_layer()
