@@ -92,6 +92,8 @@ def test_nlora_residual_delta_dtype_and_fan_in_fan_out():
     cfg = dict(r=2, lora_alpha=2, residual=True, nystrom_core="pinv")
     got = NLoRALinear.delta(t, NLoRAConfig(**cfg), w)
     assert got.dtype == torch.float32
+    t64 = {k: v.double() for k, v in t.items()}
+    assert NLoRALinear.delta(t64, NLoRAConfig(**cfg), w).dtype == torch.float64  # the fp32 pinv core cast back
     flipped = NLoRALinear.delta(t, NLoRAConfig(fan_in_fan_out=True, **cfg), w.T.contiguous())
     plain = NLoRALinear.delta(t, NLoRAConfig(fan_in_fan_out=True, **{**cfg, "residual": False}), w.T.contiguous())
     w32 = w.float()
