@@ -4,6 +4,7 @@
     python tools/mutation.py all                            # every package, one after the other
     python tools/mutation.py merging --rerun                # the last run's survivors (and every mutant of a function changed since) with the current tests
     python tools/mutation.py init --files src/lorakit/init/eva.py   # one file afresh; the other files' results are kept
+    python tools/mutation.py init --rerun --files src/lorakit/init/eva.py   # that file's survivors; the others' results are kept
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
 pyproject.toml; mutmut writes mutants/ there), and only that package's tests run against its mutants. The
