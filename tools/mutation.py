@@ -4,6 +4,7 @@
     python tools/mutation.py all                            # every package, one after the other
     python tools/mutation.py merging --rerun                # the last run's survivors (and every mutant of a function changed since) with the current tests
     python tools/mutation.py init --files src/lorakit/init/eva.py   # one file afresh; the other files' results are kept
+    python tools/mutation.py init --rerun --files src/lorakit/init/eva.py   # that file's survivors; the others' results are kept
 
 Each package is mutated in its own work folder, build/mutation/<package>/ (a copy of src/, tests/ and
 pyproject.toml; mutmut writes mutants/ there), and only that package's tests run against its mutants. The
@@ -236,18 +237,23 @@ def _earlier_survivors(previous: Path) -> dict[str, list[str]]:
     return earlier
 
 
+def _merge_mutants(report: dict, old: dict) -> None:
+    """The previous run's mutants of the files ``report`` did not run, merged into ``report`` (counts too)."""
+    kept = [m for m in old["mutants"] if not any(fnmatch.fnmatch(m["file"], f) for f in report["mutated"])]
+    report["mutants"] = sorted(kept + report["mutants"], key=lambda m: (old["mutated"].index(m["file"])
+                                                                        if m["file"] in old["mutated"] else len(old["mutated"])))
+    report["counts"] = {}
+    for m in report["mutants"]:
+        report["counts"][m["status"]] = report["counts"].get(m["status"], 0) + 1
+
+
 def _keep_other_files(report: dict, old: dict) -> dict:
     """A fresh run of some of a package's files: the previous run's results for its other files, merged in.
 
     The run time stays the full run's; this run's counts as a rerun. Earlier survivors of the files run again are
     dropped (their mutant names follow the current source, which may have moved)."""
     rerun = set(report["mutated"])
-    kept = [m for m in old["mutants"] if not any(fnmatch.fnmatch(m["file"], f) for f in rerun)]
-    report["mutants"] = sorted(kept + report["mutants"], key=lambda m: (old["mutated"].index(m["file"])
-                                                                        if m["file"] in old["mutated"] else len(old["mutated"])))
-    report["counts"] = {}
-    for m in report["mutants"]:
-        report["counts"][m["status"]] = report["counts"].get(m["status"], 0) + 1
+    _merge_mutants(report, old)
     report["earlier_survivors"] = {n: d for n, d in report["earlier_survivors"].items()
                                    if not any(n.startswith(f[4:-3].replace("/", ".") + ".") for f in rerun)}
     first = [f for f in report["mutated"] if f not in old["mutated"]]
@@ -334,6 +340,9 @@ def run(package: str, max_children: int, files: list[str] | None = None, rerun: 
         report = _keep_other_files(report, json.loads(previous.read_text()))
     if rerun:  # the run time of the whole package, and of the survivors' rerun
         last = json.loads(previous.read_text())
+        if files and set(last["mutated"]) - set(files):  # a rerun of some files (--files): keep the others' results
+            _merge_mutants(report, last)
+            report["mutated"] = last["mutated"]
         report["seconds"], report["rerun_seconds"] = last["seconds"], last.get("rerun_seconds", 0) + report["seconds"]
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / f".{package}.json.tmp"
