@@ -4,16 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-
-def ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one value)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), 0.0
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+from common import ci  # mean and 95% t-interval half-width
 
 
 def accuracy(result: dict, row: str) -> tuple[float, float]:

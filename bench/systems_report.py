@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from compression_report import ci
+from common import ci
 
 from lorakit.plots import save
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compression_report import ci  # mean and 95% t-interval half-width
+from common import ci  # mean and 95% t-interval half-width
 
 ROWS = {
     "transferred": "target + Trans-LoRA adapter (synthetic data only)",
