@@ -15,38 +15,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit.tiny_models import MOE_EXPERTS as EXPERTS, tiny_moe
 
 ATOL = 1e-5
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
-
-
-def _gpt_oss():
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    return GptOssForCausalLM(GptOssConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
-
-
-def _qwen3_moe():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64))
-
-
-MODELS = {"mixtral": _mixtral, "gpt_oss": _gpt_oss, "qwen3_moe": _qwen3_moe}
 _BASES: dict = {}
 CASES = {
     "mixtral-experts": ("mixtral", dict(target_modules=["q_proj"], target_parameters=EXPERTS)),
@@ -60,8 +33,7 @@ CASES = {
 def base(name: str):
     """A fresh copy of the seeded tiny MoE model ``name``."""
     if name not in _BASES:
-        torch.manual_seed(0)
-        _BASES[name] = MODELS[name]().eval()
+        _BASES[name] = tiny_moe(name)
     return copy.deepcopy(_BASES[name]).eval()
 
 
@@ -187,3 +159,13 @@ def test_bfloat16_as_peft(tmp_path):
     saved = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in load_file(
         str(tmp_path / "adapter_model.safetensors")).items()}
+
+
+def test_tiny_moe_is_seeded_and_leaves_the_random_state_alone():
+    before = torch.random.get_rng_state()
+    a, b = tiny_moe("mixtral", seed=1), tiny_moe("mixtral", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(tiny_moe("mixtral", seed=2).lm_head.weight, a.lm_head.weight)
+    with pytest.raises(ValueError, match="unknown kind 'llama'"):
+        tiny_moe("llama")

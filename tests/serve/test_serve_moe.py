@@ -6,51 +6,20 @@ import pytest
 import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.tiny_models import MOE_EXPERTS as EXPERTS, MOE_KINDS, tiny_moe
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35], [1, 40, 41, 42], [1, 50, 51, 52, 53, 54]]
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def _mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
-
-
-def _qwen3_moe():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=260, hidden_size=16, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64))
-
-
-def _gpt_oss():
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    return GptOssForCausalLM(GptOssConfig(
-        vocab_size=260, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
-
-
-MODELS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss}
 
 
 def base(name):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return MODELS[name]().eval()
+    return tiny_moe(name, vocab_size=260)
 
 
 def greedy(n=6):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name", MOE_KINDS)
 def test_expert_adapters_serve_peft_tokens_in_mixed_batches(tmp_path, model_name):
     from peft import LoraConfig, PeftModel, get_peft_model
 
