@@ -1,6 +1,7 @@
 """lorakit: low-rank adapters for PyTorch and Hugging Face models, in PEFT's format."""
 from __future__ import annotations
 
+from . import _quiet  # noqa: F401  (first: quiets optional-kernel notes of the imports below)
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .core.adapter import Adapter, AdapterShapeError, ModulesToSave
 from .core.apply import adapters, apply, config_of, disabled, merge, trainable_parameters, unwrap
