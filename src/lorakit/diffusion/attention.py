@@ -5,8 +5,12 @@ block is open. A probe computes attention exactly as diffusers' ``AttnProcessor`
 explicit, so that they can be recorded (with their gradient) and steered: the composer may add a bias to the scores
 and rewrite a cross-attention layer's output. Each LoRA's concept is the word (default: the adapter's name) that
 names it in the prompt; its token positions come from the pipeline's tokenizer. Methods that move the latent work
-on the pipeline's latent itself, which the denoiser sees repeated once per guidance branch; they need a scheduler
-that feeds it unscaled (DDIM, DDPM, PNDM, DPM-Solver, UniPC), and refuse another.
+on the denoiser's input, which the denoiser sees repeated once per guidance branch: the pipeline's latent times the
+scheduler's ``scale_model_input`` factor (1 for DDIM, DDPM, PNDM, DPM-Solver, UniPC and flow-matching Euler;
+1 / sqrt(sigma^2 + 1) for Euler and Euler ancestral), the space Stable Diffusion's latent x_t lives in whatever the
+scheduler; the scheduler then steps from that latent mapped back. Second-order schedulers (Heun, KDPM2) are refused.
+Denoisers: UNets and DiTs built from diffusers' ``Attention`` (cross-attention as in PixArt, or SD3's joint attention,
+whose image-query x text-key block is the cross-attention map); others are refused with the layer that fails.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import torch
 from .compose import Composer
 
 
+SUPPORTED = ("AttnProcessor", "AttnProcessor2_0", "JointAttnProcessor2_0")  # softmax(QK^T / sqrt d) V, as the probe
+
+
 class Probe:
     """An attention processor that records probabilities and lets its composer steer scores and outputs."""
 
@@ -25,6 +32,8 @@ class Probe:
         self.owner = owner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            return self.joint(attn, hidden_states, encoder_hidden_states)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -39,8 +48,8 @@ class Probe:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         grid = self.owner.grid(positions)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        query = heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        key, value = heads(attn, attn.to_k(context), attn.norm_k), heads(attn, attn.to_v(context))
         bias = None if cross else self.owner.self_bias(grid)  # (positions, positions) or None
         if bias is not None:
             attention_mask = bias[None] if attention_mask is None else attention_mask + bias
@@ -48,12 +57,81 @@ class Probe:
         self.owner.record(cross, grid, probs.unflatten(0, (batch, -1)))
         out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
         if cross:
-            out = self.owner.rewrite(attn, query, context, out, grid)
+            def attend(name):  # this layer's attention output (before to_out) with LoRA ``name`` alone on K and V
+                k = heads(attn, project(attn.to_k, context, name), attn.norm_k)
+                p = attn.get_attention_scores(query, k, attention_mask)
+                v = heads(attn, project(attn.to_v, context, name))
+                return attn.batch_to_head_dim(torch.bmm(p, v)), p.unflatten(0, (batch, -1))
+
+            out = self.owner.rewrite(attn, out, grid, attend)
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def joint(self, attn, hidden, context):
+        """SD3-style joint attention: image and text tokens in one softmax (``JointAttnProcessor2_0``'s maths).
+
+        The cross-attention map recorded is the image-query x text-key block renormalised over the text keys (the
+        softmax of those scores alone), the self-attention map the image x image block renormalised likewise; a
+        self-attention bias applies to the image x image block."""
+        batch, positions, _ = hidden.shape
+        grid = self.owner.grid(positions)
+        q, k, v = (heads(attn, attn.to_q(hidden), attn.norm_q), heads(attn, attn.to_k(hidden), attn.norm_k),
+                   heads(attn, attn.to_v(hidden)))
+        cq, ck, cv = (heads(attn, attn.add_q_proj(context), attn.norm_added_q),
+                      heads(attn, attn.add_k_proj(context), attn.norm_added_k), heads(attn, attn.add_v_proj(context)))
+        query, key, value = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        scores = torch.bmm(query, key.transpose(1, 2)) * attn.scale  # (batch * heads, P + T, P + T)
+        bias = self.owner.self_bias(grid)
+        if bias is not None:
+            scores[:, :positions, :positions] += bias
+        self.owner.record(False, grid, scores[:, :positions, :positions].softmax(-1).unflatten(0, (batch, -1)))
+        self.owner.record(True, grid, scores[:, :positions, positions:].softmax(-1).unflatten(0, (batch, -1)))
+        out = attn.batch_to_head_dim(torch.bmm(scores.softmax(-1), value))
+        image, text = out[:, :positions], out[:, positions:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        image = attn.to_out[1](attn.to_out[0](image))
+
+        def attend(name):  # image queries over [image keys, text keys and values with LoRA ``name`` alone]
+            ck_i = heads(attn, project(attn.add_k_proj, context, name), attn.norm_added_k)
+            s = torch.bmm(q, torch.cat([k, ck_i], 1).transpose(1, 2)) * attn.scale
+            if bias is not None:
+                s[:, :, :positions] += bias
+            o = torch.bmm(s.softmax(-1), torch.cat([v, heads(attn, project(attn.add_v_proj, context, name))], 1))
+            return attn.batch_to_head_dim(o), s[:, :, positions:].softmax(-1).unflatten(0, (batch, -1))
+
+        return self.owner.rewrite(attn, image, grid, attend), text
+
+
+def heads(attn, x: torch.Tensor, norm=None) -> torch.Tensor:
+    """(batch, tokens, heads * d) -> (batch * heads, tokens, d), then the layer's per-head norm if it has one."""
+    x = attn.head_to_batch_dim(x)
+    return x if norm is None else norm(x)
+
+
+def check_attention(denoiser, method: str) -> None:
+    """Refuse a denoiser whose attention the probes cannot reproduce exactly, or that has no cross-attention."""
+    from diffusers.models.attention_processor import Attention
+
+    modules = dict(denoiser.named_modules())
+    crossing = False
+    for name, processor in denoiser.attn_processors.items():
+        layer, kind = modules.get(name.rsplit(".processor", 1)[0]), type(processor).__name__
+        if not isinstance(layer, Attention):
+            raise ValueError(f"{method}: {type(denoiser).__name__}'s attention layer {name!r} is a "
+                             f"{type(layer).__name__}, not diffusers' Attention (e.g. Flux's single-stream blocks, "
+                             f"where text and image tokens form one sequence); the attention probes cannot read it")
+        if kind not in SUPPORTED:
+            raise ValueError(f"{method}: attention layer {name!r} uses {kind}, which does not compute "
+                             f"softmax(QK^T / sqrt d) V as {', '.join(SUPPORTED)} do; the probes would change the "
+                             f"network's output")
+        crossing |= layer.is_cross_attention or kind == "JointAttnProcessor2_0"
+    if not crossing:
+        raise ValueError(f"{method} steers the attention from image to prompt tokens; {type(denoiser).__name__} has "
+                         f"no cross-attention or joint text-image attention layer (a class-conditional DiT?)")
 
 
 def project(layer, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
@@ -97,16 +175,17 @@ class AttentionComposer(Composer):
         self.concept_words = words
 
     def bind(self, pipe, denoiser):
-        from diffusers import UNet2DConditionModel
-
-        if not isinstance(denoiser, UNet2DConditionModel):
-            raise ValueError(f"{self.name} steers a UNet's cross-attention (Stable Diffusion 1.x/2.x/XL and the like); "
-                             f"this pipeline's denoiser is a {type(denoiser).__name__}")
+        check_attention(denoiser, self.name)
+        if self.moves_latent() and getattr(pipe.scheduler, "order", 1) > 1:
+            raise ValueError(f"{self.name} moves the latent between steps; {type(pipe.scheduler).__name__} is a "
+                             f"second-order scheduler (two denoiser calls per step, the second from the scheduler's "
+                             f"own intermediate latent); use a first-order one (DDIM, Euler, flow-matching Euler, "
+                             f"DPM-Solver, UniPC)")
         if not self.prompts:
             raise ValueError(f"{self.name} needs the prompt to find each LoRA's concept tokens: "
                              f"compose(pipe, names, {self.name!r}, prompt=...)")
         self.tokens = [[token_positions(pipe.tokenizer, p, w) for w in self.concept_words] for p in self.prompts]
-        self.denoiser = denoiser
+        self.denoiser, self.scheduler = denoiser, pipe.scheduler
         self.saved = denoiser.attn_processors
         denoiser.set_attn_processor(Probe(self))
         self.recording = False
@@ -136,9 +215,15 @@ class AttentionComposer(Composer):
         """An additive bias on self-attention scores (positions, positions) on this grid, or None."""
         return None
 
-    def rewrite(self, attn, query, context, out, grid) -> torch.Tensor:
-        """A cross-attention layer's output (batch, positions, channels), changed or not."""
+    def rewrite(self, attn, out, grid, attend) -> torch.Tensor:
+        """A cross-attention layer's image output (batch, positions, channels), changed or not; ``attend(name)`` gives
+        the layer's attention output before ``to_out`` with LoRA ``name`` alone on the text keys and values, and
+        those probabilities (batch, heads, positions, text tokens)."""
         return out
+
+    def moves_latent(self) -> bool:
+        """Whether this configuration changes the latent the scheduler steps from."""
+        return True
 
     # the latent and the recorded maps
     def latent(self) -> tuple[torch.Tensor, int]:
@@ -172,16 +257,23 @@ class AttentionComposer(Composer):
         want = self.attn_res or self.sample.shape[-1] // 4
         return next((g for g in grids if g[1] == want), grids[-1])
 
-    def update_latents(self, latents):
+    def update_latents(self, latents, timestep):
+        """The moved latent in the scheduler's space: the update is made on the denoiser's input x_in = c x (c from
+        ``scale_model_input``: 1 for DDIM and flow matching, 1 / sqrt(sigma^2 + 1) for Euler), so x' = x + dx_in / c."""
         if self.pending is None:
             return latents
         seen, moved = self.pending
         self.pending = None
-        if not torch.equal(latents, seen):
-            raise ValueError(f"{self.name} moves the latent, and needs a scheduler that gives the denoiser the latent "
-                             f"unscaled (DDIM, DDPM, PNDM, DPM-Solver, UniPC); "
-                             f"{type(self.denoiser).__name__}'s input differed from the latent stepped")
-        return moved
+        scale_input = getattr(self.scheduler, "scale_model_input", None)
+        scaled, c = latents, 1.0
+        if scale_input is not None:
+            scaled = scale_input(latents.clone(), timestep)
+            c = scale_input(torch.ones((), dtype=latents.dtype, device=latents.device), timestep)
+        if not torch.equal(scaled, seen) or not torch.allclose(scaled, latents * c, rtol=1e-5, atol=1e-6):
+            raise ValueError(f"{self.name} moves the latent, and needs the denoiser's input to be the stepped latent "
+                             f"times the scheduler's scale_model_input factor; {type(self.scheduler).__name__}'s "
+                             f"input to {type(self.denoiser).__name__} differed from that")
+        return latents + (moved - seen) / c
 
 
 def images_mean(maps: Sequence[torch.Tensor], n: int) -> torch.Tensor:

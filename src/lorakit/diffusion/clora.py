@@ -67,6 +67,9 @@ class CLoRA(AttentionComposer):
         super().reset(total_steps)
         self.losses: list[tuple[int, float]] = []  # (step, loss before each latent update)
 
+    def moves_latent(self):
+        return self.step_size > 0
+
     def branches(self) -> list[tuple[list[str], list[float], int]]:
         """(adapters, weights, concept index or -1 for the base) per branch."""
         loras = [([a], [w], i) for i, (a, w) in enumerate(zip(self.adapters, self.weights))]

@@ -129,7 +129,7 @@ class LoRAComposer(AttentionComposer):
         hidden = boxed[:, None] & boxed[None, :] & ~shared
         return hidden.float() * -1e6
 
-    def rewrite(self, attn, query, context, out, grid):
+    def rewrite(self, attn, out, grid, attend):
         if not self.regions:
             return out
         masks = self.region_masks(grid).to(out)  # (regions, P)
@@ -137,11 +137,9 @@ class LoRAComposer(AttentionComposer):
         new = out * (count == 0)[None, :, None]
         for r, i in enumerate(self.regions):
             name = self.adapters[i]
-            key = attn.head_to_batch_dim(project(attn.to_k, context, name))
-            value = attn.head_to_batch_dim(project(attn.to_v, context, name))
-            probs = attn.get_attention_scores(query, key, None)
-            self.record("region", (grid, r), probs.unflatten(0, (out.shape[0], -1)))
-            o = attn.to_out[1](project(attn.to_out[0], attn.batch_to_head_dim(torch.bmm(probs, value)), name))
+            o, probs = attend(name)
+            self.record("region", (grid, r), probs)
+            o = attn.to_out[1](project(attn.to_out[0], o, name))
             new = new + o * (masks[r] / count.clamp_min(1))[None, :, None]
         return new
 
