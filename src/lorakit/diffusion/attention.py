@@ -117,8 +117,11 @@ def check_attention(denoiser, method: str) -> None:
     from diffusers.models.attention_processor import Attention
 
     modules = dict(denoiser.named_modules())
+    processors = getattr(denoiser, "attn_processors", None)
+    if processors is None:  # no processor API (DiTTransformer2DModel): look at its attention layers all the same
+        processors = {f"{n}.processor": m.processor for n, m in modules.items() if isinstance(m, Attention)}
     crossing = False
-    for name, processor in denoiser.attn_processors.items():
+    for name, processor in processors.items():
         layer, kind = modules.get(name.rsplit(".processor", 1)[0]), type(processor).__name__
         if not isinstance(layer, Attention):
             raise ValueError(f"{method}: {type(denoiser).__name__}'s attention layer {name!r} is a "
@@ -132,6 +135,8 @@ def check_attention(denoiser, method: str) -> None:
     if not crossing:
         raise ValueError(f"{method} steers the attention from image to prompt tokens; {type(denoiser).__name__} has "
                          f"no cross-attention or joint text-image attention layer (a class-conditional DiT?)")
+    if not hasattr(denoiser, "set_attn_processor"):
+        raise ValueError(f"{method}: {type(denoiser).__name__} has no set_attn_processor to install the probes with")
 
 
 def project(layer, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..core.registry import Registry
+from .adapters import activate
 from .files import denoiser_of
 from .shapes import SIZE
 
@@ -138,11 +139,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         def run(names: Sequence[str], scales: Sequence[float], on=None, rows=None) -> torch.Tensor:
             stats.evaluations += 1
             stats.calls.append((step, tuple(names), tuple(scales)))
-            if names:
-                denoiser.enable_adapters()
-                denoiser.set_adapters(list(names), list(scales))
-            else:
-                denoiser.disable_adapters()
+            activate(denoiser, names, scales)
             again = signature.bind(*args, **kwargs)
             if rows is not None:  # ``on``, when given with rows, holds those rows already; the timestep is cut too
                 again.arguments.update({k: _rows(v, sample.shape[0], rows) for k, v in again.arguments.items()})
@@ -164,8 +161,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         del denoiser.forward  # the instance attribute goes; the class's forward shows again
         del scheduler.step
         composer.unbind()
-        denoiser.enable_adapters()
-        denoiser.set_adapters(composer.adapters, composer.weights)
+        activate(denoiser, composer.adapters, composer.weights)
     stats.steps += 1
 
 

@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .adapters import activate
 from .attention import AttentionComposer, images_mean, project
 from .compose import COMPOSERS, check_layout
 
@@ -102,7 +103,7 @@ class LoRAComposer(AttentionComposer):
         self.size = tuple(denoiser.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
         self.layout = check_layout(self.layout, len(self.adapters), self.size[0])
         super().bind(pipe, denoiser)
-        denoiser.set_adapters(self.adapters, self.weights)  # every LoRA's scale, used when injected alone
+        activate(denoiser, self.adapters, self.weights)  # every LoRA's scale, used when injected alone
         full = (0, 0, self.size[1], self.size[0])
         self.regions = [i for i, b in enumerate(self.layout) if tuple(b) != full]
         self.background = [i for i in range(len(self.adapters)) if i not in self.regions]
