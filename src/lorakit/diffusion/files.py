@@ -47,6 +47,12 @@ def save_lora(pipe, adapter_name: str, directory: str | Path, overwrite: bool = 
     from peft.utils import get_peft_model_state_dict
 
     denoiser, component = denoiser_of(pipe)
+    if kohya and (component != "unet" or not hasattr(type(pipe), "lora_state_dict")):
+        raise ValueError(f"kohya-style files are written for UNet pipelines with diffusers' LoRA loader (Stable "
+                         f"Diffusion, SDXL); {type(pipe).__name__}'s {component} has no kohya layout diffusers reads "
+                         f"back as written")
+    if adapter_name not in (getattr(denoiser, "peft_config", None) or {}):
+        raise KeyError(f"no LoRA {adapter_name!r} in the pipeline's {component}")
     target = Path(directory) / WEIGHT_NAME
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
@@ -69,10 +75,6 @@ def _save_kohya(pipe, adapter: str, state: dict, directory: Path) -> None:
     from safetensors.torch import save_file
 
     denoiser, component = denoiser_of(pipe)
-    if component != "unet" or not hasattr(type(pipe), "lora_state_dict"):
-        raise ValueError(f"kohya-style files are written for UNet pipelines with diffusers' LoRA loader (Stable "
-                         f"Diffusion, SDXL); {type(pipe).__name__}'s {component} has no kohya layout diffusers reads "
-                         f"back as written")
     modules = dict(denoiser.named_modules())
     for key in state:
         if key.endswith(".lora_magnitude_vector") or ".lora_embedding" in key:
