@@ -262,3 +262,39 @@ def test_denoisers_the_probes_cannot_read_are_refused():
                                 num_attention_heads=2, out_channels=4)
     with pytest.raises(ValueError, match="no cross-attention or joint text-image attention"):
         check_attention(dit, "lora_composer")
+
+
+def _diffuse(capsys, *argv):
+    from lorakit.cli import main
+
+    code = main(["diffuse", *map(str, argv)])
+    return code, capsys.readouterr()
+
+
+def test_diffuse_command_on_a_dit_directory(dit_files, tmp_path, capsys):
+    from PIL import Image
+
+    _, _, files, model = dit_files
+    out = tmp_path / "out.png"
+    code, captured = _diffuse(capsys, "--model", model, "--lora", files[0].parent, "--lora", files[1].parent,
+                              "--method", "lora_composer", "--layout", "0,0,8,16;8,0,16,16", "--prompt", PROMPT,
+                              "--steps", 2, "-o", out)
+    assert code == 0, captured.err
+    assert Image.open(out).size == (16, 16) and "lora_composer, 2 LoRAs" in captured.out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "blend"], "unknown composition method 'blend'"),
+    (["--prompt", "cross"], "2 LoRAs but the prompt 'cross' has 1 token"),
+    (["--method", "lora_composer", "--layout", "0,0,8,16;8,0,17,16"], "layout box 2 (8,0,17,16) is outside the 16x16"),
+    (["--unet-lora"], "LoRA made for another network: no tensors for a transformer"),
+])
+def test_diffuse_user_errors_on_a_dit(dit_files, lora_files, tmp_path, capsys, extra, message):
+    _, _, files, model = dit_files
+    loras = [files[0].parent, files[1].parent]
+    if extra == ["--unet-lora"]:  # a LoRA of the testbed's UNet given to a transformer
+        loras, extra = [lora_files[1]["cross"], files[1].parent], []
+    argv = ["--model", model, "--lora", loras[0], "--lora", loras[1], "--prompt", PROMPT, "-o", tmp_path / "o.png"]
+    code, captured = _diffuse(capsys, *argv, *extra)
+    assert code == 2 and message in captured.err and "Traceback" not in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1

@@ -70,13 +70,16 @@ def load_pipeline(model: str | Path):
     index = model / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
-    if json.loads(index.read_text()).get("_class_name") == "ConceptPipeline":
+    spec = json.loads(index.read_text())
+    if spec.get("_class_name") == "ConceptPipeline":
         from .pipeline import ConceptPipeline
 
         return ConceptPipeline.from_pretrained(model)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model)
+    # components saved as absent (e.g. SD3 without its T5 encoder) are passed as None, as they were built
+    absent = {k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]}
+    return DiffusionPipeline.from_pretrained(model, **absent)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -141,6 +141,10 @@ def check_lora(pipe, state: dict[str, torch.Tensor], path: str | Path = "LoRA") 
 
     prefix = component + "."
     peft = convert_unet_state_dict_to_peft({k: v for k, v in state.items() if k.startswith(prefix)})
+    if not peft:
+        found = sorted({k.split(".", 1)[0] for k in state})
+        raise ValueError(f"{path}: LoRA made for another network: no tensors for a {component} (this pipeline's "
+                         f"denoiser); the file adapts {', '.join(found)}")
     for key, tensor in peft.items():
         side = next((sd for suffix, sd in _FACTORS.items() if key.endswith(suffix)), None)
         if side is None:
