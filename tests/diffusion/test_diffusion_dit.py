@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lorakit.diffusion import compose, load_loras, save_lora
-from lorakit.diffusion.adapters import activate, add_adapter
+from lorakit.diffusion.adapters import activate
 from lorakit.diffusion.attention import Probe
 from lorakit.diffusion.gates import Gates
-from lorakit.diffusion.tiny import BUILDERS, generate_kwargs
+from lorakit.diffusion.tiny import BUILDERS, add_random_loras, generate_kwargs
 
 NAMES = ["cross", "yellow"]
 PROMPT = "yellow cross"
@@ -21,16 +21,7 @@ LEFT, CORNER = (0, 0, 8, 16), (8, 8, 16, 16)  # pixels of the 16x16 image; on th
 
 
 def make_loras(pipe, kind: str) -> None:
-    from peft import LoraConfig
-
-    for i, name in enumerate(NAMES):
-        torch.manual_seed(10 + i)
-        add_adapter(pipe.transformer, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
-                                                 target_modules=BUILDERS[kind][1]), name)
-        with torch.no_grad():
-            for n, p in pipe.transformer.named_parameters():
-                if f".{name}." in n:
-                    p.mul_(0.5)
+    add_random_loras(pipe, kind, NAMES)
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

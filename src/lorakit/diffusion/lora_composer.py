@@ -23,6 +23,11 @@ hides it, so that coinciding boxes attend nowhere inside themselves); boxes are 
 snapped to attention cells as the official code does (ceil start, floor end); a box narrower than one attention
 cell is refused; top-k takes at least one cell; the loss is summed over a batch's images (each latent moves by its
 own loss) and refining stops per image; without T2I-Adapter image conditions.
+Beyond the paper (a Stable Diffusion UNet): on diffusion transformers with cross-attention the same rule applies to
+their cross-attention layers; on joint attention (SD3), which has no separate cross-attention, a box's image queries
+attend over the image keys and LoRA i's text keys and values (``add_k_proj``/``add_v_proj``, LoRA i alone) through
+LoRA i's output projection, the text stream is left as is, and isolation masks the image x image block. Under
+Euler-type schedulers the latent steps are taken on the denoiser's input (attention.py).
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import activate
-from .attention import AttentionComposer, images_mean, project
+from .attention import AttentionComposer, images_mean
 from .compose import COMPOSERS, check_layout
+from .probes import project
 
 
 def cells(box, size, grid) -> tuple[int, int, int, int]:

@@ -76,8 +76,25 @@ def _ready(pipe):
 BUILDERS = {"pixart": (build_pixart, PIXART_TARGETS), "sd3": (build_sd3, SD3_TARGETS)}
 
 
+def add_random_loras(pipe, kind: str, names, seed: int = 10, scale: float = 0.5) -> None:
+    """Add LoRAs ``names`` (r=2, alpha=4, random non-zero factors scaled by ``scale``) to a tiny ``kind`` pipeline."""
+    from peft import LoraConfig
+
+    from .adapters import add_adapter
+
+    for i, name in enumerate(names):
+        torch.manual_seed(seed + i)
+        add_adapter(pipe.transformer, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                 target_modules=BUILDERS[kind][1]), name)
+        with torch.no_grad():
+            for n, p in pipe.transformer.named_parameters():
+                if f".{name}." in n:
+                    p.mul_(scale)
+
+
 def generate_kwargs(pipe) -> dict:
-    """Call arguments a tiny DiT pipeline needs besides the prompt (its native size; PixArt without binning)."""
+    """Call arguments for generating at the denoiser's native size: PixArt's resolution binning off (it would resize
+    to the pretrained resolutions' bins)."""
     import inspect
 
     kwargs = {}
