@@ -239,6 +239,28 @@ def test_autolora_one_hot_gates_are_one_lora_and_constant_gates_the_merge(dit, h
     torch.testing.assert_close(ours, generate(pipe), rtol=0, atol=1e-5)
 
 
+def test_lora_for_a_wider_dit_names_the_shapes(dit_files, tmp_path):
+    kind, maker, _, _ = dit_files
+    config = dict(maker.transformer.config)
+    config.update(num_attention_heads=3, **({"caption_projection_dim": 24} if kind == "sd3" else {}))
+    wide = type(maker)(**{**BUILDERS[kind][0]().components, "transformer": type(maker.transformer)(**config)})
+    add_random_loras(wide, kind, ["alien"])
+    path = save_lora(wide, "alien", tmp_path / "alien")
+    pipe = BUILDERS[kind][0]()
+    with pytest.raises(ValueError, match=r"another network: transformer_blocks\.0\..* has shape \(2, 24\) \(input 24\)"
+                                         r", the network's .* \(input 16\)"):
+        load_loras(pipe, [path])
+    assert not (getattr(pipe.transformer, "peft_config", None) or {})  # refused before anything was loaded
+
+
+def test_gate_training_refuses_a_dit(dit):
+    from lorakit.diffusion.autolora_train import train_gates
+
+    pipe, names = dit
+    with pytest.raises(ValueError, match="testbed's concept scenes"):
+        train_gates(pipe, names, steps=1)
+
+
 def test_denoisers_the_probes_cannot_read_are_refused():
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
