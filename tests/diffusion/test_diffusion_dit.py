@@ -12,7 +12,7 @@ from lorakit.diffusion import compose, load_loras, save_lora
 from lorakit.diffusion.adapters import activate
 from lorakit.diffusion.attention import Probe
 from lorakit.diffusion.gates import Gates
-from lorakit.diffusion.tiny import BUILDERS, add_random_loras, generate_kwargs
+from lorakit.diffusion.tiny import BUILDERS, add_random_loras, build_flux, generate_kwargs
 
 NAMES = ["cross", "yellow"]
 PROMPT = "yellow cross"
@@ -259,6 +259,41 @@ def test_gate_training_refuses_a_dit(dit):
     pipe, names = dit
     with pytest.raises(ValueError, match="testbed's concept scenes"):
         train_gates(pipe, names, steps=1)
+
+
+def test_flux_composes_with_the_methods_that_leave_attention_alone():
+    pipe = build_flux()
+    add_random_loras(pipe, "flux", NAMES)
+    size = {"height": 16, "width": 16, "max_sequence_length": 8}
+    with compose(pipe, NAMES, "merge", [0.5, 1.5]):
+        merged = generate(pipe, **size)
+    activate(pipe.transformer, NAMES, [0.5, 1.5])
+    torch.testing.assert_close(merged, generate(pipe, **size), rtol=0, atol=1e-6)
+    with compose(pipe, NAMES, "composite") as stats:
+        ours = generate(pipe, **size)
+    outs = []
+    for name in NAMES:  # one Euler step is linear in the prediction: the step from the mean is the mean step
+        activate(pipe.transformer, [name])
+        outs.append(generate(pipe, steps=1, **size))
+    with compose(pipe, NAMES, "composite"):
+        torch.testing.assert_close(generate(pipe, steps=1, **size), torch.stack(outs).mean(0), rtol=0, atol=1e-5)
+    assert stats.evaluations == 6 and not torch.allclose(ours, merged, atol=1e-4)
+    with compose(pipe, NAMES, "switch", every=1) as stats:
+        switched = generate(pipe, **size)
+    assert [c[1] for c in stats.calls] == [("cross",), ("cross",), ("yellow",)] and torch.isfinite(switched).all()
+    with compose(pipe, NAMES, "autolora", gates=Gates.for_denoiser(pipe.transformer, NAMES)):  # untrained: merge
+        torch.testing.assert_close(generate(pipe, **size), generate_merged(pipe, size), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="packed tokens without an image grid"):
+        with compose(pipe, NAMES, "cmlora"):
+            generate(pipe, **size)
+    with pytest.raises(ValueError, match="FluxAttention, not diffusers' Attention"):
+        with compose(pipe, NAMES, "clora", prompt=PROMPT):
+            pass
+
+
+def generate_merged(pipe, size):
+    activate(pipe.transformer, NAMES, [1.0, 1.0])
+    return generate(pipe, **size)
 
 
 def test_denoisers_the_probes_cannot_read_are_refused():

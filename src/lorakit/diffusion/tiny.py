@@ -3,7 +3,7 @@
 ``build_pixart`` is a ``PixArtAlphaPipeline``: a ``PixArtTransformer2DModel`` with self- and cross-attention, a T5
 encoder, DDIM. ``build_sd3`` is a ``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel`` whose attention is joint
 (image and text tokens in one softmax), two CLIP encoders (no T5: the pipeline feeds zeros in its place),
-flow-matching Euler. Both take the testbed's word-level tokenizer and make 16x16 images from 8x8x4 latents (2x2
+flow-matching Euler. ``build_flux`` is a ``FluxPipeline`` (packed latents; generate it at height=width=16). Both take the testbed's word-level tokenizer and make 16x16 images from 8x8x4 latents (2x2
 patches: a 4x4 token grid). They exist for tests and the DiT timing benchmark; nothing here is trained.
 """
 from __future__ import annotations
@@ -73,7 +73,28 @@ def _ready(pipe):
     return pipe
 
 
-BUILDERS = {"pixart": (build_pixart, PIXART_TARGETS), "sd3": (build_sd3, SD3_TARGETS)}
+def build_flux(seed: int = 0):
+    """A tiny Flux pipeline (double- and single-stream blocks on ``FluxAttention``, packed latents, flow matching)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                        projection_dim=32, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, decoder_start_token_id=0))
+    return _ready(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=clip,
+                               tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=build_tokenizer(),
+                               transformer=transformer))
+
+
+BUILDERS = {"pixart": (build_pixart, PIXART_TARGETS), "sd3": (build_sd3, SD3_TARGETS)}  # every method runs on these
+TARGETS = {"pixart": PIXART_TARGETS, "sd3": SD3_TARGETS, "flux": PIXART_TARGETS}
 
 
 def add_random_loras(pipe, kind: str, names, seed: int = 10, scale: float = 0.5) -> None:
@@ -85,7 +106,7 @@ def add_random_loras(pipe, kind: str, names, seed: int = 10, scale: float = 0.5)
     for i, name in enumerate(names):
         torch.manual_seed(seed + i)
         add_adapter(pipe.transformer, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
-                                                 target_modules=BUILDERS[kind][1]), name)
+                                                 target_modules=TARGETS[kind]), name)
         with torch.no_grad():
             for n, p in pipe.transformer.named_parameters():
                 if f".{name}." in n:
