@@ -29,9 +29,6 @@ from .compose import COMPOSERS, Composer
 
 def high_frequency_share(delta: torch.Tensor) -> float:
     """Share of the 2-D spectral energy of ``delta`` (..., H, W) above half the Nyquist radius."""
-    if delta.dim() < 4:
-        raise ValueError(f"cmlora orders LoRAs by the 2-D spectrum of their effect on the prediction; this denoiser "
-                         f"predicts shape {tuple(delta.shape)}, packed tokens without an image grid (e.g. Flux)")
     power = torch.fft.fft2(delta.float()).abs().square().sum(dim=tuple(range(delta.dim() - 2)))
     fy = torch.fft.fftfreq(delta.shape[-2]).abs()[:, None]
     fx = torch.fft.fftfreq(delta.shape[-1]).abs()[None, :]
@@ -68,6 +65,10 @@ class CMLoRA(Composer):
         fresh = set()
         if not self.order:
             base = run([], [])
+            if base.dim() < 4:
+                raise ValueError(f"cmlora orders LoRAs by the 2-D spectrum of their effect on the prediction; this "
+                                 f"denoiser predicts shape {tuple(base.shape)}, packed tokens without an image grid "
+                                 f"(e.g. Flux)")
             for i in range(n):
                 self.cached[self.slot, i] = run([self.adapters[i]], [self.weights[i]])
                 fresh.add(i)

@@ -110,7 +110,11 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
                        f"{', '.join(sorted(loaded)) or '(none)'} (load it with load_lora_weights)")
     original = denoiser.forward
     signature = inspect.signature(original)
-    first = next(iter(signature.parameters))  # the noisy input: ``sample`` (UNet) or ``hidden_states`` (DiT)
+    first = next(iter(signature.parameters), None)  # the noisy input: ``sample`` (UNet) or ``hidden_states`` (DiT)
+    if first is None or signature.parameters[first].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD \
+            or "timestep" not in signature.parameters:
+        raise TypeError(f"the pipeline's {component} forward{signature} does not name its noisy input first and a "
+                        f"timestep argument, as diffusers' UNets and transformers do")
     stats = Stats(composer=composer)
     seen = {"t": None}
     scheduler = pipe.scheduler
