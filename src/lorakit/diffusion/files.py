@@ -57,14 +57,16 @@ def save_lora(pipe, adapter_name: str, directory: str | Path, overwrite: bool = 
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    metadata = denoiser.peft_config[adapter_name].to_dict()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if kohya:
             _save_kohya(pipe, adapter_name, {f"{component}.{k}": v for k, v in state.items()}, Path(tmp))
-        else:  # diffusers' own writer, the one every pipeline's save_lora_weights calls
-            LoraBaseMixin._save_lora_weights(tmp, {component: state},
-                                             {component: denoiser.peft_config[adapter_name].to_dict()},
-                                             weight_name=WEIGHT_NAME)
+        elif hasattr(type(pipe), "save_lora_weights"):
+            type(pipe).save_lora_weights(tmp, **{f"{component}_lora_layers": state,
+                                                 f"{component}_lora_adapter_metadata": metadata})
+        else:  # no saver on this pipeline (PixArt): the writer every pipeline's save_lora_weights calls
+            LoraBaseMixin._save_lora_weights(tmp, {component: state}, {component: metadata}, weight_name=WEIGHT_NAME)
         os.replace(Path(tmp) / WEIGHT_NAME, target)
     return target
 
