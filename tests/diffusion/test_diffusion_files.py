@@ -85,3 +85,50 @@ def test_save_refuses_to_overwrite(lora_files):
     make_lora(pipe, "cross", seed=3)
     with pytest.raises(FileExistsError):
         save_lora(pipe, "cross", lora_files[1]["cross"])
+
+
+def test_kohya_style_file_round_trips_through_diffusers_converter(tmp_path):
+    """lorakit writes kohya keys (lora_unet_<module>.lora_down/up, alpha); diffusers' own loader reads them back."""
+    from safetensors import safe_open
+
+    pipe = fresh_pipeline()
+    make_lora(pipe, "cross", seed=3)  # r=2, alpha=4: a scale of 2, which an alpha of the rank would halve
+    x, t, c = unet_inputs()
+    want = _eps(pipe, x, t, c)
+    path = save_lora(pipe, "cross", tmp_path / "cross", kohya=True)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        alpha = f.get_tensor("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha")
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and float(alpha) == 4.0
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in keys)  # convolutions too
+    plain = fresh_pipeline()
+    plain.load_lora_weights(str(tmp_path / "cross"), adapter_name="cross")  # diffusers alone
+    torch.testing.assert_close(_eps(plain, x, t, c), want, rtol=0, atol=1e-6)
+    ours = fresh_pipeline()
+    assert load_loras(ours, [path]) == ["cross"]
+    torch.testing.assert_close(_eps(ours, x, t, c), want, rtol=0, atol=1e-6)
+    adapted = {n for n, m in pipe.unet.named_modules() if "cross" in getattr(m, "lora_A", {})}
+    assert adapted == {n for n, m in ours.unet.named_modules() if "cross" in getattr(m, "lora_A", {})}
+
+
+def test_kohya_files_for_another_network_or_unconverted_are_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from lorakit.diffusion.pipeline import ConceptPipeline
+    from lorakit.diffusion.tiny import build_pixart
+
+    other = fresh_pipeline()
+    wide = UNet2DConditionModel(**{**other.unet.config, "block_out_channels": (16, 32)})
+    other = ConceptPipeline(wide, other.text_encoder, other.tokenizer, other.scheduler)
+    make_lora(other, "alien", seed=1)
+    path = save_lora(other, "alien", tmp_path / "alien", kohya=True)
+    shapes = r"another network: down_blocks.0.resnets.0.conv1.lora_A.weight has shape \(2, 16, 3, 3\)"
+    with pytest.raises(ValueError, match=shapes):
+        load_loras(fresh_pipeline(), [path])
+    save_file({"lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 16)},
+              str(tmp_path / "k.safetensors"))
+    with pytest.raises(ValueError, match="kohya-style keys .* that diffusers' PixArtAlphaPipeline does not convert"):
+        load_loras(build_pixart(), [tmp_path / "k.safetensors"])
+    with pytest.raises(ValueError, match="kohya-style files are written for UNet pipelines"):
+        save_lora(build_pixart(), "x", tmp_path / "x", kohya=True)

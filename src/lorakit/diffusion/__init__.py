@@ -1,7 +1,7 @@
 """Multi-LoRA composition on diffusers pipelines, and the small testbed it is measured on.
 
 ``load_loras(pipe, paths)`` checks and loads diffusers LoRA files; ``compose(pipe, names, method)`` composes them per
-denoising step with a registered method (``COMPOSERS``: merge, switch, composite, cmlora, clora, lora_composer,
+denoising step, on a UNet or a diffusion transformer, with a registered method (``COMPOSERS``: merge, switch, composite, cmlora, clora, lora_composer,
 autolora). Needs the ``diffusion`` extra (diffusers, Pillow).
 """
 from __future__ import annotations

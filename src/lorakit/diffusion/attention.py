@@ -5,8 +5,12 @@ block is open. A probe computes attention exactly as diffusers' ``AttnProcessor`
 explicit, so that they can be recorded (with their gradient) and steered: the composer may add a bias to the scores
 and rewrite a cross-attention layer's output. Each LoRA's concept is the word (default: the adapter's name) that
 names it in the prompt; its token positions come from the pipeline's tokenizer. Methods that move the latent work
-on the pipeline's latent itself, which the denoiser sees repeated once per guidance branch; they need a scheduler
-that feeds it unscaled (DDIM, DDPM, PNDM, DPM-Solver, UniPC), and refuse another.
+on the denoiser's input, which the denoiser sees repeated once per guidance branch: the pipeline's latent times the
+scheduler's ``scale_model_input`` factor (1 for DDIM, DDPM, PNDM, DPM-Solver, UniPC and flow-matching Euler;
+1 / sqrt(sigma^2 + 1) for Euler and Euler ancestral), the space Stable Diffusion's latent x_t lives in whatever the
+scheduler; the scheduler then steps from that latent mapped back. Second-order schedulers (Heun, KDPM2) are refused.
+Denoisers: UNets and DiTs built from diffusers' ``Attention`` (cross-attention as in PixArt, or SD3's joint attention,
+whose image-query x text-key block is the cross-attention map); others are refused with the layer that fails.
 """
 from __future__ import annotations
 
@@ -16,58 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .compose import Composer
-
-
-class Probe:
-    """An attention processor that records probabilities and lets its composer steer scores and outputs."""
-
-    def __init__(self, owner: "AttentionComposer"):
-        self.owner = owner
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        shape = hidden_states.shape
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        batch, positions, _ = hidden_states.shape
-        cross = encoder_hidden_states is not None
-        context = hidden_states if not cross else \
-            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        grid = self.owner.grid(positions)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        bias = None if cross else self.owner.self_bias(grid)  # (positions, positions) or None
-        if bias is not None:
-            attention_mask = bias[None] if attention_mask is None else attention_mask + bias
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, positions, keys)
-        self.owner.record(cross, grid, probs.unflatten(0, (batch, -1)))
-        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
-        if cross:
-            out = self.owner.rewrite(attn, query, context, out, grid)
-        if len(shape) == 4:
-            out = out.transpose(1, 2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def project(layer, x: torch.Tensor, adapter: Optional[str]) -> torch.Tensor:
-    """``layer(x)`` with exactly ``adapter`` (None: none) on its base weights, whichever adapters are active.
-
-    PEFT's LoRA rule, base(x) + B(A(x)) * scaling, with the scaling ``set_adapters`` gave; variants (DoRA) refused."""
-    if not hasattr(layer, "lora_A"):
-        return layer(x)
-    out = layer.base_layer(x)
-    if adapter is None or adapter not in layer.lora_A:
-        return out
-    if adapter in getattr(layer, "lora_variant", {}):
-        raise ValueError(f"LoRA {adapter!r} is a LoRA variant (e.g. DoRA); region injection takes plain LoRAs only")
-    return out + layer.lora_B[adapter](layer.lora_A[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+from .probes import Probe, check_attention
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
@@ -97,16 +50,17 @@ class AttentionComposer(Composer):
         self.concept_words = words
 
     def bind(self, pipe, denoiser):
-        from diffusers import UNet2DConditionModel
-
-        if not isinstance(denoiser, UNet2DConditionModel):
-            raise ValueError(f"{self.name} steers a UNet's cross-attention (Stable Diffusion 1.x/2.x/XL and the like); "
-                             f"this pipeline's denoiser is a {type(denoiser).__name__}")
+        check_attention(denoiser, self.name)
+        if self.moves_latent() and getattr(pipe.scheduler, "order", 1) > 1:
+            raise ValueError(f"{self.name} moves the latent between steps; {type(pipe.scheduler).__name__} is a "
+                             f"second-order scheduler (two denoiser calls per step, the second from the scheduler's "
+                             f"own intermediate latent); use a first-order one (DDIM, Euler, flow-matching Euler, "
+                             f"DPM-Solver, UniPC)")
         if not self.prompts:
             raise ValueError(f"{self.name} needs the prompt to find each LoRA's concept tokens: "
                              f"compose(pipe, names, {self.name!r}, prompt=...)")
         self.tokens = [[token_positions(pipe.tokenizer, p, w) for w in self.concept_words] for p in self.prompts]
-        self.denoiser = denoiser
+        self.denoiser, self.scheduler = denoiser, pipe.scheduler
         self.saved = denoiser.attn_processors
         denoiser.set_attn_processor(Probe(self))
         self.recording = False
@@ -136,9 +90,15 @@ class AttentionComposer(Composer):
         """An additive bias on self-attention scores (positions, positions) on this grid, or None."""
         return None
 
-    def rewrite(self, attn, query, context, out, grid) -> torch.Tensor:
-        """A cross-attention layer's output (batch, positions, channels), changed or not."""
+    def rewrite(self, attn, out, grid, attend) -> torch.Tensor:
+        """A cross-attention layer's image output (batch, positions, channels), changed or not; ``attend(name)`` gives
+        the layer's attention output before ``to_out`` with LoRA ``name`` alone on the text keys and values, and
+        those probabilities (batch, heads, positions, text tokens)."""
         return out
+
+    def moves_latent(self) -> bool:
+        """Whether this configuration changes the latent the scheduler steps from."""
+        return True
 
     # the latent and the recorded maps
     def latent(self) -> tuple[torch.Tensor, int]:
@@ -172,16 +132,23 @@ class AttentionComposer(Composer):
         want = self.attn_res or self.sample.shape[-1] // 4
         return next((g for g in grids if g[1] == want), grids[-1])
 
-    def update_latents(self, latents):
+    def update_latents(self, latents, timestep):
+        """The moved latent in the scheduler's space: the update is made on the denoiser's input x_in = c x (c from
+        ``scale_model_input``: 1 for DDIM and flow matching, 1 / sqrt(sigma^2 + 1) for Euler), so x' = x + dx_in / c."""
         if self.pending is None:
             return latents
         seen, moved = self.pending
         self.pending = None
-        if not torch.equal(latents, seen):
-            raise ValueError(f"{self.name} moves the latent, and needs a scheduler that gives the denoiser the latent "
-                             f"unscaled (DDIM, DDPM, PNDM, DPM-Solver, UniPC); "
-                             f"{type(self.denoiser).__name__}'s input differed from the latent stepped")
-        return moved
+        scale_input = getattr(self.scheduler, "scale_model_input", None)
+        scaled, c = latents, 1.0
+        if scale_input is not None:
+            scaled = scale_input(latents.clone(), timestep)
+            c = scale_input(torch.ones((), dtype=latents.dtype, device=latents.device), timestep)
+        if not torch.equal(scaled, seen) or not torch.allclose(scaled, latents * c, rtol=1e-5, atol=1e-6):
+            raise ValueError(f"{self.name} moves the latent, and needs the denoiser's input to be the stepped latent "
+                             f"times the scheduler's scale_model_input factor; {type(self.scheduler).__name__}'s "
+                             f"input to {type(self.denoiser).__name__} differed from that")
+        return latents + (moved - seen) / c
 
 
 def images_mean(maps: Sequence[torch.Tensor], n: int) -> torch.Tensor:

@@ -57,6 +57,12 @@ def gated_loss(pipe, gates: Gates, fused: list[str], scenes, prompts, gen: torch
 def train_gates(pipe, adapters: list[str], steps: int = 300, batch: int = 16, lr: float = 1e-2, seed: int = 0,
                 progress=None, gates: Gates | None = None) -> tuple[Gates, list[float]]:
     """Gates for ``adapters`` (testbed concept LoRAs loaded in ``pipe``) trained for ``steps``; and the losses."""
+    from .pipeline import ConceptPipeline
+
+    if not isinstance(pipe, ConceptPipeline):
+        raise ValueError(f"gates train on the testbed's concept scenes, drawn in its ConceptPipeline's pixel latents; "
+                         f"{type(pipe).__name__} is another pipeline (for other networks, train Gates with your own "
+                         f"denoising loss through lorakit.diffusion.autolora.gated)")
     unknown = [a for a in adapters if a not in CONCEPTS]
     if unknown:
         raise ValueError(f"gates train on the testbed's concept scenes; LoRA {unknown[0]!r} is not a testbed concept "

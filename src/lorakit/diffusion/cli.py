@@ -15,7 +15,8 @@ from pathlib import Path
 def add_parser(sub) -> None:
     """Register ``lorakit diffuse``."""
     p = sub.add_parser("diffuse", help="generate an image composing several LoRAs on a diffusers pipeline")
-    p.add_argument("--model", required=True, help="diffusers pipeline directory (model_index.json)")
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline directory (model_index.json): a UNet or a diffusion transformer")
     p.add_argument("--lora", action="append", required=True, metavar="PATH",
                    help="LoRA file or directory with pytorch_lora_weights.safetensors; repeat for each concept")
     p.add_argument("--method", default="merge",
@@ -69,13 +70,16 @@ def load_pipeline(model: str | Path):
     index = model / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
-    if json.loads(index.read_text()).get("_class_name") == "ConceptPipeline":
+    spec = json.loads(index.read_text())
+    if spec.get("_class_name") == "ConceptPipeline":
         from .pipeline import ConceptPipeline
 
         return ConceptPipeline.from_pretrained(model)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model)
+    # components saved as absent (e.g. SD3 without its T5 encoder) are passed as None, as they were built
+    absent = {k: None for k, v in spec.items() if isinstance(v, list) and v == [None, None]}
+    return DiffusionPipeline.from_pretrained(model, **absent)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     from . import COMPOSERS, check_layout, check_prompt, compose, load_loras
     from .compose import no_layout
+    from .files import denoiser_of
+    from .tiny import generate_kwargs
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -109,14 +115,14 @@ def run(args: argparse.Namespace) -> int:
         options["gates"] = args.gates
     pipe = load_pipeline(args.model)
     if layout is not None:
-        size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 2)
+        size = denoiser_of(pipe)[0].config.sample_size * getattr(pipe, "vae_scale_factor", 2)
         layout = check_layout(layout, n, size)
     check_prompt(pipe, args.prompt, n)
     names = load_loras(pipe, args.lora)
     generator = torch.Generator().manual_seed(args.seed)
     with compose(pipe, names, args.method, weights, layout=layout, **options) as stats:
         image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                     generator=generator).images[0]
+                     generator=generator, **generate_kwargs(pipe)).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".png", delete=False) as tmp:
         image.save(tmp, format="PNG")

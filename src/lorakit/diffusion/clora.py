@@ -21,7 +21,9 @@ generic one), so a concept's tokens are its word in that prompt; the LoRAs' text
 then taking the uncovered cells (the official code's rule for its first branch). The NT-Xent loss is computed here
 (pytorch-metric-learning's formula without its 1e-20 inside the log); a batch of images sums their losses, which
 moves each latent by its own loss's gradient. Pipelines that run guidance branches as separate denoiser calls are
-refused when the latent is updated.
+refused when the latent is updated. On joint attention (SD3) a map is the image-query x text-key block of the
+joint scores renormalised over the text keys; under Euler-type schedulers the latent step is taken on the
+denoiser's input (attention.py); the official step size is kept for DiTs and flow matching.
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ class CLoRA(AttentionComposer):
     def reset(self, total_steps):
         super().reset(total_steps)
         self.losses: list[tuple[int, float]] = []  # (step, loss before each latent update)
+
+    def moves_latent(self):
+        return self.step_size > 0
 
     def branches(self) -> list[tuple[list[str], list[float], int]]:
         """(adapters, weights, concept index or -1 for the base) per branch."""

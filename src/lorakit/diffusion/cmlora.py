@@ -65,6 +65,10 @@ class CMLoRA(Composer):
         fresh = set()
         if not self.order:
             base = run([], [])
+            if base.dim() < 4:
+                raise ValueError(f"cmlora orders LoRAs by the 2-D spectrum of their effect on the prediction; this "
+                                 f"denoiser predicts shape {tuple(base.shape)}, packed tokens without an image grid "
+                                 f"(e.g. Flux)")
             for i in range(n):
                 self.cached[self.slot, i] = run([self.adapters[i]], [self.weights[i]])
                 fresh.add(i)

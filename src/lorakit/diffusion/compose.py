@@ -14,6 +14,7 @@ scheduler are back, with the composed LoRAs active at their weights (a merge).
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -21,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..core.registry import Registry
+from .adapters import activate
 from .files import denoiser_of
 from .shapes import SIZE
 
@@ -56,8 +58,9 @@ class Composer:
     def unbind(self) -> None:
         """Called when the block closes (undo ``bind``)."""
 
-    def update_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The latent the scheduler steps from, given the pipeline's; unchanged unless a method moves it."""
+    def update_latents(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The latent the scheduler steps from at ``timestep``, given the pipeline's; unchanged unless a method moves
+        it."""
         return latents
 
     def reset(self, total_steps: int) -> None:
@@ -106,15 +109,24 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         raise KeyError(f"LoRA {missing[0]!r} is not loaded in the pipeline's {component}; loaded: "
                        f"{', '.join(sorted(loaded)) or '(none)'} (load it with load_lora_weights)")
     original = denoiser.forward
+    signature = inspect.signature(original)
+    first = next(iter(signature.parameters), None)  # the noisy input: ``sample`` (UNet) or ``hidden_states`` (DiT)
+    if first is None or signature.parameters[first].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD \
+            or "timestep" not in signature.parameters:
+        raise TypeError(f"the pipeline's {component} forward{signature} does not name its noisy input first and a "
+                        f"timestep argument, as diffusers' UNets and transformers do")
     stats = Stats(composer=composer)
     seen = {"t": None}
     scheduler = pipe.scheduler
     scheduler_step = scheduler.step
 
     def stepped(model_output, timestep, sample, *args, **kwargs):
-        return scheduler_step(model_output, timestep, composer.update_latents(sample), *args, **kwargs)
+        return scheduler_step(model_output, timestep, composer.update_latents(sample, timestep), *args, **kwargs)
 
-    def forward(sample, timestep, *args, return_dict: bool = True, **kwargs):
+    def forward(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        sample, timestep = call.arguments[first], call.arguments.get("timestep")
+        return_dict = call.arguments.get("return_dict", True)
         t = _scalar(timestep)
         if seen["t"] is None or t > seen["t"]:
             composer.reset(len(pipe.scheduler.timesteps))
@@ -131,16 +143,14 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         def run(names: Sequence[str], scales: Sequence[float], on=None, rows=None) -> torch.Tensor:
             stats.evaluations += 1
             stats.calls.append((step, tuple(names), tuple(scales)))
-            if names:
-                denoiser.enable_adapters()
-                denoiser.set_adapters(list(names), list(scales))
-            else:
-                denoiser.disable_adapters()
-            a, kw, x = args, kwargs, sample
-            if rows is not None:  # ``on``, when given with rows, holds those rows already
-                a, kw, x = _rows(args, sample.shape[0], rows), _rows(kwargs, sample.shape[0], rows), sample[rows]
-            x = x if on is None else on
-            return original(x, timestep, *a, return_dict=False, **kw)[0]
+            activate(denoiser, names, scales)
+            again = signature.bind(*args, **kwargs)
+            if rows is not None:  # ``on``, when given with rows, holds those rows already; the timestep is cut too
+                again.arguments.update({k: _rows(v, sample.shape[0], rows) for k, v in again.arguments.items()})
+            if on is not None:
+                again.arguments[first] = on
+            again.arguments["return_dict"] = False
+            return original(*again.args, **again.kwargs)[0]
 
         composer.sample = sample
         eps = composer.predict(step, run)
@@ -155,8 +165,7 @@ def compose(pipe, adapters: Sequence[str], method: str = "merge", weights: Optio
         del denoiser.forward  # the instance attribute goes; the class's forward shows again
         del scheduler.step
         composer.unbind()
-        denoiser.enable_adapters()
-        denoiser.set_adapters(composer.adapters, composer.weights)
+        activate(denoiser, composer.adapters, composer.weights)
     stats.steps += 1
 
 

@@ -23,6 +23,11 @@ hides it, so that coinciding boxes attend nowhere inside themselves); boxes are 
 snapped to attention cells as the official code does (ceil start, floor end); a box narrower than one attention
 cell is refused; top-k takes at least one cell; the loss is summed over a batch's images (each latent moves by its
 own loss) and refining stops per image; without T2I-Adapter image conditions.
+Beyond the paper (a Stable Diffusion UNet): on diffusion transformers with cross-attention the same rule applies to
+their cross-attention layers; on joint attention (SD3), which has no separate cross-attention, a box's image queries
+attend over the image keys and LoRA i's text keys and values (``add_k_proj``/``add_v_proj``, LoRA i alone) through
+LoRA i's output projection, the text stream is left as is, and isolation masks the image x image block. Under
+Euler-type schedulers the latent steps are taken on the denoiser's input (attention.py).
 """
 from __future__ import annotations
 
@@ -31,8 +36,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionComposer, images_mean, project
+from .adapters import activate
+from .attention import AttentionComposer, images_mean
 from .compose import COMPOSERS, check_layout
+from .probes import project
 
 
 def cells(box, size, grid) -> tuple[int, int, int, int]:
@@ -102,7 +109,7 @@ class LoRAComposer(AttentionComposer):
         self.size = tuple(denoiser.config.sample_size * getattr(pipe, "vae_scale_factor", 2) for _ in range(2))
         self.layout = check_layout(self.layout, len(self.adapters), self.size[0])
         super().bind(pipe, denoiser)
-        denoiser.set_adapters(self.adapters, self.weights)  # every LoRA's scale, used when injected alone
+        activate(denoiser, self.adapters, self.weights)  # every LoRA's scale, used when injected alone
         full = (0, 0, self.size[1], self.size[0])
         self.regions = [i for i, b in enumerate(self.layout) if tuple(b) != full]
         self.background = [i for i in range(len(self.adapters)) if i not in self.regions]
@@ -129,7 +136,7 @@ class LoRAComposer(AttentionComposer):
         hidden = boxed[:, None] & boxed[None, :] & ~shared
         return hidden.float() * -1e6
 
-    def rewrite(self, attn, query, context, out, grid):
+    def rewrite(self, attn, out, grid, attend):
         if not self.regions:
             return out
         masks = self.region_masks(grid).to(out)  # (regions, P)
@@ -137,11 +144,9 @@ class LoRAComposer(AttentionComposer):
         new = out * (count == 0)[None, :, None]
         for r, i in enumerate(self.regions):
             name = self.adapters[i]
-            key = attn.head_to_batch_dim(project(attn.to_k, context, name))
-            value = attn.head_to_batch_dim(project(attn.to_v, context, name))
-            probs = attn.get_attention_scores(query, key, None)
-            self.record("region", (grid, r), probs.unflatten(0, (out.shape[0], -1)))
-            o = attn.to_out[1](project(attn.to_out[0], attn.batch_to_head_dim(torch.bmm(probs, value)), name))
+            o, probs = attend(name)
+            self.record("region", (grid, r), probs)
+            o = attn.to_out[1](project(attn.to_out[0], o, name))
             new = new + o * (masks[r] / count.clamp_min(1))[None, :, None]
         return new
 
