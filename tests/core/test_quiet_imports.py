@@ -7,7 +7,7 @@ from lorakit._quiet import NOISY_LOGGERS, quiet_optional_kernels
 
 
 def test_import_prints_nothing_to_stderr():
-    done = subprocess.run([sys.executable, "-c", "import lorakit, peft"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", "import lorakit, peft, diffusers.quantizers"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", done.stderr
 

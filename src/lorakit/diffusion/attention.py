@@ -86,8 +86,8 @@ class AttentionComposer(Composer):
         if self.recording and (cross or self.keeps_self):
             self.store.setdefault((cross, grid), []).append(probs)
 
-    def self_bias(self, grid) -> Optional[torch.Tensor]:
-        """An additive bias on self-attention scores (positions, positions) on this grid, or None."""
+    def self_bias(self, grid, device=None) -> Optional[torch.Tensor]:
+        """An additive bias on self-attention scores (positions, positions) on this grid and device, or None."""
         return None
 
     def rewrite(self, attn, out, grid, attend) -> torch.Tensor:

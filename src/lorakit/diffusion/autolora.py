@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compose import COMPOSERS, Composer
+from .compose import COMPOSERS, Composer, timesteps
 from .gates import Gates, LayerGate, load_gates, lora_layers, time_features
 
 __all__ = ["AutoLoRA", "Gates", "gated", "load_gates"]
@@ -94,7 +94,7 @@ class AutoLoRA(Composer):
             raise ValueError("autolora needs trained gates: pass gates=FILE (lorakit diffuse --gates FILE); "
                              "train them with `lorakit diffuse-gates`")
         gates = self._gates if self._gates is not None else load_gates(self.gates)
-        self._open = gated(denoiser, gates, self.adapters, lambda: torch.as_tensor(self.timestep).flatten())
+        self._open = gated(denoiser, gates, self.adapters, lambda: timesteps(self.timestep))
         try:
             self._open.__enter__()
         except BaseException:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .autolora import gated
+from .compose import timesteps
 from .gates import Gates
 from .shapes import CONCEPTS, sample_scene
 
@@ -43,7 +44,7 @@ def gated_loss(pipe, gates: Gates, fused: list[str], scenes, prompts, gen: torch
     unet_forward = pipe.unet.forward
 
     def forward(sample, timestep, *args, **kwargs):  # the timesteps of this batch, for the gates' time input
-        t_now["t"] = torch.as_tensor(timestep).flatten()
+        t_now["t"] = timesteps(timestep)
         return unet_forward(sample, timestep, *args, **kwargs)
 
     pipe.unet.forward = forward

@@ -86,7 +86,7 @@ class CLoRA(AttentionComposer):
                 for c, positions in enumerate(tokens):  # LoRAs naming the same word share a concept
                     emb += [minmax(m[j, :, t]) for t in positions]
                     labels += [self.concept_words.index(self.concept_words[c])] * len(positions)
-            total = total + nt_xent(torch.stack(emb), torch.tensor(labels), self.temperature)
+            total = total + nt_xent(torch.stack(emb), torch.tensor(labels, device=emb[0].device), self.temperature)
         return total
 
     def masks(self, maps: list[torch.Tensor], grid, size) -> torch.Tensor:

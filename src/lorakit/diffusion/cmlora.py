@@ -30,8 +30,8 @@ from .compose import COMPOSERS, Composer
 def high_frequency_share(delta: torch.Tensor) -> float:
     """Share of the 2-D spectral energy of ``delta`` (..., H, W) above half the Nyquist radius."""
     power = torch.fft.fft2(delta.float()).abs().square().sum(dim=tuple(range(delta.dim() - 2)))
-    fy = torch.fft.fftfreq(delta.shape[-2]).abs()[:, None]
-    fx = torch.fft.fftfreq(delta.shape[-1]).abs()[None, :]
+    fy = torch.fft.fftfreq(delta.shape[-2], device=delta.device).abs()[:, None]
+    fx = torch.fft.fftfreq(delta.shape[-1], device=delta.device).abs()[None, :]
     high = (fy.square() + fx.square()).sqrt() > 0.25  # Nyquist radius is 0.5 cycles per sample
     return float(power[high].sum() / power.sum().clamp_min(1e-20))
 

@@ -93,8 +93,13 @@ class Stats:
     composer: Optional[Composer] = None  # the method's instance, for inspection
 
 
+def timesteps(timestep) -> torch.Tensor:
+    """A timestep (a number or a tensor) as a flat tensor; a number lands on the CPU, whatever the default device."""
+    return timestep.flatten() if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device="cpu")
+
+
 def _scalar(timestep) -> float:
-    return float(torch.as_tensor(timestep).flatten()[0])
+    return float(timesteps(timestep)[0])
 
 
 @contextmanager

@@ -55,7 +55,8 @@ def train_judge(steps: int = 400, seed: int = 0, progress=None, noise: float = N
         scenes = [_random_scene(rng) for _ in range(64)]
         x = torch.from_numpy(batch(scenes, noise=float(rng.uniform(0, noise)), rng=rng))
         logits = judge(x)
-        loss = sum(nn.functional.cross_entropy(logits[k], torch.tensor([HEADS[k].index(getattr(s, k)) for s in scenes]))
+        loss = sum(nn.functional.cross_entropy(logits[k], torch.tensor([HEADS[k].index(getattr(s, k)) for s in scenes],
+                                                                  device=logits[k].device))
                    for k in HEADS)
         opt.zero_grad()
         loss.backward()

@@ -56,7 +56,7 @@ def reinitialise(x: torch.Tensor, scores: list[torch.Tensor], boxes: list[tuple]
     """x (C, H, W) with each box (cells) filled from the box-sized window where its (h, w) score sums highest."""
     out = x.clone()
     for score, (r0, c0, r1, c1) in zip(scores, boxes):
-        window = F.conv2d(score[None, None], torch.ones(1, 1, r1 - r0, c1 - c0, dtype=score.dtype))[0, 0]
+        window = F.conv2d(score[None, None], torch.ones(1, 1, r1 - r0, c1 - c0, dtype=score.dtype, device=score.device))[0, 0]
         top = int(window.flatten().argmax())
         r, c = divmod(top, window.shape[1])
         out[:, r0 * scale:r1 * scale, c0 * scale:c1 * scale] = \
@@ -66,7 +66,7 @@ def reinitialise(x: torch.Tensor, scores: list[torch.Tensor], boxes: list[tuple]
 
 def smooth(a: torch.Tensor) -> torch.Tensor:
     """The official 3x3 Gaussian smoothing (sigma 0.5, its exp(-((x - mu) / (2 sigma))^2) form), reflect padded."""
-    g = torch.exp(-((torch.arange(3.0) - 1) / (2 * 0.5)) ** 2)
+    g = torch.exp(-((torch.arange(3.0, device=a.device) - 1) / (2 * 0.5)) ** 2)
     kernel = (g[:, None] * g[None, :]) / (g.sum() ** 2)
     return F.conv2d(F.pad(a[None, None], (1, 1, 1, 1), mode="reflect"), kernel[None, None].to(a))[0, 0]
 
@@ -77,11 +77,12 @@ def box_loss(maps: torch.Tensor, self_map: torch.Tensor, box) -> torch.Tensor:
     Injection and fill terms per token, the isolation term once, as in the official code."""
     h, w = maps.shape[-2:]
     r0, c0, r1, c1 = box
-    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside = torch.zeros(h, w, dtype=torch.bool, device=maps.device)
     inside[r0:r1, c0:c1] = True
     k = max(int(inside.sum() * 0.2), 1)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r1 - r0), torch.linspace(-1, 1, c1 - c0), indexing="ij")
-    gauss = torch.zeros(h, w).to(maps)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r1 - r0, device=maps.device),
+                            torch.linspace(-1, 1, c1 - c0, device=maps.device), indexing="ij")
+    gauss = torch.zeros(h, w, dtype=maps.dtype, device=maps.device)
     gauss[r0:r1, c0:c1] = torch.exp(-(xx ** 2 + yy ** 2) / 2)
     box, total = inside.to(maps), 0.0
     for a in maps.reshape(-1, h, w):
@@ -121,16 +122,16 @@ class LoRAComposer(AttentionComposer):
     def region_cells(self, grid):
         return [cells(self.layout[i], self.size, grid) for i in self.regions]
 
-    def region_masks(self, grid) -> torch.Tensor:
-        out = torch.zeros(len(self.regions), grid[0], grid[1], dtype=torch.bool)
+    def region_masks(self, grid, device=None) -> torch.Tensor:
+        out = torch.zeros(len(self.regions), grid[0], grid[1], dtype=torch.bool, device=device)
         for m, (r0, c0, r1, c1) in zip(out, self.region_cells(grid)):
             m[r0:r1, c0:c1] = True
         return out.flatten(1)  # (regions, h*w)
 
-    def self_bias(self, grid):
+    def self_bias(self, grid, device=None):
         if not self.regions:
             return None
-        m = self.region_masks(grid).float()
+        m = self.region_masks(grid, device).float()
         shared = (m.T @ m) > 0  # query and key in a common box
         boxed = m.any(0)
         hidden = boxed[:, None] & boxed[None, :] & ~shared
@@ -139,7 +140,7 @@ class LoRAComposer(AttentionComposer):
     def rewrite(self, attn, out, grid, attend):
         if not self.regions:
             return out
-        masks = self.region_masks(grid).to(out)  # (regions, P)
+        masks = self.region_masks(grid, out.device).to(out)  # (regions, P)
         count = masks.sum(0)
         new = out * (count == 0)[None, :, None]
         for r, i in enumerate(self.regions):
@@ -159,7 +160,7 @@ class LoRAComposer(AttentionComposer):
     def predict(self, step, run):
         x, k = self.latent()
         n = x.shape[0]
-        rows = torch.arange((k - 1) * n, k * n)  # the text branch: the last copy ([uncond, text] in diffusers)
+        rows = torch.arange((k - 1) * n, k * n, device=x.device)  # the text branch: the last copy ([uncond, text] in diffusers)
         names = [self.adapters[i] for i in self.background]
         scales = [self.weights[i] for i in self.background]
         moved = x
@@ -170,7 +171,7 @@ class LoRAComposer(AttentionComposer):
             scale = x.shape[-1] // grid[1]
             moved = torch.stack([reinitialise(x[j], [a.sum(0) for a in maps[j]], boxes, scale) for j in range(n)])
         if self.refining is None:
-            self.refining = torch.ones(n, dtype=torch.bool)
+            self.refining = torch.ones(n, dtype=torch.bool, device=x.device)
         if self.regions and step <= self.until * self.total_steps and self.refining.any():
             with torch.enable_grad():
                 xg = moved.detach().requires_grad_(True)
@@ -185,7 +186,7 @@ class LoRAComposer(AttentionComposer):
             moved = (moved - lr * grad * keep).detach()
             losses = losses.detach()
             rose = self.last is not None and step >= 0.1 * self.total_steps
-            stop = (losses > self.last) & rose if rose else torch.zeros(n, dtype=torch.bool)
+            stop = (losses > self.last) & rose if rose else torch.zeros(n, dtype=torch.bool, device=x.device)
             self.refining &= ~(stop | (step >= self.until * self.total_steps))
             self.last = losses
         if moved is not x:

@@ -86,11 +86,10 @@ class ConceptPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Token ids padded to the encoder's length; an error names a prompt that is too long."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt",
-                             truncation=False).input_ids
-        if ids.shape[1] > MAX_TOKENS:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=False).input_ids
+        if max(map(len, ids)) > MAX_TOKENS:
             raise ValueError(f"prompt has more than {MAX_TOKENS} tokens, the text encoder's length: {prompts}")
-        return ids.to(self.device)
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

@@ -39,7 +39,7 @@ class Probe:
         grid = self.owner.grid(positions)
         query = heads(attn, attn.to_q(hidden_states), attn.norm_q)
         key, value = heads(attn, attn.to_k(context), attn.norm_k), heads(attn, attn.to_v(context))
-        bias = None if cross else self.owner.self_bias(grid)  # (positions, positions) or None
+        bias = None if cross else self.owner.self_bias(grid, query.device)  # (positions, positions) or None
         if bias is not None:
             attention_mask = bias[None] if attention_mask is None else attention_mask + bias
         probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, positions, keys)
@@ -73,7 +73,7 @@ class Probe:
                       heads(attn, attn.add_k_proj(context), attn.norm_added_k), heads(attn, attn.add_v_proj(context)))
         query, key, value = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
         scores = torch.bmm(query, key.transpose(1, 2)) * attn.scale  # (batch * heads, P + T, P + T)
-        bias = self.owner.self_bias(grid)
+        bias = self.owner.self_bias(grid, scores.device)
         if bias is not None:
             scores[:, :positions, :positions] += bias
         self.owner.record(False, grid, scores[:, :positions, :positions].softmax(-1).unflatten(0, (batch, -1)))
