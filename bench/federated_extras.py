@@ -18,7 +18,8 @@ over clients; the chat recipe's answer loss falls by at least 5%; aggregating 1,
 peak RSS by less than 2x what the updates themselves take.
 
     python bench/federated_extras.py [--quick] [--out runs/bench-federated-extras]
-    python bench/federated_extras.py --gemma    # only the chat recipe on gemma-270m: federated_chat_gemma.md/.json
+    python bench/federated_extras.py --gemma [--seeds 3]  # only the chat recipe on gemma-270m: federated_chat_gemma.*
+    python bench/federated_extras.py --render   # rewrite federated_extras.md from its JSON
 """
 from __future__ import annotations
 
@@ -37,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine, peak_rss_rise  # noqa: E402
+from common import ci, machine, peak_rss_rise  # noqa: E402
 from lorakit import AdapterState, LoRAConfig  # noqa: E402
 from lorakit.federated import aggregate  # noqa: E402
 from lorakit.federated.experiment import Settings  # noqa: E402
 from lorakit.federated.local import run_in_process  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by degrees of freedom
 TOY = dict(task="toy", num_rounds=10, num_clients=4, local_steps=4, batch_size=16, lr=1e-2, rank=4, lora_alpha=8.0,
            max_train=400, max_eval=200, eval_every=10, dirichlet_alpha=0.5, min_replies=2)
 CONFIGS = {
@@ -101,15 +101,6 @@ def memory(ks: list[int]) -> list[dict]:
     return rows
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the two-sided 95% t-interval."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    spread = math.sqrt(sum((a - mean) ** 2 for a in values) / (len(values) - 1) / len(values))
-    return mean, T95[len(values) - 1] * spread
-
-
 def toy_run(seed: int, rounds: int, **changes):
     """One in-process toy run (numpy's generator, which Flower's DP noise uses, seeded per run)."""
     np.random.seed(seed)
@@ -123,7 +114,7 @@ def accuracy(seeds: list[int], rounds: int) -> dict:
         for seed in seeds:
             last = toy_run(seed, rounds, **changes).state.log[-1]
             runs.append(dict(seed=seed, accuracy=last["accuracy"], epsilon=last.get("epsilon")))
-        mean, half = interval([r["accuracy"] for r in runs])
+        mean, half = ci([r["accuracy"] for r in runs])
         out[name] = dict(runs=runs, mean=mean, ci95=half, epsilon=runs[0]["epsilon"])
     return out
 
@@ -141,7 +132,7 @@ def secagg_overhead(seeds: list[int], rounds: int) -> dict:
                              down=sum(r["downlink-bytes"] for r in per_round) / len(per_round),
                              seconds=statistics.median(r["seconds"] for r in per_round),
                              bound=per_round[-1].get("secagg-error-bound")))
-        out[name] = dict(runs=runs, accuracy=interval([r["accuracy"] for r in runs]),
+        out[name] = dict(runs=runs, accuracy=ci([r["accuracy"] for r in runs]),
                          up=statistics.median(r["up"] for r in runs), down=statistics.median(r["down"] for r in runs),
                          seconds=statistics.median(r["seconds"] for r in runs))
     return out
@@ -149,7 +140,7 @@ def secagg_overhead(seeds: list[int], rounds: int) -> dict:
 
 def personalised(seeds: list[int], rounds: int = 3) -> dict:
     """Per client: the personalised adapter's accuracy on its own mix, this run's global part alone, and the
-    plain FedIT run's global (Dirichlet 0.1)."""
+    plain FedIT run's global (Dirichlet 0.1), one value per seed."""
     per_client: dict[int, dict[str, list]] = {}
     for seed in seeds:
         mine = toy_run(seed, rounds, dirichlet_alpha=0.1, personal="value").state.log[-1]["personalised"]
@@ -160,7 +151,12 @@ def personalised(seeds: list[int], rounds: int = 3) -> dict:
             row["personal"].append(c["personal-accuracy"])
             row["global part"].append(c["global-accuracy"])
             row["plain global"].append(plain.exp.client_score(model, c["partition"]))
-    return {k: {name: interval(v) for name, v in row.items()} for k, row in sorted(per_client.items())}
+    return {k: row for k, row in sorted(per_client.items())}
+
+
+def intervals(pers: dict) -> dict:
+    """Mean and 95% t-interval of each client's per-seed values."""
+    return {k: {name: ci(v) for name, v in row.items()} for k, row in pers.items()}
 
 
 def chat_recipe(seeds: list[int], rounds: int) -> dict:
@@ -270,30 +266,89 @@ GEMMA = dict(task="chat", model="gemma-270m", num_clients=2, num_rounds=2, local
              max_length=64, min_replies=2, eval_every=1, client_ranks="4,8", strategy="flora")
 
 
-def gemma(target: Path) -> int:
-    """The chat recipe on gemma-270m (one seed: about 8 minutes on two busy cores); thresholds as in the page."""
-    began = time.time()
-    log = run_in_process(Settings(**GEMMA)).state.log
-    rows = [{k: r.get(k) for k in ("round", "loss", "exact-match", "token-f1", "seconds")} for r in log]
-    results = [("answer loss falls by >= 50% in 2 rounds", rows[-1]["loss"] <= 0.5 * rows[0]["loss"]),
-               ("greedy exact match rises above round 0's", rows[-1]["exact-match"] > rows[0]["exact-match"])]
+def gemma(target: Path, seeds: list[int]) -> int:
+    """The chat recipe on gemma-270m over ``seeds`` (about 6 minutes a seed on two busy cores); thresholds as in
+    the page."""
+    began, runs = time.time(), []
+    for seed in seeds:
+        log = run_in_process(Settings(**{**GEMMA, "seed": seed})).state.log
+        runs.append(dict(seed=seed, rounds=[{k: r.get(k) for k in ("round", "loss", "exact-match", "token-f1", "seconds")}
+                                            for r in log]))
+        print(f"seed {seed}: {runs[-1]['rounds']}", flush=True)
+    data = dict(machine=machine(), settings=GEMMA, seeds=seeds, runs=runs, seconds=round(time.time() - began))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "federated_chat_gemma.json").write_text(json.dumps(data, indent=1))
+    page, results = gemma_page(data)
+    (target / "federated_chat_gemma.md").write_text(page)
+    print(page)
+    return 0 if all(ok for _, ok in results) else 1
+
+
+def gemma_page(data: dict) -> tuple[str, list]:
+    """The gemma page (and its threshold results) from the JSON the run wrote."""
+    runs, seeds = data["runs"], data["seeds"]
+    first = [r["rounds"][0] for r in runs]
+    last = [r["rounds"][-1] for r in runs]
+    results = [("answer loss falls by >= 50% in 2 rounds on every seed",
+                all(b["loss"] <= 0.5 * a["loss"] for a, b in zip(first, last))),
+               ("greedy exact match (mean over seeds) rises above round 0's",
+                ci([b["exact-match"] for b in last])[0] > ci([a["exact-match"] for a in first])[0])]
     lines = ["# Federated chat recipe on gemma-270m", "",
-             f"Generated by `python bench/federated_extras.py --gemma` in {time.time() - began:.0f} s. "
-             "Raw numbers: federated_chat_gemma.json.", "",
+             f"Generated by `python bench/federated_extras.py --gemma` in {data['seconds']:.0f} s "
+             f"({len(seeds)} seeds). Raw numbers: federated_chat_gemma.json.", "",
              "The `chat` task (the bundled tweets as instructions: \"Sentiment of this tweet: ...\" -> the label "
              "name, rendered with lorakit's minimal chat template, since the packaged tokenizer has none) on the "
              "pretrained `gemma-270m`, FLoRA over 2 clients of ranks 4 and 8, LoRA on q_proj and v_proj, 4 local "
-             "steps of 4 records per round, lr 1e-3, seed 0. Answer loss on 16 held-out records and greedy exact "
-             "match / token F1 on the same 16 (one seed: a small sample).", "",
-             "| round | answer loss | exact match | token F1 | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['loss']:.3f} | {r['exact-match']:.3f} | {r['token-f1']:.3f} | "
-              f"{r['seconds'] or '-'} |" for r in rows]
-    lines += ["", "## Thresholds", ""] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in results]
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "federated_chat_gemma.json").write_text(json.dumps(dict(machine=machine(), settings=GEMMA, rounds=rows,
-                                                                      checks=results), indent=1))
-    (target / "federated_chat_gemma.md").write_text("\n".join(lines) + "\n")
-    print((target / "federated_chat_gemma.md").read_text())
+             "steps of 4 records per round, lr 1e-3. Answer loss on 16 held-out records and greedy exact match / "
+             f"token F1 on the same 16; mean and 95% t-interval over seeds {seeds} (the seed draws the split, the "
+             "adapters' init and the batches; 16 records per seed: a small sample).", "",
+             "| round | answer loss | exact match | token F1 | seconds per round (median) |", "|---|---|---|---|---|"]
+    for i in range(len(runs[0]["rounds"])):
+        cells = []
+        for key in ("loss", "exact-match", "token-f1"):
+            mean, half = ci([r["rounds"][i][key] for r in runs])
+            cells.append(f"{mean:.3f} ±{half:.3f}")
+        secs = [r["rounds"][i]["seconds"] for r in runs if r["rounds"][i]["seconds"] is not None]
+        cells.append(f"{statistics.median(secs):.0f}" if secs else "-")
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (final round): " + "; ".join(
+        f"seed {r['seed']}: loss {r['rounds'][-1]['loss']:.3f}, exact match {r['rounds'][-1]['exact-match']:.3f}"
+        for r in runs) + ".", "", "## Thresholds", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in results]
+    return "\n".join(lines) + "\n", results
+
+
+def rerender(target: Path) -> int:
+    """Recompute the intervals of ``federated_extras.json`` with ``common.ci`` and rewrite the page from it (no run).
+
+    Pages written before the per-seed personalised values were kept store their half-widths only: those are
+    rescaled by the ratio of scipy's t quantile to the one they used (the only difference between the two)."""
+    from scipy import stats
+
+    data = json.loads((target / "federated_extras.json").read_text())
+    seeds, rounds = data["seeds"], data["rounds"]
+    for r in data["accuracy"].values():
+        r["mean"], r["ci95"] = ci([x["accuracy"] for x in r["runs"]])
+    for r in data["secagg"].values():
+        r["accuracy"] = ci([x["accuracy"] for x in r["runs"]])
+    if "personalised_runs" in data:
+        data["personalised"] = intervals(data["personalised_runs"])
+    else:
+        old_t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}[len(seeds) - 1]
+        factor = float(stats.t.ppf(0.975, len(seeds) - 1)) / old_t
+        data["personalised"] = {k: {n: (m, h * factor) for n, (m, h) in row.items()} for k, row in data["personalised"].items()}
+    results = checks(data["accuracy"], data["memory"], data["secagg"], data["personalised"], data["chat"])
+    data["checks"] = results
+    seconds = data.get("seconds")
+    if seconds is None:  # older JSON: the run time is on the page only
+        import re
+
+        seconds = float(re.search(r" in (\d+) s\.", (target / "federated_extras.md").read_text()).group(1))
+    (target / "federated_extras.json").write_text(json.dumps(data, indent=1, default=str))
+    (target / "federated_extras.md").write_text(report(data["accuracy"], data["memory"], data["secagg"],
+                                                       data["personalised"], data["chat"], results, False, seconds,
+                                                       rounds, seeds))
+    print((target / "federated_extras.md").read_text())
     return 0 if all(ok for _, ok in results) else 1
 
 
@@ -301,25 +356,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer clients, rounds and seeds: checks the script")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-federated-extras"))
-    parser.add_argument("--gemma", action="store_true", help="only the chat recipe on gemma-270m (about 8 minutes)")
+    parser.add_argument("--gemma", action="store_true", help="only the chat recipe on gemma-270m (about 6 minutes a seed)")
+    parser.add_argument("--seeds", type=int, default=3, help="--gemma: how many seeds (default 3)")
+    parser.add_argument("--render", action="store_true", help="rewrite the page from its JSON (no run)")
     args = parser.parse_args(argv)
     if args.gemma:
-        return gemma(DOCS)
+        return gemma(DOCS, list(range(args.seeds)))
+    if args.render:
+        return rerender(DOCS)
     began = time.time()
     seeds, rounds = ([0, 1], 3) if args.quick else ([0, 1, 2, 3, 4], 10)
     mem = memory([10, 100] if args.quick else [100, 1000])
     acc = accuracy(seeds, rounds)
     sec = secagg_overhead(seeds, rounds)
-    pers = personalised(seeds)
+    runs = personalised(seeds)
+    pers = intervals(runs)
     chat = chat_recipe(seeds[:2], 2 if args.quick else 4)
     results = checks(acc, mem, sec, pers, chat)
     target = Path(args.out) if args.quick else DOCS
     target.mkdir(parents=True, exist_ok=True)
-    data = dict(machine=machine(), memory=mem, accuracy=acc, secagg=sec, personalised=pers, chat=chat, checks=results,
-                seeds=seeds, rounds=rounds)
+    seconds = time.time() - began
+    data = dict(machine=machine(), memory=mem, accuracy=acc, secagg=sec, personalised=pers, personalised_runs=runs,
+                chat=chat, checks=results, seeds=seeds, rounds=rounds, seconds=round(seconds))
     (target / "federated_extras.json").write_text(json.dumps(data, indent=1, default=str))
-    (target / "federated_extras.md").write_text(report(acc, mem, sec, pers, chat, results, args.quick,
-                                                       time.time() - began, rounds, seeds))
+    (target / "federated_extras.md").write_text(report(acc, mem, sec, pers, chat, results, args.quick, seconds, rounds,
+                                                       seeds))
     print((target / "federated_extras.md").read_text())
     return 0 if all(ok for _, ok in results) else 1
 
