@@ -86,6 +86,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # two deployments, a ClientApp process per message: about 6 minutes on two busy cores
 def test_personal_adapters_in_a_loopback_deployment_that_restarts_mid_run(tmp_path):
     """Personalised run over SuperLink + SuperNodes; everything stops after round 1 and a new deployment resumes
     from the checkpoint (new Flower run, fresh node state: the nodes' personal parts come from their disks). The

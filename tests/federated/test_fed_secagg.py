@@ -146,6 +146,7 @@ def test_secure_fedavg_dense_merges_the_plain_update_up_to_the_quantisation_erro
         assert got.low_rank(path)[0].shape[0] <= 12
         assert 0 < float(delta.norm()) <= 2 * bound * delta.numel() ** 0.5
     assert [r["accepted"] for r in secure.state.log[1:]] == [4, 4]  # round 2: the nodes caught up on round 1
+    assert secure.state.synced == {str(n): 1 for n in range(1, 5)}  # so round 3 would send each node round 2 only
 
 
 def test_secure_lora_fair_corrects_from_the_three_sums():

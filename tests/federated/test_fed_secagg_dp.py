@@ -2,6 +2,7 @@
 to the unmasked mean; the result is the plain clipped mean plus that noise, and epsilon is reported."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -81,3 +82,19 @@ def test_a_client_clips_its_update_before_masking(monkeypatch):
     got, want = _global_arrays(secure), _global_arrays(plain)
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) <= QSTEP + 1e-6
     assert secure.state.log[1]["accepted"] == 4
+
+
+def test_cli_runs_secagg_with_client_dp_and_says_who_clipped(tmp_path, capsys):
+    from lorakit.federated.cli import cli_main
+
+    args = ["run", "--engine", "inprocess", "--task", "toy", "--num-clients", "3", "--num-rounds", "2", "--local-steps",
+            "2", "--max-train", "120", "--max-eval", "60", "--rank", "4", "--strategy", "ffa_lora", "--secagg"]
+    assert cli_main([*args, "--dp", "client-fixed", "--dp-noise", "1.0", "--dp-clip", "0.5", "-o", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    rounds = json.loads((tmp_path / "a" / "history.json").read_text())["rounds"]
+    eps = rounds[-1]["epsilon"]
+    assert f"DP (client-fixed, with SecAgg+): epsilon {eps:.4g} at delta 1e-05 after 2 noised round(s)" in out
+    assert "the server cannot verify it" in out and all(r["dp-clipping-verified"] == 0 for r in rounds[1:])
+    assert cli_main([*args, "--dp", "server-fixed", "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clips each update on the server" in err

@@ -127,7 +127,7 @@ class SecureRound(SecAggPlusWorkflow):
     def __call__(self, rnd: int, grid, current: ArrayRecord) -> tuple[ArrayRecord | None, dict]:
         """Run the four stages; returns (the unmasked weighted mean of the encoded adapters, in the layout of
         ``layout``, or None; the round's counts). ``current`` is the global record the nodes are sent."""
-        info = {"rejected": [], "failed": 0, "accepted": [], "bytes-up": 0, "bytes-down": 0}
+        info = {"rejected": [], "failed": 0, "failed-nodes": [], "accepted": [], "bytes-up": 0, "bytes-down": 0}
         layout, self.current = self.layout(current), current
         self.expected = [(1,)] + [a.numpy().shape for a in layout.values()]
         out = {}
@@ -177,6 +177,7 @@ class SecureRound(SecAggPlusWorkflow):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 info["failed"] += 1
+                info["failed-nodes"].append(node)
                 LOG.warning("round %d: node %s failed: %s", rnd, node, msg.error.reason)
                 continue
             info["bytes-up"] += content_bytes(msg.content)

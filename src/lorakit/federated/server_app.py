@@ -243,6 +243,10 @@ class LoRAStrategy(FedAvg):
         s = self.exp.settings
         mean, info = self.secure(rnd, grid, self.global_record())
         accepted, self.last_rejections = info["accepted"], info["rejected"]
+        for node in info["failed-nodes"]:  # it may have lost its state: send it everything again
+            self.state.synced.pop(str(node), None)
+        for msg in accepted:  # the round updates each node has folded in (restarting strategies)
+            self.state.synced[str(msg.metadata.src_node_id)] = int(msg.content["adapter"]["base-round"])
         metrics = {"accepted": len(accepted), "rejected": len(info["rejected"]), "failed": info["failed"],
                    "uplink-bytes": info["bytes-up"], "downlink-bytes": info["bytes-down"]}
         if mean is None or len(accepted) < s.min_replies:
