@@ -10,12 +10,16 @@
    mix after 3 rounds at Dirichlet 0.1, against the plain FedIT global's, per client over seeds.
 5. The chat recipe: instruction tuning of the tiny Llama over 4 clients with heterogeneous ranks (FLoRA and
    FFA-LoRA, ranks 2,4,8): answer loss and greedy exact match / token F1 per round.
+6. SecAgg+ with client-side DP (FFA-LoRA at the DP rows' noise levels) and with zero_pad / fedavg_dense (mixed
+   ranks) / LoRA-FAIR, against the same runs without SecAgg+ (``--secure`` runs only these, into the page's JSON).
 Thresholds (the script exits 1 when one fails): epsilon falls as the noise grows; clipping without noise costs
 at most 0.10 accuracy against FFA-LoRA without DP; client-side and server-side fixed clipping agree within 0.02
 at every noise level (the same clipping and noise, applied on the client instead of the server); SecAgg+ ends
 within 0.02 of the plain run's accuracy on every seed; personalised adapters beat the plain global on average
 over clients; the chat recipe's answer loss falls by at least 5%; aggregating 1,000 clients' updates raises the
-peak RSS by less than 2x what the updates themselves take.
+peak RSS by less than 2x what the updates themselves take; SecAgg+ with zero_pad / fedavg_dense / LoRA-FAIR ends
+within 0.02 of the plain run on every seed; SecAgg+ with client DP reports the plain epsilon and a mean accuracy
+within the two 95% intervals of the plain client-DP run's.
 
     python bench/federated_extras.py [--quick] [--out runs/bench-federated-extras]
     python bench/federated_extras.py --gemma [--seeds 3]  # only the chat recipe on gemma-270m: federated_chat_gemma.*
@@ -62,6 +66,14 @@ CLIENT_DP = {f"ffa_lora client-DP {z}": dict(strategy="ffa_lora", dp="client-fix
              for z, v in (("clip only", 0.0), ("z=0.5", 0.5), ("z=1", 1.0), ("z=2", 2.0))}
 CONFIGS.update(CLIENT_DP)
 DP_ORDER = ["ffa_lora DP z=0.5", "ffa_lora DP z=1", "ffa_lora DP z=2"]
+SECURE = {  # SecAgg+ with client-side DP, and with the strategies beyond FedIT, against their plain runs
+    **{f"ffa_lora client-DP {z} + SecAgg+": dict(strategy="ffa_lora", dp="client-fixed", dp_clip=0.5, dp_noise=v,
+                                                  secagg=True)
+       for z, v in (("clip only", 0.0), ("z=0.5", 0.5), ("z=1", 1.0), ("z=2", 2.0))},
+    **{f"{name}{suffix}": dict(strategy=name, client_ranks=ranks, secagg=secure)
+       for name, ranks in (("zero_pad", "2,4"), ("fedavg_dense", "2,4"), ("lora_fair", ""))
+       for suffix, secure in (("", False), (" + SecAgg+", True))},
+}
 CHAT = dict(task="chat", num_clients=4, local_steps=10, batch_size=8, lr=5e-2, rank=4, lora_alpha=8.0,
             targets="q_proj,v_proj,o_proj,down_proj", max_train=400, max_eval=40, gen_examples=40, max_length=48,
             eval_every=1, min_replies=2, client_ranks="2,4,8")
@@ -107,13 +119,15 @@ def toy_run(seed: int, rounds: int, **changes):
     return run_in_process(Settings(**{**TOY, "num_rounds": rounds, "eval_every": rounds, "seed": seed, **changes}))
 
 
-def accuracy(seeds: list[int], rounds: int) -> dict:
+def accuracy(seeds: list[int], rounds: int, configs: dict = CONFIGS) -> dict:
+    """Final accuracy (mean and 95% t-interval over seeds), epsilon and median uplink bytes per round of each run."""
     out = {}
-    for name, changes in CONFIGS.items():
+    for name, changes in configs.items():
         runs = []
         for seed in seeds:
-            last = toy_run(seed, rounds, **changes).state.log[-1]
-            runs.append(dict(seed=seed, accuracy=last["accuracy"], epsilon=last.get("epsilon")))
+            log = toy_run(seed, rounds, **changes).state.log
+            runs.append(dict(seed=seed, accuracy=log[-1]["accuracy"], epsilon=log[-1].get("epsilon"),
+                             up=statistics.median(r["uplink-bytes"] for r in log[1:])))
         mean, half = ci([r["accuracy"] for r in runs])
         out[name] = dict(runs=runs, mean=mean, ci95=half, epsilon=runs[0]["epsilon"])
     return out
@@ -196,8 +210,46 @@ def checks(acc: dict, mem: list[dict], sec: dict, pers: dict, chat: dict) -> lis
     return out
 
 
+def plain_of(name: str, acc: dict, secure: dict) -> dict:
+    """The plain run a SecAgg+ row is compared with (the DP rows' are in the accuracy table)."""
+    base = name.replace(" + SecAgg+", "")
+    return secure.get(base) or acc[base]
+
+
+def secure_checks(acc: dict, secure: dict) -> list[tuple[str, bool]]:
+    rows = [n for n in secure if n.endswith("+ SecAgg+")]
+    exact = [n for n in rows if "DP" not in n]
+    noisy = [n for n in rows if "DP" in n]
+    return [("SecAgg+ with zero_pad / fedavg_dense / lora_fair ends within 0.02 of the plain run on every seed",
+             all(abs(a["accuracy"] - b["accuracy"]) <= 0.02 for n in exact
+                 for a, b in zip(secure[n]["runs"], plain_of(n, acc, secure)["runs"]))),
+            ("SecAgg+ with client DP: the same epsilon as plain client DP, mean accuracy within the two 95% intervals",
+             all(secure[n]["epsilon"] == plain_of(n, acc, secure)["epsilon"] and abs(secure[n]["mean"] - plain_of(
+                 n, acc, secure)["mean"]) <= secure[n]["ci95"] + plain_of(n, acc, secure)["ci95"] for n in noisy))]
+
+
+def secure_section(acc: dict, secure: dict, rounds: int, seeds: list) -> list[str]:
+    """The page's section on SecAgg+ with DP and with every strategy that has a secure form."""
+    lines = ["", "## SecAgg+ with client-side DP and with every strategy", "",
+             f"Toy task as above ({rounds} rounds, seeds {seeds}). Client-DP rows: FFA-LoRA, fixed clipping on each "
+             "client before SecAgg+ masks the update (C = 0.5), noise added by the server to the unmasked mean; the "
+             "server cannot verify the clipping. The noise draws differ from the plain runs' (the quantisation draws "
+             "from the same generator), so only the distributions match. Other rows: each strategy's secure form "
+             "(`zero_pad` and `fedavg_dense` at client ranks 2,4, padded to the largest rank or sent as dense "
+             "products), against the same run without SecAgg+. Uplink: median bytes per round (SecAgg+: all four "
+             "stages).", "", "| run | accuracy | 95% CI | epsilon | uplink / round | plain run's accuracy |",
+             "|---|---|---|---|---|---|"]
+    for name, r in secure.items():
+        eps = "-" if r["epsilon"] is None else ("inf" if r["epsilon"] == math.inf else f"{r['epsilon']:.1f}")
+        plain = plain_of(name, acc, secure) if name.endswith("+ SecAgg+") else None
+        ref = f"{plain['mean']:.3f} ±{plain['ci95']:.3f}" if plain else "-"
+        up = statistics.median(x["up"] for x in r["runs"]) / 1024
+        lines.append(f"| {name} | {r['mean']:.3f} | ±{r['ci95']:.3f} | {eps} | {up:.1f} KiB | {ref} |")
+    return lines
+
+
 def report(acc: dict, mem: list[dict], sec: dict, pers: dict, chat: dict, results: list, quick: bool, seconds: float,
-           rounds: int, seeds: list) -> str:
+           rounds: int, seeds: list, secure: dict | None = None) -> str:
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     lines = ["# Federated extras: server memory, DP, secure aggregation, personalisation, server optimisers, chat", "",
              f"Generated by `python bench/federated_extras.py{' --quick' if quick else ''}` in {seconds:.0f} s. "
@@ -218,6 +270,8 @@ def report(acc: dict, mem: list[dict], sec: dict, pers: dict, chat: dict, result
         eps = "-" if r["epsilon"] is None else ("inf" if r["epsilon"] == math.inf else f"{r['epsilon']:.1f}")
         lines.append(f"| {name} | {r['mean']:.3f} | ±{r['ci95']:.3f} | {eps} |")
     lines += extra_sections(sec, pers, chat, rounds, seeds)
+    if secure:
+        lines += secure_section(acc, secure, rounds, seeds)
     lines += ["", "## Thresholds", ""] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in results]
     return "\n".join(lines) + "\n"
 
@@ -337,7 +391,11 @@ def rerender(target: Path) -> int:
         old_t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}[len(seeds) - 1]
         factor = float(stats.t.ppf(0.975, len(seeds) - 1)) / old_t
         data["personalised"] = {k: {n: (m, h * factor) for n, (m, h) in row.items()} for k, row in data["personalised"].items()}
+    secure = data.get("secure")
+    for r in (secure or {}).values():
+        r["mean"], r["ci95"] = ci([x["accuracy"] for x in r["runs"]])
     results = checks(data["accuracy"], data["memory"], data["secagg"], data["personalised"], data["chat"])
+    results += secure_checks(data["accuracy"], secure) if secure else []
     data["checks"] = results
     seconds = data.get("seconds")
     if seconds is None:  # older JSON: the run time is on the page only
@@ -347,7 +405,7 @@ def rerender(target: Path) -> int:
     (target / "federated_extras.json").write_text(json.dumps(data, indent=1, default=str))
     (target / "federated_extras.md").write_text(report(data["accuracy"], data["memory"], data["secagg"],
                                                        data["personalised"], data["chat"], results, False, seconds,
-                                                       rounds, seeds))
+                                                       rounds, seeds, secure))
     print((target / "federated_extras.md").read_text())
     return 0 if all(ok for _, ok in results) else 1
 
@@ -359,10 +417,19 @@ def main(argv=None) -> int:
     parser.add_argument("--gemma", action="store_true", help="only the chat recipe on gemma-270m (about 6 minutes a seed)")
     parser.add_argument("--seeds", type=int, default=3, help="--gemma: how many seeds (default 3)")
     parser.add_argument("--render", action="store_true", help="rewrite the page from its JSON (no run)")
+    parser.add_argument("--secure", action="store_true",
+                        help="only the SecAgg+ rows (with client DP, other strategies): added to the page's JSON, page rewritten")
     args = parser.parse_args(argv)
     if args.gemma:
         return gemma(DOCS, list(range(args.seeds)))
     if args.render:
+        return rerender(DOCS)
+    if args.secure:  # the same seeds and rounds as the page's other rows
+        data = json.loads((DOCS / "federated_extras.json").read_text())
+        began = time.time()
+        data["secure"] = accuracy(data["seeds"], data["rounds"], SECURE)
+        data["secure_seconds"] = round(time.time() - began)
+        (DOCS / "federated_extras.json").write_text(json.dumps(data, indent=1, default=str))
         return rerender(DOCS)
     began = time.time()
     seeds, rounds = ([0, 1], 3) if args.quick else ([0, 1, 2, 3, 4], 10)
@@ -372,15 +439,16 @@ def main(argv=None) -> int:
     runs = personalised(seeds)
     pers = intervals(runs)
     chat = chat_recipe(seeds[:2], 2 if args.quick else 4)
-    results = checks(acc, mem, sec, pers, chat)
+    secure = accuracy(seeds, rounds, SECURE)
+    results = checks(acc, mem, sec, pers, chat) + secure_checks(acc, secure)
     target = Path(args.out) if args.quick else DOCS
     target.mkdir(parents=True, exist_ok=True)
     seconds = time.time() - began
     data = dict(machine=machine(), memory=mem, accuracy=acc, secagg=sec, personalised=pers, personalised_runs=runs,
-                chat=chat, checks=results, seeds=seeds, rounds=rounds, seconds=round(seconds))
+                chat=chat, secure=secure, checks=results, seeds=seeds, rounds=rounds, seconds=round(seconds))
     (target / "federated_extras.json").write_text(json.dumps(data, indent=1, default=str))
     (target / "federated_extras.md").write_text(report(acc, mem, sec, pers, chat, results, args.quick, seconds, rounds,
-                                                       seeds))
+                                                       seeds, secure))
     print((target / "federated_extras.md").read_text())
     return 0 if all(ok for _, ok in results) else 1
 
