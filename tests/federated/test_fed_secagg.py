@@ -116,7 +116,7 @@ def test_values_beyond_the_quantisation_range_are_refused_not_clipped(caplog):
     (dict(strategy="flora"), "stacks each client's own factors"),
     (dict(dp="server-fixed"), "clips each update on the server"),
     (dict(dp="server-adaptive"), "clips each update on the server"),
-    (dict(dp="client-adaptive"), "clipped bit, sent beside the update"),
+    (dict(dp="client-adaptive"), "clipped bit, which its mod sends in clear"),
     (dict(secagg_clip_range=0.0), "secagg-clip-range"),
     (dict(num_clients=1, min_replies=1), "at least 2 sampled nodes"),
 ])

@@ -18,11 +18,12 @@ the global adapter) to the norm C the server's ``DifferentialPrivacyClientSideFi
 ``fixedclipping_mod``, before ``secaggplus_mod`` masks it; clients weigh in with weight 1 (DP's equal weights),
 so the unmasked mean is the mean of the clipped updates, and the server adds Gaussian noise of std z C / m to it
 (Flower's ``add_gaussian_noise_inplace``), as the wrapper does to a plain aggregate. The server can no longer
-check that a client clipped (it never sees an update): the run's records say so (``dp-clipping-checked`` 0)
+check that a client clipped (it never sees an update): the run's records say so (``dp-clipping-verified`` 0)
 and the epsilon assumes honest clients. Refused: server-side clipping (it clips each update on the server, which
 SecAgg+ hides) and client-side adaptive clipping (Flower's mechanism learns C from each client's clipped bit,
-which ``adaptiveclipping_mod`` sends beside the update, in its metrics: SecAgg+ delivers only the masked sum, so
-the wrapper never gets the bits; summing them securely would be another mechanism than Flower's).
+which ``adaptiveclipping_mod`` sends in clear in the reply's metrics, one bit per client about its update, and
+which its wrapper reads while aggregating the individual updates; summing the bits under the masks as well would
+be another mechanism than Flower's).
 
 ``SecureRound`` drives Flower's workflow stages (setup, share keys, collect masked vectors, unmask) for one
 round of ``LoRAStrategy``: the strategy samples the nodes and builds their messages as in a plain round, and
@@ -61,8 +62,9 @@ CONFLICTS = {
 DP_CONFLICTS = {
     "server-fixed": "server-side clipping clips each update on the server, which secure aggregation hides",
     "server-adaptive": "server-side clipping clips each update on the server, which secure aggregation hides",
-    "client-adaptive": "Flower's adaptive clipping learns the norm from each client's clipped bit, sent beside the "
-                       "update in its metrics; SecAgg+ delivers only the masked sum, so the bits never reach the server",
+    "client-adaptive": "Flower's adaptive clipping learns the norm from each client's clipped bit, which its mod sends "
+                       "in clear beside the masked update (one bit per client about its update) and its wrapper reads "
+                       "while aggregating the individual updates, which SecAgg+ hides",
 }
 
 
