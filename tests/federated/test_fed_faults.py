@@ -54,6 +54,29 @@ def test_a_node_that_stops_answering_is_left_out():
     assert (strategy.state.log[2]["accepted"], strategy.state.log[2]["failed"]) == (3, 0)
 
 
+@pytest.mark.parametrize("name", ["fedit", "flora"])
+def test_a_straggler_past_the_reply_timeout_is_left_out_and_rejoins_next_round(name):
+    settings = toy(strategy=name, num_rounds=3, reply_timeout=30.0)
+    sent, entering = [], {}
+    grid = InProcessGrid(client_app(sent=sent), 4, settings.to_config())
+    strategy = LoRAStrategy(Experiment(settings))
+
+    def before(rnd):
+        entering[rnd] = strategy.state.history.get(rnd - 1) if strategy.rule.restart else strategy.state.adapter
+        grid.latency = {3: 45.0} if rnd == 2 else {}  # node 3 (partition 2) answers round 2 after the timeout
+
+    around_rounds(strategy, before=before)
+    strategy.start(grid)
+    log = strategy.state.log
+    assert [(r["accepted"], r["failed"]) for r in log[1:]] == [(4, 0), (3, 0), (4, 0)]
+    assert len(grid.late) == 1 and grid.late[0].metadata.src_node_id == 3  # it trained, but too late
+    assert _same_updates(entering[3], _aggregate_of(strategy, sent, 2, {0, 1, 3}))  # round 2: the three in time
+    assert _same_updates(strategy.state.history[3] if strategy.rule.restart else strategy.state.adapter,
+                         _aggregate_of(strategy, sent, 3, {0, 1, 2, 3}))  # round 3: all four again
+    if strategy.rule.restart:  # FLoRA: the straggler folded round 2's merged update before training round 3
+        assert int(grid.contexts[3].state["sync"]["base-round"]) == 2
+
+
 def test_a_round_with_too_few_replies_keeps_the_global_adapter(caplog):
     def fail(msg, context, reply):
         if int(msg.content["config"]["server-round"]) == 2 and int(context.node_config["partition-id"]) < 2:

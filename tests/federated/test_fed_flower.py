@@ -80,3 +80,43 @@ def test_secagg_and_personal_adapters_in_the_simulation_engine(tmp_path):
     bound = secagg.error_bound([len(s) for s in shards], max(len(s) for s in shards), settings.secagg_clip_range)
     diff = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in plain)
     assert 0 < diff <= bound + 1e-7
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.slow  # two deployments, a ClientApp process per message: about 6 minutes on two busy cores
+def test_personal_adapters_in_a_loopback_deployment_that_restarts_mid_run(tmp_path):
+    """Personalised run over SuperLink + SuperNodes; everything stops after round 1 and a new deployment resumes
+    from the checkpoint (new Flower run, fresh node state: the nodes' personal parts come from their disks). The
+    result is the in-process run that never stopped: per-round accuracy, exported adapters, users.json."""
+    import torch
+
+    from lorakit.formats.peft import load_state
+
+    common = dict(num_clients=3, num_rounds=3, personal="value", dirichlet_alpha=0.3, reply_timeout=300.0)
+    settings = toy(**common, checkpoint_dir=str(tmp_path / "ckpt"), personal_dir=str(tmp_path / "personal"),
+                   out_dir=str(tmp_path / "out"))
+
+    def stop_after_round_one(record):
+        if record["round"] >= 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        runner.deploy(settings, workdir=str(tmp_path / "first"), timeout=900, on_round=stop_after_round_one)
+    done = json.loads((tmp_path / "ckpt" / "server.json").read_text())["round"]
+    assert 1 <= done < 3
+    rounds = runner.deploy(settings, workdir=str(tmp_path / "second"), timeout=900)["rounds"]
+    straight = run_in_process(toy(**common, personal_dir=str(tmp_path / "straight"))).state.log
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 3]
+    assert _accuracies(rounds[:4]) == _accuracies(straight[:4])
+    assert [c["partition"] for c in rounds[-1]["personalised"]] == [0, 1, 2]
+    for a, b in zip(rounds[-1]["personalised"], straight[-1]["personalised"]):
+        assert a == pytest.approx(b)
+    users = json.loads((tmp_path / "personal" / "users.json").read_text())
+    assert users == {f"client-{k}": f"client-{k}" for k in range(3)}
+    for k in range(3):
+        got, want = load_state(tmp_path / "personal" / f"client-{k}"), load_state(tmp_path / "straight" / f"client-{k}")
+        assert all(torch.allclose(got.tensors[p][key], t, atol=1e-6) for p, ts in want.tensors.items()
+                   for key, t in ts.items())

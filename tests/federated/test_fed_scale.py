@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedutil import around_rounds, client_app, toy
+from fedutil import client_app, toy
 
 from lorakit.federated import update_of
 from lorakit.federated.experiment import Experiment

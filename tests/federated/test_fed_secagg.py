@@ -7,10 +7,11 @@ import logging
 import numpy as np
 import pytest
 from fedutil import run, toy
+from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from test_fed_faults import BAD
 
-from lorakit.federated import secagg
+from lorakit.federated import relative_error, secagg, update_of
 from lorakit.federated.cli import cli_main
 from lorakit.federated.experiment import Experiment, Settings
 from lorakit.federated.records import to_arrays
@@ -34,12 +35,13 @@ def _leaving(store):
     return mod
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa_lora"])
-def test_the_secure_mean_equals_the_plain_aggregate_within_the_quantisation_error(name):
+@pytest.mark.parametrize("name,ranks", [("fedit", ""), ("ffa_lora", ""), ("ffa_lora", "2,4"), ("zero_pad", "2,4")])
+def test_the_secure_mean_equals_the_plain_aggregate_within_the_quantisation_error(name, ranks):
     left = []
-    secure, _, _ = run(toy(strategy=name, num_rounds=1, secagg=True), outer=[_leaving(left)])
-    plain, _, _ = run(toy(strategy=name, num_rounds=1))
+    secure, _, _ = run(toy(strategy=name, num_rounds=1, secagg=True, client_ranks=ranks), outer=[_leaving(left)])
+    plain, _, _ = run(toy(strategy=name, num_rounds=1, client_ranks=ranks))
     got, want = _arrays(secure), _arrays(plain)
+    assert secure.state.adapter.config.to_dict() == plain.state.adapter.config.to_dict()
     bound = _bound(toy(strategy=name, secagg=True), range(4))
     assert 1e-7 < bound < 1e-5  # K (2 R / Q) / sum w: 8 / 2^21 per client, over weights near 1
     diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
@@ -52,6 +54,7 @@ def test_the_secure_mean_equals_the_plain_aggregate_within_the_quantisation_erro
     masked = [r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] for r in collected]
     sent = to_arrays(secure.state.adapter, skip=secure.rule.shared)
     assert all(len(m) == 1 + len(sent) for m in masked)  # the weight factor, then one vector per tensor sent
+    assert {bytes_to_ndarray(m[1]).shape for m in masked} == {sent[next(iter(sent))].numpy().shape}  # one shape
     assert secure.state.log[1]["uplink-bytes"] > plain.state.log[1]["uplink-bytes"]  # the protocol's overhead
 
 
@@ -111,11 +114,9 @@ def test_values_beyond_the_quantisation_range_are_refused_not_clipped(caplog):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(strategy="flora"), "stacks each client's own factors"),
-    (dict(strategy="lora_fair"), "needs the individual updates"),
-    (dict(strategy="fedavg_dense"), "products"),
-    (dict(strategy="zero_pad"), "own scaling"),
-    (dict(strategy="ffa_lora", client_ranks="2,4"), "one rank for all clients"),
-    (dict(dp="client-fixed"), "cannot be combined with dp"),
+    (dict(dp="server-fixed"), "clips each update on the server"),
+    (dict(dp="server-adaptive"), "clips each update on the server"),
+    (dict(dp="client-adaptive"), "clipped bit, which its mod sends in clear"),
     (dict(secagg_clip_range=0.0), "secagg-clip-range"),
     (dict(num_clients=1, min_replies=1), "at least 2 sampled nodes"),
 ])
@@ -132,3 +133,28 @@ def test_cli_secagg_flag_and_its_refusal(tmp_path, capsys):
     assert cli_main([*args, "--strategy", "flora", "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "secagg cannot be combined with strategy 'flora'" in err
+
+
+def test_secure_fedavg_dense_merges_the_plain_update_up_to_the_quantisation_error():
+    settings = toy(strategy="fedavg_dense", num_rounds=2, client_ranks="2,4")
+    secure, _, _ = run(Settings(**{**settings.__dict__, "secagg": True}))
+    plain, _, _ = run(Settings(**{**settings.__dict__, "num_rounds": 1}))
+    bound = _bound(Settings(**{**settings.__dict__, "secagg": True}), range(4))
+    got, want = secure.state.history[1], plain.state.history[1]
+    for path in want.tensors:  # factors of the dense mean, truncated to rank 2+4+2+4: within 2x the noise
+        delta = update_of(got, path) - update_of(want, path)
+        assert got.low_rank(path)[0].shape[0] <= 12
+        assert 0 < float(delta.norm()) <= 2 * bound * delta.numel() ** 0.5
+    assert [r["accepted"] for r in secure.state.log[1:]] == [4, 4]  # round 2: the nodes caught up on round 1
+    assert secure.state.synced == {str(n): 1 for n in range(1, 5)}  # so round 3 would send each node round 2 only
+
+
+def test_secure_lora_fair_corrects_from_the_three_sums():
+    secure, _, _ = run(toy(strategy="lora_fair", num_rounds=1, secagg=True))
+    plain, _, _ = run(toy(strategy="lora_fair", num_rounds=1))
+    bound = _bound(toy(secagg=True), range(4))
+    for path, tensors in plain.state.adapter.tensors.items():
+        got = secure.state.adapter.tensors[path]
+        assert float((got["lora_A.weight"] - tensors["lora_A.weight"]).abs().max()) <= bound + 1e-7  # A_bar
+        err = relative_error(update_of(secure.state.adapter, path), update_of(plain.state.adapter, path))
+        assert err < 1e-4  # B_bar + ΔB: the correction from sums within the quantisation error

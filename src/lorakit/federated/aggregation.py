@@ -10,6 +10,12 @@ Two kinds of strategy, declared on registration:
   start a fresh adapter (FLoRA's protocol).
 Conventions: a module's update is ``s * B @ A`` with ``A [r, in]``, ``B [out, r]`` (``AdapterState.low_rank``).
 Maths runs in float64 and results come back in the clients' dtype.
+
+Secure forms (``secure_form``): a strategy whose aggregate is a function of weighted sums of per-client tensors
+declares ``encode(state, config)`` (the tensors client k contributes, at the run's fixed shapes: ``config`` is the
+reference adapter config, at the largest rank) and ``decode(mean, reference, ranks)`` (the aggregate from
+sum_k p_k encode(state_k)); ``secure_aggregate`` composes them and equals ``aggregate`` (for restarting strategies:
+the same update). Secure aggregation (SecAgg+) then needs only the sum, never an individual update.
 """
 from __future__ import annotations
 
@@ -78,6 +84,34 @@ def aggregate(name: str, states: Sequence[AdapterState], num_examples: Sequence[
     saved = weighted_sum([s.modules_to_save for s in states], weights)
     base = weighted_sum([{"": s.base_tensors} for s in states], weights).get("", {})
     return AdapterState(out.config, out.tensors, saved, base)
+
+
+@dataclass(frozen=True)
+class SecureForm:
+    """How a strategy's aggregate follows from a weighted sum: what each client contributes, and the inverse."""
+
+    encode: Callable[[AdapterState, object], AdapterState]
+    decode: Callable[[AdapterState, AdapterState, Sequence[int]], AdapterState]
+
+
+SECURE: dict[str, SecureForm] = {}
+
+
+def secure_form(name: str, encode, decode) -> None:
+    """Declare that strategy ``name`` aggregates through ``decode(sum_k p_k encode(state_k))`` (see above)."""
+    SECURE[name] = SecureForm(encode, decode)
+
+
+def secure_aggregate(name: str, states: Sequence[AdapterState], num_examples: Sequence[float],
+                     reference: AdapterState) -> AdapterState:
+    """``aggregate`` computed as secure aggregation does: decode the weighted mean of the encoded clients."""
+    form = SECURE[name]
+    encoded = [form.encode(s, reference.config) for s in states]
+    weights = normalised(num_examples, len(states))
+    mean = AdapterState(reference.config, *(weighted_sum([getattr(e, g) for e in encoded], weights)
+                                            for g in ("tensors", "modules_to_save")),
+                        weighted_sum([{"": e.base_tensors} for e in encoded], weights).get("", {}))
+    return form.decode(mean, reference, [s.config.r for s in states])
 
 
 def _check_same_modules(states: list[AdapterState]) -> None:
@@ -173,6 +207,29 @@ def with_ranks(config, ranks: dict[str, int], scales: Optional[dict[str, float]]
     )
 
 
+def pad_to(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r_k, in] and B [out, r_k] zero-padded to rank ``r`` (an error if r_k > r)."""
+    if a.shape[0] > r:
+        raise ValueError(f"rank {a.shape[0]} is above the run's largest rank {r}")
+    return (torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])), torch.nn.functional.pad(b, (0, r - b.shape[1])))
+
+
+def encode_padded(state: AdapterState, config) -> AdapterState:
+    """A client's A and B zero-padded to the rank ``config`` gives each module, with s_k / s folded into B."""
+    tensors = {}
+    for path in state.tensors:
+        a, b, s = factors(state, path)
+        ref = config.for_module(path)
+        a_pad, b_pad = pad_to(a, b, ref.r)
+        tensors[path] = with_factors(state.tensors[path], a_pad, (s / ref.scaling) * b_pad)
+    return AdapterState(config, tensors, state.modules_to_save, state.base_tensors)
+
+
+def keep_mean(mean: AdapterState, reference: AdapterState, ranks=()) -> AdapterState:
+    """The decoded aggregate when it is the weighted mean itself, in the reference config."""
+    return AdapterState(reference.config, mean.tensors, mean.modules_to_save, mean.base_tensors)
+
+
 def padded(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]):
     """Clients' factors zero-padded to the largest rank, with s_k / s folded into B_k.
 
@@ -181,9 +238,8 @@ def padded(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]):
     r_max = max(a.shape[0] for a, _, _ in parts)
     own = {round(s, 12) for _, _, s in parts}
     scale = own.pop() if len(own) == 1 else 1.0
-    a_pad = [torch.nn.functional.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _, _ in parts]
-    b_pad = [(s / scale) * torch.nn.functional.pad(b, (0, r_max - b.shape[1])) for _, b, s in parts]
-    return a_pad, b_pad, scale
+    pads = [pad_to(a, b, r_max) for a, b, _ in parts]
+    return [a for a, _ in pads], [(s / scale) * b for (_, b), (_, _, s) in zip(pads, parts)], scale
 
 
 

@@ -30,7 +30,8 @@ ENGINES = ("simulation", "deployment", "inprocess")
 
 HELP = {
     "dp": "server-fixed, server-adaptive, client-fixed or client-adaptive: Flower's DP clipping wrappers ",
-    "secagg": "Flower's SecAgg+: the server sees only the masked weighted sum (fedit, ffa_lora) ",
+    "secagg": "Flower's SecAgg+: the server sees only the masked weighted sum (every strategy but flora; with dp: "
+              "client-fixed only) ",
     "personal": "module names whose adapters stay on each client (FedPer), e.g. o_proj or classifier ",
     "personal_dir": "where each client writes its personalised PEFT adapter (fed run: OUT/personal) ",
     "task": "tweets, toy or chat (instruction tuning of a causal LM) ",
@@ -190,10 +191,23 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps({"settings": settings.to_config(), "rounds": rounds}, indent=1))
     os.replace(tmp, out / "history.json")
     print(f"history: {out / 'history.json'}\n{save_final_adapter(settings, out)}")
+    if settings.dp:
+        print(privacy_summary(settings, rounds))
     if settings.personal:
         print(f"personalised adapters: {settings.personal_dir} (serve them with --adapters {settings.personal_dir} "
               f"--user-adapters {Path(settings.personal_dir) / 'users.json'})")
     return 0
+
+
+def privacy_summary(settings: Settings, rounds: list[dict]) -> str:
+    """One line: the epsilon the run spent, and who clipped (under SecAgg+ the server cannot verify it)."""
+    spent = [r for r in rounds if "epsilon" in r]
+    eps = f"epsilon {spent[-1]['epsilon']:.4g} at delta {settings.dp_delta:g} after {len(spent)} noised round(s)" \
+        if spent else "no round was noised"
+    if settings.secagg:
+        return (f"DP ({settings.dp}, with SecAgg+): {eps}; each client clips before masking and the server cannot "
+                "verify it (it never sees an update), so epsilon holds for clients that run the clipping mod")
+    return f"DP ({settings.dp}): {eps}"
 
 
 # what a federated run reports as one line: bad settings, and an engine that failed or timed out

@@ -3,10 +3,11 @@
 Only adapter tensors (and ``modules_to_save``) leave the node. For restarting strategies (FLoRA) the node keeps
 the sum of the merged round updates in ``context.state`` and folds it into its base weights every round.
 Node config: ``partition-id`` (which shard), optionally ``rank`` (overrides the run config's client ranks).
-With personal modules (FedPer) the node keeps their part in ``context.state`` and never sends it; the
+With personal modules (FedPer) the node keeps their part (``personal.remember``) and never sends it; the
 ``query.personalise`` message after the last round makes it write its personalised adapter. The reply's arrays
-keep the order of the global adapter received (Flower's clipping mods compare the two key
-lists); ``mods.lorakit_mods`` adds client-side DP clipping and SecAgg+ where the run config asks for them.
+keep the order of the global adapter received (Flower's clipping mods compare the two key lists); under SecAgg+
+they are the strategy's secure form of the adapter (``aggregation.secure_form``); ``mods.lorakit_mods`` adds
+client-side DP clipping and SecAgg+ where the run config asks for them.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from ..core.state import AdapterState
+from .aggregation import SECURE
 from .experiment import Experiment, Settings, stable_seed
 from .mods import lorakit_mods
 from . import personal
 from .protocol import add_to_base, fold_deltas, receive, unpack_updates
 from .records import config_from_record, config_record, from_arrays, to_arrays
+from .secagg import wire_order
 
 app = ClientApp(mods=[lorakit_mods])
 
@@ -64,8 +67,9 @@ def node_model(exp: Experiment, msg: Message, context: Context):
     own = AdapterState.from_model(model)
     incoming = from_arrays(msg.content["global"], config_from_record(msg.content["config"]))
     state = receive(own, incoming)
-    if "personal" in context.state:  # FedPer: the personal part this node trained in earlier rounds
-        state = personal.join(state, from_arrays(context.state["personal"], state.config))
+    own_part = personal.restore(context.state, s, partition, server_round) if personal.names(s) else None
+    if own_part is not None:  # FedPer: the personal part this node trained in earlier rounds
+        state = personal.join(state, from_arrays(own_part, state.config))
     state.load_into(model)
     return model, base_round
 
@@ -81,7 +85,8 @@ def local_round(exp: Experiment, msg: Message, context: Context) -> tuple[Adapte
     mine = personal.names(exp.settings)
     if mine:
         state, own = personal.split(state, mine)
-        context.state["personal"] = to_arrays(own)
+        personal.remember(context.state, exp.settings, partition, int(msg.content["config"]["server-round"]),
+                          to_arrays(own))
     return state, num_examples, loss, base_round
 
 
@@ -91,10 +96,11 @@ def train(msg: Message, context: Context) -> Message:
     exp = experiment_for(Settings.from_config(context.run_config))
     state, num_examples, loss, base_round = local_round(exp, msg, context)
     partition = int(context.node_config["partition-id"])
-    arrays = to_arrays(state, skip=exp.rule.shared)
-    received = list(msg.content["global"].keys())
-    if set(received) == set(arrays.keys()):  # the global's order (restarting strategies send the head only)
-        arrays = ArrayRecord({k: arrays[k] for k in received})
+    sent = state
+    if exp.settings.secagg:  # what the strategy's secure form sums: at the run's fixed shapes
+        sent = SECURE[exp.rule.name].encode(state, exp.adapter_config(exp.settings.max_rank))
+    arrays = to_arrays(sent, skip=exp.rule.shared)
+    arrays = ArrayRecord({k: arrays[k] for k in wire_order(arrays.keys(), msg.content["global"].keys())})
     content = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
@@ -113,7 +119,7 @@ def personalise(msg: Message, context: Context) -> Message:
 
     exp = experiment_for(Settings.from_config(context.run_config))
     s, partition = exp.settings, int(context.node_config["partition-id"])
-    if "personal" not in context.state:
+    if personal.restore(context.state, s, partition, int(msg.content["config"]["server-round"])) is None:
         raise RuntimeError(f"node of partition {partition} holds no personal adapter (it trained in no round)")
     model, _ = node_model(exp, msg, context)
     mine = AdapterState.from_model(model)

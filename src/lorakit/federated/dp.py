@@ -11,7 +11,9 @@ server, or on the client before it leaves), lorakit's strategy averages them wit
 example counts, so one client moves the mean by at most C/m), and Gaussian noise of std z C / m is added to the
 result (m: the nodes sampled per round). Bad replies are screened out before the wrapper sees them
 (``LoRAStrategy.start``); with client-side clipping the server also rejects an update whose norm exceeds C
-(``unclipped``), since a client that skipped the mod would otherwise break the sensitivity bound.
+(``unclipped``), since a client that skipped the mod would otherwise break the sensitivity bound. With SecAgg+
+(``secagg``, client-fixed only) the server adds the same noise to the unmasked mean (``add_noise``) and cannot
+make that check: the round records say so (``dp-clipping-verified`` 0).
 Where the maths conflicts, the run is refused: FLoRA and fedavg_dense publish each client's factors inside
 the stacked update (noise on a sum protects nothing there), LoRA-FAIR's server correction is a non-linear
 function of the individual updates whose sensitivity the Gaussian mechanism's C/m does not bound, and mixed
@@ -32,12 +34,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from .aggregation import STRATEGIES
 
@@ -109,6 +113,14 @@ def unclipped(arrays, current, clip: float) -> float | None:
     norm = math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - current[k].numpy()) ** 2))
                          for k in current))
     return norm if norm > clip * (1 + 1e-5) + 1e-7 else None  # float32 round-off of the client's clipping
+
+
+def add_noise(mean: ArrayRecord, settings, clip: float) -> ArrayRecord:
+    """``mean`` plus Gaussian noise of std z C / m, as Flower's client-side wrapper adds it to an aggregate (used
+    under SecAgg+, where the aggregate comes from the unmasking instead of the wrapper)."""
+    arrays = [a.numpy().copy() for a in mean.values()]
+    add_gaussian_noise_inplace(arrays, compute_stdv(settings.dp_noise, clip, sampled(settings)))
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(mean.keys(), arrays)})
 
 
 def round_noise(settings, aggregated: int) -> float:

@@ -1,7 +1,9 @@
 """Run the ServerApp's strategy and the ClientApp in one process, without Ray or a SuperLink.
 
 ``InProcessGrid`` is a Flower ``Grid`` that hands each message straight to a ``ClientApp`` with that node's
-persistent ``Context``; a ClientApp that raises produces an error reply, as Flower's runtimes do. The benchmark
+persistent ``Context``; a ClientApp that raises produces an error reply, as Flower's runtimes do. A node given a
+``latency`` (seconds) above the round's timeout is a straggler: it runs the message (its state moves on) but its
+reply arrives too late and is dropped, as Flower's ``send_and_receive`` drops replies after its timeout. The benchmark
 and the fast tests drive the very same app code through it; ``runner`` runs it on Flower's own engines.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ class InProcessGrid(Grid):
             self.contexts[k + 1] = Context(run_id=1, node_id=k + 1, node_config=node_config, state=RecordDict(),
                                            run_config=dict(run_config))
         self.offline: set[int] = set()  # node ids that take no messages (a node that left)
+        self.latency: dict[int, float] = {}  # node id -> seconds its reply takes (stragglers)
+        self.late: list[Message] = []  # replies that came after the timeout
         self._ids = itertools.count()
 
     def set_run(self, run) -> None:
@@ -65,9 +69,11 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             delivered = copy.deepcopy(msg)  # as over a wire: the node gets its own copy of a shared body
             try:
-                replies.append(self.client_app(delivered, self.contexts[node]))
+                reply = self.client_app(delivered, self.contexts[node])
             except Exception as e:  # noqa: BLE001 - as Flower's runtimes: a failing ClientApp is an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
+                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+            late = timeout is not None and self.latency.get(node, 0.0) > timeout
+            (self.late if late else replies).append(reply)
         return replies
 
 

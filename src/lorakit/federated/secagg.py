@@ -4,26 +4,38 @@ SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic O
 server learn only sum_k w_k x_k over the sampled clients: each client quantises w_k x_k and adds pairwise masks
 that cancel in the sum, plus a private mask whose seed the server recovers from secret shares only for clients
 that finished; clients that drop out mid-protocol have their pairwise masks reconstructed from their
-neighbours' shares. The server therefore gets FedAvg's weighted mean sum_k n_k x_k / sum_k n_k and nothing
-per client: that is FedIT's aggregate (x = the adapter tensors and the head) and FFA-LoRA's (x = B and the head;
-the shared A is never sent), so only those two strategies are allowed, with one rank for all clients (the
-masked vectors must have one shape). Refused, with the reason: FLoRA (its aggregate stacks each client's own
-factors side by side, which a sum cannot produce), fedavg_dense and zero_pad (they weight each client's factors
-by its own scaling or form s_k B_k A_k, a product a masked sum of factors does not give), LoRA-FAIR (its
-correction needs the individual updates) and DP (Flower's DP wrappers clip or check each reply's arrays,
-which SecAgg+ hides).
+neighbours' shares. The server therefore gets the weighted mean sum_k n_k x_k / sum_k n_k and nothing per
+client. A strategy can use it when its aggregate is a function of such sums: its secure form
+(``aggregation.secure_form``) says what x_k a client encodes and how the server decodes the mean. FedIT: the
+adapter tensors; FFA-LoRA: B (the shared A is never sent); zero_pad: A and B zero-padded to the run's largest
+rank with s_k / s folded in, so mixed ranks go through one fixed shape; fedavg_dense: the dense s_k B_k A_k;
+LoRA-FAIR: A_k, B_k and s B_k A_k (its correction is a function of those three sums). Refused, with the reason:
+FLoRA (its aggregate stacks each client's own factors side by side, which no sum produces; fedavg_dense merges
+the same update).
+
+Differential privacy (``dp = "client-fixed"``), Flower's composition: each client clips its update (reply minus
+the global adapter) to the norm C the server's ``DifferentialPrivacyClientSideFixedClipping`` sends, with
+``fixedclipping_mod``, before ``secaggplus_mod`` masks it; clients weigh in with weight 1 (DP's equal weights),
+so the unmasked mean is the mean of the clipped updates, and the server adds Gaussian noise of std z C / m to it
+(Flower's ``add_gaussian_noise_inplace``), as the wrapper does to a plain aggregate. The server can no longer
+check that a client clipped (it never sees an update): the run's records say so (``dp-clipping-verified`` 0)
+and the epsilon assumes honest clients. Refused: server-side clipping (it clips each update on the server, which
+SecAgg+ hides) and client-side adaptive clipping (Flower's mechanism learns C from each client's clipped bit,
+which ``adaptiveclipping_mod`` sends in clear in the reply's metrics, one bit per client about its update, and
+which its wrapper reads while aggregating the individual updates; summing the bits under the masks as well would
+be another mechanism than Flower's).
 
 ``SecureRound`` drives Flower's workflow stages (setup, share keys, collect masked vectors, unmask) for one
 round of ``LoRAStrategy``: the strategy samples the nodes and builds their messages as in a plain round, and
 the collect stage carries them. Flower's workflow was written for the legacy Strategy API, so the strategy
 and client manager it calls are small stand-ins here. What the server can still check per client is the
-reply's declared method, base model and example count and the shapes of its masked vectors; a reply that
+reply's declared method, rank, base model and example count and the shapes of its masked vectors; a reply that
 fails is left out before the masked sum (SecAgg+ then unmasks it as a dropout). NaN/inf and values beyond the
 quantisation range are refused by the client itself (``mods.as_fitres``).
 
-Quantisation error: each client quantises w_k x_k (w_k = n_k / max_weight) stochastically with step
-2 R / Q (R = ``secagg-clip-range``, Q = 2^22), so the unmasked mean differs from the exact one by at most
-``error_bound`` = K (2 R / Q) / sum_k w_k per entry, plus the rounding of the weights to multiples of 1/Q.
+Quantisation error: each client quantises w_k x_k (w_k = n_k / max_weight; under DP w_k = 1) stochastically
+with step 2 R / Q (R = ``secagg-clip-range``, Q = 2^22), so the unmasked mean differs from the exact one by at
+most ``error_bound`` = K (2 R / Q) / sum_k w_k per entry, plus the rounding of the weights to multiples of 1/Q.
 """
 from __future__ import annotations
 
@@ -38,31 +50,35 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from .aggregation import STRATEGIES
+from .aggregation import SECURE, STRATEGIES
+from .records import to_arrays
 
 LOG = logging.getLogger("flwr")
 QUANTISATION = 2**22  # Flower's default quantization_range
-ALLOWED = ("fedit", "ffa_lora")
 CONFLICTS = {
-    "flora": "FLoRA stacks each client's own factors side by side; a masked sum cannot produce a stack",
-    "fedavg_dense": "fedavg_dense averages the products s_k B_k A_k; a masked sum of the factors does not give them",
-    "zero_pad": "zero_pad folds each client's own scaling into its factors before averaging",
-    "lora_fair": "LoRA-FAIR's server correction needs the individual updates, which secure aggregation hides",
+    "flora": "FLoRA stacks each client's own factors side by side, which no sum of masked vectors produces "
+             "(fedavg_dense merges the same update and can)",
+}
+DP_CONFLICTS = {
+    "server-fixed": "server-side clipping clips each update on the server, which secure aggregation hides",
+    "server-adaptive": "server-side clipping clips each update on the server, which secure aggregation hides",
+    "client-adaptive": "Flower's adaptive clipping learns the norm from each client's clipped bit, which its mod sends "
+                       "in clear beside the masked update (one bit per client about its update) and its wrapper reads "
+                       "while aggregating the individual updates, which SecAgg+ hides",
 }
 
 
 def check_options(settings) -> None:
-    """Refuse secure aggregation where the strategy's aggregate is not a weighted sum, or with DP."""
+    """Refuse secure aggregation where the strategy's aggregate is not a function of weighted sums, or with a DP
+    kind that needs the individual updates."""
     s = settings
-    if s.strategy in CONFLICTS or (s.strategy not in ALLOWED and s.strategy in STRATEGIES.names()):
-        reason = CONFLICTS.get(s.strategy, "its aggregate is not declared a weighted sum")
-        raise ValueError(f"secagg cannot be combined with strategy {s.strategy!r}: {reason}; use {' or '.join(ALLOWED)}")
-    if len({s.client_rank(k) for k in range(s.num_clients)}) > 1:
-        raise ValueError(f"secagg needs one rank for all clients (the masked vectors must have one shape); "
-                         f"client-ranks gives {s.client_ranks!r}")
-    if s.dp:
-        raise ValueError(f"secagg cannot be combined with dp {s.dp!r}: Flower's DP wrappers clip or check each "
-                         "reply's arrays, which secure aggregation hides; choose one")
+    if s.strategy not in SECURE and s.strategy in STRATEGIES.names():
+        reason = CONFLICTS.get(s.strategy, "it declares no secure form (its aggregate is not a function of sums)")
+        raise ValueError(f"secagg cannot be combined with strategy {s.strategy!r}: {reason}; use one of "
+                         f"{', '.join(sorted(SECURE))}")
+    if s.dp in DP_CONFLICTS:
+        raise ValueError(f"secagg cannot be combined with dp {s.dp!r}: {DP_CONFLICTS[s.dp]}; use dp client-fixed "
+                         "(each client clips before masking, the server adds the noise)")
     if not (np.isfinite(s.secagg_clip_range) and s.secagg_clip_range > 0):
         raise ValueError(f"secagg-clip-range must be finite and > 0, found {s.secagg_clip_range}")
     if max(int(s.num_clients * s.fraction_train), s.min_replies) < 2:
@@ -97,14 +113,25 @@ class SecureRound(SecAggPlusWorkflow):
 
     def __init__(self, lora):
         s = lora.exp.settings
-        self.lora, self.max_weight = lora, float(max(len(shard) for shard in lora.exp.shards))
+        self.lora, self.form, self.private = lora, SECURE[lora.rule.name], bool(s.dp)
+        # under DP every client weighs 1 (one client moves the mean by at most C / m)
+        self.max_shard = float(max(len(shard) for shard in lora.exp.shards))
+        self.max_weight = 1.0 if self.private else self.max_shard
         super().__init__(num_shares=1.0, reconstruction_threshold=2 / 3, max_weight=self.max_weight,
                          clipping_range=s.secagg_clip_range, quantization_range=QUANTISATION, timeout=s.reply_timeout)
 
+    def layout(self, current: ArrayRecord) -> ArrayRecord:
+        """What every client's masked vector holds (the reference adapter, encoded), in the order it is sent."""
+        ref = self.lora.reference
+        encoded = to_arrays(self.form.encode(ref, ref.config), skip=self.lora.rule.shared)
+        return ArrayRecord({k: encoded[k] for k in wire_order(encoded.keys(), current.keys())})
+
     def __call__(self, rnd: int, grid, current: ArrayRecord) -> tuple[ArrayRecord | None, dict]:
-        """Run the four stages; returns (the unmasked weighted mean as an ArrayRecord or None, the round's counts)."""
-        info = {"rejected": [], "failed": 0, "accepted": [], "bytes-up": 0, "bytes-down": 0}
-        self.expected = [(1,)] + [a.numpy().shape for a in current.values()]
+        """Run the four stages; returns (the unmasked weighted mean of the encoded adapters, in the layout of
+        ``layout``, or None; the round's counts). ``current`` is the global record the nodes are sent."""
+        info = {"rejected": [], "failed": 0, "failed-nodes": [], "accepted": [], "bytes-up": 0, "bytes-down": 0}
+        layout, self.current = self.layout(current), current
+        self.expected = [(1,)] + [a.numpy().shape for a in layout.values()]
         out = {}
         context = SimpleNamespace(
             state=RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
@@ -125,11 +152,12 @@ class SecureRound(SecAggPlusWorkflow):
                 return None, info
         if "mean" not in out:
             return None, info
-        mean = {k: Array(np.ascontiguousarray(v, dtype=current[k].numpy().dtype)) for k, v in zip(current.keys(), out["mean"])}
+        mean = {k: Array(np.ascontiguousarray(v, dtype=layout[k].numpy().dtype)) for k, v in zip(layout.keys(), out["mean"])}
         return ArrayRecord(mean), info
 
     def _configure(self, rnd: int, grid):
-        messages = self.lora.configure_train(rnd, None, ConfigRecord(), grid)
+        source = self.lora.private or self.lora  # the DP wrapper adds the clipping norm to each node's config
+        messages = source.configure_train(rnd, self.current, ConfigRecord(), grid)
         self.contents = {m.metadata.dst_node_id: m.content for m in messages}
         empty = FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {})
         return [(SimpleNamespace(node_id=n), empty) for n in self.contents]
@@ -151,6 +179,7 @@ class SecureRound(SecAggPlusWorkflow):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 info["failed"] += 1
+                info["failed-nodes"].append(node)
                 LOG.warning("round %d: node %s failed: %s", rnd, node, msg.error.reason)
                 continue
             info["bytes-up"] += content_bytes(msg.content)
@@ -168,13 +197,27 @@ class SecureRound(SecAggPlusWorkflow):
         from .checks import identity_problems
 
         lora = self.lora
-        issues = identity_problems(lora.declared(msg), lora.reference.config, lora.exp.base_id)
+        declared, want = lora.declared(msg), lora.reference.config.to_dict()
+        issues = identity_problems(declared, lora.reference.config, lora.exp.base_id)
+        got = declared["config"] or {}
+        if not lora.rule.mixed_ranks and any(got.get(k) != want[k] for k in ("r", "lora_alpha")):
+            issues.append(f"adapter r={got.get('r')}, lora_alpha={got.get('lora_alpha')}: the strategy needs the "
+                          f"run's r={want['r']}, lora_alpha={want['lora_alpha']}")
         n = float(msg.content["metrics"]["num-examples"])
-        if not (0 < n <= self.max_weight) or int(msg.content["fitres.num_examples"]["num_examples"]) != n:
-            issues.append(f"num-examples {n:g}: expected a count in (0, {self.max_weight:g}], the same in both records")
+        weight = int(msg.content["fitres.num_examples"]["num_examples"])
+        if not (0 < n <= self.max_shard) or weight != (1 if self.private else n):
+            issues.append(f"num-examples {n:g}, weight {weight}: expected a count in (0, {self.max_shard:g}] and "
+                          f"a weight {'of 1 (DP)' if self.private else 'equal to it'}")
         masked = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])
         shapes = [bytes_to_ndarray(b).shape for b in masked]
         if shapes != self.expected:
             issues.append(f"masked vector shapes {shapes[:4]}..., expected {self.expected[:4]}... "
                           f"({len(shapes)} vs {len(self.expected)} arrays)")
         return issues
+
+
+def wire_order(keys, received) -> list[str]:
+    """The order a reply's arrays are sent in: the keys of the record received first, in its order (Flower's
+    clipping mods compare the two lists), then the others sorted."""
+    keys, received = list(keys), list(received)
+    return [k for k in received if k in keys] + sorted(k for k in keys if k not in received)

@@ -66,15 +66,20 @@ class LoRAStrategy(FedAvg):
     def outgoing(self, node_id: int, server_round: int, config=None) -> RecordDict:
         """The message body for one node: the global adapter and the round updates it lacks (plus ``config``,
         e.g. the clipping norm a client-side DP wrapper sends)."""
-        g = self.state.adapter
-        body = AdapterState(g.config, {}, g.modules_to_save, g.base_tensors) if self.rule.restart else g
-        content = RecordDict({"global": to_arrays(body, skip=self.rule.shared),
-                              "config": config_record(g.config, **{**dict(config or {}), "server-round": server_round})})
+        content = RecordDict({"global": self.global_record(), "config": config_record(
+            self.state.adapter.config, **{**dict(config or {}), "server-round": server_round})})
         if self.rule.restart:
             arrays, configs = pack_updates(self.state.history, self.state.synced.get(str(node_id), 0))
             if len(configs):
                 content["updates"], content["update-configs"] = arrays, configs
         return content
+
+    def global_record(self) -> ArrayRecord:
+        """The global adapter as sent to every node (without the shared tensors; restarting strategies: the
+        saved modules only, the adapter being fresh)."""
+        g = self.state.adapter
+        body = AdapterState(g.config, {}, g.modules_to_save, g.base_tensors) if self.rule.restart else g
+        return to_arrays(body, skip=self.rule.shared)
 
     def configure_train(self, server_round, arrays, config, grid: Grid):
         """One message per sampled node (restarting strategies send each node a different catch-up)."""
@@ -176,15 +181,30 @@ class LoRAStrategy(FedAvg):
             counts = [1.0] * len(states)
         new = aggregate(self.rule.name, states, counts)
         metrics["aggregation-error"] = aggregation_error(new, states, counts)  # vs the exact weighted sum
-        if self.optimiser is not None and self.private is None:  # under DP: after the noise, in ``start``
+        new = self.adopt(server_round, new, step=self.private is None)  # under DP: after the noise, in ``start``
+        loss = sum(a[2] * a[3] for a in accepted) / max(sum(a[2] for a in accepted), 1e-12)
+        return to_arrays(new, skip=self.rule.shared), MetricRecord({**metrics, "skipped": 0, "train-loss": loss})
+
+    def adopt(self, rnd: int, new: AdapterState, step: bool = True) -> AdapterState:
+        """Make an aggregate the global adapter, after the server optimiser's step (with ``step``); a restarting
+        strategy's aggregate is kept as the round's update, and the global adapter is a fresh one."""
+        if self.optimiser is not None and step:
             new = self.optimiser.step(self.state.adapter, new)
         if self.rule.restart:
-            self.state.history[server_round] = AdapterState(new.config, new.tensors)
+            self.state.history[rnd] = AdapterState(new.config, new.tensors)
             ref = self.reference
             new = AdapterState(ref.config, ref.clone().tensors, new.modules_to_save, new.base_tensors)
         self.state.adapter = new
-        loss = sum(a[2] * a[3] for a in accepted) / max(sum(a[2] for a in accepted), 1e-12)
-        return to_arrays(new, skip=self.rule.shared), MetricRecord({**metrics, "skipped": 0, "train-loss": loss})
+        return new
+
+    def dp_record(self, aggregated: int, verified: bool) -> dict:
+        """The round's DP figures: effective noise multiplier, clipping norm, epsilon so far, and whether the
+        server verified each aggregated update's norm (not under SecAgg+, where it never sees one)."""
+        s = self.exp.settings
+        zs = [r["dp-noise-multiplier"] for r in self.state.log if "dp-noise-multiplier" in r]
+        z = dp.round_noise(s, aggregated)
+        return {"dp-noise-multiplier": z, "dp-clip": float(self.private.clipping_norm),
+                "epsilon": dp.epsilon([*zs, z], s.dp_delta), "dp-delta": s.dp_delta, "dp-clipping-verified": int(verified)}
 
     def private_round(self, rnd: int, grid: Grid) -> dict:
         """One round through Flower's DP wrapper: screen, clip, aggregate, add noise; then the server step."""
@@ -206,10 +226,7 @@ class LoRAStrategy(FedAvg):
                 "accepted": len(good), "rejected": len(screened["rejected"]), "failed": screened["failed"], "skipped": 1}
         noisy = self.with_shared(arrays, previous)  # the shared tensors were not sent, so not noised
         self.state.adapter = self.optimiser.step(previous, noisy) if self.optimiser is not None else noisy
-        zs = [r["dp-noise-multiplier"] for r in self.state.log if "dp-noise-multiplier" in r]
-        z = dp.round_noise(s, len(good))
-        return {**dict(metrics), "dp-noise-multiplier": z, "dp-clip": float(self.private.clipping_norm),
-                "epsilon": dp.epsilon([*zs, z], s.dp_delta), "dp-delta": s.dp_delta}
+        return {**dict(metrics), **self.dp_record(len(good), verified=True)}
 
     def with_shared(self, arrays: ArrayRecord, previous: AdapterState) -> AdapterState:
         """The adapter in ``arrays`` with the tensors every party holds (not sent) taken from ``previous``."""
@@ -221,23 +238,33 @@ class LoRAStrategy(FedAvg):
         return state
 
     def secure_round(self, rnd: int, grid: Grid) -> dict:
-        """One round through SecAgg+: the server gets only the weighted mean of the accepted adapters."""
-        s, previous = self.exp.settings, self.state.adapter
-        mean, info = self.secure(rnd, grid, to_arrays(previous, skip=self.rule.shared))
+        """One round through SecAgg+: the server gets only the weighted mean of the accepted clients' encoded
+        adapters (under DP: of their clipped updates, to which it adds the noise), and decodes the aggregate."""
+        s = self.exp.settings
+        mean, info = self.secure(rnd, grid, self.global_record())
         accepted, self.last_rejections = info["accepted"], info["rejected"]
+        for node in info["failed-nodes"]:  # it may have lost its state: send it everything again
+            self.state.synced.pop(str(node), None)
+        for msg in accepted:  # the round updates each node has folded in (restarting strategies)
+            self.state.synced[str(msg.metadata.src_node_id)] = int(msg.content["adapter"]["base-round"])
         metrics = {"accepted": len(accepted), "rejected": len(info["rejected"]), "failed": info["failed"],
                    "uplink-bytes": info["bytes-up"], "downlink-bytes": info["bytes-down"]}
         if mean is None or len(accepted) < s.min_replies:
             LOG.warning("round %d: %d update(s) securely aggregated, fewer than min-replies=%d; the global adapter "
                         "stays", rnd, len(accepted), s.min_replies)
             return {**metrics, "skipped": 1}
-        new = self.with_shared(mean, previous)
-        self.state.adapter = self.optimiser.step(previous, new) if self.optimiser is not None else new
+        private = {}
+        if self.private is not None:
+            mean = dp.add_noise(mean, s, float(self.private.clipping_norm))
+            private = self.dp_record(len(accepted), verified=False)
+        ranks = [int(self.declared(m)["config"]["r"]) for m in accepted]
+        self.adopt(rnd, self.secure.form.decode(from_arrays(mean, self.reference.config), self.reference, ranks))
         counts = [float(m.content["metrics"]["num-examples"]) for m in accepted]
         losses = [float(m.content["metrics"]["train-loss"]) for m in accepted]
         loss = sum(n * x for n, x in zip(counts, losses)) / sum(counts)
-        bound = secagg.error_bound(counts, self.secure.max_weight, s.secagg_clip_range)
-        return {**metrics, "skipped": 0, "train-loss": loss, "secagg-error-bound": bound}
+        weights = [1.0] * len(counts) if self.private is not None else counts
+        bound = secagg.error_bound(weights, self.secure.max_weight, s.secagg_clip_range)
+        return {**metrics, "skipped": 0, "train-loss": loss, "secagg-error-bound": bound, **private}
 
     def unclipped(self, rnd: int, accepted: tuple, current: ArrayRecord, screened: dict) -> bool:
         """Reject (and log) an accepted reply whose update is longer than the clipping norm sent this round."""

@@ -3,11 +3,12 @@
 Rule: A_g = sum_k p_k A_k and B_g = sum_k p_k B_k, key-wise over every adapter tensor (what Flower's FedAvg does
 to an adapter's state dict). Not exact: B_g A_g - sum_k p_k B_k A_k = -1/2 sum_{k,l} p_k p_l (B_k - B_l)(A_k - A_l).
 Works for any method, since it never forms factors; clients must share one config (rank and scaling).
+Secure form: the weighted mean of the tensors is the aggregate itself.
 """
 from __future__ import annotations
 
 from ...core.state import AdapterState
-from ..aggregation import strategy, weighted_sum
+from ..aggregation import keep_mean, secure_form, strategy, weighted_sum
 
 
 def same_config(states: list[AdapterState], name: str) -> None:
@@ -28,3 +29,6 @@ def fedit(states: list[AdapterState], weights: list[float]) -> AdapterState:
     """Weighted average of A and B separately (FedAvg on the adapter's tensors)."""
     same_config(states, "fedit")
     return AdapterState(states[0].config, weighted_sum([s.tensors for s in states], weights))
+
+
+secure_form("fedit", lambda state, config: state, keep_mean)

@@ -6,11 +6,13 @@ sum_k p_k s B_k A0 = s B_g A0. We check that the clients' A agree (to ``atol``) 
 copy A rather than averaging it, so A stays bit-identical across rounds.
 Extension beyond the paper (equal ranks there): a client of rank r_k uses the leading r_k rows of the shared
 A0; B_k is zero-padded to r_max (s_k / s folded in), which keeps the aggregate exact for mixed ranks.
+Secure form: B_k padded to the run's largest rank, s_k / s folded in (s: the reference scaling); the weighted
+mean of those is B_g, and A is the shared A0 the server holds.
 """
 from __future__ import annotations
 
 from ...core.state import AdapterState
-from ..aggregation import A_KEYS, factors, padded, strategy, with_factors, with_ranks
+from ..aggregation import A_KEYS, encode_padded, factors, padded, secure_form, strategy, with_factors, with_ranks
 
 
 @strategy("ffa_lora", mixed_ranks=True, shared=A_KEYS)
@@ -33,3 +35,14 @@ def ffa_lora(states: list[AdapterState], weights: list[float], atol: float = 0.0
         tensors[path] = with_factors(states[widest].tensors[path], a0, b)
         ranks[path], scales[path] = a0.shape[0], scale
     return AdapterState(with_ranks(states[0].config, ranks, scales), tensors)
+
+
+def decode(mean: AdapterState, reference: AdapterState, ranks=()) -> AdapterState:
+    """B_g from the weighted mean of the padded B_k; A the shared init at the largest rank."""
+    tensors = {}
+    for path, ref in reference.tensors.items():
+        tensors[path] = {**mean.tensors[path], **{k: ref[k].clone() for k in ref if k in A_KEYS}}
+    return AdapterState(reference.config, tensors, mean.modules_to_save, mean.base_tensors)
+
+
+secure_form("ffa_lora", encode_padded, decode)

@@ -8,13 +8,15 @@ Decisions (the official code is not available to us): S = 1 - cos over the flatt
 the paper describes; the server solves it with ``steps`` Adam steps from ΔB = 0, with a step size relative to
 the RMS of B_bar, and keeps the best iterate, so the objective never ends above FedIT's (ΔB = 0).
 The correction only reaches the row space of A_bar: ||ΔW - (B_bar + ΔB) A_bar|| >= ||ΔW (I - A_bar^+ A_bar)||.
+Secure form: the correction is a function of three weighted sums, A_bar, B_bar and ΔW, so it needs no individual
+update: each client contributes A_k, B_k and its dense s B_k A_k (out * in more numbers per module).
 """
 from __future__ import annotations
 
 import torch
 
 from ...core.state import AdapterState
-from ..aggregation import exact_update, factors, strategy, weighted_sum, with_factors
+from ..aggregation import exact_update, factors, secure_form, strategy, update_of, weighted_sum, with_factors
 from .fedit import same_config
 
 
@@ -45,15 +47,37 @@ def residual(target, b, a, s: float, lam: float = 0.01, steps: int = 200, lr: fl
     return best
 
 
+def corrected(averaged: AdapterState, targets: dict, lam: float, steps: int, lr: float) -> AdapterState:
+    """The averaged adapter with each module's B corrected towards ``targets[path]`` (the ideal ΔW)."""
+    tensors = {}
+    for path in averaged.tensors:
+        a, b, s = factors(averaged, path)
+        db = residual(targets[path], b, a, s, lam, steps, lr)
+        tensors[path] = with_factors(averaged.tensors[path], a, b + db)
+    return AdapterState(averaged.config, tensors)
+
+
 @strategy("lora_fair")
 def lora_fair(states: list[AdapterState], weights: list[float], lam: float = 0.01, steps: int = 200,
               lr: float = 0.05) -> AdapterState:
     """FedIT's averages, with B corrected on the server towards the ideal update (cosine objective)."""
     same_config(states, "lora_fair")
     averaged = AdapterState(states[0].config, weighted_sum([s.tensors for s in states], weights))
-    tensors = {}
-    for path in states[0].tensors:
-        a, b, s = factors(averaged, path)
-        db = residual(exact_update(states, weights, path), b, a, s, lam, steps, lr)
-        tensors[path] = with_factors(averaged.tensors[path], a, b + db)
-    return AdapterState(states[0].config, tensors)
+    return corrected(averaged, {p: exact_update(states, weights, p) for p in averaged.tensors}, lam, steps, lr)
+
+
+def encode(state: AdapterState, config) -> AdapterState:
+    """The client's adapter tensors plus its dense update s B_k A_k per module (``delta``, float64)."""
+    tensors = {path: {**t, "delta": update_of(state, path)} for path, t in state.tensors.items()}
+    return AdapterState(state.config, tensors, state.modules_to_save, state.base_tensors)
+
+
+def decode(mean: AdapterState, reference: AdapterState, ranks=()) -> AdapterState:
+    """A_bar, B_bar and ΔW from the weighted mean, then the server's correction."""
+    tensors = {p: {k: v for k, v in t.items() if k != "delta"} for p, t in mean.tensors.items()}
+    out = corrected(AdapterState(reference.config, tensors), {p: t["delta"].double() for p, t in mean.tensors.items()},
+                    0.01, 200, 0.05)
+    return AdapterState(out.config, out.tensors, mean.modules_to_save, mean.base_tensors)
+
+
+secure_form("lora_fair", encode, decode)
