@@ -44,6 +44,32 @@ def lorakit_run(model, tok, shapes, folder: Path, trace: list[dict], base: bool,
     return dict(tok_s=tokens / span, tok_cpu_s=tokens / cpu, outputs=[r.output for r in reqs])
 
 
+def profile_inline(model, tok, shapes, folder: Path, trace: list[dict], base: bool, hosts: dict) -> None:
+    """Every request of ``trace`` submitted at once and stepped inline (the step loop alone, on this thread):
+    torch.profiler's operators and cProfile's Python functions, and the CPU seconds of the whole drain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = EngineConfig(max_batch=S.SLOTS, max_len=S.MAX_LEN, pool_bytes=S.FULL["pool_adapters"] * hosts["bytes_r8"])
+    engine = Engine(model, tok, config, AdapterStore(shapes, prefetch=True))
+    engine.store.scan(folder)
+    engine.store.host = hosts.setdefault(str(folder), engine.store.host)
+    reqs = [engine.submit(S.Request(list(t["prompt"]), None if base else t["adapter"], S.SamplingParams(
+        max_tokens=t["max_tokens"], temperature=0, ignore_eos=True))) for t in trace]
+    cpu = time.process_time()
+    engine.drain(reqs)
+    cpu = time.process_time() - cpu
+    reqs = [engine.submit(S.Request(list(r.prompt), r.adapter, r.params)) for r in reqs]
+    prof = cProfile.Profile()
+    with profile(activities=[ProfilerActivity.CPU]) as tp:
+        prof.enable()
+        engine.drain(reqs)
+        prof.disable()
+    engine.stop()
+    print(f"== {'base' if base else 'lorakit'}: {cpu:.2f} CPU-s unprofiled, {engine.stats['decode_steps']} decode steps")
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=48)
@@ -94,24 +120,8 @@ def main(argv=None) -> int:
     if vllm is not None:
         vllm.close()
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        trace = traces[next(iter(traces))]
-        engine = Engine(model, tok, EngineConfig(max_batch=S.SLOTS, max_len=S.MAX_LEN,
-                                                 pool_bytes=S.FULL["pool_adapters"] * hosts["bytes_r8"]),
-                        AdapterStore(shapes, prefetch=True))
-        engine.store.scan(folder)
-        engine.store.host = hosts[str(folder)]
-        reqs = [engine.submit(S.Request(list(t["prompt"]), t["adapter"], S.SamplingParams(
-            max_tokens=t["max_tokens"], temperature=0, ignore_eos=True))) for t in trace]
-        prof = cProfile.Profile()  # all requests at once, stepped inline: the step loop alone
-        with profile(activities=[ProfilerActivity.CPU]) as tp:
-            prof.enable()
-            engine.drain(reqs)
-            prof.disable()
-        engine.stop()
-        print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        for system in ("lorakit", "base"):
+            profile_inline(model, tok, shapes, folder, traces[next(iter(traces))], system == "base", hosts)
     return 0
 
 

@@ -39,8 +39,8 @@ class ServingLayers:
             seen: set[int] = set()
             for m in self.modules.values():
                 w = getattr(m, "weight", None)
-                if type(m) is nn.Linear and w is not None and id(w) not in seen and w.dtype == torch.float32 \
-                        and w.dim() == 2 and w.is_contiguous():
+                if type(m) is nn.Linear and w is not None and id(w) not in seen and type(w.data) is torch.Tensor \
+                        and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():  # not quantised tensors
                     seen.add(id(w))
                     with torch.no_grad():
                         w.data = w.data.t().contiguous().t()
