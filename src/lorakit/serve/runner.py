@@ -1,9 +1,11 @@
 """A Hugging Face causal LM run for many requests at once, with each request's adapter injected per token.
 
-The base weights are never modified, and ``close`` leaves the model as it came (hooks removed, each module's
-train/eval mode restored): a forward hook on every adapted Linear / Conv1D layer adds the batched
-LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables.
-One base GEMM serves all requests. Attention runs on ``SlotKVCache``.
+The base weights' values are never modified, and ``close`` leaves the model as it came (LoRA forwards and hooks
+removed, the weights' layout and each module's train/eval mode restored): every adapted layer adds the batched
+LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables,
+inside its own call for a plain ``nn.Linear`` and through a forward hook otherwise (``layers.py``, which also
+stores float32 CPU weights transposed while serving). One base GEMM serves all requests. Attention runs on
+``SlotKVCache``.
 
 Two ways to run a step. Packed (``step``, the default where it is exact): the step's decode tokens and new prompts
 as one unpadded sequence, with explicit positions, the cache's ``lorakit_slots`` attention reading each request's
