@@ -279,7 +279,39 @@ def analysis(res: dict, rows: list[dict]) -> list[str]:
             f"{med(res, big, 'lorakit', 'pool_hit_rate'):.0%} ({med(res, big, 'lorakit', 'disk_loads'):.0f} disk loads, "
             f"{med(res, big, 'lorakit', 'load_stall_seconds'):.2f} s of load stalls) and decode steps hold "
             f"{med(res, big, 'lorakit', 'distinct_mean'):.1f} distinct adapters against {med(res, small, 'lorakit', 'distinct_mean'):.1f}.")
+    out += speed_limits(res, rows)
     return out or ["Every target is met in this run."]
+
+
+def speed_limits(res: dict, rows: list[dict]) -> list[str]:
+    """What keeps lorakit from its own base model's speed and from vLLM's base model's, from the decode profile."""
+    n, m, out = res["config"]["adapters"], res.get("micro", {}), []
+    prof = m.get("profile", {})
+    share = lambda s, op: sum(p["share"] for p in prof.get(s, []) if op in p["op"])  # noqa: E731
+    own = next((r for r in rows if r["name"].startswith("lorakit with adapters vs its own")), None)
+    if own is not None and not own["met"]:
+        out.append(
+            f"- **lorakit with adapters vs its own base model ({own['cpu']:.2f}x per CPU-second on the worst trace, target 0.95x).** "
+            f"A decode step of 32 requests with 32 distinct adapters takes {m.get('lorakit@32', np.nan) * 1e3:.1f} ms against the "
+            f"base model's {m.get('base@32', np.nan) * 1e3:.1f} ms; the difference is the LoRA operator, about eight small torch calls "
+            f"per adapted module (gather, two `bmm`, pick, `index_add_`; `bmm` alone is {share('lorakit', 'bmm'):.0%} of the step "
+            "below), 16 modules a step, plus the step's plan and pool activations. What would close it: one shrink per shared "
+            "input (q, k and v read the same x: one `bmm` against their three A^T tables side by side, which needs the pool to "
+            "store them as one [in, 3r] block per slot), and a kernel that gathers, shrinks, expands and scatters in one call "
+            "(Punica's BGMV) instead of a chain of torch calls.")
+    vl = next((r for r in rows if "vLLM serving the base model alone" in r["name"]), None)
+    if vl is not None and not vl["met"]:
+        base = paired(res, (f"zipf-{n}", "base"), (f"zipf-{n}", "vllm-base"), "tok_cpu_s")
+        out.append(
+            f"- **lorakit with {n} adapters vs vLLM's base model ({vl['cpu']:.2f}x per CPU-second, target 0.95x).** lorakit's own "
+            f"base path is {base:.2f}x vLLM's base model per CPU-second in this run, and the adapters cost the rest (above). In the "
+            f"base model's decode profile below, GEMMs are {share('base', 'aten::mm'):.0%} and attention "
+            f"{share('base', 'attention'):.0%}; the rest is the eager forward's elementwise ops (RMSNorm, rotary embeddings, SiLU, "
+            "each a separate pass over the activations) and Python per layer, which vLLM's compiled graph and fused CPU kernels "
+            "do in fewer passes. What would close it: fused RMSNorm/rotary/SiLU-and-multiply kernels or `torch.compile` of the "
+            "decoder layers over a varying token count (its compile time has to stay inside lorakit's start-up lead), and the "
+            "operator work above.")
+    return out
 
 
 def adapter_traffic(res: dict) -> list[str]:
@@ -396,8 +428,10 @@ def render(res: dict, out: Path) -> None:
                       *[f"| `{p['op']}` | {p['ms']:.2f} | {p['share']:.0%} | {p['calls']} |" for p in prof], ""]
     lines += [
         "## Reading the numbers", "",
-        "- All systems run in lorakit's scheduler (continuous batching, prompts left-padded to the longest in a prefill "
-        "batch, one KV slot per request), so the ratios isolate how adapters are applied, not scheduling.",
+        "- All systems but vLLM run in lorakit's scheduler (continuous batching, one KV slot per request), so those ratios "
+        "isolate how adapters are applied, not scheduling; lorakit and the base model also share lorakit's serving layers "
+        "(packed steps; on the CPU in float32 the weights stored transposed while serving, `serve/layers.py`), which PEFT "
+        "and merge-and-swap run without, as their users do.",
         "- The machine is shared (see the load averages above); systems alternate so that load changes hit all of them, and "
         "the min-max spread shows what remained.",
         *adapter_traffic(res),

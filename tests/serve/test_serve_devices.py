@@ -88,7 +88,7 @@ def test_the_engine_makes_no_tensor_without_naming_its_device(tmp_path):
 def test_a_forgotten_device_fails_that_check(tmp_path, monkeypatch):
     """The check above catches what it is for: ``add_bias`` as it was before devices (ids made without
     ``device=``) breaks the meta run."""
-    import lorakit.serve.engine as engine_module
+    import lorakit.serve.features as features_module
 
     def add_bias_without_device(logits, params):
         logits = logits.clone()
@@ -98,7 +98,7 @@ def test_a_forgotten_device_fails_that_check(tmp_path, monkeypatch):
                 logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
         return logits
 
-    monkeypatch.setattr(engine_module, "add_bias", add_bias_without_device)
+    monkeypatch.setattr(features_module, "add_bias", add_bias_without_device)
     adapters = {"a": make_adapter(tmp_path / "a", r=4), "b": make_adapter(tmp_path / "b", r=8, seed=1)}
     engine = _engine(adapters)
     expected = _workload(engine)  # on the default device it runs

@@ -244,11 +244,13 @@ def test_engine_stop_gives_the_model_back_unchanged(root):
     engine.store.scan(root)
     engine.start()
     assert engine.generate([5, 6, 7], "a0", SamplingParams(**GREEDY)).finish_reason == "length"
-    assert any(m._forward_hooks for m in model.modules())  # it did hook the model while serving
+    assert any("forward" in vars(m) for m in model.modules())  # the LoRA term ran inside the layer calls
+    assert any(not p.is_contiguous() for p in model.parameters())  # float32 on the CPU: the serving layout
     engine.stop()
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert {n: type(m) for n, m in model.named_modules()} == types
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+    assert all(p.is_contiguous() for p in model.parameters())
     with torch.no_grad():
         model.eval()
         after = model(ids).logits

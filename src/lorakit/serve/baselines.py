@@ -27,6 +27,7 @@ class PeftMixedRunner(ModelRunner):
 
     needs_pool = False
     packs = False  # adapter_names names one adapter per batch row: the padded path
+    serving_layout = False  # PEFT as its users run it
 
     def __init__(self, peft_model, store: AdapterStore, max_slots: int, max_len: int):
         super().__init__(peft_model, AdapterPool(0), max_slots, max_len)
@@ -44,6 +45,7 @@ class MergedRunner(ModelRunner):
     """Runs with one adapter merged into the base weights; switching adapters restores them and merges anew."""
 
     needs_pool = False
+    serving_layout = False  # the merge-and-swap server as it is usually run
 
     def __init__(self, model, store: AdapterStore, max_slots: int, max_len: int):
         super().__init__(model, AdapterPool(0), max_slots, max_len)

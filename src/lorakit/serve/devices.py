@@ -4,7 +4,7 @@ Everything the engine creates goes on the model's device (``model_device``) in t
 (the model's for activations, masks and the KV cache; ``EngineConfig.lora_dtype`` for the adapter tables).
 The host tier stays on the CPU: packed adapters are pinned when the device is a CUDA GPU (``host_copy``), so
 ``ShapeClass.put`` copies them in asynchronously, as S-LoRA's swapping does. Logits are sampled on the CPU
-(``engine._sample``): seeded sampling then draws the same tokens on every device.
+(``features.RequestFeatures._sample``): seeded sampling then draws the same tokens on every device.
 
 ``--device`` values resolve through ``lorakit.core.devices.resolve_device``: a device that is absent is one error
 that names it and what this machine has. ``check_dtype`` refuses a dtype the device cannot compute in.

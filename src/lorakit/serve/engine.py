@@ -9,7 +9,8 @@ forward. Finished requests free their slot at once, so the next iteration can ad
 
 Request features are small modules the loop calls: ``sampling`` (logit_bias, temperature, top-k, top-p),
 ``guided`` (structured-output masks), ``logprobs`` (raw log-probabilities of chosen and likely tokens, of the
-prompt too for echo), ``combos`` (per-request merged adapters, built in the store and cached like adapters).
+prompt too for echo), ``combos`` (per-request merged adapters, built in the store and cached like adapters);
+``features.RequestFeatures`` applies them to each forward's logits.
 """
 from __future__ import annotations
 
@@ -21,18 +22,16 @@ import traceback
 from collections import deque
 from typing import Optional, Sequence
 
-import torch
-
 from . import combos
 from .devices import model_device
-from .guided import GuideError, GuideFactory, apply_guides
-from .logprobs import pick, prompt_records
+from .features import RequestFeatures
+from .guided import GuideFactory
 from .metrics import AdapterCounters
 from .moe import ParameterHooks, parameter_shapes
 from .pool import AdapterPool, PoolFull
 from .request import EngineConfig, EngineError, QueueFull, Request, Stopped, UnknownAdapter, check_request
 from .runner import ModelRunner
-from .sampling import SamplingParams, TextStream, add_bias, next_tokens, unusable_rows
+from .sampling import SamplingParams, TextStream
 from .store import AdapterFitError, AdapterStore
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "Stopped", "UnknownAdapter"]
@@ -40,7 +39,7 @@ __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "Sto
 log = logging.getLogger("lorakit.serve")
 
 
-class Engine:
+class Engine(RequestFeatures):
     """Continuous batching of requests, each with its own adapter, on one base model."""
 
     def __init__(self, model, tokenizer, config: Optional[EngineConfig] = None, store: Optional[AdapterStore] = None,
@@ -324,94 +323,12 @@ class Engine:
         logits = self.runner.prefill([r.prompt for r in admitted], start, [r.aid for r in admitted], keep_hidden=scored)
         self._prefilled(admitted, logits, scored)
 
-    def _prefilled(self, admitted: list[Request], logits: torch.Tensor, scored: list[int]) -> None:
-        self.stats["prefill_steps"] += 1
-        self.stats["prompt_tokens"] += sum(len(r.prompt) for r in admitted)
-        for r in admitted:
-            self.counters.add(r.label, prompt=len(r.prompt))
-        failed = []
-        for i in scored:
-            req = admitted[i]
-            try:
-                req.prompt_logprobs = prompt_records(lambda lo, hi: self.runner.prompt_logits(i, lo, hi, logits[i]),
-                                                     req.prompt, req.params.prompt_logprobs)
-            except RuntimeError as e:
-                failed.append(i)
-                self._finish(req, "error", error=str(e), status=400)
-        self.runner.hidden = {}
-        if failed:
-            keep = [i for i in range(len(admitted)) if i not in failed]
-            admitted, logits = [admitted[i] for i in keep], logits[keep]
-        if admitted:
-            self._sample(admitted, logits)
-
     def _decode(self) -> None:
         reqs = list(self.running)
         lengths = [len(r.prompt) + len(r.output) - 1 for r in reqs]
         logits = self.runner.decode([r.output[-1] for r in reqs], lengths, [r.aid for r in reqs])
         self.stats["decode_steps"] += 1
         self._sample(reqs, logits)
-
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        logits = logits.cpu()  # sampling, logit_bias and grammars run on the host (the same draws on every device)
-        bad, reqs = unusable_rows(logits), list(reqs)
-        if bad:  # e.g. an adapter with huge weights: fail those requests alone, and wipe their KV rows
-            for i in bad:
-                self.runner.clear(self.running.index(reqs[i]))
-            message = "the model produced NaN or infinite logits{}; the adapter's weights are unusable (too large?)"
-            for i in reversed(bad):
-                req = reqs.pop(i)
-                self._finish(req, "error", error=message.format(f" with adapter '{req.adapter}'" if req.adapter else ""),
-                             status=400 if req.adapter else 500)
-            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
-            if not reqs:
-                return
-        params = [r.params for r in reqs]
-        scores = add_bias(logits, params)
-        scores, stuck = apply_guides(scores, [r.guide for r in reqs], copy=scores is logits)
-        if stuck:  # nothing the grammar allows is left (cannot happen with a sound grammar)
-            for i in reversed(stuck):
-                self._finish(reqs.pop(i), "error", error="response_format: the grammar allows no token here", status=400)
-            keep = [i for i in range(len(params)) if i not in set(stuck)]
-            logits, scores, params = logits[keep], scores[keep], [params[i] for i in keep]
-            if not reqs:
-                return
-        tokens = next_tokens(scores, params, [r.generator for r in reqs])
-        now = time.perf_counter()
-        self.stats["generated_tokens"] += len(tokens)
-        self.token_log.append((now, len(tokens)))
-        for i, (req, tok) in enumerate(zip(reqs, tokens)):
-            if req.params.logprobs is not None:
-                req.logprobs += pick(logits[i:i + 1], [tok], req.params.logprobs)
-            self.counters.add(req.label, generated=1)
-            self._append(req, tok, now)
-
-    def _append(self, req: Request, token: int, now: float) -> None:
-        req.output.append(token)
-        req.token_times.append(now)
-        if req.first_token_at is None:
-            req.first_token_at = now
-        delta, stopped = req.stream.push(token)
-        p = req.params
-        reason = None
-        complete = False  # the structured output's document is finished
-        if req.guide is not None:
-            try:
-                complete = req.guide.advance(token)
-            except GuideError as e:
-                self._finish(req, "error", error=str(e), status=500)
-                return
-        if token in self.eos and not p.ignore_eos or stopped or complete:
-            reason = "stop"
-        elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.config.max_len:
-            reason = "length"
-        if reason and not stopped:
-            delta += req.stream.flush()
-        req.text += delta
-        if reason:
-            self._finish(req, reason, delta)
-        elif delta and req.on_update:
-            req.on_update(req, delta)
 
     def _finish(self, req: Request, reason: str, delta: str = "", error: Optional[str] = None, status: int = 500) -> None:
         if req in self.running:

@@ -19,7 +19,7 @@ mask for an attention implementation it does not know).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -40,6 +40,7 @@ class PackedStep:
     pre_slot: torch.Tensor  # [P] slot offset (from pre_start) of each prompt token
     pre_col: torch.Tensor  # [P] its column (position)
     pre_lens: list[int]  # tokens of each prompt
+    _rows: dict = field(default_factory=dict, repr=False)  # (heads, max_len) -> flat cache rows, built once a step
 
     @classmethod
     def build(cls, dec_lengths: list[int], pre_start: int, pre_lengths: list[int], device=None) -> "PackedStep":
@@ -59,6 +60,18 @@ class PackedStep:
     def positions(self) -> torch.Tensor:
         """[T] position of every token of the step."""
         return torch.cat([self.dec_len, self.pre_col])
+
+    def rows(self, cache: torch.Tensor) -> torch.Tensor:
+        """[T * heads] row of every (token, head) in ``cache [slots, heads, max_len, dim]`` seen as ``[-1, dim]``:
+        one ``index_copy_`` per layer writes the step's keys (the same rows serve every layer)."""
+        _, heads, max_len, _ = cache.shape
+        rows = self._rows.get((heads, max_len))
+        if rows is None:
+            slots = torch.cat([torch.arange(self.n_dec, device=self.dec_len.device), self.pre_slot + self.pre_start])
+            first = (slots * heads) * max_len + self.positions  # head 0 of each token
+            rows = (first[:, None] + torch.arange(heads, device=first.device)[None, :] * max_len).reshape(-1)
+            self._rows[(heads, max_len)] = rows
+        return rows
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, lorakit_step=None, **kwargs):
@@ -130,16 +143,9 @@ class SlotKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self._tensors(layer_idx, key_states)
         if self._mode[0] == "packed":
-            step = self._mode[1]
-            n = step.n_dec
-            if n:
-                rows = torch.arange(n, device=k.device)
-                k[rows, :, step.dec_len] = key_states[0, :, :n].transpose(0, 1)
-                v[rows, :, step.dec_len] = value_states[0, :, :n].transpose(0, 1)
-            if step.pre_lens:
-                slots = step.pre_slot + step.pre_start
-                k[slots, :, step.pre_col] = key_states[0, :, n:].transpose(0, 1)
-                v[slots, :, step.pre_col] = value_states[0, :, n:].transpose(0, 1)
+            rows, dim = self._mode[1].rows(k), k.shape[-1]
+            k.view(-1, dim).index_copy_(0, rows, key_states[0].transpose(0, 1).reshape(-1, dim))  # [T * heads, dim]
+            v.view(-1, dim).index_copy_(0, rows, value_states[0].transpose(0, 1).reshape(-1, dim))
             return key_states, value_states
         if self._mode[0] == "prefill":
             _, start, offsets, lengths = self._mode

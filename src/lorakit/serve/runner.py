@@ -1,9 +1,11 @@
 """A Hugging Face causal LM run for many requests at once, with each request's adapter injected per token.
 
-The base weights are never modified, and ``close`` leaves the model as it came (hooks removed, each module's
-train/eval mode restored): a forward hook on every adapted Linear / Conv1D layer adds the batched
-LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables.
-One base GEMM serves all requests. Attention runs on ``SlotKVCache``.
+The base weights' values are never modified, and ``close`` leaves the model as it came (LoRA forwards and hooks
+removed, the weights' layout and each module's train/eval mode restored): every adapted layer adds the batched
+LoRA update (``ops.lora_add_``) for the tokens whose request has an adapter, reading the active pool's tables,
+inside its own call for a plain ``nn.Linear`` and through a forward hook otherwise (``layers.py``, which also
+stores float32 CPU weights transposed while serving). One base GEMM serves all requests. Attention runs on
+``SlotKVCache``.
 
 Two ways to run a step. Packed (``step``, the default where it is exact): the step's decode tokens and new prompts
 as one unpadded sequence, with explicit positions, the cache's ``lorakit_slots`` attention reading each request's
@@ -36,6 +38,7 @@ from torch import nn
 from ..core.adapter import quantized_kind
 from .devices import model_device
 from .kvcache import ATTENTION, PackedStep, SlotKVCache
+from .layers import ServingLayers, transposes
 from .ops import StepPlan, lora_add_, plan_split, plan_step
 from .pool import AdapterPool
 from .store import linear_shapes
@@ -46,6 +49,7 @@ class ModelRunner:
 
     needs_pool = True  # the engine makes each request's adapter resident in the pool before admitting it
     packs = True  # may run packed steps (a runner whose forward needs one row per request sets False)
+    serving_layout = True  # float32 CPU weights stored transposed while serving (``layers.py``); baselines keep theirs
 
     def __init__(self, model: nn.Module, pool: AdapterPool, max_slots: int, max_len: int, backend: str = "auto"):
         self._modes = {m: m.training for m in model.modules()}  # restored by close()
@@ -58,7 +62,6 @@ class ModelRunner:
         self.modules = dict(model.named_modules())
         layers = getattr(self.config, "num_hidden_layers", None) or self.config.n_layer
         self.cache = SlotKVCache(layers, max_slots, max_len)
-        self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._plan: Optional[StepPlan] = None
         self._tables: dict = {}
         types = set(getattr(self.config, "layer_types", None) or [])
@@ -67,6 +70,7 @@ class ModelRunner:
         self.eager = self.config._attn_implementation == "eager"
         self.dtype = next(model.parameters()).dtype
         self.device = model_device(model)  # every tensor a step builds goes here
+        self.layers = ServingLayers(model, self.serving_layout and transposes(self.device, self.dtype))
         self._real: Optional[torch.Tensor] = None  # [n, width] real (non-padding) tokens of a prefill step
         self._decode_rows = 0  # decode tokens at the head of a packed step
         self._stepping = False
@@ -113,9 +117,10 @@ class ModelRunner:
 
     # -- adapter injection --------------------------------------------------------------------------
     def ensure_hooks(self, paths) -> None:
+        """Put the LoRA term into the layers at ``paths`` (inside the call of a plain Linear, else a hook)."""
         for path in paths:
-            if path not in self.hooks:
-                self.hooks[path] = self.modules[path].register_forward_hook(self._hook(path))
+            if path not in self.layers.installed:
+                self.layers.install(path, self._hook(path))
 
     def _hook(self, path: str):
         def add_lora(module, args, output):
@@ -292,10 +297,11 @@ class ModelRunner:
         self.cache.clear(slot)
 
     def close(self) -> None:
-        """Remove the hooks and restore every module's train/eval mode: the model is as it was given."""
-        for h in [*self.hooks.values(), *self._rowwise]:
+        """Remove forwards and hooks, restore the weight layout and every module's train/eval mode: the model is as
+        it was given."""
+        self.layers.close()
+        for h in self._rowwise:
             h.remove()
-        self.hooks.clear()
         self._rowwise.clear()
         self._plan, self._tables = None, {}
         for m, training in self._modes.items():

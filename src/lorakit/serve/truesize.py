@@ -30,7 +30,7 @@ import torch
 from ..core.state import AdapterState
 from ..methods.randlora import randlora_factors
 from .ops import pack_low_rank
-from .pool import PackedAdapter, ShapeClass, slot_layout
+from .pool import PackedAdapter, ShapeClass, slot_layout, swap_rows
 
 Factors = Callable[[dict, object, int, int], tuple[torch.Tensor, torch.Tensor, float]]  # (tensors, config, out, in)
 
@@ -178,7 +178,7 @@ class TrueSizeClass(ShapeClass):
     def swap(self, i: int, j: int) -> None:
         super().swap(i, j)
         if i != j and max(i, j) < self.workspace.shape[0]:  # an idle adapter keeps its tables while its row lasts
-            self.workspace[[i, j]] = self.workspace[[j, i]]
+            swap_rows(self.workspace, i, j)
             self.expanded[i], self.expanded[j] = self.expanded[j], self.expanded[i]
 
     def on_acquire(self, slot: int) -> None:
