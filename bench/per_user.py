@@ -28,22 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import command_line, interleaved, machine, write_json  # noqa: E402
+from common import ci, command_line, interleaved, machine, write_json  # noqa: E402
 from lorakit import zoo  # noqa: E402
 from lorakit.per_user import (PersonalizedLoRA, auc, examples, export_users, fetch, fit_model, predict, read,  # noqa: E402
                               sample_events, train_crm)
 from lorakit.per_user.few2many import collate  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
-T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132}  # two-sided 90% = one-sided 95%
 ROWS = {"shared LoRA": dict(experts=1, r=8), "RecLoRA bank": dict(experts=4, r=2)}
-
-
-def interval(values: list[float], table=T95) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    half = table[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return mean, half
 
 
 def run_row(name, spec, data, crm, train_events, seed, args):
@@ -97,12 +89,12 @@ def report(result: dict) -> str:
              "| row | test AUC (mean ± 95% CI) | per seed | train time (s) |", "|---|---|---|---|"]
     lines.append(f"| CRM alone (matrix factorisation) | {result['crm_auc']:.4f} | deterministic | — |")
     for name, runs in r.items():
-        m, h = interval([x["auc"] for x in runs])
+        m, h = ci([x["auc"] for x in runs])
         per_seed = ", ".join(f"{x['auc']:.4f}" for x in runs)
         lines.append(f"| {name} ({ROWS[name]['experts']}×rank {ROWS[name]['r']}) | {m:.4f} ± {h:.4f} | "
                      f"{per_seed} | {statistics.fmean(x['train_s'] for x in runs):.0f} |")
     diff = [b["auc"] - a["auc"] for a, b in zip(r["shared LoRA"], r["RecLoRA bank"])]
-    m, h = interval(diff, T90)
+    m, h = ci(diff, level=0.90)
     holds = m - h > 0
     lines += ["", "## Claim", "",
               "RecLoRA: a personalized LoRA beats one LoRA shared by every user. Threshold fixed before the run: the "
