@@ -36,16 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.state import AdapterState
+from .neighbours import NeighbourEncoder
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r × d_in), s·B (d_out × r))
-PROBES = ("input", "gram")
+PROBES = ("neighbours", "input", "gram")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     """Settings of the weight encoder and its training."""
 
-    probe: str = "input"  # "input": AutoLoRA's x·Aᵀ·Bᵀ; "gram": diag(Qᵀ ΔW ΔWᵀ Q)
+    probe: str = "neighbours"  # neighbours.py; learned: "input" (AutoLoRA's x·Aᵀ·Bᵀ), "gram" (diag(Qᵀ ΔW ΔWᵀ Q))
     probes: int = 8  # L, probe vectors per module
     hidden: int = 256
     steps: int = 300
@@ -142,6 +143,8 @@ def train_encoder(batch: list[Factors], texts: torch.Tensor, config: EncoderConf
     if len({tuple(t.tolist()) for t in texts}) < 2:
         raise ValueError("weight retrieval needs entries with at least two different descriptions to learn from")
     shapes = shapes_of(batch)
+    if config.probe == "neighbours":
+        return NeighbourEncoder(shapes, stack(batch, shapes), texts).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoder = WeightEncoder(shapes, texts.shape[1], config)
