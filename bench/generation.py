@@ -162,14 +162,20 @@ def run_seen(zoo, tokenizer, generators, seen: int, max_test: int, log) -> list[
         _, data, _ = encoded(name, budget, tokenizer, max_test)
         model = models.load(zoo.index["base"], num_labels=len(entry["labels"]))[0]
         trained = zoo.state(name, with_head=True)
+
+        def test_accuracy(state) -> float:
+            state.load_into(model)
+            try:
+                return evaluate(model, data["test"])["accuracy"]
+            finally:
+                lorakit.unwrap(model)
+
+        trained_acc = test_accuracy(trained)  # the same adapter for every seed: evaluated once
         for seed, (_, icm) in generators.items():
             generated = icm.generate(icm.task_vector(model, tokenizer, entry["demos"]))
             generated = lorakit.AdapterState(trained.config, generated.tensors, trained.modules_to_save)
-            for key, state in (("trained", trained), ("icm_lora", generated)):
-                state.load_into(model)
-                acc = evaluate(model, data["test"])["accuracy"]
-                lorakit.unwrap(model)
-                rows.append({"task": name, "seed": seed, "row": key, "accuracy": acc})
+            rows.append({"task": name, "seed": seed, "row": "trained", "accuracy": trained_acc})
+            rows.append({"task": name, "seed": seed, "row": "icm_lora", "accuracy": test_accuracy(generated)})
         log(f"seen {name}: done")
     return rows
 
