@@ -7,10 +7,12 @@ type takes each result to the text space, a position embedding marks the layer, 
 pooling give the adapter's embedding; the text encoder (CLIP) stays frozen; the loss is the symmetric InfoNCE
 over a batch of (text, LoRA) pairs.
 
-Here (the design, and where it departs):
+The default encoder is not this one but ``neighbours.py`` (``probe="neighbours"``): fitted on a library's tens
+of adapters, the learned encoders below find undescribed adapters of tasks they were fitted on, not of new tasks
+(docs/benchmarks/retrieval.md). The learned ones, AutoLoRA's design and where it departs:
 - Text side: frozen MiniLM sentence embeddings of the entries' descriptions (``text.py``), as for retrieval by
   description, so one query embedding serves both.
-- Weight side, ``probe="input"`` (the default, AutoLoRA's): per module, y = x·Aᵀ·(s·B)ᵀ / ‖ΔW‖_F for L learned
+- Weight side, ``probe="input"`` (AutoLoRA's): per module, y = x·Aᵀ·(s·B)ᵀ / ‖ΔW‖_F for L learned
   unit probes x (computed from the factors, never d_out × d_in); a linear map per module type (the path's last
   name) to ``hidden``, plus a learned position per module; the tokens are averaged, then GELU and a linear map
   to the text space. Dividing by ‖ΔW‖_F removes the scale that learning rate and step count set. No transformer:
