@@ -95,6 +95,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def budget_line(result: dict) -> str:
+    """What the run covered, against the full budget."""
+    seen = result.get("seen_tasks", len({r["task"] for r in result["seen"]}))
+    ran = (f"{len(result['seeds'])} seeds, {result['max_test']} test examples per task, {seen} of "
+           f"{result['zoo']['experts']} seen tasks")
+    full = len(result["seeds"]) >= 5 and result["max_test"] >= 200 and seen >= result["zoo"]["experts"]
+    if full:
+        return f"Full run ({ran})."
+    return (f"**{'Quick run' if result['quick'] else 'Reduced run'}** ({ran}); the full run, `python bench/generation.py`"
+            " (5 seeds, 200 test examples, all expert tasks), did not fit the time available on a shared machine.")
+
+
 def write(result: dict, out: Path) -> None:
     """Write generation.md and generation.png into ``out``."""
     plot(result, out / "generation.png")
@@ -105,8 +117,7 @@ def write(result: dict, out: Path) -> None:
         f"Machine: {result['machine'].get('cpu', '')}; load average {result['load_start']} at start, "
         f"{result['load_end']} at end (a shared machine). Command: `{result['command']}` "
         f"({result['wall_minutes']} min, started {result['started']}). "
-        + ("**Quick run** (3 seeds, 100 test examples per task, 4 seen tasks); the full run: "
-           "`python bench/generation.py` (5 seeds, 200 test examples, all expert tasks)." if result["quick"] else "Full run."), "",
+        + budget_line(result), "",
         "## Setup", "",
         f"The zoo (`make zoo`, `lorakit.generate.taskzoo`): {z['experts']} expert tasks and {len(z['heldout'])} held-out "
         f"tasks, each a binary classification carved from the bundled data (WordNet noun categories and parts of "
