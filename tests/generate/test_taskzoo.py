@@ -19,6 +19,9 @@ def test_real_zoo_has_enough_tasks_with_descriptions():
     assert len(experts) >= 24 and len(heldout) >= 4
     assert len({t.name for t in TASKS}) == len(TASKS) and len({t.description for t in TASKS}) == len(TASKS)
     assert all(t.description.endswith("?") for t in TASKS)
+    from lorakit.generate.tasks import CAUSAL_TASKS, by_name
+
+    assert len(set(CAUSAL_TASKS)) >= 8 and all(by_name(n) for n in CAUSAL_TASKS)  # `make zoo`'s causal-LM adapters
 
 
 def test_a_zoo_task_keeps_its_two_classes_renumbered():
