@@ -111,8 +111,8 @@ def run(quick: bool, zoo: str, learned_seeds: list[int]) -> dict:
         lib.search(q, k=5, by="weights")
     cached = (time.perf_counter() - t0) / len(queries)
     chance = {k: min(1.0, k / len(tasks)) for k in (1, 5)}
-    zoo_result = retrieval_zoo.run(zoo, {"neighbours": [0, 1, 2, 3, 4], **({"input": learned_seeds} if learned_seeds else {})},
-                                   log=lambda m: print(m, flush=True))
+    probes = {"neighbours": [0, 1, 2, 3, 4], **({"input": learned_seeds} if learned_seeds else {})}
+    zoo_result = retrieval_zoo.run(zoo, probes, log=lambda m: print(m, flush=True))
     return {"zoo": zoo_result, "tasks": [dataclasses.asdict(s) for s in tasks], "seeds": list(seeds),
             "adapters": [{k: v for k, v in r.items() if k != "spec"} for r in rows], "results": result,
             "chance": chance, "encoder": dataclasses.asdict(config), "claim_margin": CLAIM_MARGIN,
@@ -213,8 +213,8 @@ def main() -> None:
         data = json.loads((OUT / "retrieval.json").read_text())
         renamed = {"input probe (AutoLoRA, default)": ENCODERS["input"], "output Gram probe": ENCODERS["gram"]}
         data["results"] = {_rename(k, renamed): v for k, v in data["results"].items()}
-        data["zoo"] = retrieval_zoo.run(args.zoo, {"neighbours": [0, 1, 2, 3, 4], **({"input": learned} if learned else {})},
-                                        log=lambda m: print(m, flush=True))
+        probes = {"neighbours": [0, 1, 2, 3, 4], **({"input": learned} if learned else {})}
+        data["zoo"] = retrieval_zoo.run(args.zoo, probes, log=lambda m: print(m, flush=True))
         data["zoo"]["command"] = command_line()
         write_json(OUT / "retrieval.json", data)
     else:
