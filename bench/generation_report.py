@@ -104,7 +104,7 @@ def budget_line(result: dict) -> str:
     if full:
         return f"Full run ({ran})."
     return (f"**{'Quick run' if result['quick'] else 'Reduced run'}** ({ran}); the full run, `python bench/generation.py`"
-            " (5 seeds, 200 test examples, all expert tasks), did not fit the time available on a shared machine.")
+            " (5 seeds, 200 test examples, all expert tasks), has not been run yet.")
 
 
 def write(result: dict, out: Path) -> None:
