@@ -210,10 +210,20 @@ def main() -> None:
     p.add_argument("--zoo", default="runs/zoo/minilm")
     p.add_argument("--learned-seeds", default="0,1", help="seeds of the learned encoder on the zoo folds (slow)")
     p.add_argument("--zoo-only", action="store_true", help="run only the zoo folds into the existing JSON")
+    p.add_argument("--zoo-add-learned", default="", help="seeds of the learned encoder to add to the JSON's zoo rows")
     args = p.parse_args()
     learned = [int(x) for x in args.learned_seeds.split(",") if x.strip()]  # "" : no learned encoder on the zoo
     if args.report:
         data = json.loads((OUT / "retrieval.json").read_text())
+    elif args.zoo_add_learned:  # more seeds of the learned encoder on the zoo folds, appended to the rows
+        data = json.loads((OUT / "retrieval.json").read_text())
+        seeds = [int(x) for x in args.zoo_add_learned.split(",")]
+        added = retrieval_zoo.run(args.zoo, {"input": seeds}, log=lambda m: print(m, flush=True))["rows"]["input"]
+        row = data["zoo"]["rows"]["input"]
+        for part in ("unseen", "with_descriptions"):
+            row[part] = [r for r in row[part] if r["seed"] not in seeds] + added[part]
+        data["zoo"]["command"] = f"{data['zoo'].get('command', '')}; then {command_line()}"
+        write_json(OUT / "retrieval.json", data)
     elif args.zoo_only:  # the 6-task rows stay as they were measured; only the zoo folds are run again
         data = json.loads((OUT / "retrieval.json").read_text())
         renamed = {"input probe (AutoLoRA, default)": ENCODERS["input"], "output Gram probe": ENCODERS["gram"]}
