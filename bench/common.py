@@ -30,14 +30,15 @@ def summary(times: list[float]) -> dict:
     return dict(median=float(np.median(t)), p10=float(np.percentile(t, 10)), p90=float(np.percentile(t, 90)))
 
 
-def ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one value)."""
+def ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided ``level`` t-interval (0 for one value); level 0.90 gives the
+    one-sided 95% bound as mean - half-width."""
     from scipy import stats
 
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return float(v.mean()), 0.0
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def ratio_ci(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from common import ci
+
 ROWS = {
     "base": "base encoder (zero adapter)",
     "trained": "trained LoRA (the task's own zoo adapter)",
@@ -24,15 +26,6 @@ CLAIMS = (
 SEEN_GAP = -2.0  # ICM-LoRA on seen tasks: at most 2 points below the trained adapters
 ICM_FACTORS = 16  # ICMLoRA's default components, for JSON written before bench/generation.py recorded them
 STORAGE_PAPER = 0.01  # the paper: about 1% of the adapters' storage
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
 
 
 def per_seed(rows: list[dict], key: str) -> dict[int, float]:
@@ -46,7 +39,7 @@ def per_seed(rows: list[dict], key: str) -> dict[int, float]:
 
 def diff(rows, a: str, b: str) -> tuple[float, float]:
     pa, pb = per_seed(rows, a), per_seed(rows, b)
-    return mean_ci([pa[s] - pb[s] for s in pa])
+    return ci([pa[s] - pb[s] for s in pa])
 
 
 def claims(result: dict) -> list[dict]:
@@ -77,7 +70,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(ROWS)
-    stats = [mean_ci(list(per_seed(result["heldout"], k).values())) for k in keys]
+    stats = [ci(list(per_seed(result["heldout"], k).values())) for k in keys]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.bar(range(len(keys)), [m for m, _ in stats], yerr=[h for _, h in stats], capsize=4,
            color=["#999", "#333", "#4a7", "#7a4", "#36c", "#c63"])
@@ -102,6 +95,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def budget_line(result: dict) -> str:
+    """What the run covered, against the full budget."""
+    seen = result.get("seen_tasks", len({r["task"] for r in result["seen"]}))
+    ran = (f"{len(result['seeds'])} seeds, {result['max_test']} test examples per task, {seen} of "
+           f"{result['zoo']['experts']} seen tasks")
+    full = len(result["seeds"]) >= 5 and result["max_test"] >= 200 and seen >= result["zoo"]["experts"]
+    if full:
+        return f"Full run ({ran})."
+    return (f"**{'Quick run' if result['quick'] else 'Reduced run'}** ({ran}); the full run, `python bench/generation.py`"
+            " (5 seeds, 200 test examples, all expert tasks), has not been run yet.")
+
+
 def write(result: dict, out: Path) -> None:
     """Write generation.md and generation.png into ``out``."""
     plot(result, out / "generation.png")
@@ -112,8 +117,7 @@ def write(result: dict, out: Path) -> None:
         f"Machine: {result['machine'].get('cpu', '')}; load average {result['load_start']} at start, "
         f"{result['load_end']} at end (a shared machine). Command: `{result['command']}` "
         f"({result['wall_minutes']} min, started {result['started']}). "
-        + ("**Quick run** (3 seeds, 100 test examples per task, 4 seen tasks); the full run: "
-           "`python bench/generation.py` (5 seeds, 200 test examples, all expert tasks)." if result["quick"] else "Full run."), "",
+        + budget_line(result), "",
         "## Setup", "",
         f"The zoo (`make zoo`, `lorakit.generate.taskzoo`): {z['experts']} expert tasks and {len(z['heldout'])} held-out "
         f"tasks, each a binary classification carved from the bundled data (WordNet noun categories and parts of "
@@ -134,7 +138,7 @@ def write(result: dict, out: Path) -> None:
         "| row | held-out accuracy (%) | vs base (points) | time to obtain (median) |", "|---|---|---|---|",
     ]
     for key, label in {**ROWS, "trained_own_head": "trained LoRA, its own head (all training examples)"}.items():
-        m, h = mean_ci(list(per_seed(rows, key).values()))
+        m, h = ci(list(per_seed(rows, key).values()))
         d, dh = diff(rows, key, "base")
         secs = statistics.median(r["seconds"] for r in rows if r["row"] == key)
         lines.append(f"| {label} | {m:.1f} ± {h:.1f} | {d:+.1f} ± {dh:.1f} | {secs:.2f} s |")

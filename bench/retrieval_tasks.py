@@ -16,8 +16,7 @@ import torch
 
 import lorakit
 from lorakit import zoo
-from lorakit.data import load_task
-from lorakit.data.task import Task
+from lorakit.generate.tasks import carve
 from lorakit.train import evaluate, fit
 
 CACHE = Path("runs/retrieval/adapters")
@@ -59,21 +58,12 @@ TASKS = (
 QUICK = TASKS[:6]
 
 
-def restricted(task: Task, labels: tuple[str, ...]) -> Task:
-    """``task`` with only the examples of ``labels``, relabelled 0..len(labels)-1."""
-    if not labels:
-        return task
-    index = {task.label_names.index(name): i for i, name in enumerate(labels)}
-    keep = lambda rows: [{"text": r["text"], "label": index[r["label"]]} for r in rows if r["label"] in index]  # noqa: E731
-    return Task(task.kind, keep(task.train), keep(task.validation), keep(task.test), labels, task.source)
-
-
 def train_adapter(spec: RecordTask, seed: int, steps: int, out: Path) -> dict:
     """Train one adapter (cached in ``out``); returns its test metrics."""
     info = out / "train.json"
     if info.is_file() and (out / "adapter" / "adapter_config.json").is_file():
         return json.loads(info.read_text())
-    task = restricted(load_task(spec.source), spec.labels).subsampled(16 * steps, 200, seed=seed)
+    task = carve(spec.source, spec.labels).subsampled(16 * steps, 200, seed=seed)
     model, tokenizer = zoo.load("minilm", task="seq_cls", num_labels=task.num_labels, seed=seed)
     splits = task.encode(tokenizer, 48)
     lorakit.core.fingerprint.remember(model)

@@ -19,6 +19,9 @@ def test_real_zoo_has_enough_tasks_with_descriptions():
     assert len(experts) >= 24 and len(heldout) >= 4
     assert len({t.name for t in TASKS}) == len(TASKS) and len({t.description for t in TASKS}) == len(TASKS)
     assert all(t.description.endswith("?") for t in TASKS)
+    from lorakit.generate.tasks import CAUSAL_TASKS, by_name
+
+    assert len(set(CAUSAL_TASKS)) >= 8 and all(by_name(n) for n in CAUSAL_TASKS)  # `make zoo`'s causal-LM adapters
 
 
 def test_a_zoo_task_keeps_its_two_classes_renumbered():
@@ -34,6 +37,33 @@ def test_a_zoo_task_keeps_its_two_classes_renumbered():
     assert not {r["text"] for r in task.train} & {r["text"] for r in task.test}
     with pytest.raises(KeyError, match="no zoo task 'nope'"):
         by_name("nope")
+
+
+def test_carve_keeps_only_the_chosen_labels_in_their_order():
+    from lorakit.data.task import load_task
+    from lorakit.generate.tasks import carve
+
+    full = load_task("wordnet-category")
+    task = carve("wordnet-category", ("noun.plant", "noun.animal"))
+    assert task.label_names == ("plant", "animal")
+    plant, animal = full.label_names.index("noun.plant"), full.label_names.index("noun.animal")
+    for split in ("train", "test"):
+        want = [(r["text"], {plant: 0, animal: 1}[r["label"]]) for r in getattr(full, split)
+                if r["label"] in (plant, animal)]
+        assert [(r["text"], r["label"]) for r in getattr(task, split)] == want
+    assert carve("wordnet-category").label_names == full.label_names  # no labels: the whole task
+    with pytest.raises(KeyError, match="no label 'noun.unicorn'"):
+        carve("wordnet-category", ("noun.animal", "noun.unicorn"))
+
+
+def test_zoo_task_load_is_carve_then_a_stratified_sample():
+    from lorakit.data import subsample
+    from lorakit.generate.tasks import by_name, carve
+
+    spec = by_name("wordnet-animal-plant")
+    task, full = spec.load(40, 10, seed=3), carve(spec.source, spec.labels)
+    assert task.train == subsample(full.train, 40, 3, "label") and task.test == subsample(full.test, 10, 3, "label")
+    assert task.source == spec.name and task.label_names == ("animal", "plant")
 
 
 def test_index_lists_every_task_with_its_adapter(tiny_zoo):

@@ -14,7 +14,8 @@ from lorakit.core import fingerprint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from trust_helpers import Net, one_line_error, save_adapter, snapshot, write_task  # noqa: E402
 
-__all__ = ["Net", "Tower", "one_line_error", "save_adapter", "snapshot", "task_adapter", "write_task", "TASKS"]
+__all__ = ["CONCEPTS", "Net", "Tower", "one_line_error", "pair_adapter", "save_adapter", "snapshot", "task_adapter",
+           "write_task", "TASKS"]
 
 TASKS = (
     "Sentiment of movie reviews: positive or negative.",
@@ -60,5 +61,24 @@ def task_adapter(path: Path, task: int, seed: int, noise: float = 0.3, input_sid
             b = outputs[task][i] @ cores[task][i] @ torch.linalg.pinv(p)
         b = b + noise * torch.randn(D_OUT, 4, generator=g) / D_OUT ** 0.5
         tensors[f"layers.{i}"] = {"lora_A.weight": a, "lora_B.weight": b}
+    config = lorakit.LoRAConfig(r=4, lora_alpha=4, target_modules=["0", "1", "2", "3"])
+    return lorakit.save_state(lorakit.AdapterState(config, tensors), path, base=fingerprint.record(Tower()))
+
+
+CONCEPTS = ("animals", "plants", "vehicles", "music", "weather", "food")
+
+
+def pair_adapter(path: Path, a: int, b: int, seed: int, noise: float = 0.3) -> Path:
+    """An adapter of the task "concept a or concept b?": A random per adapter (LoRA's initialisation); per layer B
+    writes into the two concepts' output subspaces (fixed per concept), so tasks that share a concept are related."""
+    directions = torch.Generator().manual_seed(11)
+    outputs = [[_subspace(directions, D_OUT) for _ in range(LAYERS)] for _ in CONCEPTS]
+    g = torch.Generator().manual_seed(1000 * (10 * a + b) + seed)
+    tensors = {}
+    for i in range(LAYERS):
+        u = torch.cat([outputs[a][i], outputs[b][i]], 1)  # (D_OUT, 4)
+        a_ = torch.randn(4, D_IN, generator=g) / D_IN ** 0.5
+        b_ = u @ torch.randn(4, 4, generator=g) + noise * torch.randn(D_OUT, 4, generator=g) / D_OUT ** 0.5
+        tensors[f"layers.{i}"] = {"lora_A.weight": a_, "lora_B.weight": b_}
     config = lorakit.LoRAConfig(r=4, lora_alpha=4, target_modules=["0", "1", "2", "3"])
     return lorakit.save_state(lorakit.AdapterState(config, tensors), path, base=fingerprint.record(Tower()))

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from library_helpers import TASKS, Net, save_adapter, task_adapter
+from library_helpers import CONCEPTS, TASKS, Net, pair_adapter, save_adapter, task_adapter
 
 from lorakit.library import EncoderConfig, Library, LibraryError, text
+from lorakit import load_state
 from lorakit.library.retrieval import weight_embeddings
+from lorakit.library.weights import PROBES, factors, stack, train_encoder
 
 DESCRIBED = {
     "sentiment": ("Sentiment of movie reviews: positive or negative.", "was the film review favourable"),
@@ -84,14 +86,57 @@ def test_the_gram_probe_finds_tasks_that_live_only_in_b(tmp_path):
 def test_the_weight_encoder_is_deterministic_and_cached(tmp_path):
     lib = _task_library(tmp_path)
     entries = lib.list()
-    config = EncoderConfig(steps=40)
+    config = EncoderConfig(probe="input", steps=40)
     first = weight_embeddings(lib, entries, config)
     cached = list((lib.root / ".cache").glob("weights-*.safetensors"))
     assert len(cached) == 1
     cached[0].unlink()
     assert torch.equal(weight_embeddings(lib, entries, config), first)  # retrained from the same seed
-    other = weight_embeddings(lib, entries, EncoderConfig(steps=40, seed=1))
+    other = weight_embeddings(lib, entries, EncoderConfig(probe="input", steps=40, seed=1))
     assert not torch.allclose(other, first)
+    neighbours = weight_embeddings(lib, entries)
+    (lib.root / ".cache" / cached[0].name).unlink()
+    assert torch.equal(weight_embeddings(lib, entries), neighbours)  # no random draw at all
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_every_weight_encoder_sees_delta_w_only(tmp_path, probe):
+    # LoRA's gauge: B A = (B R)(R⁻¹ A) for any invertible R; the embedding must not move
+    batch = [factors(load_state(task_adapter(tmp_path / f"t{t}", t, 0)), f"t{t}") for t in range(4)]
+    encoder = train_encoder(batch, text.embed(list(TASKS[:4])), EncoderConfig(probe=probe, steps=5))
+    g = torch.Generator().manual_seed(0)
+    turned = []
+    for f in batch:
+        r = {p: torch.randn(a.shape[0], a.shape[0], generator=g, dtype=torch.float64) + 3 * torch.eye(a.shape[0])
+             for p, (a, _) in f.items()}
+        turned.append({p: ((torch.linalg.inv(r[p]) @ a.double()).float(), (b.double() @ r[p]).float())
+                       for p, (a, b) in f.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(stack(turned, encoder.shapes)), encoder(stack(batch, encoder.shapes)),
+                                   atol=2e-4, rtol=1e-3)
+
+
+UNSEEN_RECALL_AT_1 = 0.6  # fixed before the run; chance is 1/5 (five undescribed adapters of unseen tasks)
+
+
+def test_weight_search_finds_adapters_of_tasks_no_entry_describes(tmp_path):
+    # Ten described tasks "X or Y?" over six concepts; five others are held out, each sharing its concepts with
+    # described ones. Only adapters' weights say which held-out adapter is which.
+    pairs = [(a, b) for a in range(len(CONCEPTS)) for b in range(a + 1, len(CONCEPTS))]
+    held = [(0, 1), (2, 3), (4, 5), (0, 2), (3, 5)]
+    describe = lambda a, b: f"Is this text about {CONCEPTS[a]} or about {CONCEPTS[b]}?"  # noqa: E731
+    lib = Library(tmp_path / "lib")
+    for a, b in pairs:
+        for seed in (0, 1):
+            if (a, b) in held and seed:
+                continue
+            path = pair_adapter(tmp_path / "src" / f"{a}{b}s{seed}", a, b, seed)
+            lib.add(path, name=f"p{a}{b}-s{seed}", description="" if (a, b) in held else describe(a, b))
+    hits = 0
+    for a, b in held:
+        ranked = [e.name for e, _ in lib.search(describe(a, b), k=40, by="weights")]
+        hits += [n for n in ranked if tuple(map(int, n[1:3])) in held][0] == f"p{a}{b}-s0"
+    assert hits / len(held) >= UNSEEN_RECALL_AT_1
 
 
 def test_weight_search_needs_one_base_and_two_descriptions(tmp_path):

@@ -94,3 +94,27 @@ def test_cli_trains_and_exports_every_user(movielens_dir, tmp_path, capsys):
     assert main(["per-user", "-o", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_cli_keeps_every_user_in_a_library(movielens_dir, tmp_path, capsys):
+    import json
+
+    from lorakit.cli import main
+    from lorakit.library import Library
+
+    args = ["per-user", "--model", "tiny-bert", "--data", str(movielens_dir), "--events", "32", "--steps", "2",
+            "--experts", "2", "--rank", "2", "--history", "1", "--library", str(tmp_path / "lib")]
+    assert main(args + ["-o", str(tmp_path / "out")]) == 0
+    users = json.loads((tmp_path / "out" / "users" / "users.json").read_text())
+    lib = Library(tmp_path / "lib")
+    entries = {e.name: e for e in lib.list()}
+    assert set(entries) == set(users.values()) and len(entries) == 24
+    assert all(list(e.tags) == ["user"] for e in entries.values())
+    for user, name in list(users.items())[:3]:  # the library's copy is the exported adapter
+        assert (lib.path_of(name) / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "out" / "users" / name / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "again")]) == 2  # the names are taken: refused, nothing replaced
+    err = capsys.readouterr().err
+    assert "already holds 24 of these users' entries" in err and err.count("\n") == 1
+

@@ -35,25 +35,29 @@ class ZooTask:
 
     def load(self, max_train: int, max_eval: int, seed: int = 0) -> Task:
         """The task's examples (labels renumbered 0..k-1), at most max_train / max_eval per split, stratified."""
-        full = _source(self.source, self.labels)
-        index = {name: i for i, name in enumerate(full.label_names)}
-        keep = {index[name]: new for new, name in enumerate(self.labels)}
-
-        def pick(rows, k):
-            chosen = [{"text": r["text"], "label": keep[r["label"]]} for r in rows if r["label"] in keep]
-            return subsample(chosen, k, seed, "label")
-
+        full = carve(self.source, self.labels)
+        pick = lambda rows, k: subsample(rows, k, seed, "label")  # noqa: E731
         return Task("classification", pick(full.train, max_train), pick(full.validation, max_eval),
-                    pick(full.test, max_eval), tuple(n.split(".")[-1] for n in self.labels), self.name)
+                    pick(full.test, max_eval), full.label_names, self.name)
 
 
-def _source(source: str, labels: tuple[str, ...]) -> Task:
+def carve(source: str, labels: tuple[str, ...] = ()) -> Task:
+    """Bundled task ``source`` restricted to the examples of ``labels`` (source label names), relabelled
+    0..len(labels)-1 in that order and named by their last dotted part; every label when ``labels`` is empty."""
     from ..data.fortunes import fortunes
     from ..data.task import load_task
 
-    if source == "fortunes":
-        return fortunes(tuple(sorted(labels)))
-    return load_task(source)
+    task = fortunes(tuple(sorted(labels))) if source == "fortunes" and labels else load_task(source)
+    if not labels:
+        return task
+    missing = [name for name in labels if name not in task.label_names]
+    if missing:
+        raise KeyError(f"task {source!r} has no label {', '.join(map(repr, missing))}; "
+                       f"its labels: {', '.join(task.label_names)}")
+    index = {task.label_names.index(name): new for new, name in enumerate(labels)}
+    keep = lambda rows: [{"text": r["text"], "label": index[r["label"]]} for r in rows if r["label"] in index]  # noqa: E731
+    return Task(task.kind, keep(task.train), keep(task.validation), keep(task.test),
+                tuple(name.split(".")[-1] for name in labels), task.source)
 
 
 def _noun(a: str, b: str, split: str = "expert") -> ZooTask:

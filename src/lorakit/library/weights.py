@@ -7,10 +7,12 @@ type takes each result to the text space, a position embedding marks the layer, 
 pooling give the adapter's embedding; the text encoder (CLIP) stays frozen; the loss is the symmetric InfoNCE
 over a batch of (text, LoRA) pairs.
 
-Here (the design, and where it departs):
+The default encoder is not this one but ``neighbours.py`` (``probe="neighbours"``): fitted on a library's tens
+of adapters, the learned encoders below find undescribed adapters of tasks they were fitted on, not of new tasks
+(docs/benchmarks/retrieval.md). The learned ones, AutoLoRA's design and where it departs:
 - Text side: frozen MiniLM sentence embeddings of the entries' descriptions (``text.py``), as for retrieval by
   description, so one query embedding serves both.
-- Weight side, ``probe="input"`` (the default, AutoLoRA's): per module, y = x·Aᵀ·(s·B)ᵀ / ‖ΔW‖_F for L learned
+- Weight side, ``probe="input"`` (AutoLoRA's): per module, y = x·Aᵀ·(s·B)ᵀ / ‖ΔW‖_F for L learned
   unit probes x (computed from the factors, never d_out × d_in); a linear map per module type (the path's last
   name) to ``hidden``, plus a learned position per module; the tokens are averaged, then GELU and a linear map
   to the text space. Dividing by ‖ΔW‖_F removes the scale that learning rate and step count set. No transformer:
@@ -36,16 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.state import AdapterState
+from .neighbours import NeighbourEncoder
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r × d_in), s·B (d_out × r))
-PROBES = ("input", "gram")
+PROBES = ("neighbours", "input", "gram")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     """Settings of the weight encoder and its training."""
 
-    probe: str = "input"  # "input": AutoLoRA's x·Aᵀ·Bᵀ; "gram": diag(Qᵀ ΔW ΔWᵀ Q)
+    probe: str = "neighbours"  # neighbours.py; learned: "input" (AutoLoRA's x·Aᵀ·Bᵀ), "gram" (diag(Qᵀ ΔW ΔWᵀ Q))
     probes: int = 8  # L, probe vectors per module
     hidden: int = 256
     steps: int = 300
@@ -142,6 +145,8 @@ def train_encoder(batch: list[Factors], texts: torch.Tensor, config: EncoderConf
     if len({tuple(t.tolist()) for t in texts}) < 2:
         raise ValueError("weight retrieval needs entries with at least two different descriptions to learn from")
     shapes = shapes_of(batch)
+    if config.probe == "neighbours":
+        return NeighbourEncoder(shapes, stack(batch, shapes), texts).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoder = WeightEncoder(shapes, texts.shape[1], config)

@@ -2,16 +2,19 @@
 
 Writes OUT/users/ (``user-<id>/`` PEFT directories and ``users.json``, which ``lorakit serve --user-adapters``
 reads) and OUT/summary.json (test AUC of the CRM and of the bank), staged and renamed into place at the end.
+With ``--library DIR`` every user's adapter is also added to that adapter library as ``user-<id>``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``per-user`` subcommand."""
     from ..cli import count
+    from ..library import LibraryError
 
     p = subparsers.add_parser("per-user", help="per-user adapters (RecLoRA) on MovieLens 100K, one PEFT LoRA per user")
     p.add_argument("-o", "--out", required=True, help="output directory (users/ and summary.json)")
@@ -25,8 +28,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--history", type=int, default=5, help="past events shown in the prompt (short history)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the event sample, the bank and the data order")
-    p.set_defaults(func=run, user_errors=(FileNotFoundError, FileExistsError))
+    p.add_argument("--library", default=None, metavar="DIR",
+                   help="also add every user's adapter to this adapter library as user-<id> (tag 'user'); "
+                        "users.json then names library entries (serve --library DIR --user-adapters ...)")
+    p.set_defaults(func=run, user_errors=(FileNotFoundError, FileExistsError, LibraryError))
     return p
+
+
+def check_library(root, names: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, a library that already holds any of ``names`` (unless ``overwrite``)."""
+    from ..library import Library, LibraryError
+
+    lib = Library(root)
+    taken = sorted(set(names) & {e.name for e in lib.list()}) if lib.root.exists() else []
+    if taken and not overwrite:
+        raise LibraryError(f"{root}: already holds {len(taken)} of these users' entries (e.g. {taken[0]}); pass "
+                           "--overwrite to replace them")
+
+
+def add_to_library(root, users: Path, overwrite: bool) -> None:
+    """Add each exported user adapter (``users.json``'s names) to the library at ``root``."""
+    from ..library import Library
+
+    lib = Library(root)
+    for user, name in json.loads((users / "users.json").read_text()).items():
+        lib.add(users / name, name=name, tags=["user"], overwrite=overwrite, command=f"lorakit per-user (user {user})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from ..core.outputs import check_output, staged
     from .bank import PersonalizedLoRA
     from .crm import train_crm
-    from .few2many import auc, examples, export_users, fit_model, predict, sample_events
+    from .few2many import auc, examples, export_users, fit_model, predict, sample_events, user_name
     from .movielens import fetch, read
 
     out = check_output(args.out, [args.data] if args.data else [], args.overwrite)
     if args.history < 0:
         raise ValueError(f"--history must be >= 0, found {args.history}")
     data = read(args.data or fetch())
+    if args.library:
+        check_library(args.library, [user_name(u) for u in data.users], args.overwrite)
     print(f"lorakit per-user: {len(data.users)} users, {len(data.train)} training events; fitting the CRM")
     crm = train_crm(data.train, list(data.movies), seed=args.seed)
     model, tok = zoo.load(args.model, "seq_cls", num_labels=2, seed=args.seed)
@@ -57,5 +85,7 @@ def run(args: argparse.Namespace) -> int:
     with staged(out) as tmp:
         export_users(bank, crm, data.users, tmp / "users")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.library:  # each add is atomic; the copies come from OUT/users, now in place
+        add_to_library(args.library, Path(out) / "users", args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0

@@ -85,6 +85,11 @@ def auc(scores: torch.Tensor, labels: list[int]) -> float:
     return float((greater + 0.5 * ties) / (pos * neg))
 
 
+def user_name(user: int) -> str:
+    """The adapter name of ``user`` in an export (and in a library)."""
+    return f"user-{user}"
+
+
 def export_users(model: PersonalizedLoRA, crm: CRM, users: list[int], out: str | Path, overwrite: bool = False) -> Path:
     """One PEFT directory per user under ``out`` plus ``users.json``; written staged, renamed into place at the end."""
     out = Path(out)
@@ -96,7 +101,7 @@ def export_users(model: PersonalizedLoRA, crm: CRM, users: list[int], out: str |
         base = fingerprint.record(model.model)
         index = {}
         for user in users:
-            name = f"user-{user}"
+            name = user_name(user)
             save_state(model.user_state(crm.user_index[user]), staged / name, base=base)
             index[str(user)] = name
         (staged / USERS_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
