@@ -12,6 +12,7 @@ finish (one file per stage), so they can run as separate processes:
     python bench/compression_gemma.py --stage memory     # about 40 minutes on two busy shared cores
     python bench/compression_gemma.py --stage time
     python bench/compression_gemma.py --stage accuracy --seeds 2 --steps 30
+    python bench/compression_gemma.py --stage loram --seeds 3 --steps 30 --align-steps 15
     python bench/compression_gemma.py --assemble
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lorakit.data import load_task  # noqa: E402
 from lorakit.train import evaluate, fit  # noqa: E402
 
 NAME, LABELS = "gemma-270m", 3
-STAGES = ("memory", "time", "accuracy")
+STAGES = ("memory", "time", "accuracy", "loram")
 MEMORY_KINDS = ("lora", "qlora-nf4-bf16", "lora+gc", "qlora-nf4-bf16+gc", "qlora-nf4", "qlora-int8", "loram-0.5",
                 "qloram-0.5")
 TIME_KINDS = ("lora", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16")
@@ -88,6 +89,27 @@ def stage_accuracy(seeds: list[int], steps: int) -> dict:
     return {"accuracy": {"rows": rows, "setup": {**a, "steps": steps, "seeds": seeds}}}
 
 
+def stage_loram(seeds: list[int], steps: int, align_steps: int) -> dict:
+    """LoRAM's recovered adapter on the full base against LoRA trained there and the head alone, with and without
+    ``align_steps`` of alignment to the full base; the same data and training as the accuracy stage."""
+    a = ACCURACY
+    task = load_task(a["task"], kind="classification").subsampled(a["max_train"], a["max_eval"], seed=0)
+    _, tok = zoo.load(NAME, task="seq_cls", num_labels=task.num_labels)
+    splits = task.encode(tok, a["max_length"])
+    setup = {**a, "steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": c.ALIGN}
+    saved = (read_json(_part("loram")) or {}).get("loram_accuracy", {})
+    rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
+
+    def fit_gemma(model, splits, steps, seed):
+        fit(model, splits["train"], None, lr=a["lr"], batch_size=a["batch_size"], max_steps=steps, seed=seed,
+            progress=False, warmup_ratio=0.05)
+
+    rows = c.loram_accuracy(seeds, steps, align_steps, task.num_labels, splits, c.general_text(tok, a["max_length"]),
+                            NAME, fit_gemma, a["batch_size"], rows,
+                            save=lambda r: _save("loram", {"loram_accuracy": {"rows": r, "setup": setup}}))
+    return {"loram_accuracy": {"rows": rows, "setup": setup}}
+
+
 def _part(stage: str) -> Path:
     return c.OUT / f".compression-gemma-{stage}.json"
 
@@ -116,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--align-steps", type=int, default=15)
     ap.add_argument("--assemble", action="store_true")
     args = ap.parse_args(argv)
     if args.assemble:
@@ -129,6 +152,8 @@ def main(argv=None) -> None:
         part = {"memory": stage_memory(args.quick)}
     elif args.stage == "time":
         part = stage_time(2 if args.quick else 3)
+    elif args.stage == "loram":
+        part = stage_loram(list(range(args.seeds)), args.steps, args.align_steps)
     else:
         part = stage_accuracy(list(range(args.seeds)), args.steps)
     part[f"{args.stage}_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
