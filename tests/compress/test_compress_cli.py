@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,12 +38,23 @@ def test_prune_writes_a_smaller_model_transformers_loads(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sparsity"] == {"groups": 0.5, "channels": 0.5}
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    ids = torch.tensor([[5, 9, 13, 2]])
+    script = ("import sys, torch; from transformers import AutoModelForSequenceClassification as M; "
+              f"m = M.from_pretrained({str(out / 'model')!r}).eval(); "
+              "print(m(torch.tensor([[5, 9, 13, 2]])).logits.tolist()); assert 'lorakit' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={
+        k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():  # a process without lorakit gives the same logits
+        torch.testing.assert_close(torch.tensor(eval(done.stdout.strip().splitlines()[-1])),
+                                   model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     full, _ = zoo.load("tiny-llama", task="seq_cls", num_labels=2)
     assert model.config.intermediate_size == full.config.intermediate_size // 2
     assert sum(p.numel() for p in model.parameters()) == summary["parameters"] < sum(p.numel() for p in full.parameters())
 
 
 @pytest.mark.parametrize("argv", [["prune", "--ratio", "1.0"], ["prune", "--ratio", "0"],
+                                  ["train", "--method", "loram", "--loram-ratio", "1.5"],
                                   ["train", "--quantize", "torchao-int4"]])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv):
     if argv[1] == "--quantize" and torch.cuda.is_available():
