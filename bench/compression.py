@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, interleaved, machine, ratio_ci, summary, write_json  # noqa: E402
+from common import command_line, interleaved, machine, ratio_ci, read_json, summary, write_json  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
@@ -129,12 +129,13 @@ LORAM_ROWS = ("lora", "head-only", "loram-0.5", "loram-0.5+align")
 
 
 def loram_accuracy(seeds, steps, align_steps, labels, splits, general, name="", fit_fn=None, batch_size=16,
-                   rows=None, save=None) -> dict:
+                   rows=None, save=None, kinds=LORAM_ROWS) -> dict:
     """Per seed: LoRA on the full base, the head alone there, LoRAM (50% pruned) recovered onto the full base, and
-    LoRAM after ``align_steps`` of alignment; rows already in ``rows`` are kept, ``save(rows)`` after each."""
+    LoRAM after ``align_steps`` of alignment (those of ``kinds``); rows already in ``rows`` are kept, ``save(rows)``
+    after each."""
     rows = rows if rows is not None else {}
     for i, seed in enumerate(seeds):
-        for kind in LORAM_ROWS:
+        for kind in kinds:
             if len(rows.get(kind, [])) > i:
                 continue
             t0 = time.time()
@@ -153,23 +154,46 @@ def loram_accuracy(seeds, steps, align_steps, labels, splits, general, name="", 
     return rows
 
 
-def run_loram_accuracy(seeds: list[int], steps: int, align_steps: int) -> None:
-    """The MiniLM LoRAM accuracy rows into compression.json under ``loram_accuracy``; rewrite the page."""
-    from common import read_json
-    from compression_report import write_page
+def merged_loram(files) -> dict:
+    """The LoRAM accuracy rows of several part files (one per process, each some seeds), by kind and seed."""
+    rows, setup = {}, None
+    for f in files:
+        part = read_json(f) or {}
+        block = part.get("loram_accuracy", part)
+        if "rows" not in block:
+            continue
+        same = {k: v for k, v in block["setup"].items() if k != "seeds"}
+        if setup is not None and same != setup:
+            raise SystemExit(f"{f}: another set-up than the other LoRAM part files ({same} vs {setup})")
+        setup = same
+        for kind, entries in block["rows"].items():
+            rows.setdefault(kind, {}).update({r["seed"]: r for r in entries})
+    rows = {k: [v[s] for s in sorted(v)] for k, v in rows.items()}
+    seeds = sorted({r["seed"] for entries in rows.values() for r in entries})
+    return {"rows": rows, "setup": {**(setup or {}), "seeds": seeds}}
 
+
+def run_loram_accuracy(seeds: list[int], steps: int, align_steps: int, write: bool = True) -> None:
+    """The MiniLM LoRAM accuracy rows into compression.json under ``loram_accuracy``; rewrite the page."""
     start = time.time()
     labels, splits = _splits()
     tok = zoo.load(SETUP["model"], task="seq_cls", num_labels=labels)[1]
-    part = OUT / ".compression-loram.json"
+    part = OUT / f".compression-loram-s{'-'.join(map(str, seeds))}.json"
     saved = read_json(part) or {}
     setup = {"steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": ALIGN}
     rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
     rows = loram_accuracy(seeds, steps, align_steps, labels, splits, general_text(tok, SETUP["max_length"]), rows=rows,
                           save=lambda r: write_json(part, {"rows": r, "setup": setup}))
+    if write:  # else one of several processes: the rows stay in the part file
+        loram_page({"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)})
+
+
+def loram_page(run: dict) -> None:
+    """Every MiniLM LoRAM part file's rows into compression.json under ``loram_accuracy``; rewrite the page."""
+    from compression_report import write_page
+
     result = read_json(OUT / "compression.json")
-    result["loram_accuracy"] = {"rows": rows, "setup": setup, "command": command_line(), "machine": machine(),
-                                "wall_time_s": round(time.time() - start)}
+    result["loram_accuracy"] = {**merged_loram(sorted(OUT.glob(".compression-loram*.json"))), **run}
     write_json(OUT / "compression.json", result)
     write_page(result, OUT)
 
@@ -456,15 +480,24 @@ def main(argv=None) -> None:
                     help="LoRAM's recovered adapter against LoRA and the head alone on the full base, with and without "
                          "alignment, into compression.json")
     ap.add_argument("--align-steps", type=int, default=50)
+    ap.add_argument("--loram-page", metavar="WALL_S", type=int, default=None,
+                    help="put the LoRAM part files' rows on the page (the wall time of the processes that made them)")
+    ap.add_argument("--only-seeds", default="", help="--loram-accuracy in several processes: the seeds of this one "
+                    "(rows kept in a part file; a run without it puts every part file's rows on the page)")
     ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
                     help="write the page from the saved rows and stages (the wall time of the two passes)")
     args = ap.parse_args(argv)
     if args.memory_only:
         torch.set_num_threads(1)
         return redo_memory(args.quick)
+    if args.loram_page is not None:
+        return loram_page({"command": f"{command_line([]).rstrip()} --loram-accuracy --steps {args.steps} "
+                           f"--align-steps {args.align_steps} --only-seeds S (one process per seed set), then "
+                           f"{command_line()}", "machine": machine(), "wall_time_s": args.loram_page})
     if args.loram_accuracy:
         torch.set_num_threads(1)
-        return run_loram_accuracy(list(range(args.seeds or 3)), args.steps or 150, args.align_steps)
+        seeds = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds or 3))
+        return run_loram_accuracy(seeds, args.steps or 150, args.align_steps, write=not args.only_seeds)
     if args.stages_only or args.assemble:
         torch.set_num_threads(1)
         steps = args.steps or (40 if args.quick else 150)

@@ -89,7 +89,7 @@ def stage_accuracy(seeds: list[int], steps: int) -> dict:
     return {"accuracy": {"rows": rows, "setup": {**a, "steps": steps, "seeds": seeds}}}
 
 
-def stage_loram(seeds: list[int], steps: int, align_steps: int) -> dict:
+def stage_loram(seeds: list[int], steps: int, align_steps: int, kinds=c.LORAM_ROWS) -> dict:
     """LoRAM's recovered adapter on the full base against LoRA trained there and the head alone, with and without
     ``align_steps`` of alignment to the full base; the same data and training as the accuracy stage."""
     a = ACCURACY
@@ -97,7 +97,8 @@ def stage_loram(seeds: list[int], steps: int, align_steps: int) -> dict:
     _, tok = zoo.load(NAME, task="seq_cls", num_labels=task.num_labels)
     splits = task.encode(tok, a["max_length"])
     setup = {**a, "steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": c.ALIGN}
-    saved = (read_json(_part("loram")) or {}).get("loram_accuracy", {})
+    name = f"loram-s{'-'.join(map(str, seeds))}"
+    saved = (read_json(_part(name)) or {}).get("loram_accuracy", {})
     rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
 
     def fit_gemma(model, splits, steps, seed):
@@ -106,8 +107,8 @@ def stage_loram(seeds: list[int], steps: int, align_steps: int) -> dict:
 
     rows = c.loram_accuracy(seeds, steps, align_steps, task.num_labels, splits, c.general_text(tok, a["max_length"]),
                             NAME, fit_gemma, a["batch_size"], rows,
-                            save=lambda r: _save("loram", {"loram_accuracy": {"rows": r, "setup": setup}}))
-    return {"loram_accuracy": {"rows": rows, "setup": setup}}
+                            save=lambda r: _save(name, {"loram_accuracy": {"rows": r, "setup": setup}}), kinds=kinds)
+    return {"loram_accuracy": c.merged_loram(sorted(c.OUT.glob(".compression-gemma-loram*.json")))}
 
 
 def _part(stage: str) -> Path:
@@ -124,6 +125,8 @@ def assemble() -> None:
 
     result = read_json(c.OUT / "compression.json")
     parts = {k: v for stage in STAGES for k, v in (read_json(_part(stage)) or {}).items()}
+    if "loram_accuracy" in parts or list(c.OUT.glob(".compression-gemma-loram-s*.json")):
+        parts["loram_accuracy"] = c.merged_loram(sorted(c.OUT.glob(".compression-gemma-loram*.json")))
     parts["setup"] = {"model": NAME, "batch_size": c.SETUP["batch_size"], "max_length": c.SETUP["max_length"],
                       "labels": LABELS, "r": c.SETUP["r"], "targets": c.SETUP["targets"]}
     result["gemma_270m"] = parts
@@ -137,8 +140,10 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only-seeds", default="", help="--stage loram in several processes: the seeds of this one")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--align-steps", type=int, default=15)
+    ap.add_argument("--loram-kinds", default=",".join(c.LORAM_ROWS), help="--stage loram: the rows to run")
     ap.add_argument("--assemble", action="store_true")
     args = ap.parse_args(argv)
     if args.assemble:
@@ -153,7 +158,8 @@ def main(argv=None) -> None:
     elif args.stage == "time":
         part = stage_time(2 if args.quick else 3)
     elif args.stage == "loram":
-        part = stage_loram(list(range(args.seeds)), args.steps, args.align_steps)
+        seeds = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+        part = stage_loram(seeds, args.steps, args.align_steps, args.loram_kinds.split(","))
     else:
         part = stage_accuracy(list(range(args.seeds)), args.steps)
     part[f"{args.stage}_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
