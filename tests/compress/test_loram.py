@@ -137,6 +137,14 @@ def test_alignment_to_the_full_base_brings_the_pruned_hidden_states_closer_and_l
     assert torch.equal(embed, small.model.embed_tokens.weight) and not any(p.requires_grad for p in small.parameters())
 
 
+def test_bases_with_weights_over_2_to_the_24_elements_are_recorded():
+    """LoRAM records the full base when pruning; float32 sample positions once overshot such a weight's end."""
+    from lorakit.core.fingerprint import _sample
+
+    big = torch.arange(2**25 + 1, dtype=torch.float32)  # numel - 1 = 2**25 is exact; numel is not representable
+    assert _sample(big)[-1] == float(2**25) and _sample(torch.zeros(32768000))[-1] == 0.0  # the Llama embedding
+
+
 @pytest.mark.parametrize("bad", [0, 1, 2.0])
 def test_ratio_outside_0_1_is_refused(bad):
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
