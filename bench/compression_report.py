@@ -57,14 +57,15 @@ def _paired(rows: dict, a: str, b: str) -> tuple[float, float]:
 
 def loram_claims(block: dict, model: str) -> list[tuple[str, str, str, bool]]:
     """LoRAM's recovered adapter on the full base: against LoRA trained there, the head alone, and alignment."""
-    rows, n = block["rows"], len(block["rows"]["lora"])
+    rows = block["rows"]
     out = []
     for kind, what in (("loram-0.5", "no alignment"), ("loram-0.5+align", "after alignment")):
         if kind not in rows:
             continue
         m, h = _paired(rows, kind, "lora")
         out.append((f"{model}: LoRAM's recovered adapter (50% pruned, {what}) on the full base approaches LoRA trained "
-                    "there", "mean difference >= -0.03", f"{m:+.3f} ± {h:.3f} ({n} seeds)", round(m, 9) >= -0.03))
+                    "there", "mean difference >= -0.03", f"{m:+.3f} ± {h:.3f} ({len(rows[kind])} seed(s))",
+                    round(m, 9) >= -0.03))
     if "head-only" in rows:
         m, h = _paired(rows, "loram-0.5", "head-only")
         out.append((f"{model}: LoRAM's recovered LoRA adds to the task head trained alone on the full base (card: "
@@ -87,13 +88,13 @@ def loram_lines(block: dict, model: str) -> list[str]:
              f"where the model has several key/value heads) pruned by weight magnitude, seeds {s['seeds']}; "
              f"{aligned}. Differences are paired by seed (mean ± 95% t-interval). head-only: the "
              "classification head trained alone on the full base, the same steps.", "",
-             "| row | test accuracy on the full base (mean ± 95% CI) | pruned model's own accuracy | minus lora (paired) |",
-             "|---|---:|---:|---:|"]
+             "| row | test accuracy on the full base (mean ± 95% CI) | seeds | pruned model's own accuracy | minus lora "
+             "(paired) |", "|---|---:|---:|---:|---:|"]
     for kind, rows in block["rows"].items():
         m, h = ci([r["accuracy"] for r in rows])
         own = [r["pruned_accuracy"] for r in rows if "pruned_accuracy" in r]
         d = "—" if kind == "lora" else "{:+.3f} ± {:.3f}".format(*_paired(block["rows"], kind, "lora"))
-        lines.append(f"| {kind} | {m:.3f} ± {h:.3f} | {f'{ci(own)[0]:.3f}' if own else '—'} | {d} |")
+        lines.append(f"| {kind} | {m:.3f} ± {h:.3f} | {len(rows)} | {f'{ci(own)[0]:.3f}' if own else '—'} | {d} |")
     if "command" in block:
         lines += ["", f"Command: `{block['command']}`; {block['wall_time_s']} s; load {block['machine']['load']}."]
     return lines
