@@ -10,7 +10,8 @@ nf4 with bf16 compute). The same 16 x 48-token batch, LoRA r 8 on all linear lay
 child process (``compression.probe``: peak RSS over the RSS before the model is built, and the tensor peak of a
 profiled step).
 
-    python bench/compression_llama.py      # about 20 minutes on two busy shared cores
+    python bench/compression_llama.py          # about 40 minutes on two busy shared cores
+    python bench/compression_llama.py --page   # the rows measured so far onto the page
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def proportions() -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--page"]:  # the rows measured so far (a stopped run) onto the page
+        return page(read_json(c.OUT / ".compression-llama.json"))
     torch.set_num_threads(1)
     start = time.time()
     part = c.OUT / ".compression-llama.json"
@@ -60,13 +63,21 @@ def main() -> None:
                              save=lambda mem: write_json(part, {**out, "memory": mem}))
     out["run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}
     write_json(part, out)
+    page(out)
+
+
+def page(out: dict) -> None:
+    """Put ``out`` into compression.json under ``llama_proportions`` and rewrite the page."""
+    if "run" not in out:
+        out = {**out, "run": {"command": f"{command_line([]).rstrip()} (stopped after the rows shown), then "
+                              f"{command_line()}", "wall_time_s": "not recorded:"}}
     result = read_json(c.OUT / "compression.json")
     result["llama_proportions"] = out
     write_json(c.OUT / "compression.json", result)
     from compression_report import write_page
 
     write_page(result, c.OUT)
-    print(f"wrote {c.OUT / 'compression.md'} in {out['run']['wall_time_s']} s")
+    print(f"wrote {c.OUT / 'compression.md'}")
 
 
 if __name__ == "__main__":
