@@ -125,8 +125,11 @@ def llama_section(block: dict) -> list[str]:
              f"{p['blocks'] / 1e6:.1f}M ({p['blocks_fraction']:.0%}) in the transformer blocks LoRAM prunes "
              "(LLaMA-2-7B: about 96%; gemma-270m: 37%). Same 16 x 48-token batch, LoRA r 8 on all linear layers, AdamW, "
              "fp32 unless stated; loram-R: R of the head groups and FFN channels pruned (0.85: the card's ratio for "
-             "LLaMA-3.1-70B, there in layers 4-78 of 80, here in every block); qloram: pruned, then nf4 with bf16 "
-             f"compute. Command: `{block['run']['command']}`; {block['run']['wall_time_s']} s. Claims: in the table "
+             "LLaMA-3.1-70B, there in layers 4-78 of 80, here in every block; with 4 key/value groups it removes 3 of them, "
+             "75% of the heads, and 85% of the FFN channels); qloram: pruned, then nf4 with bf16 compute. Pruning "
+             "narrows the blocks, so both the weights and the activations of the attention and FFN shrink; over the "
+             "nf4 copy the activations grow back a little (LoRA keeps an fp32 copy of each adapted input, see gemma-270m "
+             f"below). Command: `{block['run']['command']}`; {block['run']['wall_time_s']} s. Claims: in the table "
              "at the top.", ""]
     return lines + memory_table(rss, ten)
 
