@@ -168,7 +168,8 @@ def merged_loram(files) -> dict:
         setup = same
         for kind, entries in block["rows"].items():
             rows.setdefault(kind, {}).update({r["seed"]: r for r in entries})
-    rows = {k: [v[s] for s in sorted(v)] for k, v in rows.items()}
+    order = sorted(rows, key=lambda k: LORAM_ROWS.index(k) if k in LORAM_ROWS else len(LORAM_ROWS))
+    rows = {k: [rows[k][s] for s in sorted(rows[k])] for k in order}
     seeds = sorted({r["seed"] for entries in rows.values() for r in entries})
     return {"rows": rows, "setup": {**(setup or {}), "seeds": seeds}}
 

@@ -97,7 +97,7 @@ def stage_loram(seeds: list[int], steps: int, align_steps: int, kinds=c.LORAM_RO
     _, tok = zoo.load(NAME, task="seq_cls", num_labels=task.num_labels)
     splits = task.encode(tok, a["max_length"])
     setup = {**a, "steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": c.ALIGN}
-    name = f"loram-s{'-'.join(map(str, seeds))}"
+    name = f"loram-s{'-'.join(map(str, seeds))}-{'-'.join(kinds)}"  # one part file per process
     saved = (read_json(_part(name)) or {}).get("loram_accuracy", {})
     rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
 
