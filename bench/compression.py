@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, interleaved, machine, ratio_ci, summary, write_json  # noqa: E402
+from common import command_line, interleaved, machine, ratio_ci, read_json, summary, write_json  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
 from lorakit.compress import QuantizeConfig, quantize_  # noqa: E402
-from lorakit.compress.loram import LoRAMConfig, prune_for_training, recover  # noqa: E402
+from lorakit.compress.loram import LoRAMConfig, align, prune_for_training, recover  # noqa: E402
 from lorakit.compress.loraprune import LoRAPrune, LoRAPruneConfig, spearman  # noqa: E402
 from lorakit.core.state import AdapterState  # noqa: E402
 from lorakit.data import load_task  # noqa: E402
@@ -48,6 +48,10 @@ def _splits():
 
 
 def _base(seed: int, labels: int, name: str = ""):
+    if name == "llama-proportions":  # built from a config (bench/compression_llama.py)
+        from compression_llama import build
+
+        return build(seed, labels)
     return zoo.load(name or SETUP["model"], task="seq_cls", num_labels=labels, seed=seed)[0]
 
 
@@ -86,12 +90,113 @@ def row_prune(seed, labels, splits, steps, ratio, metric):
             "parameters": sum(p.numel() for p in small.parameters())}, small
 
 
-def row_loram(seed, labels, splits, steps, ratio):
-    full = _base(seed, labels)
+ALIGN = dict(task="fortunes", examples=800, lr=1e-4)  # alignment: unlabelled general text, not the task's
+
+
+def general_text(tokenizer, max_length: int):
+    """The alignment data: fortune-cookie texts (the bundled ``fortunes`` corpus; its labels are never used)."""
+    task = load_task(ALIGN["task"], kind="classification").subsampled(ALIGN["examples"], 8, seed=0)
+    return task.encode(tokenizer, max_length)["train"]
+
+
+def row_loram(seed, labels, splits, steps, ratio, align_steps=0, general=None, name="", fit_fn=None, batch_size=16):
+    """LoRA trained on a pruned copy (optionally aligned to the full base first), recovered, tested on the full base."""
+    full = _base(seed, labels, name)
     small, rec = prune_for_training(full, LoRAMConfig(ratio=ratio))
-    _fit(_lora(small), splits, steps, seed)
+    if align_steps:
+        align(small, general, teacher=full, lr=ALIGN["lr"], batch_size=batch_size, max_steps=align_steps, seed=seed,
+              progress=False, warmup_ratio=0.05)
+    (fit_fn or _fit)(_lora(small), splits, steps, seed)
     recover(AdapterState.from_model(small), rec).load_into(full)
     return {"accuracy": _acc(full, splits), "pruned_accuracy": _acc(small, splits)}
+
+
+def row_head_only(seed, labels, splits, steps, name="", fit_fn=None):
+    """The task head alone trained on the full base: what LoRAM's recovered LoRA factors must add to."""
+    model = _base(seed, labels, name)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(HEADS))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"no task head ({', '.join(HEADS)}) in {name or SETUP['model']}")
+    (fit_fn or _fit)(model, splits, steps, seed)
+    return {"accuracy": _acc(model, splits)}
+
+
+HEADS = ("classifier.", "score.")  # MiniLM's and gemma's sequence-classification heads
+
+
+LORAM_ROWS = ("lora", "head-only", "loram-0.5", "loram-0.5+align")
+
+
+def loram_accuracy(seeds, steps, align_steps, labels, splits, general, name="", fit_fn=None, batch_size=16,
+                   rows=None, save=None, kinds=LORAM_ROWS) -> dict:
+    """Per seed: LoRA on the full base, the head alone there, LoRAM (50% pruned) recovered onto the full base, and
+    LoRAM after ``align_steps`` of alignment (those of ``kinds``); rows already in ``rows`` are kept, ``save(rows)``
+    after each."""
+    rows = rows if rows is not None else {}
+    for i, seed in enumerate(seeds):
+        for kind in kinds:
+            if len(rows.get(kind, [])) > i:
+                continue
+            t0 = time.time()
+            if kind == "lora":
+                model = _lora(_base(seed, labels, name))
+                (fit_fn or _fit)(model, splits, steps, seed)
+                row = {"accuracy": _acc(model, splits)}
+            elif kind == "head-only":
+                row = row_head_only(seed, labels, splits, steps, name, fit_fn)
+            else:
+                row = row_loram(seed, labels, splits, steps, 0.5, align_steps if kind.endswith("+align") else 0,
+                                general, name, fit_fn, batch_size)
+            rows.setdefault(kind, []).append({**row, "seed": seed, "train_s": round(time.time() - t0)})
+            print(f"  seed {seed} {kind}: {row['accuracy']:.3f} ({round(time.time() - t0)} s)", flush=True)
+            save and save(rows)
+    return rows
+
+
+def merged_loram(files) -> dict:
+    """The LoRAM accuracy rows of several part files (one per process, each some seeds), by kind and seed."""
+    rows, setup = {}, None
+    for f in files:
+        part = read_json(f) or {}
+        block = part.get("loram_accuracy", part)
+        if "rows" not in block:
+            continue
+        same = {k: v for k, v in block["setup"].items() if k != "seeds"}
+        if setup is not None and same != setup:
+            raise SystemExit(f"{f}: another set-up than the other LoRAM part files ({same} vs {setup})")
+        setup = same
+        for kind, entries in block["rows"].items():
+            rows.setdefault(kind, {}).update({r["seed"]: r for r in entries})
+    order = sorted(rows, key=lambda k: LORAM_ROWS.index(k) if k in LORAM_ROWS else len(LORAM_ROWS))
+    rows = {k: [rows[k][s] for s in sorted(rows[k])] for k in order}
+    seeds = sorted({r["seed"] for entries in rows.values() for r in entries})
+    return {"rows": rows, "setup": {**(setup or {}), "seeds": seeds}}
+
+
+def run_loram_accuracy(seeds: list[int], steps: int, align_steps: int, write: bool = True) -> None:
+    """The MiniLM LoRAM accuracy rows into compression.json under ``loram_accuracy``; rewrite the page."""
+    start = time.time()
+    labels, splits = _splits()
+    tok = zoo.load(SETUP["model"], task="seq_cls", num_labels=labels)[1]
+    part = OUT / f".compression-loram-s{'-'.join(map(str, seeds))}.json"
+    saved = read_json(part) or {}
+    setup = {"steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": ALIGN}
+    rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
+    rows = loram_accuracy(seeds, steps, align_steps, labels, splits, general_text(tok, SETUP["max_length"]), rows=rows,
+                          save=lambda r: write_json(part, {"rows": r, "setup": setup}))
+    if write:  # else one of several processes: the rows stay in the part file
+        loram_page({"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)})
+
+
+def loram_page(run: dict) -> None:
+    """Every MiniLM LoRAM part file's rows into compression.json under ``loram_accuracy``; rewrite the page."""
+    from compression_report import write_page
+
+    result = read_json(OUT / "compression.json")
+    result["loram_accuracy"] = {**merged_loram(sorted(OUT.glob(".compression-loram*.json"))), **run}
+    write_json(OUT / "compression.json", result)
+    write_page(result, OUT)
 
 
 # -- memory probes (module-level: they run in a forkserver child) -------------------------------------------
@@ -167,9 +272,9 @@ def weight_bytes(labels, kinds=("lora", "qlora-nf4", "qlora-int8", "loram-0.5"),
 TRAIN_KINDS = ("lora", "qlora-nf4", "qlora-int8", "loram-0.5")
 
 
-def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, workers=1) -> dict:
+def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, workers=1, prune=True) -> dict:
     """Per kind, in a fresh child process: the peak RSS of training and the tensor peak of a profiled step
-    (``probe``); then the peak RSS rise of one pruning step per metric. Rows already in ``out`` are kept;
+    (``probe``); then (``prune``) the peak RSS rise of one pruning step per metric. Rows already in ``out`` are kept;
     ``save(out)`` runs after every probe, so a killed run keeps what it measured. Memory does not depend on the
     machine's load, so ``workers`` children may run at once. LoRAPrune's scoring step: the tensor peak per metric
     (``prune_step_peak``; the RSS rise of earlier runs was within the allocator's reuse of the warm-up step)."""
@@ -191,7 +296,7 @@ def memory(labels, quick, name="", kinds=TRAIN_KINDS, out=None, save=None, worke
                   f"{out['tensor_peak'][kind]['total'] / 2**20:.0f} MiB", flush=True)
             save and save(out)
         peaks = out.setdefault("prune_step_peak", {})
-        jobs = {pool.submit(prune_probe, m, labels, name): m for m in PRUNE_METRICS if m not in peaks}
+        jobs = {pool.submit(prune_probe, m, labels, name): m for m in PRUNE_METRICS if prune and m not in peaks}
         for job in concurrent.futures.as_completed(jobs):
             peaks[jobs[job]] = job.result()
             print(f"  pruning step {jobs[job]}: tensor peak {peaks[jobs[job]]['total'] / 2**20:.0f} MiB", flush=True)
@@ -372,12 +477,28 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--stages-only", action="store_true", help="measure speed, memory and correlation only")
     ap.add_argument("--memory-only", action="store_true", help="measure the memory rows again into compression.json")
+    ap.add_argument("--loram-accuracy", action="store_true",
+                    help="LoRAM's recovered adapter against LoRA and the head alone on the full base, with and without "
+                         "alignment, into compression.json")
+    ap.add_argument("--align-steps", type=int, default=50)
+    ap.add_argument("--loram-page", metavar="WALL_S", type=int, default=None,
+                    help="put the LoRAM part files' rows on the page (the wall time of the processes that made them)")
+    ap.add_argument("--only-seeds", default="", help="--loram-accuracy in several processes: the seeds of this one "
+                    "(rows kept in a part file; a run without it puts every part file's rows on the page)")
     ap.add_argument("--assemble", type=int, default=None, metavar="WALL_S",
                     help="write the page from the saved rows and stages (the wall time of the two passes)")
     args = ap.parse_args(argv)
     if args.memory_only:
         torch.set_num_threads(1)
         return redo_memory(args.quick)
+    if args.loram_page is not None:
+        return loram_page({"command": f"{command_line([]).rstrip()} --loram-accuracy --steps {args.steps} "
+                           f"--align-steps {args.align_steps} --only-seeds S (one process per seed set), then "
+                           f"{command_line()}", "machine": machine(), "wall_time_s": args.loram_page})
+    if args.loram_accuracy:
+        torch.set_num_threads(1)
+        seeds = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds or 3))
+        return run_loram_accuracy(seeds, args.steps or 150, args.align_steps, write=not args.only_seeds)
     if args.stages_only or args.assemble:
         torch.set_num_threads(1)
         steps = args.steps or (40 if args.quick else 150)

@@ -12,6 +12,7 @@ finish (one file per stage), so they can run as separate processes:
     python bench/compression_gemma.py --stage memory     # about 40 minutes on two busy shared cores
     python bench/compression_gemma.py --stage time
     python bench/compression_gemma.py --stage accuracy --seeds 2 --steps 30
+    python bench/compression_gemma.py --stage loram --seeds 3 --steps 30 --align-steps 15
     python bench/compression_gemma.py --assemble
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lorakit.data import load_task  # noqa: E402
 from lorakit.train import evaluate, fit  # noqa: E402
 
 NAME, LABELS = "gemma-270m", 3
-STAGES = ("memory", "time", "accuracy")
+STAGES = ("memory", "time", "accuracy", "loram")
 MEMORY_KINDS = ("lora", "qlora-nf4-bf16", "lora+gc", "qlora-nf4-bf16+gc", "qlora-nf4", "qlora-int8", "loram-0.5",
                 "qloram-0.5")
 TIME_KINDS = ("lora", "qlora-nf4", "qlora-int8", "qlora-nf4-bf16")
@@ -88,6 +89,28 @@ def stage_accuracy(seeds: list[int], steps: int) -> dict:
     return {"accuracy": {"rows": rows, "setup": {**a, "steps": steps, "seeds": seeds}}}
 
 
+def stage_loram(seeds: list[int], steps: int, align_steps: int, kinds=c.LORAM_ROWS) -> dict:
+    """LoRAM's recovered adapter on the full base against LoRA trained there and the head alone, with and without
+    ``align_steps`` of alignment to the full base; the same data and training as the accuracy stage."""
+    a = ACCURACY
+    task = load_task(a["task"], kind="classification").subsampled(a["max_train"], a["max_eval"], seed=0)
+    _, tok = zoo.load(NAME, task="seq_cls", num_labels=task.num_labels)
+    splits = task.encode(tok, a["max_length"])
+    setup = {**a, "steps": steps, "align_steps": align_steps, "seeds": seeds, "ratio": 0.5, "align": c.ALIGN}
+    name = f"loram-s{'-'.join(map(str, seeds))}-{'-'.join(kinds)}"  # one part file per process
+    saved = (read_json(_part(name)) or {}).get("loram_accuracy", {})
+    rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
+
+    def fit_gemma(model, splits, steps, seed):
+        fit(model, splits["train"], None, lr=a["lr"], batch_size=a["batch_size"], max_steps=steps, seed=seed,
+            progress=False, warmup_ratio=0.05)
+
+    rows = c.loram_accuracy(seeds, steps, align_steps, task.num_labels, splits, c.general_text(tok, a["max_length"]),
+                            NAME, fit_gemma, a["batch_size"], rows,
+                            save=lambda r: _save(name, {"loram_accuracy": {"rows": r, "setup": setup}}), kinds=kinds)
+    return {"loram_accuracy": c.merged_loram(sorted(c.OUT.glob(".compression-gemma-loram*.json")))}
+
+
 def _part(stage: str) -> Path:
     return c.OUT / f".compression-gemma-{stage}.json"
 
@@ -102,6 +125,8 @@ def assemble() -> None:
 
     result = read_json(c.OUT / "compression.json")
     parts = {k: v for stage in STAGES for k, v in (read_json(_part(stage)) or {}).items()}
+    if "loram_accuracy" in parts or list(c.OUT.glob(".compression-gemma-loram-s*.json")):
+        parts["loram_accuracy"] = c.merged_loram(sorted(c.OUT.glob(".compression-gemma-loram*.json")))
     parts["setup"] = {"model": NAME, "batch_size": c.SETUP["batch_size"], "max_length": c.SETUP["max_length"],
                       "labels": LABELS, "r": c.SETUP["r"], "targets": c.SETUP["targets"]}
     result["gemma_270m"] = parts
@@ -115,7 +140,10 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only-seeds", default="", help="--stage loram in several processes: the seeds of this one")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--align-steps", type=int, default=15)
+    ap.add_argument("--loram-kinds", default=",".join(c.LORAM_ROWS), help="--stage loram: the rows to run")
     ap.add_argument("--assemble", action="store_true")
     args = ap.parse_args(argv)
     if args.assemble:
@@ -129,6 +157,9 @@ def main(argv=None) -> None:
         part = {"memory": stage_memory(args.quick)}
     elif args.stage == "time":
         part = stage_time(2 if args.quick else 3)
+    elif args.stage == "loram":
+        seeds = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+        part = stage_loram(seeds, args.steps, args.align_steps, args.loram_kinds.split(","))
     else:
         part = stage_accuracy(list(range(args.seeds)), args.steps)
     part[f"{args.stage}_run"] = {"command": command_line(), "machine": machine(), "wall_time_s": round(time.time() - start)}

@@ -88,6 +88,23 @@ def test_a_loram_adapter_on_the_wrong_base_names_both_fingerprints(tmp_path):
     assert not lorakit.adapters(plain_small)  # nothing applied half-way
 
 
+def test_any_lorakit_loader_refuses_a_recovered_adapter_on_another_base_naming_the_fingerprint(tmp_path):
+    from lorakit.core.adapter import AdapterShapeError
+    from lorakit.formats.peft import AdapterFileError
+
+    full, small, recovery = _train_small(steps=2)
+    out = save_recovered(small, recovery, tmp_path / "loram")
+    expected = json.loads((out / "lorakit_base.json").read_text())["fingerprint"]
+    other = tiny_llama(seed=1)
+    with pytest.raises(AdapterFileError, match=rf"fingerprint {expected}"):
+        lorakit.load_peft(other, out)  # the plain loader (serve, merge, eval use it), not only load_recovered
+    assert not lorakit.adapters(other)
+    pruned = prune_for_training(full, LoRAMConfig())[0]
+    with pytest.raises(AdapterShapeError, match="down_proj.*another base model"):  # shapes are checked first
+        lorakit.load_peft(pruned, out)
+    assert lorakit.adapters(lorakit.load_peft(copy.deepcopy(full), out))  # its own full base loads it
+
+
 def test_qloram_trains_on_a_4bit_pruned_copy(tmp_path):
     pytest.importorskip("bitsandbytes")
     full, small, recovery = _train_small(LoRAMConfig(ratio=0.25, quantize="nf4"), steps=3)
@@ -102,6 +119,30 @@ def test_alignment_trains_the_pruned_weights_and_freezes_them_again():
     align(small, lm_data(), lr=1e-3, batch_size=8, max_steps=2, progress=False)
     assert not torch.equal(before, small.model.layers[0].mlp.up_proj.weight)
     assert not any(p.requires_grad for p in small.parameters())
+
+
+def test_alignment_to_the_full_base_brings_the_pruned_hidden_states_closer_and_leaves_embeddings_alone():
+    full = tiny_llama()
+    small, _ = prune_for_training(full, LoRAMConfig(ratio=0.5))
+    embed = small.model.embed_tokens.weight.clone()
+    ids = torch.stack([d["input_ids"] for d in lm_data(8, seed=4)])
+
+    def gap():
+        with torch.no_grad():
+            return (small.model(ids).last_hidden_state - full.model(ids).last_hidden_state).pow(2).mean().item()
+
+    before = gap()
+    align(small, lm_data(), teacher=full, lr=1e-3, batch_size=8, max_steps=20, progress=False, warmup_ratio=0.0)
+    assert gap() < 0.7 * before
+    assert torch.equal(embed, small.model.embed_tokens.weight) and not any(p.requires_grad for p in small.parameters())
+
+
+def test_bases_with_weights_over_2_to_the_24_elements_are_recorded():
+    """LoRAM records the full base when pruning; float32 sample positions once overshot such a weight's end."""
+    from lorakit.core.fingerprint import _sample
+
+    big = torch.arange(2**25 + 1, dtype=torch.float32)  # numel - 1 = 2**25 is exact; numel is not representable
+    assert _sample(big)[-1] == float(2**25) and _sample(torch.zeros(32768000))[-1] == 0.0  # the Llama embedding
 
 
 @pytest.mark.parametrize("bad", [0, 1, 2.0])

@@ -77,6 +77,7 @@ def train_loram(args: argparse.Namespace) -> int:
                  epochs=max(1, int(args.epochs)), max_steps=args.max_steps, eval_every=args.eval_every,
                  output_dir=str(out), seed=args.seed)
     adapter = save_recovered(small, recovery, out / "adapter")
+    print(f"lorakit train: adapter recovered for the full base in {adapter}; testing it on the full base")
     del small
     model = jobs.load(args.model, args.task, args.kind, args.max_train, args.max_eval, args.seed)[0]
     load_recovered(model, adapter)
@@ -123,7 +124,7 @@ def prune(args: argparse.Namespace) -> int:
     pruner = LoRAPrune(model, config, total_steps=args.max_steps)
     splits = task.encode(tokenizer, args.max_length)
     fit(model, splits["train"], splits["validation"], lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
-        callbacks=[pruner], seed=args.seed, eval_every=max(1, args.max_steps // 4))
+        callbacks=[pruner, progress(pruner)], seed=args.seed, eval_every=max(1, args.max_steps // 4))
     sparsity = pruner.sparsity()
     small = pruner.finalize()
     target = save_model(small, tokenizer, out / "model")
@@ -134,6 +135,20 @@ def prune(args: argparse.Namespace) -> int:
     jobs._write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def progress(pruner):
+    """A callback that prints the masked fractions whenever a pruning step changes them."""
+    last: dict = {}
+
+    def report(step: int, record=None) -> None:
+        now = pruner.sparsity()
+        if now != last:
+            last.update(now)
+            print(f"lorakit prune: step {step}: {now['groups']:.0%} of head groups and {now['channels']:.0%} of FFN "
+                  "channels masked", flush=True)
+
+    return report
 
 
 def save_model(model, tokenizer, path: Path) -> Path:

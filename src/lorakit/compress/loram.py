@@ -17,7 +17,12 @@ refuses, naming both fingerprints, a base the adapter was not recovered for.
 Deviations, and why: pruning uses this package's structure (every block keeps the same number of groups and
 channels, so the pruned base is a plain Hugging Face model; the paper prunes LLM-Pruner style, layers 4-78 of 80).
 Only the ``zeroA`` recovery (the official default) exists: ``normA`` would put random updates on the full model's
-pruned inputs. Alignment is plain full-parameter training of the pruned model on the data you pass.
+pruned inputs. Alignment trains the pruned blocks' weights (every parameter inside a transformer block; the
+embeddings and the task head, which pruning leaves whole, stay frozen, which keeps the optimiser state small) on the
+data you pass: on the model's own loss (the paper's continued pre-training, for a causal LM on general text), or,
+for models without a language-model head (sequence classifiers), by distillation: the pruned backbone's last hidden
+states are fitted to the full base's on the same unlabelled text, which targets the mismatch the paper's step
+reduces.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..core.fingerprint import record as base_record
 from ..core.state import AdapterState
 from ..formats.peft import load_peft, save_state
 from .loraprune import check_ratio
@@ -66,9 +72,10 @@ class Recovery:
     full_fingerprint: str
     pruned_fingerprint: str = ""
     config: dict = dataclasses.field(default_factory=dict)
+    base: Optional[dict] = None  # the full base's record (core.fingerprint), written as lorakit_base.json
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "base"}, indent=1) + "\n"
 
 
 def _plan(model: nn.Module, config: LoRAMConfig) -> Plan:
@@ -106,7 +113,7 @@ def prune_for_training(model: nn.Module, config: LoRAMConfig = LoRAMConfig(),
     sizes = {p: model.get_submodule(p).weight.shape for p in kept_rows(plan, full)}
     modules = {p: {"axis": axis, "kept": index.tolist(), "full": int(sizes[p][0 if axis == "rows" else 1])}
                for p, (axis, index) in kept_rows(plan, full).items()}
-    recovery = Recovery(modules, fingerprint(model), config=dataclasses.asdict(config))
+    recovery = Recovery(modules, fingerprint(model), config=dataclasses.asdict(config), base=base_record(model))
     small = apply_plan(model if inplace else copy.deepcopy(model), plan)
     recovery.pruned_fingerprint = fingerprint(small)
     if config.quantize:
@@ -114,14 +121,31 @@ def prune_for_training(model: nn.Module, config: LoRAMConfig = LoRAMConfig(),
     return small, recovery
 
 
-def align(small: nn.Module, data, **fit_options) -> nn.Module:
-    """The optional alignment step: train every weight of the pruned model briefly on general text, then freeze."""
+def align(small: nn.Module, data, teacher: Optional[nn.Module] = None, **fit_options) -> nn.Module:
+    """The optional alignment step: train the pruned blocks' weights briefly on general text, then freeze them.
+
+    Without ``teacher``, on the model's own loss (a causal LM on text: the paper's continued pre-training); with
+    ``teacher`` (the full base), on the mean squared error between the two backbones' last hidden states.
+    """
     from ..train import fit
 
+    prefixes = tuple(b.path + "." for b in blocks(small))
+    trained = [p for n, p in small.named_parameters() if n.startswith(prefixes)]
+    loss_fn = None
+    if teacher is not None:
+        def loss_fn(model, batch):
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                target = teacher.base_model(**inputs).last_hidden_state
+            found = getattr(model, "module", model).base_model(**inputs).last_hidden_state
+            mask = inputs.get("attention_mask", torch.ones(found.shape[:2], device=found.device)).unsqueeze(-1)
+            return ((found - target).pow(2) * mask).sum() / (mask.sum() * found.shape[-1])
     for p in small.parameters():
+        p.requires_grad_(False)
+    for p in trained:
         p.requires_grad_(True)
     try:
-        fit(small, data, **fit_options)
+        fit(small, data, loss_fn=loss_fn, **fit_options)
     finally:
         for p in small.parameters():
             p.requires_grad_(False)
@@ -155,14 +179,27 @@ def recover(state: AdapterState, recovery: Recovery) -> AdapterState:
 
 
 def save_recovered(small_with_adapter: nn.Module, recovery: Recovery, path) -> Path:
-    """Recover the adapter of the pruned model and save it as a PEFT directory for the full base (+ loram.json)."""
+    """Recover the adapter of the pruned model and save it as a PEFT directory for the full base (+ loram.json);
+    the full base's record goes beside it, so every lorakit loader refuses another base."""
     state = recover(AdapterState.from_model(small_with_adapter), recovery)
-    target = save_state(state, path)
+    base = None
+    if recovery.base is not None:  # modules the adapter brings in full (a task head): their values do not matter
+        brought = {n for n, v in base_record(small_with_adapter)["values"].items() if v is None}
+        base = _skipping(recovery.base, brought)
+    target = save_state(state, path, base=base)
     tmp = tempfile.NamedTemporaryFile("w", dir=target, prefix=".loram-", suffix=".json", delete=False)
     with tmp:
         tmp.write(recovery.to_json())
     os.replace(tmp.name, target / SIDE_FILE)
     return target
+
+
+def _skipping(rec: dict, names: set) -> dict:
+    """``rec`` with the values of ``names`` left out of the comparison (as ``core.fingerprint.record`` skips them)."""
+    from ..core.fingerprint import _digest
+
+    values = {n: (None if n in names else v) for n, v in rec["values"].items()}
+    return {**rec, "values": values, "fingerprint": _digest(rec["architecture"], rec["shapes"], values)}
 
 
 def read_recovery(path) -> Recovery:

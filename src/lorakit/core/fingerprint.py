@@ -71,6 +71,7 @@ def _sample(p: torch.Tensor) -> list[float]:
         p = p.dequantize()  # tensor subclasses of quantised weights (torchao) sample their values
     flat = p.reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, min(PER_PARAMETER, flat.numel())).round().long()
+    idx.clamp_(max=flat.numel() - 1)  # float32 rounds numel - 1 up to numel above 2**24 elements
     return flat[idx.to(flat.device)].float().cpu().tolist()
 
 
