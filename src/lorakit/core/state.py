@@ -194,19 +194,23 @@ class AdapterState:
         Into an adapter the model has, the tensors are copied in place (a hot swap: the same parameters, so a
         compiled model does not recompile), after checking that its config computes alike.
         """
+        from .multi import add_adapter, delete_adapter
+
         fresh = not wrapped_modules(model)
         added = not fresh and adapter_name is not None and adapter_name not in adapter_names(model)
-        if fresh:
-            self._fit_vocabulary(model)
-            apply(model, self.config, **({"adapter_name": adapter_name} if adapter_name else {}))
-        elif added:
-            from .multi import add_adapter, delete_adapter
-
-            add_adapter(model, adapter_name, self.config)
+        emb = token_embeddings(model)[0]
+        vocabulary = emb.num_embeddings if isinstance(emb, nn.Embedding) else None
         try:
+            if fresh:
+                self._fit_vocabulary(model)
+                apply(model, self.config, **({"adapter_name": adapter_name} if adapter_name else {}))
+            elif added:
+                add_adapter(model, adapter_name, self.config)
             self._copy_into(model, selected(model, adapter_name, "load an adapter into the model"), fresh or added)
-        except BaseException:
-            if added:  # a refused load leaves the model as it was
+        except BaseException:  # a refused load leaves the model as it was
+            if fresh:
+                _unwrap_and_refit(model, vocabulary)
+            elif added and adapter_name in adapter_names(model):
                 delete_adapter(model, adapter_name)
             raise
         return model
@@ -249,3 +253,14 @@ class AdapterState:
                             f"{tuple(value.shape)}"
                         )
                     params[name].copy_(value)
+
+
+def _unwrap_and_refit(model: nn.Module, vocabulary: Optional[int]) -> None:
+    """Undo a fresh load that failed: remove the adapter layers and give back the vocabulary size it had."""
+    from .apply import unwrap
+
+    if wrapped_modules(model):
+        unwrap(model)
+    emb = token_embeddings(model)[0]
+    if vocabulary is not None and isinstance(emb, nn.Embedding) and emb.num_embeddings != vocabulary:
+        model.resize_token_embeddings(vocabulary)
