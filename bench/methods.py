@@ -118,6 +118,10 @@ def seed_cache(page_json: Path, cache_root: Path, budget: Budget, selected: list
                 if cache.get(name, row, what) is None and result.get("spec") == cache.spec(row, what):
                     write_json(cache.path(name, row.name, what), result)
                     written += 1
+    switch, path = (data.get("extra") or {}).get("shira_switch"), cache_root / budget.key() / "claims" / "shira_switch.json"
+    if switch and switch.get("spec") == claims.SWITCH and read_json(path) is None:
+        write_json(path, switch)  # the claim measurement that needs no training
+        written += 1
     print(f"--seed-cache: {written} results copied from {page_json}", flush=True)
     return written
 
@@ -273,7 +277,7 @@ def main(argv=None) -> int:
 
     tasks = {name: TASKS[name](budget.max_train, budget.max_eval, budget.max_length, args.cache)
              for name in args.tasks.split(",")}
-    if args.seed_cache and not args.report_only:
+    if args.seed_cache:
         seed_cache(args.seed_cache, args.cache, budget, selected, tasks)
     results = run_all(tasks, selected, seeds, budget, cache, args)
     info["missing"] = [f"{t}/{r}: {len(e['runs'])} of {len(seeds)} seeds" for t, task in results.items()
