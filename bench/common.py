@@ -41,6 +41,33 @@ def ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
+MARGIN = 0.01  # the non-inferiority margin of "matches": 1 point of accuracy
+
+
+def bounds(diffs: list[float]) -> tuple[float, float]:
+    """One-sided 95% lower and upper bounds of the mean of ``diffs`` (Student's t; needs two or more)."""
+    from scipy import stats
+
+    res = stats.ttest_1samp(diffs, 0.0)
+    ci = res.confidence_interval(0.90)  # its ends are the one-sided 95% bounds
+    return float(ci.low), float(ci.high)
+
+
+def decide(diffs: list[float], kind: str) -> tuple[str, str]:
+    """(the paired difference in words, the verdict) for a "beats" or "matches" claim."""
+    if len(diffs) < 2:
+        return f"{len(diffs)} paired seed(s): too few to judge", "not judged"
+    low, high = bounds(diffs)
+    floor = 0.0 if kind == "beats" else -MARGIN
+    text = (f"paired difference {100 * np.mean(diffs):+.1f} points over {len(diffs)} seeds, one-sided 95% bounds "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}]")
+    return text, "yes" if low > floor else "no" if high < floor else "inconclusive"
+
+
+THRESHOLD = {"beats": "lower 95% bound of the paired difference > 0",
+             "matches": f"lower 95% bound of the paired difference > -{100 * MARGIN:g} point"}
+
+
 def ratio_ci(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:
     """Bootstrap 95% interval of median(a) / median(b)."""
     rng = np.random.default_rng(0)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_json
+from common import decide, read_json, write_json
+
+SPREAD = 0.015  # a budget tells methods apart when a row's sd over seeds is at most 1.5 points
 
 TASKS = ("tweets", "fortunes", "wordnet-category", "wordnet-pos")
 GROUPS = {"reference": "#888888", "merge": "#1f77b4", "router": "#d62728", "joint": "#2ca02c"}
@@ -52,7 +54,7 @@ def rows(results: dict) -> list[dict]:
 
 def _pm(values, pct=True) -> str:
     v = np.asarray(values, dtype=float) * (100 if pct else 1)
-    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
 def _chosen(row: dict) -> str:
@@ -204,6 +206,29 @@ def summary(table: list[dict]) -> list[str]:
                    f"at {m(others[0]):.1f}; the bare encoder with the individual heads (every merge at λ = 0) gives "
                    f"{m(by['base_heads']):.1f}." if "base_heads" in by else "")
     return [x for x in out if x]
+
+
+def spread_check(table: list[dict], seeds: list) -> list[str]:
+    """Whether the seeds can tell merges apart: each row's sample sd of the mean column, and paired verdicts."""
+    sd = {r["key"]: float(np.std(r["mean"], ddof=1)) if len(r["mean"]) > 1 else float("nan") for r in table
+          if r["key"] != "individual"}
+    wide = [k for k, v in sd.items() if not v <= SPREAD]
+    lines = ["## Is the budget telling methods apart?", "",
+             f"A comparison means something only where the spread over seeds (sample sd of the per-seed mean "
+             f"normalised accuracy) is at most {100 * SPREAD:g} points; {len(seeds)} seeds here.", "",
+             f"- Largest sd on the mean column: {100 * max(sd.values()):.1f} points (`{max(sd, key=sd.get)}`); "
+             + (f"rows above {100 * SPREAD:g} points: {', '.join(f'`{k}` ({100 * sd[k]:.1f})' for k in wide)}: their "
+                "differences from other rows are not resolved at this budget." if wide else
+                f"every row is within {100 * SPREAD:g} points.")]
+    by = {r["key"]: r for r in table}
+    merges = sorted((r for r in table if r["group"] == "merge"), key=lambda r: -r["mean"].mean())
+    pairs = [(merges[0]["key"], "linear"), ("lego", "knots")] if merges else []
+    for a, b in pairs:
+        if a in by and b in by and a != b:
+            text, verdict = decide(list(by[a]["mean"] - by[b]["mean"]), "beats")
+            lines.append(f"- `{a}` against `{b}` on the mean column: {text} (in normalised points); "
+                         f"`{a}` beats `{b}` (lower one-sided 95% bound > 0): {verdict}.")
+    return lines + [""]
 
 
 def lego_paragraph(table: list[dict]) -> list[str]:
@@ -367,11 +392,11 @@ def write(out: Path, info: dict, results: dict) -> Path:
         "adapted encoders (base + LoRA i, i = 1..4), the four softmax distributions averaged; 4 forward passes per "
         "example, no task routing (the head is the task's, as for merges).", "",
         "**Normalised accuracy** = test accuracy / the individual adapter's test accuracy on the same task and seed. "
-        "Per seed, *mean* averages it over the four tasks and *worst* takes the lowest task; the table gives mean ± sd "
+        "Per seed, *mean* averages it over the four tasks and *worst* takes the lowest task; the table gives mean ± sample sd "
         "over seeds. Merged rank: the rank of the merged LoRA (all modules alike unless a minimum is given). Build "
         "time: median over seeds of the `combine` call (merges) or of the training (routers, joint).", "",
         "## Results", "", "![normalised accuracy per method](merging.png)", "",
-        *main_table(table), "", *summary(table), "",
+        *main_table(table), "", *summary(table), "", *spread_check(table, info["seeds"]),
         *lego_paragraph(table), "",
         "### Test accuracy (%, not normalised)", "", *raw_table(table), "",
         "### Interference: each task LoRA read through each task's head", "",
@@ -393,3 +418,16 @@ def write(out: Path, info: dict, results: dict) -> Path:
     if table:
         plot(table, out / "merging.png")
     return out / "merging.md"
+
+
+def main() -> int:
+    """Rewrite docs/benchmarks/merging.md from docs/benchmarks/merging.json (no recomputation)."""
+    out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+    data = read_json(out / "merging.json")
+    results = {int(seed): r for seed, r in data["results"].items()}
+    print(f"wrote {write(out, data['info'], results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

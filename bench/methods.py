@@ -10,7 +10,9 @@ methods.md, methods.png and methods.json (docs/benchmarks/ by default; ``--quick
 Every training run, timing and memory probe is cached as JSON under runs/bench-methods/<budget>/ (the folder
 name hashes the budget; each file holds the row's settings and is recomputed when they change), so an
 interrupted run resumes and a rerun computes only what is missing. ``--report-only`` writes the page from the
-cache alone.
+cache alone. ``--seed-cache docs/benchmarks/methods.json`` first copies the runs, timings and memory probes a
+written page holds into an empty cache, where their budget and row settings are the ones this run uses (a lost
+cache is rebuilt without recomputing them).
 """
 from __future__ import annotations
 
@@ -92,6 +94,46 @@ class Cache:
         data = {"spec": self.spec(row, what), **data}
         write_json(self.path(task, row.name, what), data)
         return data
+
+
+def seed_cache(page_json: Path, cache_root: Path, budget: Budget, selected: list[rows.Row], tasks: dict) -> int:
+    """Copy the results of a written methods.json into the cache where its budget and each row's settings match
+    this run's (nothing is overwritten); returns how many entries were written."""
+    data = read_json(page_json)
+    if data is None:
+        raise SystemExit(f"--seed-cache: cannot read {page_json}")
+    theirs = {k: data["info"]["budget"].get(k) for k in TRAINING}
+    if theirs != {k: getattr(budget, k) for k in TRAINING}:
+        print(f"--seed-cache: {page_json} was run at another budget ({theirs}); nothing copied", flush=True)
+        return 0
+    written = 0
+    for name, task in tasks.items():
+        cache = Cache(cache_root / task_budget(budget, task).key(), task_budget(budget, task))
+        for row in selected:
+            entry = data["results"].get(name, {}).get("rows", {}).get(row.name, {})
+            row = scaled(row, task)
+            items = [(f"seed{r['seed']}", r) for r in entry.get("runs", [])]
+            items += [(what, entry[what]) for what in ("timing", "memory") if what in entry]
+            for what, result in items:
+                if cache.get(name, row, what) is None and result.get("spec") == cache.spec(row, what):
+                    write_json(cache.path(name, row.name, what), result)
+                    written += 1
+    switch, path = (data.get("extra") or {}).get("shira_switch"), cache_root / budget.key() / "claims" / "shira_switch.json"
+    if switch and switch.get("spec") == claims.SWITCH and read_json(path) is None:
+        write_json(path, switch)  # the claim measurement that needs no training
+        written += 1
+    print(f"--seed-cache: {written} results copied from {page_json}", flush=True)
+    return written
+
+
+def task_budget(budget: Budget, task) -> Budget:
+    """The budget as ``task`` runs it (its own number of steps, if it sets one)."""
+    return dataclasses.replace(budget, steps=task.steps) if task.steps else budget
+
+
+def scaled(row: rows.Row, task) -> rows.Row:
+    """``row`` with its learning rate times the task's ``lr_scale`` (1 for tweets)."""
+    return row if task.lr_scale == 1.0 else dataclasses.replace(row, lr=row.lr * task.lr_scale)
 
 
 # -- one training run ----------------------------------------------------------------------------------
@@ -217,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-methods")
     ap.add_argument("--out", type=Path, help="folder for methods.md/.png/.json")
     ap.add_argument("--report-only", action="store_true", help="write the page from cached results only")
+    ap.add_argument("--seed-cache", type=Path, help="a methods.json whose matching results fill the empty cache")
     args = ap.parse_args(argv)
 
     quick = dict(steps=4, batch_size=8, max_train=64, max_eval=48, log_every=1, timing_steps=2, timing_warmup=1,
@@ -234,6 +277,8 @@ def main(argv=None) -> int:
 
     tasks = {name: TASKS[name](budget.max_train, budget.max_eval, budget.max_length, args.cache)
              for name in args.tasks.split(",")}
+    if args.seed_cache:
+        seed_cache(args.seed_cache, args.cache, budget, selected, tasks)
     results = run_all(tasks, selected, seeds, budget, cache, args)
     info["missing"] = [f"{t}/{r}: {len(e['runs'])} of {len(seeds)} seeds" for t, task in results.items()
                        for r, e in task["rows"].items() if len(e["runs"]) < len(seeds)]
@@ -265,19 +310,21 @@ def job(task, row: rows.Row, what: str, budget: Budget, cache_dir: Path):
 def run_all(tasks: dict, selected: list[rows.Row], seeds: list[int], budget: Budget, cache: Cache, args) -> dict:
     """Cached or fresh runs, timings and memory probes of every selected row on every task."""
     results = {name: {"title": t.title, "description": t.description, "notes": t.notes,
-                      "lora_r1": rows.rank_one_counts(t),
-                      "rows": {r.name: {"row": dataclasses.asdict(r), "runs": []} for r in selected}}
+                      "lora_r1": rows.rank_one_counts(t), "steps": task_budget(budget, t).steps,
+                      "rows": {r.name: {"row": dataclasses.asdict(scaled(r, t)), "runs": []} for r in selected}}
                for name, t in tasks.items()}
     for what in phases(seeds, not args.no_memory, not args.no_timing):
         for name, task in tasks.items():
-            for row in selected:
+            tb = task_budget(budget, task)
+            tcache = cache if tb == budget else Cache(cache.root.parent / tb.key(), tb)
+            for row in map(lambda r: scaled(r, task), selected):
                 if row.kind == "claim" and not what.startswith("seed"):
                     continue
-                data = cache.get(name, row, what)
+                data = tcache.get(name, row, what)
                 if data is None and not args.report_only:
                     t0 = time.perf_counter()
                     print(f"{name}/{row.name}/{what} ...", end=" ", flush=True)
-                    data = cache.put(name, row, what, job(task, row, what, budget, args.cache)())
+                    data = tcache.put(name, row, what, job(task, row, what, tb, args.cache)())
                     print(f"{time.perf_counter() - t0:.0f} s" + (f", test accuracy {data['test']['accuracy']:.3f}"
                                                                   if "test" in data else ""), flush=True)
                     gc.collect()

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 import lorakit
 from lorakit import INITIALIZERS, METHODS
-from common import read_json, write_json
+from common import MARGIN, THRESHOLD, bounds, decide, read_json, write_json
 
-MARGIN = 0.01  # the non-inferiority margin of "matches": 1 point of accuracy
 SPEEDUP = 2.0  # LoRA-GA's low end of "2-4x"
 SWITCH = dict(dim=4096, r=32, repeats=15, minilm_r=8)
 
@@ -37,33 +35,11 @@ def summarize(entry: dict) -> dict | None:
                 trainable=runs[0]["trainable"], adapter=runs[0]["adapter"])
 
 
-def bounds(diffs: list[float]) -> tuple[float, float]:
-    """One-sided 95% lower and upper bounds of the mean of ``diffs`` (Student's t; needs two or more)."""
-    res = stats.ttest_1samp(diffs, 0.0)
-    ci = res.confidence_interval(0.90)  # its ends are the one-sided 95% bounds
-    return float(ci.low), float(ci.high)
-
-
 def paired(x: dict, y: dict) -> list[float]:
     """Per-seed differences of test accuracy x - y over the seeds both entries ran."""
     ax = {r["seed"]: r["test"]["accuracy"] for r in (x or {}).get("runs", [])}
     ay = {r["seed"]: r["test"]["accuracy"] for r in (y or {}).get("runs", [])}
     return [ax[s] - ay[s] for s in sorted(ax) if s in ay]
-
-
-def decide(diffs: list[float], kind: str) -> tuple[str, str]:
-    """(the paired difference in words, the verdict) for a "beats" or "matches" claim."""
-    if len(diffs) < 2:
-        return f"{len(diffs)} paired seed(s): too few to judge", "not judged"
-    low, high = bounds(diffs)
-    floor = 0.0 if kind == "beats" else -MARGIN
-    text = (f"paired difference {100 * np.mean(diffs):+.1f} points over {len(diffs)} seeds, one-sided 95% bounds "
-            f"[{100 * low:+.1f}, {100 * high:+.1f}]")
-    return text, "yes" if low > floor else "no" if high < floor else "inconclusive"
-
-
-THRESHOLD = {"beats": "lower 95% bound of the paired difference > 0",
-             "matches": f"lower 95% bound of the paired difference > -{100 * MARGIN:g} point"}
 
 
 def _pct(x: float) -> str:

@@ -44,20 +44,22 @@ def batches(n=6, rows=48, seed=0):
 TARGETS = ["q", "k", "v", "twice", "sometimes", "o"]
 
 
-def run_both(data, r=4, tau=0.99, rho=2.0):
+def run_both(data, r=4, tau=0.99, rho=2.0, model=Schedules, rank_pattern=None, targets=TARGETS):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import EvaConfig as PeftEvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
     torch.manual_seed(0)
-    base = Schedules()
-    ours = lorakit.apply(copy.deepcopy(base), lorakit.LoRAConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+    base = model()
+    ours = lorakit.apply(copy.deepcopy(base), lorakit.LoRAConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                                 rank_pattern=rank_pattern or {},
                                                                  init_lora_weights="eva"))
     lorakit.initialize(ours, data, settings=EvaConfig(tau=tau, rho=rho))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights="eva", eva_config=PeftEvaConfig(tau=tau, rho=rho)))
+            r=r, lora_alpha=2 * r, target_modules=targets, rank_pattern=rank_pattern or {}, init_lora_weights="eva",
+            eva_config=PeftEvaConfig(tau=tau, rho=rho)))
         initialize_lora_eva_weights(theirs, data, forward_fn=lambda m, b: m(*b), prepare_model_inputs_fn=None,
                                     prepare_layer_inputs_fn=None, show_progress_bar=False)
     return ours, theirs
@@ -97,4 +99,27 @@ def test_batches_with_fewer_tokens_than_components_are_skipped_as_peft_does():
     """r=4, rho=2: 8 components; batches of 8 rows are folded in, batches of 5 rows skipped, by both."""
     data = [(x[: (48, 8, 5)[i % 3]], flag) for i, (x, flag) in enumerate(batches(n=9, seed=1))]
     ours, theirs = run_both(data)
+    assert_matches_peft(ours, theirs, min_cos=0.999)
+
+
+def test_layers_sharing_an_input_fit_as_many_components_as_the_largest_rank_among_them_asks():
+    """q asks r=8 (16 components), k and v r=4 (8): their shared SVD must keep 16, whatever the module order."""
+    ours, theirs = run_both(batches(n=9, rows=64), rank_pattern={"q": 8})
+    assert_matches_peft(ours, theirs, min_cos=0.999)
+
+
+class ShortThenLong(nn.Module):
+    """``lin`` runs twice per forward: on 2 rows (fewer than its components), then on every row."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.o = nn.Linear(32, 16), nn.Linear(16, 8)
+
+    def forward(self, x, flag):
+        return self.lin(x[:2]).sum() + self.o(self.lin(x)).sum()
+
+
+def test_a_short_call_is_skipped_and_the_next_call_of_the_same_layer_still_counts():
+    """The 2-row call is skipped, as peft skips it; the full call after it in the same forward is folded in."""
+    ours, theirs = run_both(batches(), model=ShortThenLong, targets=["lin", "o"])
     assert_matches_peft(ours, theirs, min_cos=0.999)
