@@ -210,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, help="train only these systems (comma-separated) or only time them "
+                   "('timing') into a partial file of their own, then stop: parallel workers; a later run without "
+                   "--only takes their results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps or (24 if args.quick else 100)
@@ -218,18 +221,32 @@ def main(argv=None) -> int:
     _TASK = Task(max_train, max_eval, max_length)
     specs = systems(steps)
     start = time.perf_counter()
-    # finished systems are kept in a partial file, so a killed run continues where it stopped
-    partial_path, key = out / ".training-strategies.partial.json", [steps, args.seeds, max_train, max_eval, max_length]
-    partial = read_json(partial_path) or {}
-    runs = partial.get("runs", {}) if partial.get("key") == key else {}
+    # finished systems are kept in partial files (one per --only worker), so a killed run continues where it stopped
+    key = [steps, args.seeds, max_train, max_eval, max_length]
+    partial_path = out / (f".training-strategies.partial.{args.only}.json" if args.only else ".training-strategies.partial.json")
+    partials = sorted(out.glob(".training-strategies.partial*.json"))
+    found = [d for d in map(read_json, partials) if d and d.get("key") == key]
+    runs = {k: v for d in found for k, v in d.get("runs", {}).items()}
+    timing = next((d["timing"] for d in found if "timing" in d), None)
+    if args.only == "timing":
+        write_json(partial_path, {"key": key, "timing": speed(list(specs), specs, steps, 32, n=5 if args.quick else 9)})
+        return 0
+    only = set(args.only.split(",")) if args.only else set(specs)
+    unknown = only - set(specs)
+    if unknown:
+        raise SystemExit(f"--only: unknown systems {sorted(unknown)}; known: {', '.join(specs)}")
     for name, spec in specs.items():
+        if name not in only:
+            continue
         if name not in runs:
             runs[name] = [train_one(_TASK, name, spec, seed, steps, batch_size) for seed in range(args.seeds)]
-            write_json(partial_path, {"key": key, "runs": runs})
+            write_json(partial_path, {"key": key, "runs": {k: v for k, v in runs.items() if k in only}})
         accs = [r["accuracy"] for r in runs[name]]
         print(f"{name:<13} acc {np.mean(accs):.4f} ({', '.join(f'{a:.3f}' for a in accs)})  "
               f"{np.mean([r['wall_s'] for r in runs[name]]):.1f}s/run", flush=True)
-    timing = speed(list(specs), specs, steps, 32, n=5 if args.quick else 9)
+    if args.only:
+        return 0
+    timing = timing or speed(list(specs), specs, steps, 32, n=5 if args.quick else 9)
     from training_strategies_report import write
 
     settings = dict(steps=steps, seeds=args.seeds, max_train=max_train, max_eval=max_eval, max_length=max_length,
@@ -241,7 +258,8 @@ def main(argv=None) -> int:
                   wall_s=time.perf_counter() - start, majority_share=majority)
     write_json(out / "training-strategies.json", result)
     print(write(out, result))
-    partial_path.unlink(missing_ok=True)
+    for path in partials + [partial_path]:
+        path.unlink(missing_ok=True)
     return 0
 
 
