@@ -210,9 +210,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--only", default=None, help="train only these systems (comma-separated) or only time them "
-                   "('timing') into a partial file of their own, then stop: parallel workers; a later run without "
-                   "--only takes their results")
+    p.add_argument("--only", default=None, help="train only these systems (comma-separated), or only time "
+                   "('timing', or 'timing:a,b' for some), into a partial file of their own, then stop: parallel "
+                   "workers; a later run without --only takes their results")
+    p.add_argument("--report", action="store_true", help="write the page from the partial files alone (systems "
+                   "without results are listed as not run)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps or (24 if args.quick else 100)
@@ -228,8 +230,9 @@ def main(argv=None) -> int:
     found = [d for d in map(read_json, partials) if d and d.get("key") == key]
     runs = {k: v for d in found for k, v in d.get("runs", {}).items()}
     timing = next((d["timing"] for d in found if "timing" in d), None)
-    if args.only == "timing":
-        write_json(partial_path, {"key": key, "timing": speed(list(specs), specs, steps, 32, n=5 if args.quick else 9)})
+    if args.only and args.only.startswith("timing"):  # "timing" or "timing:lora,lisa,...": those systems alone
+        names = args.only.partition(":")[2].split(",") if ":" in args.only else list(specs)
+        write_json(partial_path, {"key": key, "timing": speed(names, specs, steps, 32, n=5 if args.quick else 9)})
         return 0
     only = set(args.only.split(",")) if args.only else set(specs)
     unknown = only - set(specs)
@@ -237,6 +240,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--only: unknown systems {sorted(unknown)}; known: {', '.join(specs)}")
     for name, spec in specs.items():
         if name not in only:
+            continue
+        if name not in runs and args.report:
             continue
         if name not in runs:
             runs[name] = [train_one(_TASK, name, spec, seed, steps, batch_size) for seed in range(args.seeds)]
