@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="train only these systems (comma-separated), or only time "
                    "('timing', or 'timing:a,b' for some), into a partial file of their own, then stop: parallel "
                    "workers; a later run without --only takes their results")
+    p.add_argument("--seed", type=int, default=None, help="with --only: train this one seed of them (a worker)")
     p.add_argument("--report", action="store_true", help="write the page from the partial files alone (systems "
                    "without results are listed as not run)")
     args = p.parse_args(argv)
@@ -225,10 +226,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     # finished systems are kept in partial files (one per --only worker), so a killed run continues where it stopped
     key = [steps, args.seeds, max_train, max_eval, max_length]
-    partial_path = out / (f".training-strategies.partial.{args.only}.json" if args.only else ".training-strategies.partial.json")
+    tag = (f".{args.only}" if args.only else "") + (f".s{args.seed}" if args.seed is not None else "")
+    partial_path = out / f".training-strategies.partial{tag}.json"
     partials = sorted(out.glob(".training-strategies.partial*.json"))
     found = [d for d in map(read_json, partials) if d and d.get("key") == key]
-    runs = {k: v for d in found for k, v in d.get("runs", {}).items()}
+    by_seed = {}  # workers may each hold some seeds of a system (--seed)
+    for d in found:
+        for k, v in d.get("runs", {}).items():
+            by_seed.setdefault(k, {}).update({r["seed"]: r for r in v})
+    runs = {k: [v[i] for i in range(args.seeds)] for k, v in by_seed.items() if all(i in v for i in range(args.seeds))}
     timing = next((d["timing"] for d in found if "timing" in d), None)
     if args.only and args.only.startswith("timing"):  # "timing" or "timing:lora,lisa,...": those systems alone
         names = args.only.partition(":")[2].split(",") if ":" in args.only else list(specs)
@@ -243,13 +249,17 @@ def main(argv=None) -> int:
             continue
         if name not in runs and args.report:
             continue
+        if args.seed is not None:  # one seed of the systems in --only, kept for a later run to merge
+            runs[name] = [by_seed.get(name, {}).get(args.seed) or train_one(_TASK, name, spec, args.seed, steps, batch_size)]
+            write_json(partial_path, {"key": key, "runs": {k: v for k, v in runs.items() if k in only}})
+            continue
         if name not in runs:
             runs[name] = [train_one(_TASK, name, spec, seed, steps, batch_size) for seed in range(args.seeds)]
             write_json(partial_path, {"key": key, "runs": {k: v for k, v in runs.items() if k in only}})
         accs = [r["accuracy"] for r in runs[name]]
         print(f"{name:<13} acc {np.mean(accs):.4f} ({', '.join(f'{a:.3f}' for a in accs)})  "
               f"{np.mean([r['wall_s'] for r in runs[name]]):.1f}s/run", flush=True)
-    if args.only:
+    if args.only or args.seed is not None:
         return 0
     timing = timing or speed(list(specs), specs, steps, 32, n=5 if args.quick else 9)
     from training_strategies_report import write

@@ -61,6 +61,11 @@ def test_selective_recomputes_attention_core_and_ffn_widening():
     assert selective_units(bert.bert.encoder.layer[0], 16) == ["attention.self", "intermediate"]
     llama = lora4()
     assert selective_units(llama.model.layers[0], llama.config.hidden_size) == ["self_attn"]
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=32, hidden_size=16, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert selective_units(gemma.model.layers[0], 16) == ["self_attn"]  # its q/k norms are per head, not blocking
 
 
 def test_selective_checkpointing_in_fit_trains_the_same_adapter():

@@ -6,11 +6,11 @@
   whose own weights are all frozen still pass gradients to the adapters inside.
 * ``selective``: inside every block, only the attention core and the FFN's widening half are recomputed;
   the down-projection, the output projection's residual and norm, and dropout keep their activations. The units
-  are found by structure: a block's submodule that holds a linear layer but no norm and no down-projection (a
-  linear layer from at least twice the model width down to it) is checkpointed whole (non-reentrant, its dropout
-  replayed); a submodule holding either is searched further. On BERT-style blocks that is ``attention.self``
-  and ``intermediate``; on Llama-style blocks, whose FFN is one module with its down-projection, the attention
-  (``self_attn``) alone. Why: with a frozen base the backward costs about one forward, so recomputing whole
+  are found by structure: a block's submodule that holds a linear layer but no norm over the model width and no
+  down-projection (a linear layer from at least twice the model width down to it) is checkpointed whole
+  (non-reentrant, its dropout replayed); a submodule holding either is searched further. On BERT-style blocks
+  that is ``attention.self`` and ``intermediate``; on Llama- and Gemma-style blocks, whose FFN is one module with
+  its down-projection, the attention (``self_attn``) alone, which saves less. Why: with a frozen base the backward costs about one forward, so recomputing whole
   blocks adds ~50% to a step; the down-projection does a third of a block's product work, and the tensors a
   norm or dropout saves would be saved again by the recompute, so recomputing them frees nothing. Measured
   against the alternatives (per-op selective policies, leaving blocks out) in docs/benchmarks/gradient-checkpointing.md.
@@ -37,8 +37,13 @@ def checkpoint_mode(value: bool | str | None) -> str | None:
     return value
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+def _is_width_norm(module: nn.Module, width: int) -> bool:
+    """A norm over the model width (a residual-stream norm; not a per-head q/k norm)."""
+    if not (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))):
+        return False
+    weight = getattr(module, "weight", None)
+    size = weight.shape[-1] if weight is not None else getattr(module, "normalized_shape", (width,))[-1]
+    return size == width
 
 
 def _is_down_projection(module: nn.Module, width: int) -> bool:
@@ -59,7 +64,7 @@ def selective_units(block: nn.Module, width: int) -> list[str]:
             inside = list(child.modules())
             if _is_linear(child) or not any(_is_linear(m) for m in inside):
                 continue  # a lone linear layer or one without any: recomputing it frees nothing
-            if any(_is_norm(m) or _is_down_projection(m, width) for m in inside):
+            if any(_is_width_norm(m, width) or _is_down_projection(m, width) for m in inside):
                 visit(child, path + ".")
             else:
                 units.append(path)
