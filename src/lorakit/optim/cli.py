@@ -28,7 +28,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="training schedule: lisa, increlora or diffora (default: none)")
     p.add_argument("--schedule-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the schedule, e.g. gamma=2 for lisa, budget=48 for increlora (repeatable)")
-    p.add_argument("--gradient-checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"],
+    p.add_argument("--gradient-checkpointing", nargs="?", const="full", default=False, choices=["full", "selective"],
                    help="recompute activations in backward: every block (full, the default when given without a value) "
                         "or only each block's attention core and FFN widening (selective: less time, more memory)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
@@ -67,7 +67,7 @@ def fit_options(args: argparse.Namespace) -> dict:
     precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
     return dict(optimizer=getattr(args, "optimizer", "adamw"),
                 optimizer_options=parse_options(getattr(args, "optimizer_option", []), "optimizer"),
-                precision=precision, gradient_checkpointing=getattr(args, "gradient_checkpointing", None) or False)
+                precision=precision, gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
 
 
 def schedule_from_args(args: argparse.Namespace, splits: dict):
