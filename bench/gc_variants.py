@@ -189,6 +189,16 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outliers(data: dict) -> list[str]:
+    """A sentence on steps over 3x their variant's median (the machine, not the variant), if any."""
+    odd = [(v, i, t) for v, ts in data["cpu_s"].items() for i, t in enumerate(ts) if t > 3 * data["median_cpu_s"][v]]
+    if not odd:
+        return []
+    said = "; ".join(f"{VARIANTS[v].split(':')[0].split(',')[0]} in round {i + 1}: {t:.1f} s" for v, i, t in odd)
+    return [f"Outlying steps ({said}) widen the bootstrap intervals of the ratios; the medians are robust to "
+            "them.", ""]
+
+
 def notes(data: dict) -> list[str]:
     """Why the numbers are what they are, and the limits of the page."""
     gap = {v: (data["peak_rss_rise"][v] - data["peak_tensor_bytes"][v]) / 2**20 for v in data["time_ratio"]}
@@ -204,11 +214,14 @@ def notes(data: dict) -> list[str]:
         "(`create_selective_checkpoint_contexts`) send every op of a block through a Python dispatch mode in the "
         "forward and again in the recompute; here that costs more time than the products they spare. Leaving the "
         "last block out spares one block's recompute and keeps its activations.", "",
-        f"RSS: the 'RSS rise - tensors' column is nearly the same for every variant ({min(gap.values()):.0f}-"
-        f"{max(gap.values()):.0f} MiB): code pages and allocator arenas a training step touches, not tensors. So the "
-        "RSS ratio understates every variant's saving" + (
+        f"RSS: the 'RSS rise - tensors' column ({min(gap.values()):.0f}-{max(gap.values()):.0f} MiB) is as large as "
+        "most differences between variants: code pages, allocator arenas and cached blocks a training step touches, "
+        "not live tensors; so RSS ratios understate every variant's saving" + (
             f" (full: {data['tensor_ratio']['default']:.2f}x in tensors, {data['peak_ratio']['default']:.2f}x in RSS)"
-            if full else "") + ".", "",
+            if full else "") + ". Judged by peak RSS, no variant here reaches 0.5x" + (
+            f"; `selective` is {data['peak_ratio']['selective']:.2f}x" if "selective" in data["peak_ratio"] else "")
+        + ".", "",
+        *outliers(data),
         "Limits: on Llama- and Gemma-style blocks `selective` recomputes only `self_attn` (their FFN is one module "
         "holding its down-projection), which saves less than on BERT-style blocks; this page measures MiniLM only, "
         "on CPU with one thread (on a GPU the balance between products and elementwise work differs).",
