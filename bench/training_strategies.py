@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     for d in found:
         for k, v in d.get("runs", {}).items():
             by_seed.setdefault(k, {}).update({r["seed"]: r for r in v})
-    runs = {k: [v[i] for i in range(args.seeds)] for k, v in by_seed.items() if all(i in v for i in range(args.seeds))}
+    runs = {k: [by_seed[k][i] for i in range(args.seeds)] for k in specs  # in the order of `systems`
+            if k in by_seed and all(i in by_seed[k] for i in range(args.seeds))}
     timing = next((d["timing"] for d in found if "timing" in d), None)
     if args.only and args.only.startswith("timing"):  # "timing" or "timing:lora,lisa,...": those systems alone
         names = args.only.partition(":")[2].split(",") if ":" in args.only else list(specs)
@@ -273,8 +274,9 @@ def main(argv=None) -> int:
                   wall_s=time.perf_counter() - start, majority_share=majority)
     write_json(out / "training-strategies.json", result)
     print(write(out, result))
-    for path in partials + [partial_path]:
-        path.unlink(missing_ok=True)
+    if len(runs) == len(specs):  # complete: the partial results are in the JSON now
+        for path in partials + [partial_path]:
+            path.unlink(missing_ok=True)
     return 0
 
 

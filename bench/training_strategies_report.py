@@ -181,8 +181,12 @@ def write(out: Path, result: dict) -> Path:
         lines.append(f"| {LABELS.get(name, name)} | {mean:.4f} ± {half:.4f} | {', '.join(f'{a:.3f}' for a in _acc(runs, name))} "
                      f"| {rs[0]['trainable']:,} | {step} | {memory} | {state} |")
     for name in s["specs"]:
-        if name not in runs:
-            lines.append(f"| {LABELS.get(name, name)} | not run (machine time ran out) | - | - | - | - | - |")
+        if name not in runs:  # not trained in time; its step time and memory if they were measured
+            t = timing.get(name)
+            step = f"{t['time']['median']:.0f} ms ({t['time']['median'] / lora_t:.2f}x)" if t else "-"
+            memory = f"{_mib(t['peak_rss'])} ({t['peak_rss'] / lora_m:.2f}x)" if t else "-"
+            state = _mib(t["state_bytes"]) if t and t.get("state_bytes") is not None else "-"
+            lines.append(f"| {LABELS.get(name, name)} | not run (machine time ran out) | - | - | {step} | {memory} | {state} |")
     for key, label in (("lora_ckpt", "LoRA + gradient checkpointing (full)"), ("floor", "floor: forward + backward to the inputs")):
         t = timing[key]
         lines.append(f"| {label} | - | - | - | {t['time']['median']:.0f} ms ({t['time']['median'] / lora_t:.2f}x) "
