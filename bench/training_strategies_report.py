@@ -149,6 +149,15 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def _speed_cells(t: dict | None, lora_t: float, lora_m: int) -> tuple[str, str, str]:
+    """Step time, peak RSS and optimiser state cells of one system ('-' where not measured)."""
+    if not t:
+        return "-", "-", "-"
+    state = _mib(t["state_bytes"]) if t.get("state_bytes") is not None else "-"
+    return (f"{t['time']['median']:.0f} ms ({t['time']['median'] / lora_t:.2f}x)",
+            f"{_mib(t['peak_rss'])} ({t['peak_rss'] / lora_m:.2f}x)", state)
+
+
 def _mib(b) -> str:
     return f"{b / 2**20:.1f} MiB"
 
@@ -174,18 +183,12 @@ def write(out: Path, result: dict) -> Path:
     ]
     for name, rs in runs.items():
         mean, half = ci(_acc(runs, name))
-        t = timing.get(name)
-        step = f"{t['time']['median']:.0f} ms ({t['time']['median'] / lora_t:.2f}x)" if t else "-"
-        memory = f"{_mib(t['peak_rss'])} ({t['peak_rss'] / lora_m:.2f}x)" if t else "-"
-        state = _mib(t["state_bytes"]) if t and t.get("state_bytes") is not None else "-"
+        step, memory, state = _speed_cells(timing.get(name), lora_t, lora_m)
         lines.append(f"| {LABELS.get(name, name)} | {mean:.4f} ± {half:.4f} | {', '.join(f'{a:.3f}' for a in _acc(runs, name))} "
                      f"| {rs[0]['trainable']:,} | {step} | {memory} | {state} |")
     for name in s["specs"]:
         if name not in runs:  # not trained in time; its step time and memory if they were measured
-            t = timing.get(name)
-            step = f"{t['time']['median']:.0f} ms ({t['time']['median'] / lora_t:.2f}x)" if t else "-"
-            memory = f"{_mib(t['peak_rss'])} ({t['peak_rss'] / lora_m:.2f}x)" if t else "-"
-            state = _mib(t["state_bytes"]) if t and t.get("state_bytes") is not None else "-"
+            step, memory, state = _speed_cells(timing.get(name), lora_t, lora_m)
             lines.append(f"| {LABELS.get(name, name)} | not run (machine time ran out) | - | - | {step} | {memory} | {state} |")
     for key, label in (("lora_ckpt", "LoRA + gradient checkpointing (full)"), ("floor", "floor: forward + backward to the inputs")):
         t = timing[key]
