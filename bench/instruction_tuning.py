@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine, read_json, write_json  # noqa: E402
+from common import ci, command_line, machine, read_json, write_json  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import zoo  # noqa: E402
@@ -38,7 +37,6 @@ TEMPLATE = ("What part of speech is the word this dictionary definition defines?
             "Definition: {text}\nAnswer:")
 SETUP = dict(task="wordnet-pos", max_train=2000, max_eval=60, max_length=64, batch_size=8, lr=1e-3, r=8, alpha=16,
              targets="all-linear", max_new_tokens=6)
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 
 
 def _task(name: str):
@@ -83,24 +81,16 @@ def run(name: str, seeds: list[int], steps: int, partial: Path, publish=None) ->
     return done
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan for one value)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), T_975.get(len(v), 1.96) * float(v.std(ddof=1)) / np.sqrt(len(v))
-
-
 def write_page(result: dict) -> str:
     """docs/benchmarks/instruction-tuning.md from the result JSON."""
     s, before, after = result["setup"], result["before"], list(result["after"].values())
     rows, claims = [], []
     for key, better in (("loss", "lower"), ("exact_match", "higher"), ("token_f1", "higher")):
-        m, h = mean_ci([a[key] for a in after])
+        m, h = ci([a[key] for a in after])
         rows.append(f"| {key} | {before[key]:.3f} | {m:.3f} ± {h:.3f} |")
         if key != "token_f1":
             gain = before[key] - m if better == "lower" else m - before[key]
-            low = gain - h if h == h else gain  # the CI's worse end (no interval with one seed)
+            low = gain - h  # the CI's worse end (the mean itself with one seed)
             claims.append(f"| LoRA instruction tuning improves {key.replace('_', ' ')} on {s['model']} | {better} after "
                           f"than before, at the 95% CI's worse end | {gain:+.3f} (CI end {low:+.3f}) | "
                           f"{'yes' if low > 0 else '**no**'} |")
@@ -133,9 +123,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default=None, help="directory for the page and JSON (default docs/benchmarks)")
+    ap.add_argument("--render", action="store_true", help="redraw the page from the JSON in --out, train nothing")
     args = ap.parse_args(argv)
     global OUT
     OUT = Path(args.out) if args.out else OUT
+    if args.render:
+        print(write_page(read_json(OUT / "instruction-tuning.json")))
+        return
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 

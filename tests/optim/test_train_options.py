@@ -42,3 +42,17 @@ def test_train_with_optimizer_schedule_bf16_and_checkpointing(tmp_path, capsys):
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sum(saved["rank_pattern"].values()) == 10  # 4 modules from rank 2 grown to the budget
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+
+
+def test_selective_gradient_checkpointing_from_the_command_line(tmp_path):
+    import argparse
+
+    from lorakit.optim.cli import add_train_arguments, fit_options
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    assert fit_options(p.parse_args([]))["gradient_checkpointing"] is False
+    assert fit_options(p.parse_args(["--gradient-checkpointing"]))["gradient_checkpointing"] == "full"
+    assert fit_options(p.parse_args(["--gradient-checkpointing", "selective"]))["gradient_checkpointing"] == "selective"
+    assert main(TINY + ["-o", str(tmp_path), "--max-steps", "2", "--gradient-checkpointing", "selective"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2

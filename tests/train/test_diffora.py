@@ -77,3 +77,21 @@ def test_kill_and_resume_gives_the_same_adapter(tmp_path):
         for path in a.modules():
             for key, t in a.tensors[path].items():
                 assert torch.equal(t, b.tensors[path][key]), (crash, path, key)
+
+
+def test_searches_and_discretises_inside_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit.train.schedules import trainer_callback
+
+    (train, val), model = data(), lora4(targets=TARGETS)
+    sched = schedule(val)
+    sched.prepare(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=5, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=5e-3)
+    Trainer(model=model, args=args, train_dataset=train, data_collator=train.collate,
+            callbacks=[trainer_callback(sched)]).train()
+    assert sorted(lorakit.adapters(model)) == sched.chosen and len(sched.chosen) == 4
+    assert len(set(sched.scores().values())) > 1  # the gates learned in the search steps
+    # the kept adapters trained (LoRA B starts at zero)
+    assert all(a.lora_B.weight.abs().sum() > 0 for a in lorakit.adapters(model).values())

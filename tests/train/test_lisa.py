@@ -81,3 +81,22 @@ def test_runs_as_a_transformers_trainer_callback(tmp_path):
             callbacks=[trainer_callback(schedule)]).train()
     assert _changed_blocks(model, before) == set(schedule.draw(0))
     assert not torch.equal(model.score.weight, before["score.weight"])
+
+
+def test_embeddings_false_freezes_only_the_input_embeddings():
+    model, train = llama4(), data()[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, train, config=RUN, max_steps=2, adapter_schedule=LISA(gamma=1, interval=5, embeddings=False))
+    now = dict(model.named_parameters())
+    assert torch.equal(now["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(now["score.weight"], before["score.weight"])
+    assert not torch.equal(now["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_embeddings_false_refuses_a_head_tied_to_the_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="shares the input embedding matrix"):
+        LISA(gamma=1, embeddings=False).prepare(tied)

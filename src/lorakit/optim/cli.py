@@ -28,7 +28,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="training schedule: lisa, increlora or diffora (default: none)")
     p.add_argument("--schedule-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the schedule, e.g. gamma=2 for lisa, budget=48 for increlora (repeatable)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="full", default=False, choices=["full", "selective"],
+                   help="recompute activations in backward: every block (full, the default when given without a value) "
+                        "or only each block's attention core and FFN widening (selective: less time, more memory)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
     p.add_argument("--fp16", action="store_true", help="float16 autocast with loss scaling (CUDA only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")

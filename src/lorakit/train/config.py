@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .checkpointing import checkpoint_mode
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -32,7 +34,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # a name in lorakit.OPTIMIZERS
     optimizer_options: dict = field(default_factory=dict)  # e.g. {"lr_ratio": 16} for lora_plus
     precision: str = "fp32"  # "bf16" (autocast, CPU or CUDA) or "fp16" (CUDA, with loss scaling)
-    gradient_checkpointing: bool = False  # Hugging Face models: recompute block activations in backward
+    gradient_checkpointing: bool | str = False  # Hugging Face models: True / "full" or "selective" (checkpointing.py)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -46,6 +48,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be None or >= 1, got {value}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        checkpoint_mode(self.gradient_checkpointing)  # an unknown mode is refused here, before any training
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -74,7 +74,7 @@ class _Run:
         precision.check_precision(cfg.precision, self.device)
         self.scaler = precision.grad_scaler(cfg.precision, self.device)
         if cfg.gradient_checkpointing:
-            precision.enable_gradient_checkpointing(model)
+            precision.enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
         self.sampler = DistributedSampler(
             train_data, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.seed
         )

@@ -4,10 +4,7 @@
 * ``precision``: "fp32"; "bf16" (autocast to bfloat16 on CPU and CUDA; parameters and optimiser state stay
   fp32); "fp16" (CUDA only: autocast to float16 with a dynamic loss scale, ``torch.amp.GradScaler``). fp16 on
   CPU is refused: autocast has no float16 CPU path worth training with and no loss scaling there.
-* gradient checkpointing: Hugging Face models only, through ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
-  before transformers 5); the embedding
-  output is made to require grad (``enable_input_require_grads``) as PEFT's ``prepare_model_for_kbit_training``
-  does, so checkpointed blocks whose own weights are all frozen still pass gradients to the adapters inside.
+* gradient checkpointing: ``checkpointing.py`` (re-exported here).
 """
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from contextlib import nullcontext
 import torch
 
 from ..core.devices import resolve_device  # noqa: F401  (train's --device)
+from .checkpointing import enable_gradient_checkpointing  # noqa: F401
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -39,21 +37,3 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device):
     """A GradScaler for fp16 on CUDA, else None."""
     return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass (Hugging Face models)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
-    if enable is None and not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(
-            f"gradient checkpointing needs a transformers model (gradient_checkpointing_enable); "
-            f"{type(model).__name__} has none"
-        )
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing in transformers")
-    kwargs = {"use_reentrant": True}
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
