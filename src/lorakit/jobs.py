@@ -87,13 +87,18 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Optional[dict]:
     return None
 
 
+def _stored(key: str, value):
+    """A setting as this version writes it: runs written when --gradient-checkpointing was a switch stored True."""
+    return "full" if key == "gradient_checkpointing" and value is True else value
+
+
 def _check_resumable(out: Path, saved: dict, settings: dict, model) -> None:
     """Refuse to resume a run with other settings or onto another base model."""
     for key in RUN_KEYS:
-        if saved["settings"].get(key) != settings[key]:
+        if _stored(key, saved["settings"].get(key)) != _stored(key, settings[key]):
             flag = "--" + key.replace("_", "-")
-            raise OutputError(f"--resume: {out} was trained with {flag} {saved['settings'].get(key)!r}, this run asks "
-                              f"for {settings[key]!r}; resume with the same settings, or train into another -o")
+            raise OutputError(f"--resume: {out} was trained with {flag} {_stored(key, saved['settings'].get(key))!r}, "
+                              f"this run asks for {settings[key]!r}; resume with the same settings, or train into another -o")
     base = fingerprint.matching(model, saved["base"])
     diff = fingerprint.mismatch(saved["base"], base)
     if diff:

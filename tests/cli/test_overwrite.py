@@ -152,3 +152,19 @@ def test_train_overwrite_replaces_the_run(tmp_path, capsys):
     assert _train(data, run, "-r", "4", "--overwrite") == 0
     assert lorakit.load_state(run / "adapter").config.r == 4
     assert json.loads((run / "run.json").read_text())["settings"]["rank"] == 4
+
+
+def test_a_run_written_when_gradient_checkpointing_was_a_switch_resumes_with_full(tmp_path, capsys):
+    data = write_task(tmp_path / "task.csv")
+    run = tmp_path / "run"
+    assert _train(data, run, "--gradient-checkpointing") == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["settings"]["gradient_checkpointing"] == "full"
+    record["settings"]["gradient_checkpointing"] = True  # as the switch stored it
+    (run / "run.json").write_text(json.dumps(record))
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert _train(data, run, "--resume", "--gradient-checkpointing") == 0
+    capsys.readouterr()
+    assert _train(data, run, "--resume", "--gradient-checkpointing", "selective") == 2
+    one_line_error(capsys, "--gradient-checkpointing 'full'", "selective")
