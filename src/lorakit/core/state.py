@@ -6,11 +6,12 @@ full tensors of modules trained in full.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -194,25 +195,17 @@ class AdapterState:
         Into an adapter the model has, the tensors are copied in place (a hot swap: the same parameters, so a
         compiled model does not recompile), after checking that its config computes alike.
         """
-        from .multi import add_adapter, delete_adapter
+        from .multi import add_adapter
 
         fresh = not wrapped_modules(model)
         added = not fresh and adapter_name is not None and adapter_name not in adapter_names(model)
-        emb = token_embeddings(model)[0]
-        vocabulary = emb.num_embeddings if isinstance(emb, nn.Embedding) else None
-        try:
+        with undone_on_error(model, adapter_name):
             if fresh:
                 self._fit_vocabulary(model)
                 apply(model, self.config, **({"adapter_name": adapter_name} if adapter_name else {}))
             elif added:
                 add_adapter(model, adapter_name, self.config)
             self._copy_into(model, selected(model, adapter_name, "load an adapter into the model"), fresh or added)
-        except BaseException:  # a refused load leaves the model as it was
-            if fresh:
-                _unwrap_and_refit(model, vocabulary)
-            elif added and adapter_name in adapter_names(model):
-                delete_adapter(model, adapter_name)
-            raise
         return model
 
     def _copy_into(self, model: nn.Module, adapter_name: str, new: bool) -> None:
@@ -255,12 +248,26 @@ class AdapterState:
                     params[name].copy_(value)
 
 
-def _unwrap_and_refit(model: nn.Module, vocabulary: Optional[int]) -> None:
-    """Undo a fresh load that failed: remove the adapter layers and give back the vocabulary size it had."""
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[None]:
+    """A load of ``adapter_name`` in the block that raises leaves the model as it was: a bare model is unwrapped and
+    gets its vocabulary size back, a new adapter name is deleted again."""
     from .apply import unwrap
+    from .multi import delete_adapter
 
-    if wrapped_modules(model):
-        unwrap(model)
+    fresh = not wrapped_modules(model)
+    added = not fresh and adapter_name is not None and adapter_name not in adapter_names(model)
     emb = token_embeddings(model)[0]
-    if vocabulary is not None and isinstance(emb, nn.Embedding) and emb.num_embeddings != vocabulary:
-        model.resize_token_embeddings(vocabulary)
+    vocabulary = emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            if wrapped_modules(model):
+                unwrap(model)
+            emb = token_embeddings(model)[0]
+            if vocabulary is not None and isinstance(emb, nn.Embedding) and emb.num_embeddings != vocabulary:
+                model.resize_token_embeddings(vocabulary)
+        elif added and adapter_name in adapter_names(model):
+            delete_adapter(model, adapter_name)
+        raise

@@ -27,12 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import fingerprint
-from ..core.apply import config_of, set_trainable, unwrap, wrapped_modules
-from ..core.multi import delete_adapter
+from ..core.apply import config_of, set_trainable, wrapped_modules
 from ..core.named import DEFAULT, adapter_names, check_name, selected
 from ..core.config import AdapterConfig
 from ..core.registry import METHODS
-from ..core.state import AdapterState
+from ..core.state import AdapterState, undone_on_error
 from ..core.targets import is_module_to_save
 from .peft_embeddings import embedding_weights
 
@@ -338,13 +337,10 @@ def load_peft(model: nn.Module, path: PathLike, adapter_name: Optional[str] = No
     if problem is not None and problem[0] == "weights":
         raise AdapterFileError(problem[1])
     fingerprint.remember(model)
-    state.load_into(model, adapter_name)  # other architectures or shapes: its errors name the module that does not fit
-    if problem is not None:
-        if fresh:
-            unwrap(model)
-        elif added:
-            delete_adapter(model, adapter_name)
-        raise AdapterFileError(problem[1])
+    with undone_on_error(model, adapter_name):
+        state.load_into(model, adapter_name)  # other architectures or shapes: its errors name the module that does not fit
+        if problem is not None:
+            raise AdapterFileError(problem[1])
     several = len(adapter_names(model)) > 1
     set_trainable(model, is_trainable, selected(model, adapter_name, "load an adapter") if several else None)
     return model
