@@ -88,8 +88,11 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> Optional[dict]:
 
 
 def _stored(key: str, value):
-    """A setting as this version writes it: runs written when --gradient-checkpointing was a switch stored True."""
-    return "full" if key == "gradient_checkpointing" and value is True else value
+    """A setting as this version writes it: runs written when --gradient-checkpointing was a switch stored True,
+    which ``checkpoint_mode`` reads as "full" (and False as off, None)."""
+    from .train.checkpointing import checkpoint_mode
+
+    return checkpoint_mode(value) if key == "gradient_checkpointing" else value
 
 
 def _check_resumable(out: Path, saved: dict, settings: dict, model) -> None:
